@@ -1,0 +1,48 @@
+// The fastlm operator library: one schema per op, implemented per device next to each
+// kernel (csrc/cpu/*.cpp: TORCH_LIBRARY_IMPL(fastlm, CPU, m); csrc/cuda/*.cpp: CUDA).
+// Fake (meta) kernels and autograd formulas are registered from Python (fastlm/ops/).
+//
+// Conventions: every *_fwd op returns what its *_bwd op needs (statistics in float32, or
+// float64 for float64 inputs); an output that does not apply (h without a residual) is an
+// empty tensor, because a custom op's output may not alias an input.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "cpu/common.h"
+
+TORCH_LIBRARY(fastlm, m) {
+  // ---- normalization (csrc/cpu/norms.cpp, csrc/cuda/norms.cu, kernels/norms.py) ----
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, float eps)"
+        " -> (Tensor out, Tensor h, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor weight, Tensor? bias,"
+        " Tensor mean, Tensor rstd) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps)"
+        " -> (Tensor out, Tensor h, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor weight, Tensor rstd)"
+        " -> (Tensor dx, Tensor dweight)");
+  // ---- activation (csrc/cpu/gelu.cpp) ----
+  m.def("gelu_fwd(Tensor x) -> Tensor");
+  m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");
+}
+
+// ---- the Python module fastlm._C: only build facts; the ops live in torch.ops.fastlm ----
+static PyObject* fastlm_build_info(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:s,s:i,s:s}", "simd", fastlm::simd_level(), "openmp",
+#ifdef _OPENMP
+                       (int)_OPENMP,
+#else
+                       0,
+#endif
+                       "compiler", __VERSION__);
+}
+
+static PyMethodDef fastlm_methods[] = {
+    {"build_info", fastlm_build_info, METH_NOARGS, "SIMD level, OpenMP version and compiler of this build."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef fastlm_module = {PyModuleDef_HEAD_INIT, "_C",
+                                           "fastlm's C++ CPU kernels (ops in torch.ops.fastlm).", -1,
+                                           fastlm_methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastlm_module); }

@@ -1,0 +1,252 @@
+"""fastlm.ops: the public functional ops, and the one place where an implementation is chosen.
+
+Every op has one spec (``fastlm.reference``) and several interchangeable backends:
+
+=========== ============================================ ================================
+backend     what it is                                   serves
+=========== ============================================ ================================
+reference   plain PyTorch (the spec and the fallback)     every op, every device/dtype
+cpu         C++ kernels in ``fastlm._C`` (OpenMP, SIMD)   CPU tensors
+cuda        CUDA kernels in ``fastlm._C_cuda``            CUDA tensors
+triton      Triton kernels in ``fastlm.kernels``          CUDA tensors (CPU tensors under
+                                                          ``TRITON_INTERPRET=1``)
+=========== ============================================ ================================
+
+Choose with ``FASTLM_BACKEND=reference|cpu|cuda|triton`` or ``with fastlm.ops.use_backend(name):``;
+by default each op takes the fastest backend that serves its input. ``implementation(op, x)``
+tells which backend would serve a call.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import reference as _ref
+from . import _native
+from ._dispatch import Backend, add_backend, backends, get_backend, requested_backend, resolve, use_backend
+
+__all__ = [
+    "attention",
+    "decode_attention",
+    "layer_norm",
+    "rms_norm",
+    "gelu",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "backends",
+    "use_backend",
+    "get_backend",
+    "implementation",
+    "requested_backend",
+    "build_info",
+]
+
+FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
+
+# ----------------------------------------------------------------------------- backends
+_reference = add_backend(Backend("reference", _ALL_DEVICES))
+for _name in ("attention", "decode_attention", "layer_norm", "rms_norm", "gelu", "cross_entropy",
+              "linear_cross_entropy"):
+    _reference.register(_name, getattr(_ref, _name), FLOATS)
+
+_cpu = add_backend(Backend("cpu", ("cpu",), available=_native.cpu_ext is not None,
+                           why_unavailable=f"fastlm._C could not be loaded ({_native.cpu_error})"))
+_cuda = add_backend(Backend("cuda", ("cuda",), available=_native.cuda_ext is not None,
+                            why_unavailable=f"fastlm._C_cuda could not be loaded ({_native.cuda_error})"))
+
+if _native.cpu_ext is not None or _native.cuda_ext is not None:
+    from . import activation as _activation
+    from . import norms as _norms
+
+    _norms._register()
+    _activation._register()
+    for _b in (_cpu, _cuda):
+        if _b.available:
+            _b.register("layer_norm", _norms.layer_norm, FLOATS)
+            _b.register("rms_norm", _norms.rms_norm, FLOATS)
+    if _cpu.available:
+        _cpu.register("gelu", _activation.gelu, FLOATS)
+
+
+def _triton_status():
+    if importlib.util.find_spec("triton") is None:
+        return False, (), "triton is not installed (pip install triton)"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ("cpu",), ""
+    if torch.cuda.is_available():
+        return True, ("cuda",), ""
+    return False, (), "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU interpreter)"
+
+
+_ok, _devs, _why = _triton_status()
+_triton = add_backend(Backend("triton", _devs, available=_ok, why_unavailable=_why))
+if _ok:
+    from .. import kernels as _kernels  # fastlm.kernels: installed from the top-level kernels/
+
+    for _name, (_fn, _dtypes) in getattr(_kernels, "OPS", {}).items():
+        _triton.register(_name, _fn, _dtypes)
+
+
+def implementation(op: str, x: torch.Tensor) -> str:
+    """Name of the backend that would serve ``op`` for input ``x`` under the current choice."""
+    return resolve(op, x.device, x.dtype)[0]
+
+
+def build_info() -> dict:
+    return _native.build_info()
+
+
+# ----------------------------------------------------------------------------- checks
+def _is_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_float(name, t):
+    _is_tensor(name, t)
+    if t.dtype not in FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float64, bfloat16, float16), got {t.dtype}")
+
+
+def _check_same(name, t, ref_name, ref, dtype=True):
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+# ----------------------------------------------------------------------------- attention
+def _check_attention(q, k, v, kv_name="k"):
+    for n, t in (("q", q), (kv_name, k), (kv_name.replace("k", "v", 1), v)):
+        _check_float(n, t)
+        if t.dim() != 4:
+            raise ValueError(f"attention: {n} must have 4 dimensions (B, H, T, D), got shape {tuple(t.shape)}")
+    vn = kv_name.replace("k", "v", 1)
+    _check_same(kv_name, k, "q", q)
+    _check_same(vn, v, "q", q)
+    B, H, _, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: {kv_name} {tuple(k.shape)} and {vn} {tuple(v.shape)} must have one shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} and {kv_name} {tuple(k.shape)} must agree on batch size and head size"
+        )
+    hkv = k.shape[1]
+    if hkv < 1 or H % hkv != 0:
+        raise ValueError(f"attention: the number of query heads ({H}) must be a multiple of the key/value heads ({hkv})")
+    if D < 1 or D > 256:
+        raise ValueError(f"attention: head size must be between 1 and 256, got {D}")
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        raise ValueError(f"attention: sequence lengths must be at least 1 (q {tuple(q.shape)}, {kv_name} {tuple(k.shape)})")
+
+
+def attention(q, k, v, causal: bool = True, scale: float | None = None):
+    """Scaled dot-product attention on (B, H, Tq, D) queries and (B, Hkv, Tk, D) keys/values.
+
+    ``H % Hkv == 0`` (grouped-query attention); causal masking is bottom-right aligned when
+    Tq < Tk. Returns (B, H, Tq, D). See ``fastlm.reference.attention`` for the exact spec.
+    """
+    _check_attention(q, k, v)
+    return resolve("attention", q.device, q.dtype)[1](q, k, v, causal=causal, scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
+    """Attention of the newest Tq tokens (q: (B, H, Tq, D)) over a ragged KV cache
+    ((B, Hkv, L_max, D), valid lengths ``cache_lens`` (B,)). See the reference for the spec."""
+    _check_attention(q, k_cache, v_cache, kv_name="k_cache")
+    _is_tensor("cache_lens", cache_lens)
+    if cache_lens.dtype not in (torch.int32, torch.int64) or cache_lens.shape != (q.shape[0],):
+        raise ValueError(f"decode_attention: cache_lens must be an int32/int64 tensor of shape ({q.shape[0]},), "
+                         f"got {cache_lens.dtype} {tuple(cache_lens.shape)}")
+    if cache_lens.device != q.device:
+        raise ValueError(f"decode_attention: cache_lens is on {cache_lens.device} but q is on {q.device}")
+    return resolve("decode_attention", q.device, q.dtype)[1](q, k_cache, v_cache, cache_lens, scale=scale)
+
+
+# ----------------------------------------------------------------------------- norms
+def _check_norm(x, weight, bias, residual):
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("norm: x must have at least one dimension (..., C)")
+    _check_float("weight", weight)
+    _check_same("weight", weight, "x", x)
+    C = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != C:
+        raise ValueError(f"norm: weight must have shape ({C},) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_same("bias", bias, "x", x)
+        if bias.shape != weight.shape:
+            raise ValueError(f"norm: bias must have shape ({C},), got {tuple(bias.shape)}")
+    if residual is not None:
+        _check_float("residual", residual)
+        _check_same("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"norm: residual {tuple(residual.shape)} must have the shape of x {tuple(x.shape)}")
+
+
+def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual)."""
+    _check_norm(x, weight, bias, residual)
+    return resolve("layer_norm", x.device, x.dtype)[1](x, weight, bias, eps, residual)
+
+
+def rms_norm(x, weight, eps: float = 1e-6, residual=None):
+    """RMSNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual)."""
+    _check_norm(x, weight, None, residual)
+    return resolve("rms_norm", x.device, x.dtype)[1](x, weight, eps, residual)
+
+
+# ----------------------------------------------------------------------------- activation, loss
+def gelu(x):
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``)."""
+    _check_float("x", x)
+    return resolve("gelu", x.device, x.dtype)[1](x)
+
+
+def _check_targets(targets, n_rows_shape, device):
+    _is_tensor("targets", targets)
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be an int64/int32 tensor of class indices, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(n_rows_shape):
+        raise ValueError(f"targets must have shape {tuple(n_rows_shape)}, got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
+
+
+def _check_reduction(reduction):
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
+    """Cross-entropy of logits (..., V) against class indices (...)."""
+    _check_float("logits", logits)
+    if logits.dim() < 1:
+        raise ValueError("cross_entropy: logits must have shape (..., V)")
+    _check_targets(targets, logits.shape[:-1], logits.device)
+    _check_reduction(reduction)
+    return resolve("cross_entropy", logits.device, logits.dtype)[1](logits, targets, ignore_index=ignore_index,
+                                                                      reduction=reduction)
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
+                         chunk_size: int | None = None):
+    """cross_entropy(h @ weight.T, targets) without materialising all the logits at once
+    (where the backend fuses it). h (..., C), weight (V, C), targets (...)."""
+    _check_float("h", h)
+    _check_float("weight", weight)
+    _check_same("weight", weight, "h", h)
+    if weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: weight must have shape (V, {h.shape[-1]}), got {tuple(weight.shape)}")
+    _check_targets(targets, h.shape[:-1], h.device)
+    _check_reduction(reduction)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    name, fn = resolve("linear_cross_entropy", h.device, h.dtype)
+    if name == "reference":
+        return fn(h, weight, targets, ignore_index=ignore_index, reduction=reduction)
+    return fn(h, weight, targets, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)

@@ -1,0 +1,155 @@
+"""The spec of every fastlm op, in plain PyTorch.
+
+Each function here is the definition that every kernel (C++, CUDA, Triton) must compute:
+the test oracle (run in float64), and the fallback backend when no kernel serves an input.
+Written for clarity, not speed. Low-precision inputs (bf16/fp16) are computed in float32
+and cast back, as the kernels do. Imports only torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "decode_attention",
+    "layer_norm",
+    "rms_norm",
+    "gelu",
+    "cross_entropy",
+    "linear_cross_entropy",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16/fp16 are stored, float32 is computed; float32 and float64 compute as themselves."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Grouped-query attention: each of the Hkv key/value heads serves H // Hkv query heads."""
+    hkv = k.shape[1]
+    return k if hkv == num_heads else k.repeat_interleave(num_heads // hkv, dim=1)
+
+
+def attention(q, k, v, causal: bool = True, scale: float | None = None):
+    """softmax(q k^T * scale + mask) v over (B, H, Tq, D) queries and (B, Hkv, Tk, D) keys/values.
+
+    Causal masking is aligned bottom-right: query i (0-based) sees keys j <= i + Tk - Tq, so
+    the last query sees every key (FlashAttention 2's convention). A query that sees no key
+    (possible only when Tq > Tk) outputs zeros.
+    """
+    out_dtype = q.dtype
+    cd = _compute_dtype(q.dtype)
+    q, k, v = q.to(cd), k.to(cd), v.to(cd)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(Tq, device=q.device).unsqueeze(1)
+        j = torch.arange(Tk, device=q.device).unsqueeze(0)
+        scores = scores.masked_fill(j > i + (Tk - Tq), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+    return torch.matmul(probs, v).to(out_dtype)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
+    """Attention of a few new queries per sequence over a ragged KV cache.
+
+    q: (B, H, Tq, D), the newest Tq tokens of each sequence, whose keys/values are already
+    written at the end of each sequence's valid cache prefix. k_cache, v_cache:
+    (B, Hkv, L_max, D). cache_lens: int tensor (B,), valid length of each sequence's cache
+    (>= Tq). Query i of sequence b sees cache positions j < cache_lens[b] - Tq + 1 + i:
+    causal attention, bottom-right aligned, over the valid prefix only.
+    """
+    out_dtype = q.dtype
+    cd = _compute_dtype(q.dtype)
+    B, H, Tq, D = q.shape
+    L = k_cache.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qc = q.to(cd)
+    k = _expand_kv(k_cache.to(cd), H)
+    v = _expand_kv(v_cache.to(cd), H)
+    scores = torch.matmul(qc, k.transpose(-1, -2)) * scale  # (B, H, Tq, L)
+    lens = cache_lens.to(device=q.device, dtype=torch.long).view(B, 1, 1, 1)
+    i = torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
+    j = torch.arange(L, device=q.device).view(1, 1, 1, L)
+    scores = scores.masked_fill(j >= lens - Tq + 1 + i, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return torch.matmul(probs, v).to(out_dtype)
+
+
+def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dimension: (h - mean) / sqrt(var + eps) * weight + bias.
+
+    With residual given, h = x + residual is formed first and (out, h) is returned;
+    otherwise h = x and only out is returned. Variance is the biased (population) one.
+    """
+    dtype = x.dtype
+    cd = _compute_dtype(dtype)
+    h = x if residual is None else (x.to(cd) + residual.to(cd)).to(dtype)
+    hc = h.to(cd)
+    mean = hc.mean(dim=-1, keepdim=True)
+    var = (hc - mean).pow(2).mean(dim=-1, keepdim=True)
+    out = (hc - mean) * torch.rsqrt(var + eps) * weight.to(cd)
+    if bias is not None:
+        out = out + bias.to(cd)
+    out = out.to(dtype)
+    return out if residual is None else (out, h)
+
+
+def rms_norm(x, weight, eps: float = 1e-6, residual=None):
+    """RMSNorm over the last dimension: h / sqrt(mean(h^2) + eps) * weight.
+
+    With residual given, h = x + residual is formed first and (out, h) is returned.
+    """
+    dtype = x.dtype
+    cd = _compute_dtype(dtype)
+    h = x if residual is None else (x.to(cd) + residual.to(cd)).to(dtype)
+    hc = h.to(cd)
+    out = hc * torch.rsqrt(hc.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(cd)
+    out = out.to(dtype)
+    return out if residual is None else (out, h)
+
+
+def gelu(x):
+    """GELU, tanh approximation (GPT-2's "gelu_new"):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    cd = _compute_dtype(x.dtype)
+    xc = x.to(cd)
+    inner = math.sqrt(2.0 / math.pi) * (xc + 0.044715 * xc.pow(3))
+    return (0.5 * xc * (1.0 + torch.tanh(inner))).to(x.dtype)
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
+    """Cross-entropy of (N, V) logits (or (..., V)) against integer targets (N,) (or (...)).
+
+    Rows whose target equals ignore_index contribute nothing; "mean" divides by the number
+    of rows that count (NaN when none does, as torch does).
+    """
+    cd = _compute_dtype(logits.dtype)
+    logits = logits.reshape(-1, logits.shape[-1]).to(cd)
+    targets = targets.reshape(-1)
+    keep = targets != ignore_index
+    safe_t = torch.where(keep, targets, torch.zeros_like(targets))
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+    loss = torch.where(keep, lse - picked, torch.zeros_like(lse))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / keep.sum()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
+    """cross_entropy(h @ weight.T, targets): h (..., C), weight (V, C), targets (...)."""
+    logits = F.linear(h.to(_compute_dtype(h.dtype)), weight.to(_compute_dtype(weight.dtype)))
+    return cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)

@@ -1,0 +1,103 @@
+"""Build script for fastlm.
+
+Extensions:
+  fastlm._C          C++ CPU kernels, registered as torch custom ops (always built).
+  fastlm._C_cuda     CUDA kernels + torch glue (built when torch has CUDA and nvcc is found;
+                     FASTLM_CUDA=0/1 forces it off/on).
+  fastlm._tokenizer  the byte-level BPE tokenizer (pure C++17 + pybind11, no torch headers).
+
+Environment knobs:
+  MAX_JOBS               parallel compile jobs (ninja), honoured by torch's BuildExtension.
+  FASTLM_MARCH           -march value for CPU code (default "native"; "x86-64-v3" etc.).
+  FASTLM_PORTABLE=1      no -march flag at all: a binary that runs on any CPU of the arch.
+  FASTLM_CUDA=0|1        force the CUDA extension off / on.
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (torch's convention).
+  FASTLM_DEBUG=1         -O0 -g builds.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def _cpu_flags():
+    debug = os.environ.get("FASTLM_DEBUG") == "1"
+    flags = ["-std=c++17", "-fopenmp"] + (["-O0", "-g"] if debug else ["-O3"])
+    if os.environ.get("FASTLM_PORTABLE") != "1":
+        flags.append("-march=" + os.environ.get("FASTLM_MARCH", "native"))
+    return flags
+
+
+def _want_cuda(torch):
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    forced = os.environ.get("FASTLM_CUDA")
+    if forced == "0":
+        return False
+    available = torch.version.cuda is not None and (CUDA_HOME is not None or shutil.which("nvcc"))
+    if forced == "1" and not available:
+        raise RuntimeError("FASTLM_CUDA=1 but torch has no CUDA or nvcc was not found")
+    return bool(available)
+
+
+def extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension, include_paths
+
+    cxx = _cpu_flags()
+    exts = [
+        CppExtension(
+            "fastlm._C",
+            sources=["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    tokenizer_sources = _rel("csrc/tokenizer/*.cpp")
+    if tokenizer_sources:
+        from setuptools import Extension
+
+        exts.append(
+            Extension(
+                "fastlm._tokenizer",
+                sources=tokenizer_sources,
+                # torch ships pybind11's headers; the tokenizer itself includes no torch header.
+                include_dirs=[os.path.join(ROOT, "csrc")] + include_paths()[:1],
+                extra_compile_args=cxx + ["-fvisibility=hidden"],
+                extra_link_args=["-fopenmp"],
+                language="c++",
+            )
+        )
+    if _want_cuda(torch):
+        exts.append(
+            CUDAExtension(
+                "fastlm._C_cuda",
+                sources=_rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp"),
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            )
+        )
+    return exts
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    packages=["fastlm", "fastlm.ops", "fastlm.kernels"],
+    package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
+    ext_modules=extensions(),
+    cmdclass=_cmdclass(),
+    zip_safe=False,
+)
