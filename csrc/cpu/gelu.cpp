@@ -1,6 +1,7 @@
 // GELU, tanh approximation (GPT-2's "gelu_new"), elementwise:
-//   y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-//   dy/dx = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+//   y = 0.5 x (1 + tanh(u)) = x * sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3)
+//   dy/dx = s + 2 x s (1 - s) du/dx,  s = sigmoid(2u),  du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+// The sigmoid form avoids the cancellation of 1 + tanh(u) for large negative x.
 // Parallel over contiguous blocks; arithmetic in float32 for bf16/fp16 storage.
 #include "common.h"
 
@@ -24,7 +25,7 @@ at::Tensor gelu_fwd(const at::Tensor& x_) {
       for (int64_t i = b; i < e; ++i) {
         const acc v = static_cast<acc>(xp[i]);
         const acc u = acc(kSqrt2OverPi) * (v + acc(kCoeff) * v * v * v);
-        yp[i] = static_cast<scalar_t>(acc(0.5) * v * (acc(1) + std::tanh(u)));
+        yp[i] = static_cast<scalar_t>(v / (acc(1) + std::exp(acc(-2) * u)));
       }
     });
   });
@@ -45,9 +46,10 @@ at::Tensor gelu_bwd(const at::Tensor& dy_, const at::Tensor& x_) {
     at::parallel_for(0, x.numel(), 16384, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const acc v = static_cast<acc>(xp[i]);
-        const acc t = std::tanh(acc(kSqrt2OverPi) * (v + acc(kCoeff) * v * v * v));
+        const acc u = acc(kSqrt2OverPi) * (v + acc(kCoeff) * v * v * v);
+        const acc s = acc(1) / (acc(1) + std::exp(acc(-2) * u));
         const acc du = acc(kSqrt2OverPi) * (acc(1) + acc(3 * kCoeff) * v * v);
-        const acc d = acc(0.5) * (acc(1) + t) + acc(0.5) * v * (acc(1) - t * t) * du;
+        const acc d = s + acc(2) * v * s * (acc(1) - s) * du;
         dxp[i] = static_cast<scalar_t>(static_cast<acc>(dyp[i]) * d);
       }
     });

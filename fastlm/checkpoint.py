@@ -1,0 +1,296 @@
+"""Checkpoints in the Hugging Face directory layout, read safely and written atomically.
+
+A model directory holds ``config.json``, ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``) and ``generation_config.json``. GPT-2 checkpoints from
+``transformers`` load directly: their Conv1D weights are stored (in, out) and are transposed
+into fastlm's ``nn.Linear`` (out, in) layout; the ``attn.bias``/``attn.masked_bias`` mask
+buffers are ignored; keys may carry the ``transformer.`` prefix or not. fastlm writes the
+same layout back, so ``transformers.GPT2LMHeadModel.from_pretrained`` loads a GPT-2-shaped
+fastlm model. Variants that GPT-2 cannot express (RMSNorm, rotary positions, SwiGLU, GQA,
+no biases) are written with ``model_type: "fastlm"`` and the same tensor names.
+
+Nothing is ever unpickled: ``.bin`` files are read only with ``torch.load(weights_only=True)``.
+Every write goes to a temporary file in the target directory, is flushed to disk, then
+renamed over the target, so a crash never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+# GPT-2 stores these projections as Conv1D, weight (in, out): transposed on load and save.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
+                   "mlp.c_gate.weight")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write a safetensors file atomically. The tensors must not share storage."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(clean, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+# ----------------------------------------------------------------------------- reading
+def load_tensors(path) -> dict:
+    """All tensors of one safetensors file, with a clear error when it is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def _load_bin(path) -> dict:
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, refused globals, truncated files
+        raise CheckpointError(f"cannot read {path} safely (weights_only=True): {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return sd
+
+
+def load_state_dict(directory) -> dict:
+    """Every tensor of a checkpoint directory (single file, sharded, safetensors or .bin)."""
+    d = Path(directory)
+    if d.is_file():
+        return load_tensors(d) if d.suffix == ".safetensors" else _load_bin(d)
+    if (d / WEIGHTS_NAME).is_file():
+        return load_tensors(d / WEIGHTS_NAME)
+    for index_name, reader in ((WEIGHTS_INDEX_NAME, load_tensors), (BIN_INDEX_NAME, _load_bin)):
+        if (d / index_name).is_file():
+            index = read_json(d / index_name)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{d / index_name} has no weight_map")
+            sd = {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = (d / shard).resolve()
+                if shard_path.parent != d.resolve():
+                    raise CheckpointError(f"shard {shard!r} in {index_name} points outside {d}")
+                if not shard_path.is_file():
+                    raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
+                sd.update(reader(shard_path))
+            missing = set(weight_map) - set(sd)
+            if missing:
+                raise CheckpointError(f"tensors listed in {index_name} but absent from the shards: {sorted(missing)[:10]}")
+            return sd
+    if (d / BIN_NAME).is_file():
+        return _load_bin(d / BIN_NAME)
+    raise FileNotFoundError(
+        f"no weights in {d}: expected {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME}, {BIN_INDEX_NAME} or {BIN_NAME}"
+    )
+
+
+# ----------------------------------------------------------------------------- config mapping
+def config_from_hf(hf: dict):
+    """GPTConfig from a config.json written by transformers (GPT-2) or by fastlm."""
+    from .model import GPTConfig
+
+    if hf.get("model_type") == "fastlm":
+        return GPTConfig.from_dict(hf["fastlm"])
+    if hf.get("model_type") not in (None, "gpt2"):
+        raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}; fastlm reads 'gpt2' and 'fastlm'")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise CheckpointError(f"activation_function {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if hf.get(flag):
+            raise CheckpointError(f"config.json sets {flag}=true, which fastlm's GPT does not implement")
+    if hf.get("scale_attn_weights") is False:
+        raise CheckpointError("config.json sets scale_attn_weights=false, which fastlm's GPT does not implement")
+    try:
+        return GPTConfig(
+            vocab_size=int(hf["vocab_size"]),
+            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
+            n_layer=int(hf["n_layer"]),
+            n_head=int(hf["n_head"]),
+            n_embd=int(hf["n_embd"]),
+            n_inner=hf.get("n_inner"),
+            dropout=float(hf.get("resid_pdrop", 0.0)),
+            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks the GPT-2 key {e.args[0]!r}") from None
+
+
+def config_to_hf(cfg) -> dict:
+    """config.json for a GPTConfig: GPT-2's keys (transformers reads them), plus fastlm's own."""
+    d = {
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "initializer_range": cfg.initializer_range,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "fastlm": cfg.to_dict(),
+    }
+    if cfg.is_gpt2:
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    else:
+        d.update(model_type="fastlm", architectures=["GPT"])
+    return d
+
+
+# ----------------------------------------------------------------------------- model I/O
+def _to_model_key(k: str) -> str | None:
+    if k.endswith(IGNORED_SUFFIXES):
+        return None
+    if k == "lm_head.weight" or k.startswith("transformer."):
+        return k
+    return "transformer." + k
+
+
+def load_gpt(cls, path, dtype=None, device=None, **overrides):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist. fastlm loads local checkpoint directories; download a hub model first "
+            f"(e.g. `huggingface-cli download gpt2 --local-dir {path}`)"
+        )
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path / CONFIG_NAME} not found: a checkpoint directory needs a config.json")
+    cfg = config_from_hf(read_json(path / CONFIG_NAME))
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown GPTConfig override {k!r}")
+        setattr(cfg, k, v)
+    raw = load_state_dict(path)
+    model = cls(cfg)
+    expected = model.state_dict()
+    sd = {}
+    for k, v in raw.items():
+        mk = _to_model_key(k)
+        if mk is None:
+            continue
+        if mk.endswith(CONV1D_SUFFIXES) and v.dim() == 2:
+            v = v.t()
+        sd[mk] = v
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(expected[k].shape)}"
+                   for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(f"wrongly shaped tensors: {'; '.join(wrong[:8])}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit the model in its config.json: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            if k in sd:
+                p.copy_(sd[k].to(p.dtype))
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def save_gpt(model, path, max_shard_size: int | None = None) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied to transformer.wte.weight
+        if k.endswith(CONV1D_SUFFIXES):
+            v = v.t()
+        tensors[k] = v.detach().cpu().contiguous()
+    meta = {"format": "pt"}
+    if max_shard_size is None or sum(t.numel() * t.element_size() for t in tensors.values()) <= max_shard_size:
+        save_tensors(path / WEIGHTS_NAME, tensors, meta)
+        if (path / WEIGHTS_INDEX_NAME).exists():
+            (path / WEIGHTS_INDEX_NAME).unlink()
+    else:
+        shards, cur, size = [], {}, 0
+        for k, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if cur and size + n > max_shard_size:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = t, size + n
+        shards.append(cur)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_tensors(path / name, shard, meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_json(path / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if (path / WEIGHTS_NAME).exists():
+            (path / WEIGHTS_NAME).unlink()
+    atomic_write_json(path / CONFIG_NAME, config_to_hf(cfg))
+    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
+    atomic_write_json(path / GENERATION_CONFIG_NAME, gen)

@@ -1,0 +1,142 @@
+"""Every op of every usable backend against the reference in float64.
+
+The (backend, op) pairs come from the registry itself, so a kernel registered later is
+checked here as soon as it exists. Inputs are fresh random tensors over shapes drawn with
+hypothesis: size 1, odd sizes, non-contiguous views. Forward and backward.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastlm.ops as ops
+from fastlm import reference
+from fastlm.ops import _dispatch
+
+from conftest import rel_error
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+ATTN_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _pairs():
+    out = []
+    for name in ops.backends():
+        if name == "reference":
+            continue
+        for op in _dispatch._BACKENDS[name].ops:
+            out.append((name, op))
+    return out
+
+
+PAIRS = _pairs()
+
+
+def _rand(shape, dtype, noncontig, gen):
+    """Random tensor; a non-contiguous view (every other column of a wider buffer) on request."""
+    if noncontig and len(shape) >= 1:
+        wide = list(shape)
+        wide[-1] = 2 * shape[-1]
+        return torch.randn(wide, generator=gen, dtype=torch.float64)[..., ::2].to(dtype)
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _inputs(op, data, dtype, gen):
+    """(args, kwargs, indices of differentiable args) for one random call of ``op``."""
+    nc = data.draw(st.booleans(), label="noncontiguous")
+    if op in ("layer_norm", "rms_norm"):
+        lead = data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=2), label="lead")
+        C = data.draw(st.sampled_from([1, 2, 3, 7, 16, 33, 64, 100, 257]), label="C")
+        x = _rand(lead + [C], dtype, nc, gen)
+        w = _rand([C], dtype, False, gen)
+        res = _rand(lead + [C], dtype, nc, gen) if data.draw(st.booleans(), label="residual") else None
+        eps = 1e-5
+        if op == "layer_norm":
+            b = _rand([C], dtype, False, gen) if data.draw(st.booleans(), label="bias") else None
+            args = [x, w, b, eps, res]
+        else:
+            args = [x, w, eps, res]
+        return args, {}, [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if op == "gelu":
+        shape = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=3), label="shape")
+        return [_rand(shape, dtype, nc, gen) * 3], {}, [0]
+    if op == "attention":
+        B = data.draw(st.integers(1, 2), label="B")
+        hkv = data.draw(st.integers(1, 2), label="Hkv")
+        H = hkv * data.draw(st.integers(1, 3), label="group")
+        D = data.draw(st.sampled_from([1, 8, 16, 40, 64]), label="D")
+        Tk = data.draw(st.integers(1, 70), label="Tk")
+        Tq = data.draw(st.integers(1, Tk), label="Tq")
+        causal = data.draw(st.booleans(), label="causal")
+        q = _rand([B, H, Tq, D], dtype, nc, gen)
+        k = _rand([B, hkv, Tk, D], dtype, nc, gen)
+        v = _rand([B, hkv, Tk, D], dtype, nc, gen)
+        return [q, k, v], {"causal": causal}, [0, 1, 2]
+    if op == "decode_attention":
+        B = data.draw(st.integers(1, 3), label="B")
+        hkv = data.draw(st.integers(1, 2), label="Hkv")
+        H = hkv * data.draw(st.integers(1, 3), label="group")
+        D = data.draw(st.sampled_from([8, 16, 64]), label="D")
+        L = data.draw(st.integers(1, 80), label="L")
+        Tq = data.draw(st.integers(1, min(4, L)), label="Tq")
+        lens = torch.randint(Tq, L + 1, (B,), generator=gen)
+        q = _rand([B, H, Tq, D], dtype, nc, gen)
+        kc = _rand([B, hkv, L, D], dtype, nc, gen)
+        vc = _rand([B, hkv, L, D], dtype, nc, gen)
+        return [q, kc, vc, lens], {}, []
+    if op in ("cross_entropy", "linear_cross_entropy"):
+        N = data.draw(st.integers(1, 40), label="N")
+        V = data.draw(st.integers(1, 300), label="V")
+        t = torch.randint(0, V, (N,), generator=gen)
+        t[torch.rand(N, generator=gen) < 0.2] = -100
+        t[0] = 0 if V > 0 else t[0]  # at least one row counts
+        if op == "cross_entropy":
+            return [_rand([N, V], dtype, nc, gen) * 2, t], {}, [0]
+        C = data.draw(st.integers(1, 70), label="C")
+        return [_rand([N, C], dtype, nc, gen), _rand([V, C], dtype, False, gen) / math.sqrt(C), t], {}, [0, 1]
+    raise AssertionError(f"no input generator for op {op!r}: add one")
+
+
+def _outputs(o):
+    return list(o) if isinstance(o, (tuple, list)) else [o]
+
+
+@pytest.mark.skipif(not PAIRS, reason="no compiled backend is usable")
+@pytest.mark.parametrize("backend,op", PAIRS)
+@settings(max_examples=12, deadline=None)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_op_matches_reference(backend, op, data, seed):
+    impl = _dispatch._BACKENDS[backend].ops[op]
+    dev = "cpu" if "cpu" in impl.devices else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA backend without a GPU")
+    dtypes = [d for d in (torch.float64, torch.float32, torch.bfloat16) if d in impl.dtypes]
+    dtype = data.draw(st.sampled_from(dtypes), label="dtype")
+    gen = torch.Generator().manual_seed(seed)
+    args, kwargs, grad_idx = _inputs(op, data, dtype, gen)
+    args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
+    # The oracle: the same inputs, in float64, through the reference.
+    ref_args = [a.detach().double().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                else a for i, a in enumerate(args)]
+    test_args = [a.detach().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for i, a in enumerate(args)]
+    ref_out = _outputs(getattr(reference, op)(*ref_args, **kwargs))
+    with ops.use_backend(backend):
+        assert ops.implementation(op, test_args[0]) == backend
+        out = _outputs(getattr(ops, op)(*test_args, **kwargs))
+    tol = (ATTN_TOL if "attention" in op else TOL)[dtype]
+    assert len(out) == len(ref_out)
+    for o, r in zip(out, ref_out):
+        assert o.shape == r.shape and o.dtype == dtype
+        assert rel_error(o, r) <= tol, f"{backend}.{op} forward rel err {rel_error(o, r):.3g} > {tol}"
+    if not grad_idx:
+        return
+    # Backward: the same random cotangent for each output, in both computations.
+    cot = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref_out]
+    torch.autograd.backward([r for r in ref_out], cot)
+    torch.autograd.backward([o for o in out], [c.to(o.dtype).to(o.device) for c, o in zip(cot, out)])
+    for i in grad_idx:
+        g, gr = test_args[i].grad, ref_args[i].grad
+        assert g is not None, f"{backend}.{op}: no gradient for argument {i}"
+        assert rel_error(g, gr) <= 4 * tol, f"{backend}.{op} grad[{i}] rel err {rel_error(g, gr):.3g}"

@@ -1,0 +1,224 @@
+"""fastlm.ops: backend choice, input validation, custom-op registration, torch.compile,
+and the reference itself checked against torch's own functions."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+import fastlm.ops as ops
+from fastlm import reference
+
+from conftest import rel_error
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_backends_lists_reference_and_cpu():
+    b = ops.backends()
+    assert b[0] == "reference"
+    assert "cpu" in b, "the C++ extension must be built and loadable"
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown fastlm backend 'nope'"):
+        with ops.use_backend("nope"):
+            pass
+
+
+def test_unavailable_backend_is_refused():
+    if "cuda" in ops.backends():
+        pytest.skip("CUDA backend is usable here")
+    with pytest.raises(RuntimeError, match="'cuda' is not available"):
+        with ops.use_backend("cuda"):
+            pass
+
+
+def test_use_backend_nests_and_restores():
+    x = torch.randn(4, 8)
+    w = torch.ones(8)
+    assert ops.implementation("layer_norm", x) == "cpu"
+    with ops.use_backend("reference"):
+        assert ops.implementation("layer_norm", x) == "reference"
+        with ops.use_backend("cpu"):
+            assert ops.implementation("layer_norm", x) == "cpu"
+        assert ops.implementation("layer_norm", x) == "reference"
+    assert ops.implementation("layer_norm", x) == "cpu"
+    with ops.use_backend("auto"):
+        assert ops.implementation("layer_norm", x) == "cpu"
+    ops.layer_norm(x, w)
+
+
+def test_backend_on_the_wrong_device_is_an_error():
+    x = torch.randn(2, 8, device="meta")
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="runs on cpu tensors"):
+        ops.layer_norm(x, torch.ones(8, device="meta"))
+
+
+def test_environment_variable_selects_backend():
+    code = ("import torch, fastlm.ops as o; x = torch.randn(3, 5); "
+            "print(o.implementation('layer_norm', x), o.requested_backend())")
+    env = dict(os.environ, FASTLM_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["reference", "reference"]
+    env["FASTLM_BACKEND"] = "bogus"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown fastlm backend 'bogus'" in r.stderr
+
+
+def test_import_without_extension_falls_back_with_one_warning(tmp_path):
+    # A fastlm._C that fails to import: fastlm must still import, warn once, and serve
+    # every op from the reference backend.
+    code = r"""
+import sys, warnings, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("fastlm._C", "fastlm._C_cuda"):
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch, fastlm
+    x = torch.randn(3, 5)
+    y = fastlm.ops.layer_norm(x, torch.ones(5))
+msgs = [str(m.message) for m in w if "fastlm._C" in str(m.message)]
+print(len(msgs), "cpu" in fastlm.ops.backends(), fastlm.ops.implementation("layer_norm", x))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "1 False reference"
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda: ops.attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), ValueError, "4 dimensions"),
+    (lambda: ops.attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), ValueError, "multiple"),
+    (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)), ValueError, "head size"),
+    (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8)), ValueError, "one shape"),
+    (lambda: ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8).double(), torch.randn(1, 2, 4, 8)), TypeError, "dtype"),
+    (lambda: ops.attention(torch.randn(1, 1, 4, 300), torch.randn(1, 1, 4, 300), torch.randn(1, 1, 4, 300)), ValueError, "between 1 and 256"),
+    (lambda: ops.attention(torch.randn(1, 1, 0, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)), ValueError, "at least 1"),
+    (lambda: ops.attention([1], torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)), TypeError, "torch.Tensor"),
+    (lambda: ops.attention(torch.ones(1, 1, 4, 8, dtype=torch.long), torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 8)), TypeError, "floating-point"),
+    (lambda: ops.decode_attention(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), torch.tensor([3.0, 4.0])), ValueError, "cache_lens"),
+    (lambda: ops.decode_attention(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8), torch.tensor([3])), ValueError, "cache_lens"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(7)), ValueError, "weight must have shape"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(8), torch.zeros(7)), ValueError, "bias"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(8).double()), TypeError, "dtype"),
+    (lambda: ops.layer_norm(torch.randn(4, 8), torch.ones(8), residual=torch.randn(4, 9)), ValueError, "residual"),
+    (lambda: ops.rms_norm(torch.randn(()), torch.ones(1)), ValueError, "at least one dimension"),
+    (lambda: ops.gelu(torch.arange(3)), TypeError, "floating-point"),
+    (lambda: ops.cross_entropy(torch.randn(4, 10), torch.zeros(5, dtype=torch.long)), ValueError, "targets must have shape"),
+    (lambda: ops.cross_entropy(torch.randn(4, 10), torch.zeros(4)), TypeError, "int64"),
+    (lambda: ops.cross_entropy(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), reduction="avg"), ValueError, "reduction"),
+    (lambda: ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long)), ValueError, "weight must have shape"),
+    (lambda: ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_size=0), ValueError, "chunk_size"),
+])
+def test_bad_input_raises_clear_error(call, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_cpu_kernel_rejects_bad_input_without_crashing():
+    # Called directly, bypassing the Python checks, the C++ op still refuses cleanly.
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.fastlm.layer_norm_fwd(torch.randn(3, 4), torch.ones(5), None, None, 1e-5)
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g)
+    r = torch.randn(5, 7, generator=g)
+    w = torch.randn(7, generator=g)
+    b = torch.randn(7, generator=g)
+    return [
+        ("layer_norm_fwd", (x, w, b, r, 1e-5)),
+        ("layer_norm_fwd", (x.double(), w.double(), None, None, 1e-5)),
+        ("rms_norm_fwd", (x, w, r, 1e-6)),
+        ("rms_norm_fwd", (x[:, :5], w[:5], None, 1e-6)),
+        ("gelu_fwd", (x,)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    torch.library.opcheck(getattr(torch.ops.fastlm, name).default, args)
+
+
+def test_torch_compile_fullgraph_through_ops():
+    torch._dynamo.reset()
+
+    def f(x, r, w, b, q, k, v):
+        y, h = ops.layer_norm(x, w, b, residual=r)
+        z = ops.rms_norm(ops.gelu(y), w)
+        a = ops.attention(q, k, v, causal=True)
+        return z.sum() + h.sum() + a.sum()
+
+    g = torch.Generator().manual_seed(1)
+    args = [torch.randn(3, 16, generator=g, requires_grad=True), torch.randn(3, 16, generator=g),
+            torch.randn(16, generator=g), torch.randn(16, generator=g),
+            torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    out.backward()
+    grad_c = args[0].grad.clone()
+    args[0].grad = None
+    ref = f(*args)
+    ref.backward()
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad_c, args[0].grad, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the reference
+def test_reference_matches_torch_functions():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 33, generator=g, dtype=torch.float64)
+    w, b = torch.randn(33, generator=g, dtype=torch.float64), torch.randn(33, generator=g, dtype=torch.float64)
+    assert rel_error(reference.layer_norm(x, w, b, 1e-5), F.layer_norm(x, (33,), w, b, 1e-5)) < 1e-12
+    assert rel_error(reference.rms_norm(x, w, 1e-6), F.rms_norm(x, (33,), w, 1e-6)) < 1e-12
+    assert rel_error(reference.gelu(x), F.gelu(x, approximate="tanh")) < 1e-12
+    t = torch.randint(0, 33, (6,), generator=g)
+    t[2] = -100
+    assert rel_error(reference.cross_entropy(x, t), F.cross_entropy(x, t)) < 1e-12
+    assert rel_error(reference.cross_entropy(x, t, reduction="none"), F.cross_entropy(x, t, reduction="none")) < 1e-12
+    h, W = x[:, :8], torch.randn(40, 8, generator=g, dtype=torch.float64)
+    assert rel_error(reference.linear_cross_entropy(h, W, t), F.cross_entropy(h @ W.T, t)) < 1e-12
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for causal in (False, True):
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert rel_error(reference.attention(q, k, v, causal=causal), ref) < 1e-12
+
+
+def test_reference_attention_bottom_right_causal_and_gqa():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 7, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out = reference.attention(q, k, v, causal=True)
+    # The last query sees every key; query i sees keys 0 .. i + 4.
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    for i in range(3):
+        s = (q[:, :, i:i + 1] @ kk[:, :, : i + 5].transpose(-1, -2)) / math.sqrt(8)
+        exp = torch.softmax(s, -1) @ vv[:, :, : i + 5]
+        assert rel_error(out[:, :, i:i + 1], exp) < 1e-12
+
+
+def test_reference_decode_attention_equals_full_attention_on_each_prefix():
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, L, D, Tq = 3, 4, 2, 20, 8, 2
+    lens = torch.tensor([2, 11, 20])
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    kc, vc = (torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64) for _ in range(2))
+    out = reference.decode_attention(q, kc, vc, lens)
+    for b in range(B):
+        n = int(lens[b])
+        exp = reference.attention(q[b:b + 1], kc[b:b + 1, :, :n], vc[b:b + 1, :, :n], causal=True)
+        assert rel_error(out[b:b + 1], exp) < 1e-12
+
+
+def test_version():
+    assert isinstance(fastlm.__version__, str) and fastlm.__version__.count(".") == 2
