@@ -86,7 +86,7 @@ def _pattern_name(pattern: str) -> str:
     if pattern in _PATTERN_ALIASES:
         return _PATTERN_ALIASES[pattern]
     for name, pat in PATTERNS.items():
-        if pattern == pat:
+        if pattern in (pat, pat.replace("{1,3}+", "{1,3}")):
             return name
     # cl100k's older spelling (before tiktoken 0.8 it ended in \s+ and had no \s++$).
     if pattern.startswith(r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+"):
@@ -116,6 +116,7 @@ class Tokenizer:
                  name: str | None = None):
         self.pattern = _pattern_name(pattern)
         self.name = name
+        self.train_stats: dict | None = None  # set by train(): words, merges, corpus_tokens
         merges = [] if merges is None else [(int(a), int(b)) for a, b in merges]
         if not merges and not rank_by_id and any(len(t) > 1 for t in token_bytes):
             raise ValueError("give merges, or rank_by_id=True for a tiktoken-style vocabulary")
@@ -300,7 +301,9 @@ class Tokenizer:
             if new == len(token_bytes):
                 token_bytes.append(token_bytes[a] + token_bytes[b])
         special_map = {s: len(token_bytes) + k for k, s in enumerate(specials)}
-        return cls(token_bytes, [(a, b) for a, b, _ in merges], special_tokens=special_map, pattern=pat)
+        tok = cls(token_bytes, [(a, b) for a, b, _ in merges], special_tokens=special_map, pattern=pat)
+        tok.train_stats = {"words": trainer.n_words, "merges": len(merges), "corpus_tokens": trainer.final_tokens}
+        return tok
 
     # ------------------------------------------------------------------ files
     @classmethod
@@ -495,7 +498,10 @@ class Tokenizer:
             pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
         else:
             pre = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": PATTERNS[self.pattern]}, "behavior": "Isolated",
+                # Oniguruma (Hugging Face's regex engine) reads "{1,3}+" as "({1,3})+", not as
+                # possessive; plain "{1,3}" means the same here.
+                {"type": "Split", "pattern": {"Regex": PATTERNS[self.pattern].replace("{1,3}+", "{1,3}")},
+                 "behavior": "Isolated",
                  "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
         obj = {

@@ -280,6 +280,7 @@ class PyTrainer {
     return r;
   }
   size_t n_words() const { return t_.n_words(); }
+  uint64_t final_tokens() const { return t_.final_tokens(); }
 
  private:
   Trainer t_;
@@ -294,7 +295,14 @@ PYBIND11_MODULE(_tokenizer, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const DisallowedSpecial& e) {
-      py::set_error(disallowed_exc, e.what());
+      const std::string t = e.what();
+      py::set_error(disallowed_exc,
+                    ("Encountered text corresponding to disallowed special token '" + t +
+                     "'.\nIf you want this text to be encoded as a special token, pass it to `allowed_special`, "
+                     "e.g. `allowed_special={'" + t + "', ...}`.\nIf you want this text to be encoded as normal "
+                     "text, disable the check for this token by passing `disallowed_special=(enc.special_tokens_set "
+                     "- {'" + t + "'})`.\nTo disable this check for all special tokens, pass `disallowed_special=()`.")
+                        .c_str());
     }
   });
   py::class_<PyTokenizer>(m, "Core")
@@ -315,7 +323,8 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def(py::init<int, std::vector<std::string>>(), py::arg("pattern"), py::arg("specials"))
       .def("add", &PyTrainer::add, py::arg("texts"), py::arg("num_threads"))
       .def("train", &PyTrainer::train, py::arg("n_tokens"))
-      .def_property_readonly("n_words", &PyTrainer::n_words);
+      .def_property_readonly("n_words", &PyTrainer::n_words)
+      .def_property_readonly("final_tokens", &PyTrainer::final_tokens);
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -558,8 +558,12 @@ std::vector<Merge> Trainer::train(size_t n_tokens) const {
   // Words in a fixed order (sorted by bytes) so the result never depends on hashing or threads.
   std::vector<std::pair<std::string_view, uint64_t>> words;
   words.reserve(counts_.size());
+  uint64_t single = 0;  // occurrences of one-byte pre-tokens
   counts_.for_each([&](std::string_view k, uint64_t, uint64_t v) {
-    if (k.size() >= 2) words.push_back({k, v});
+    if (k.size() >= 2)
+      words.push_back({k, v});
+    else
+      single += v;
   });
   std::sort(words.begin(), words.end());
   const size_t nw = words.size();
@@ -676,6 +680,9 @@ std::vector<Merge> Trainer::train(size_t n_tokens) const {
     for (size_t q : touched)
       if (count[q] > 0) heap.push({count[q], pair_key[q]});
   }
+  uint64_t total = single;
+  for (size_t w = 0; w < nw; ++w) total += freq[w] * len[w];
+  final_tokens_ = total;
   return merges;
 }
 

@@ -319,11 +319,14 @@ class Trainer {
   // creation, and a merge whose bytes are already a token reuses its id (as Hugging Face's
   // BpeTrainer does). Ties on count go to the smaller (a, b).
   std::vector<Merge> train(size_t n_tokens) const;
+  // Tokens of the counted corpus under the segmentation the last train() ended with.
+  uint64_t final_tokens() const { return final_tokens_; }
 
  private:
   Pattern pattern_;
   std::vector<std::string> specials_;
   BytesMap counts_{1 << 16};
+  mutable uint64_t final_tokens_ = 0;
 };
 
 }  // namespace fastlm_tok
