@@ -234,6 +234,10 @@ class Tokenizer:
     def encode_ordinary_batch(self, texts: Iterable[str], *, num_threads: int | None = None) -> list[list[int]]:
         return self.encode_batch(texts, num_threads=num_threads, disallowed_special=())
 
+    def clear_cache(self) -> None:
+        """Forget the pre-token -> ids cache (bounded; kept between calls to speed up encoding)."""
+        self._core.clear_cache()
+
     def pretokenize(self, text: str) -> list[str]:
         """The pre-tokens of ``text`` (the splits the pattern's regex makes)."""
         self._check_text(text)

@@ -244,6 +244,7 @@ class PyTokenizer {
   }
 
   size_t n_vocab() const { return bpe_->n_vocab(); }
+  void clear_cache() const { bpe_->clear_caches(); }
 
  private:
   void check_specials(const std::vector<int>& ks) const {
@@ -318,6 +319,7 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def("token_bytes", &PyTokenizer::token_bytes, py::arg("id"))
       .def("pretokenize", &PyTokenizer::pretokenize, py::arg("text"))
       .def("merges", &PyTokenizer::merges)
+      .def("clear_cache", &PyTokenizer::clear_cache)
       .def_property_readonly("n_vocab", &PyTokenizer::n_vocab);
   py::class_<PyTrainer>(m, "Trainer")
       .def(py::init<int, std::vector<std::string>>(), py::arg("pattern"), py::arg("specials"))

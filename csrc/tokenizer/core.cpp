@@ -368,15 +368,15 @@ inline void BPE::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>&
     return;
   }
   if (n <= PieceCache::kMaxPieceLen) {
-    const uint64_t h = hash_bytes(p, n);
-    if (cache.get(p, n, h, out)) return;
+    const PieceCache::Key key = PieceCache::make_key(p, n);
+    if (cache.get(key, out)) return;
     const size_t before = out.size();
-    const uint64_t* whole = rank_by_id_ ? vocab_.find(p, n, h) : nullptr;
+    const uint64_t* whole = rank_by_id_ ? vocab_.find(p, n, hash_bytes(p, n)) : nullptr;
     if (whole)
       out.push_back(static_cast<uint32_t>(*whole));
     else
       bpe_short(p, n, out);
-    cache.put(p, n, h, out.data() + before, out.size() - before);
+    cache.put(key, out.data() + before, out.size() - before);
     return;
   }
   if (rank_by_id_) {

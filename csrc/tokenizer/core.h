@@ -202,32 +202,94 @@ class BytesMap {
   size_t mask_ = 0, count_ = 0;
 };
 
-// Pre-token -> token ids, bounded: cleared when it holds too much.
+// Pre-token -> token ids, bounded (cleared when full). One 64-byte entry per pre-token of at
+// most 24 bytes and 6 ids, key and ids inline, so a hit touches one cache line.
 class PieceCache {
  public:
-  static constexpr size_t kMaxPieceLen = 48;
+  static constexpr size_t kMaxPieceLen = 24;
+  static constexpr size_t kMaxIds = 6;
   static constexpr size_t kMaxEntries = size_t(1) << 19;
-  PieceCache() : map_(1 << 14) {}
-  // Returns true and appends the ids to out when the piece is cached.
-  bool get(const uint8_t* p, size_t n, uint64_t h, std::vector<uint32_t>& out) const {
-    const uint64_t* v = map_.find(p, n, h);
-    if (!v) return false;
-    const uint32_t off = static_cast<uint32_t>(*v >> 8), len = static_cast<uint32_t>(*v & 0xFF);
-    out.insert(out.end(), vals_.begin() + off, vals_.begin() + off + len);
-    return true;
+
+  struct Key {
+    uint64_t w[3];
+    uint64_t hash;
+    uint32_t len;
+  };
+  static inline Key make_key(const uint8_t* p, size_t n) {
+    Key k;
+    k.w[0] = k.w[1] = k.w[2] = 0;
+    std::memcpy(k.w, p, n);
+    uint64_t h = (k.w[0] ^ (uint64_t(n) << 56)) * 0x9E3779B97F4A7C15ULL;
+    h = (h ^ (h >> 32) ^ k.w[1]) * 0xbf58476d1ce4e5b9ULL;
+    h = (h ^ (h >> 29) ^ k.w[2]) * 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+    k.hash = h | 1;
+    k.len = uint32_t(n);
+    return k;
   }
-  void put(const uint8_t* p, size_t n, uint64_t h, const uint32_t* ids, size_t k) {
-    if (map_.size() >= kMaxEntries || vals_.size() >= (size_t(1) << 30)) {
-      map_.clear();
-      vals_.clear();
+  PieceCache() { table_.assign(size_t(1) << 15, Entry{}); mask_ = table_.size() - 1; }
+  // Appends the ids and returns true when the piece is cached.
+  inline bool get(const Key& k, std::vector<uint32_t>& out) const {
+    size_t i = k.hash & mask_;
+    while (true) {
+      const Entry& e = table_[i];
+      if (e.hash == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) {
+        out.insert(out.end(), e.ids, e.ids + e.nids);
+        return true;
+      }
+      if (e.hash == 0) return false;
+      i = (i + 1) & mask_;
     }
-    uint64_t packed = (uint64_t(vals_.size()) << 8) | k;
-    if (map_.insert(p, n, h, packed).second) vals_.insert(vals_.end(), ids, ids + k);
+  }
+  void put(const Key& k, const uint32_t* ids, size_t nids) {
+    if (nids > kMaxIds) return;
+    if ((count_ + 1) * 2 > table_.size()) {
+      if (table_.size() >= 2 * kMaxEntries) {
+        std::fill(table_.begin(), table_.end(), Entry{});
+        count_ = 0;
+      } else {
+        grow();
+      }
+    }
+    size_t i = k.hash & mask_;
+    while (table_[i].hash != 0) {
+      const Entry& e = table_[i];
+      if (e.hash == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) return;
+      i = (i + 1) & mask_;
+    }
+    Entry& e = table_[i];
+    e.hash = k.hash;
+    e.len = uint8_t(k.len);
+    e.nids = uint8_t(nids);
+    e.w[0] = k.w[0];
+    e.w[1] = k.w[1];
+    e.w[2] = k.w[2];
+    std::memcpy(e.ids, ids, nids * sizeof(uint32_t));
+    ++count_;
   }
 
  private:
-  BytesMap map_;
-  std::vector<uint32_t> vals_;
+  struct alignas(64) Entry {
+    uint64_t hash = 0;
+    uint8_t len = 0, nids = 0;
+    uint8_t pad[6] = {};
+    uint64_t w[3] = {0, 0, 0};
+    uint32_t ids[6] = {};
+  };
+  void grow() {
+    std::vector<Entry> old;
+    old.swap(table_);
+    table_.assign(old.size() * 2, Entry{});
+    mask_ = table_.size() - 1;
+    for (const Entry& e : old) {
+      if (!e.hash) continue;
+      size_t i = e.hash & mask_;
+      while (table_[i].hash) i = (i + 1) & mask_;
+      table_[i] = e;
+    }
+  }
+  std::vector<Entry> table_;
+  size_t mask_ = 0, count_ = 0;
 };
 
 // ----------------------------------------------------------------------------- the BPE model
@@ -282,6 +344,10 @@ class BPE {
 
   struct CacheLease;
   PieceCache* acquire_cache() const;
+  void clear_caches() const {
+    std::lock_guard<std::mutex> g(cache_mu_);
+    caches_.clear();
+  }
   void release_cache(PieceCache* c) const;
 
  private:
