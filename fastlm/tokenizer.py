@@ -250,7 +250,7 @@ class Tokenizer:
 
     def decode(self, ids, errors: str = "replace") -> str:
         """Text of the tokens; a partial UTF-8 sequence becomes U+FFFD (``errors="replace"``)."""
-        return self._core.decode_bytes(ids).decode("utf-8", errors=errors)
+        return self._core.decode(ids, errors)
 
     def decode_batch(self, batch, errors: str = "replace") -> list[str]:
         return [self.decode(ids, errors) for ids in batch]

@@ -202,21 +202,36 @@ class PyTokenizer {
     return res;
   }
 
+  // Returns the decoded byte length after checking the ids (raises on a bad one).
+  size_t checked_size(const std::vector<uint32_t>& ids) const {
+    const int64_t total = bpe_->decoded_size(ids.data(), ids.size());
+    if (total < 0) {
+      const size_t bad = size_t(-1 - total);
+      throw py::value_error("token id " + std::to_string(ids[bad]) + " at position " + std::to_string(bad) +
+                            " is not in the vocabulary (n_vocab " + std::to_string(bpe_->n_vocab()) + ")");
+    }
+    return size_t(total);
+  }
+
   py::bytes decode_bytes(py::handle ids_obj) const {
     std::vector<uint32_t> ids;
     ids_of(ids_obj, ids);
-    std::string out;
-    int64_t bad;
-    if (ids.size() >= 16384) {
-      py::gil_scoped_release nogil;
-      bad = bpe_->decode_append(ids.data(), ids.size(), out);
-    } else {
-      bad = bpe_->decode_append(ids.data(), ids.size(), out);
-    }
-    if (bad >= 0)
-      throw py::value_error("token id " + std::to_string(ids[size_t(bad)]) + " at position " + std::to_string(bad) +
-                            " is not in the vocabulary (n_vocab " + std::to_string(bpe_->n_vocab()) + ")");
-    return py::bytes(out);
+    const size_t total = checked_size(ids);
+    // 16 spare bytes: decode_into may copy up to 16 bytes past the end of a short token.
+    std::string buf(total + 16, '\0');
+    bpe_->decode_into(ids.data(), ids.size(), &buf[0]);
+    return py::bytes(buf.data(), total);
+  }
+
+  py::str decode(py::handle ids_obj, const std::string& errors) const {
+    std::vector<uint32_t> ids;
+    ids_of(ids_obj, ids);
+    const size_t total = checked_size(ids);
+    std::string buf(total + 16, '\0');
+    bpe_->decode_into(ids.data(), ids.size(), &buf[0]);
+    PyObject* s = PyUnicode_DecodeUTF8(buf.data(), Py_ssize_t(total), errors.c_str());
+    if (!s) throw py::error_already_set();
+    return py::reinterpret_steal<py::str>(s);
   }
 
   py::object token_bytes(int64_t id) const {
@@ -316,6 +331,7 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def("encode_batch", &PyTokenizer::encode_batch, py::arg("texts"), py::arg("allowed"), py::arg("disallowed"),
            py::arg("num_threads"))
       .def("decode_bytes", &PyTokenizer::decode_bytes, py::arg("ids"))
+      .def("decode", &PyTokenizer::decode, py::arg("ids"), py::arg("errors"))
       .def("token_bytes", &PyTokenizer::token_bytes, py::arg("id"))
       .def("pretokenize", &PyTokenizer::pretokenize, py::arg("text"))
       .def("merges", &PyTokenizer::merges)

@@ -471,6 +471,36 @@ void BPE::encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, co
   }
 }
 
+int64_t BPE::decoded_size(const uint32_t* ids, size_t k) const {
+  const size_t nt = tok_off_.size() - 1;
+  int64_t total = 0;
+  for (size_t i = 0; i < k; ++i) {
+    const uint32_t id = ids[i];
+    if (id >= nt || !tok_valid_[id]) return -1 - int64_t(i);
+    total += int64_t(tok_off_[id + 1] - tok_off_[id]);
+  }
+  return total;
+}
+
+void BPE::decode_into(const uint32_t* ids, size_t k, char* dst) const {
+  const char* src = tok_data_.data();
+  const uint64_t* off = tok_off_.data();
+  for (size_t i = 0; i < k; ++i) {
+    const uint64_t a = off[ids[i]], len = off[ids[i] + 1] - a;
+    if (len <= 16) {
+      // Tokens are short: copy 16 bytes when the source has them (the tail is overwritten next).
+      if (a + 16 <= tok_data_.size()) {
+        std::memcpy(dst, src + a, 16);
+      } else {
+        std::memcpy(dst, src + a, len);
+      }
+    } else {
+      std::memcpy(dst, src + a, len);
+    }
+    dst += len;
+  }
+}
+
 int64_t BPE::decode_append(const uint32_t* ids, size_t k, std::string& out) const {
   const size_t nt = tok_off_.size() - 1;
   size_t total = out.size();

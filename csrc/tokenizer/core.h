@@ -335,6 +335,10 @@ class BPE {
 
   // Decoding: appends token bytes; returns the first invalid id or -1.
   int64_t decode_append(const uint32_t* ids, size_t k, std::string& out) const;
+  // Byte length of the tokens' text, or -1 - (position of the first invalid id).
+  int64_t decoded_size(const uint32_t* ids, size_t k) const;
+  // Writes the bytes of valid ids (checked by decoded_size) to dst.
+  void decode_into(const uint32_t* ids, size_t k, char* dst) const;
 
   // The merge rank and result of a pair, or kNoRank.
   inline uint64_t pair_lookup(uint32_t a, uint32_t b) const {
