@@ -3,5 +3,6 @@ from ._version import __version__
 from . import ops, reference
 from .model import GPT, GPTConfig, build_model
 from .checkpoint import load_model
+from .tokenizer import Tokenizer
 
-__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model"]
+__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "Tokenizer"]
