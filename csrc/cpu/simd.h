@@ -53,6 +53,25 @@ inline __m512 round_trip(__m512 v, const float*) { return v; }
 inline __m512 round_trip(__m512 v, const c10::BFloat16*) { return bf16_to_f32(f32_to_bf16(v)); }
 inline __m512 round_trip(__m512 v, const c10::Half*) { return _mm512_cvtph_ps(f32_to_f16(v)); }
 
+// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial
+// (relative error ~2 ulp), scaled by 2^n. Inputs are clamped to [-87.3, 88.7], so large
+// positive x saturates near FLT_MAX and large negative x gives ~1e-38 rather than 0.
+inline __m512 exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
 }  // namespace simd
 }  // namespace fastlm
 #endif
