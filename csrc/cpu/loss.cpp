@@ -104,7 +104,9 @@ void run_chunks(const at::Tensor& h, const at::Tensor& w, const int64_t* tg, int
                 bool grad, double scale, const at::Tensor& row_scale, at::Tensor& loss_rows, at::Tensor& dh,
                 at::Tensor& dw) {
   const int64_t N = h.size(0), V = w.size(0);
-  at::Tensor buf = empty_output({std::min(chunk, N), V}, h.scalar_type());
+  // Plain allocation (not the output pool): the buffer is dropped after the call, and a
+  // cached copy would only add to the peak memory of the backward pass.
+  at::Tensor buf = at::empty({std::min(chunk, N), V}, h.options());
   bool first = true;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t R = std::min(chunk, N - r0);

@@ -95,8 +95,9 @@ void norm_bwd_generic(const scalar_t* dy, const scalar_t* dh, const scalar_t* h,
           dwp[j] += dyv * xh;
           if (dbp) dbp[j] += dyv;
         }
-        const acc mg = kRms ? acc(0) : sum_g / static_cast<acc>(C);
+        acc mg = kRms ? acc(0) : sum_g / static_cast<acc>(C);
         const acc mgx = sum_gx / static_cast<acc>(C);
+        if (!kRms && C == 1) g[0] = mg = xhat[0] = 0;  // LayerNorm of one element: dx = 0 exactly
         scalar_t* dxr = dx + r * C;
         if (dh) {
           const scalar_t* dhr = dh + r * C;
@@ -231,21 +232,24 @@ void norm_bwd_avx512(const T* dy, const T* dh, const T* h, const T* w, const flo
         }
         const float mg = kRms ? 0.0f : _mm512_reduce_add_ps(sg) * inv_c;
         const float mgx = _mm512_reduce_add_ps(sgx) * inv_c;
-        // dx = rs*g - rs*mg - xh*(rs*mgx)
-        const __m512 vmg = _mm512_set1_ps(-rs * mg), vmgx = _mm512_set1_ps(-rs * mgx);
+        // dx = rs * ((g - mg) - xh*mgx): g - mg first, so that it is exactly 0 when C = 1
+        const __m512 vmg = _mm512_set1_ps(mg), vmgx = _mm512_set1_ps(mgx);
         T* dxr = dx + r * C;
         const T* dhr = dh ? dh + r * C : nullptr;
         for (j = 0; j < Cv; j += kLanes) {
           __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(hr + j), vm), vr);
           __m512 g = _mm512_mul_ps(load(dyr + j), load(w + j));
-          __m512 v = _mm512_fmadd_ps(g, vr, _mm512_fmadd_ps(xh, vmgx, vmg));
+          __m512 v = _mm512_mul_ps(vr, _mm512_fnmadd_ps(xh, vmgx, _mm512_sub_ps(g, vmg)));
           if (dhr) v = _mm512_add_ps(v, load(dhr + j));
           store(dxr + j, v);
         }
         if (j < C) {
           __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(hr + j, mt), vm), vr);
           __m512 g = _mm512_mul_ps(load(dyr + j, mt), load(w + j, mt));
-          __m512 v = _mm512_fmadd_ps(g, vr, _mm512_fmadd_ps(xh, vmgx, vmg));
+          __m512 v = _mm512_mul_ps(vr, _mm512_fnmadd_ps(xh, vmgx, _mm512_sub_ps(g, vmg)));
+          // LayerNorm of one element is the constant bias: its dx is exactly 0 (the
+          // compiler's FMA contraction of the row sums would otherwise leave 1 ulp).
+          if (!kRms && C == 1) v = _mm512_setzero_ps();
           if (dhr) v = _mm512_add_ps(v, load(dhr + j, mt));
           store(dxr + j, v, mt);
         }
