@@ -161,11 +161,14 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.fastlm.layer_norm_fwd.default, args)
     for args in [(x, w, r, 1e-6), (x, w, None, 1e-6)]:
         torch.library.opcheck(torch.ops.fastlm.rms_norm_fwd.default, args)
+    # the backward ops have no derivative of their own: check them on plain tensors
+    x, r, w, b = (t.detach() for t in (x, r, w, b))
     out, h, mean, rstd = torch.ops.fastlm.layer_norm_fwd(x, w, b, r, 1e-5)
     g = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.fastlm.layer_norm_bwd.default, (g, g, h.detach(), w, b, mean, rstd))
+    torch.library.opcheck(torch.ops.fastlm.layer_norm_bwd.default, (g, g, h, w, b, mean, rstd))
+    torch.library.opcheck(torch.ops.fastlm.layer_norm_bwd.default, (g, None, x, w, None, mean, rstd))
     out, h, rstd = torch.ops.fastlm.rms_norm_fwd(x, w, r, 1e-6)
-    torch.library.opcheck(torch.ops.fastlm.rms_norm_bwd.default, (g, None, h.detach(), w, rstd))
+    torch.library.opcheck(torch.ops.fastlm.rms_norm_bwd.default, (g, None, h, w, rstd))
 
 
 @pytest.mark.parametrize("backend", NATIVE)
