@@ -1,7 +1,7 @@
 // Fused linear + cross-entropy: loss of logits = h @ weight^T (h: (N, C), weight: (V, C))
 // against integer targets, without materialising the (N, V) logits or their gradient.
 //
-// Rows are processed in chunks of R rows (R * V floats, ~128 MiB by default):
+// Rows are processed in chunks of R rows (R * V floats, ~64 MiB by default):
 //   1. Z = h[chunk] @ weight^T into one reused (R, V) buffer (at::mm_out, the BLAS);
 //   2. per row, in parallel and vectorised, in place over Z's row (which sits in L2):
 //        m = max z, e_j = exp(z_j - m) (stored back), s = sum e_j, lse = m + log s,
@@ -25,7 +25,7 @@
 namespace fastlm {
 namespace {
 
-constexpr int64_t kChunkBytes = int64_t(128) << 20;
+constexpr int64_t kChunkBytes = int64_t(64) << 20;
 
 int64_t pick_chunk(int64_t N, int64_t V, int64_t elt, int64_t chunk_size) {
   if (chunk_size > 0) return std::max<int64_t>(1, std::min(chunk_size, N));

@@ -58,7 +58,12 @@ def _register() -> None:
             raise RuntimeError("linear_cross_entropy: the forward ran without gradients (compute_grad=False), "
                                "so there is nothing to backpropagate")
         gh, gw = ctx.saved_tensors
-        return gh * g_loss.to(gh.dtype), gw * g_loss.to(gw.dtype), None, None, None, None, None
+        g = g_loss.to(gh.dtype)
+        if type(gw) is torch.Tensor and not torch.compiler.is_compiling():
+            # Eager: scaled in place, so the (V, C) weight gradient is not copied. A second
+            # backward through the same graph fails autograd's saved-tensor version check.
+            return gh.mul_(g), gw.mul_(g), None, None, None, None, None
+        return gh * g, gw * g, None, None, None, None, None  # traced (torch.compile): no mutation
 
     torch.library.register_autograd("fastlm::linear_cross_entropy_fwd", _backward, setup_context=_setup)
 
