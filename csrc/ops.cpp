@@ -21,6 +21,14 @@ TORCH_LIBRARY(fastlm, m) {
         " -> (Tensor out, Tensor h, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor weight, Tensor rstd)"
         " -> (Tensor dx, Tensor dweight)");
+  // ---- fused linear + cross-entropy (csrc/cpu/loss.cpp, csrc/cuda/loss.cu, kernels/loss.py) ----
+  // h (N, C), weight (V, C), targets (N,). The forward returns the loss and, when
+  // compute_grad and reduction != "none", the gradients for a unit grad_output (else empty).
+  m.def("linear_cross_entropy_fwd(Tensor h, Tensor weight, Tensor targets, int ignore_index, str reduction,"
+        " int chunk_size, bool compute_grad) -> (Tensor loss, Tensor grad_h, Tensor grad_weight)");
+  // Gradients for per-row losses (reduction "none"): grad_loss (N,) scales each row.
+  m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor h, Tensor weight, Tensor targets, int ignore_index,"
+        " int chunk_size) -> (Tensor grad_h, Tensor grad_weight)");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");

@@ -32,6 +32,11 @@ inline at::ScalarType stat_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Outputs of at least this many bytes come from fastlm's output pool (csrc/cpu/memory.cpp):
+// 2 MiB pages and reuse of freed blocks, so large outputs do not page-fault on every call.
+constexpr size_t kLargeOutputBytes = size_t(4) << 20;
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
+
 #define FASTLM_CHECK_CPU(t) TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor")
 
 }  // namespace fastlm

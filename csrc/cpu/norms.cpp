@@ -11,15 +11,17 @@
 //   of rows into a private buffer, then the buffers are added (no atomics, no races).
 // Arithmetic in float32 for bf16/fp16 storage, in the storage type for float32/float64.
 #include "common.h"
+#include "simd.h"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace fastlm {
 namespace {
 
 template <typename scalar_t, bool kRms>
-void norm_fwd_kernel(const scalar_t* x, const scalar_t* res, const scalar_t* w, const scalar_t* b,
+void norm_fwd_generic(const scalar_t* x, const scalar_t* res, const scalar_t* w, const scalar_t* b,
                      scalar_t* out, scalar_t* h, acc_t<scalar_t>* mean_out, acc_t<scalar_t>* rstd_out,
                      int64_t rows, int64_t C, double eps) {
   using acc = acc_t<scalar_t>;
@@ -65,7 +67,7 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* res, const scalar_t* w, 
 }
 
 template <typename scalar_t, bool kRms>
-void norm_bwd_kernel(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, const scalar_t* w,
+void norm_bwd_generic(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, const scalar_t* w,
                      const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd, scalar_t* dx,
                      acc_t<scalar_t>* dw_part, acc_t<scalar_t>* db_part, int64_t rows, int64_t C,
                      int64_t nchunks) {
@@ -93,8 +95,9 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, 
           dwp[j] += dyv * xh;
           if (dbp) dbp[j] += dyv;
         }
-        const acc mg = kRms ? acc(0) : sum_g / static_cast<acc>(C);
+        acc mg = kRms ? acc(0) : sum_g / static_cast<acc>(C);
         const acc mgx = sum_gx / static_cast<acc>(C);
+        if (!kRms && C == 1) g[0] = mg = xhat[0] = 0;  // LayerNorm of one element: dx = 0 exactly
         scalar_t* dxr = dx + r * C;
         if (dh) {
           const scalar_t* dhr = dh + r * C;
@@ -106,6 +109,180 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, 
       }
     }
   });
+}
+
+#ifdef FASTLM_AVX512
+// ---- AVX-512 forms (float, bfloat16, float16 storage; float32 math) ----
+// Forward, one row: pass 1 reads x (+ residual), writes h and a float copy of h into a
+// per-thread row buffer (L1/L2-resident) and sums it; passes 2 and 3 read only the buffer,
+// so each input is read from memory once and each output written once.
+template <typename T, bool kRms>
+void norm_fwd_avx512(const T* x, const T* res, const T* w, const T* b, T* out, T* h, float* mean_out,
+                     float* rstd_out, int64_t rows, int64_t C, double eps) {
+  using namespace simd;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  const int64_t Cv = C / kLanes * kLanes;
+  const __mmask16 mt = tail_mask(C - Cv);
+  const float inv_c = 1.0f / static_cast<float>(C);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> bufv(C + kLanes);
+    float* buf = bufv.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * C;
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      int64_t j = 0;
+      if (res) {
+        const T* rr = res + r * C;
+        T* hr = h + r * C;
+        for (; j < Cv; j += kLanes) {
+          __m512 v = round_trip(_mm512_add_ps(load(xr + j), load(rr + j)), xr);
+          store(hr + j, v);
+          _mm512_storeu_ps(buf + j, v);
+          if ((j / kLanes) & 1) s1 = _mm512_add_ps(s1, v); else s0 = _mm512_add_ps(s0, v);
+        }
+        if (j < C) {
+          __m512 v = round_trip(_mm512_add_ps(load(xr + j, mt), load(rr + j, mt)), xr);
+          store(hr + j, v, mt);
+          _mm512_storeu_ps(buf + j, v);
+          s0 = _mm512_add_ps(s0, v);
+        }
+      } else {
+        for (; j < Cv; j += kLanes) {
+          __m512 v = load(xr + j);
+          _mm512_storeu_ps(buf + j, v);
+          if ((j / kLanes) & 1) s1 = _mm512_add_ps(s1, v); else s0 = _mm512_add_ps(s0, v);
+        }
+        if (j < C) {
+          __m512 v = load(xr + j, mt);
+          _mm512_storeu_ps(buf + j, v);
+          s0 = _mm512_add_ps(s0, v);
+        }
+      }
+      const float mean = kRms ? 0.0f : _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) * inv_c;
+      const __m512 vm = _mm512_set1_ps(mean);
+      __m512 q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps();
+      for (j = 0; j < Cv; j += kLanes) {
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(buf + j), vm);
+        if ((j / kLanes) & 1) q1 = _mm512_fmadd_ps(d, d, q1); else q0 = _mm512_fmadd_ps(d, d, q0);
+      }
+      if (j < C) {
+        __m512 d = _mm512_maskz_sub_ps(mt, _mm512_loadu_ps(buf + j), vm);
+        q0 = _mm512_fmadd_ps(d, d, q0);
+      }
+      const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1)) * inv_c;
+      const float rstd = 1.0f / std::sqrt(var + static_cast<float>(eps));
+      const __m512 vr = _mm512_set1_ps(rstd);
+      T* orow = out + r * C;
+      for (j = 0; j < Cv; j += kLanes) {
+        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vm), vr);
+        __m512 y = b ? _mm512_fmadd_ps(xh, load(w + j), load(b + j)) : _mm512_mul_ps(xh, load(w + j));
+        store(orow + j, y);
+      }
+      if (j < C) {
+        __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vm), vr);
+        __m512 y = b ? _mm512_fmadd_ps(xh, load(w + j, mt), load(b + j, mt)) : _mm512_mul_ps(xh, load(w + j, mt));
+        store(orow + j, y, mt);
+      }
+      if (!kRms) mean_out[r] = mean;
+      rstd_out[r] = rstd;
+    }
+  });
+}
+
+// Backward: each of nchunks blocks of rows accumulates dweight/dbias into its own row of
+// dw_part/db_part. Per row, pass 1 reads dy and h and forms the two row sums; pass 2
+// re-reads them from cache and writes dx (+ dh).
+template <typename T, bool kRms>
+void norm_bwd_avx512(const T* dy, const T* dh, const T* h, const T* w, const float* mean, const float* rstd, T* dx,
+                     float* dw_part, float* db_part, int64_t rows, int64_t C, int64_t nchunks) {
+  using namespace simd;
+  const int64_t Cv = C / kLanes * kLanes;
+  const __mmask16 mt = tail_mask(C - Cv);
+  const float inv_c = 1.0f / static_cast<float>(C);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      float* dwp = dw_part + c * C;
+      float* dbp = db_part ? db_part + c * C : nullptr;
+      const int64_t r0 = rows * c / nchunks, r1 = rows * (c + 1) / nchunks;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* dyr = dy + r * C;
+        const T* hr = h + r * C;
+        const __m512 vm = _mm512_set1_ps(kRms ? 0.0f : mean[r]);
+        const float rs = rstd[r];
+        const __m512 vr = _mm512_set1_ps(rs);
+        __m512 sg = _mm512_setzero_ps(), sgx = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j < Cv; j += kLanes) {
+          __m512 d = load(dyr + j);
+          __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(hr + j), vm), vr);
+          __m512 g = _mm512_mul_ps(d, load(w + j));
+          if (!kRms) sg = _mm512_add_ps(sg, g);
+          sgx = _mm512_fmadd_ps(g, xh, sgx);
+          _mm512_storeu_ps(dwp + j, _mm512_fmadd_ps(d, xh, _mm512_loadu_ps(dwp + j)));
+          if (dbp) _mm512_storeu_ps(dbp + j, _mm512_add_ps(d, _mm512_loadu_ps(dbp + j)));
+        }
+        if (j < C) {
+          __m512 d = load(dyr + j, mt);
+          __m512 xh = _mm512_maskz_mul_ps(mt, _mm512_sub_ps(load(hr + j, mt), vm), vr);
+          __m512 g = _mm512_mul_ps(d, load(w + j, mt));
+          if (!kRms) sg = _mm512_add_ps(sg, g);
+          sgx = _mm512_fmadd_ps(g, xh, sgx);
+          _mm512_mask_storeu_ps(dwp + j, mt, _mm512_fmadd_ps(d, xh, _mm512_maskz_loadu_ps(mt, dwp + j)));
+          if (dbp) _mm512_mask_storeu_ps(dbp + j, mt, _mm512_add_ps(d, _mm512_maskz_loadu_ps(mt, dbp + j)));
+        }
+        const float mg = kRms ? 0.0f : _mm512_reduce_add_ps(sg) * inv_c;
+        const float mgx = _mm512_reduce_add_ps(sgx) * inv_c;
+        // dx = rs * ((g - mg) - xh*mgx): g - mg first, so that it is exactly 0 when C = 1
+        const __m512 vmg = _mm512_set1_ps(mg), vmgx = _mm512_set1_ps(mgx);
+        T* dxr = dx + r * C;
+        const T* dhr = dh ? dh + r * C : nullptr;
+        for (j = 0; j < Cv; j += kLanes) {
+          __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(hr + j), vm), vr);
+          __m512 g = _mm512_mul_ps(load(dyr + j), load(w + j));
+          __m512 v = _mm512_mul_ps(vr, _mm512_fnmadd_ps(xh, vmgx, _mm512_sub_ps(g, vmg)));
+          if (dhr) v = _mm512_add_ps(v, load(dhr + j));
+          store(dxr + j, v);
+        }
+        if (j < C) {
+          __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load(hr + j, mt), vm), vr);
+          __m512 g = _mm512_mul_ps(load(dyr + j, mt), load(w + j, mt));
+          __m512 v = _mm512_mul_ps(vr, _mm512_fnmadd_ps(xh, vmgx, _mm512_sub_ps(g, vmg)));
+          // LayerNorm of one element is the constant bias: its dx is exactly 0 (the
+          // compiler's FMA contraction of the row sums would otherwise leave 1 ulp).
+          if (!kRms && C == 1) v = _mm512_setzero_ps();
+          if (dhr) v = _mm512_add_ps(v, load(dhr + j, mt));
+          store(dxr + j, v, mt);
+        }
+      }
+    }
+  });
+}
+#endif  // FASTLM_AVX512
+
+template <typename scalar_t, bool kRms>
+void norm_fwd_kernel(const scalar_t* x, const scalar_t* res, const scalar_t* w, const scalar_t* b, scalar_t* out,
+                     scalar_t* h, acc_t<scalar_t>* mean_out, acc_t<scalar_t>* rstd_out, int64_t rows, int64_t C,
+                     double eps) {
+#ifdef FASTLM_AVX512
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    norm_fwd_avx512<scalar_t, kRms>(x, res, w, b, out, h, mean_out, rstd_out, rows, C, eps);
+    return;
+  }
+#endif
+  norm_fwd_generic<scalar_t, kRms>(x, res, w, b, out, h, mean_out, rstd_out, rows, C, eps);
+}
+
+template <typename scalar_t, bool kRms>
+void norm_bwd_kernel(const scalar_t* dy, const scalar_t* dh, const scalar_t* h, const scalar_t* w,
+                     const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd, scalar_t* dx,
+                     acc_t<scalar_t>* dw_part, acc_t<scalar_t>* db_part, int64_t rows, int64_t C, int64_t nchunks) {
+#ifdef FASTLM_AVX512
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    norm_bwd_avx512<scalar_t, kRms>(dy, dh, h, w, mean, rstd, dx, dw_part, db_part, rows, C, nchunks);
+    return;
+  }
+#endif
+  norm_bwd_generic<scalar_t, kRms>(dy, dh, h, w, mean, rstd, dx, dw_part, db_part, rows, C, nchunks);
 }
 
 void check_norm_inputs(const at::Tensor& x, const at::Tensor& weight) {
@@ -132,8 +309,8 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x_, const at::Tensor& weight_
   const at::Tensor b = opt_contig(bias_, weight_, "bias");
   const at::Tensor res = opt_contig(residual_, x_, "residual");
   const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
-  at::Tensor out = at::empty_like(x);
-  at::Tensor h = res.defined() ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor out = empty_output(x.sizes(), x.scalar_type());
+  at::Tensor h = res.defined() ? empty_output(x.sizes(), x.scalar_type()) : at::empty({0}, x.options());
   auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
   auto stat_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor mean = at::empty(kRms ? std::vector<int64_t>{0} : stat_shape.vec(), sopt);
@@ -160,7 +337,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy_, const c10::optional<at::
   const at::Tensor rstd = rstd_.contiguous(), mean = kRms ? mean_ : mean_.contiguous();
   const int64_t C = h.size(-1), rows = C ? h.numel() / C : 0;
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  at::Tensor dx = at::empty_like(h);
+  at::Tensor dx = empty_output(h.sizes(), h.scalar_type());
   auto aopt = h.options().dtype(stat_dtype(h.scalar_type()));
   at::Tensor dw_part = at::zeros({nchunks, C}, aopt);
   at::Tensor db_part = has_bias ? at::zeros({nchunks, C}, aopt) : at::Tensor();

@@ -59,16 +59,19 @@ _cuda = add_backend(Backend("cuda", ("cuda",), available=_native.cuda_ext is not
 
 if _native.cpu_ext is not None or _native.cuda_ext is not None:
     from . import activation as _activation
+    from . import loss as _loss
     from . import norms as _norms
 
     _norms._register()
     _activation._register()
+    _loss._register()
     for _b in (_cpu, _cuda):
         if _b.available:
             _b.register("layer_norm", _norms.layer_norm, FLOATS)
             _b.register("rms_norm", _norms.rms_norm, FLOATS)
     if _cpu.available:
         _cpu.register("gelu", _activation.gelu, FLOATS)
+        _cpu.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
 
 
 def _triton_status():

@@ -1,0 +1,101 @@
+"""Benchmark: fused linear + cross-entropy, forward + backward, at the GPT-2 training shape
+N = 4096 rows, V = 50257, C = 768, float32, 2 threads.
+
+  fastlm         fastlm.ops.linear_cross_entropy (chunked, fused softmax/gradient step)
+  torch_unfused  F.cross_entropy(h @ W.T, t) + autograd: materialises (N, V) logits and grad
+  torch_chunked  a plain PyTorch loop over 1024-row chunks computing the same gradients
+Each records its peak extra memory (VmHWM over the inputs, reset through
+/proc/self/clear_refs before the measured call) in extra_info["peak_extra_mb"], and the
+floor: the three matmuls, timed alone, in the "matmul_floor" entry.
+
+    pytest bench/test_loss.py --benchmark-only --benchmark-json=loss.json
+    python bench/summarize.py loss.json
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import ops
+
+torch.set_num_threads(2)
+N, V, C = 4096, 50257, 768
+
+
+def _status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_extra(fn):
+    """Peak resident memory above the current one while fn runs (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    base = _status("VmRSS")
+    fn()
+    return (_status("VmHWM") - base) / 2**20
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, C, generator=g).requires_grad_()
+    w = (torch.randn(V, C, generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::50] = -100
+    return h, w, t
+
+
+def torch_chunked(h, w, t, chunk=1024):
+    """Chunked loss and gradients in plain PyTorch (what a careful user writes by hand)."""
+    keep = t != -100
+    n = keep.sum()
+    dh = torch.empty_like(h)
+    dw = torch.zeros_like(w)
+    total = h.new_zeros(())
+    for i in range(0, h.shape[0], chunk):
+        hc, tc, kc = h[i:i + chunk], t[i:i + chunk], keep[i:i + chunk]
+        z = hc @ w.T
+        lse = z.logsumexp(-1)
+        safe = torch.where(kc, tc, 0)
+        total += torch.where(kc, lse - z.gather(1, safe[:, None]).squeeze(1), 0).sum()
+        p = (z - lse[:, None]).exp_()
+        p[torch.arange(len(tc)), safe] -= 1
+        p *= (kc / n)[:, None]
+        dh[i:i + chunk] = p @ w
+        dw.addmm_(p.T, hc)
+    return total / n, dh, dw
+
+
+@pytest.mark.parametrize("impl", ["fastlm", "torch_unfused", "torch_chunked", "matmul_floor"])
+def test_linear_cross_entropy_fwdbwd(benchmark, impl):
+    benchmark.group = f"linear_ce_fwdbwd N={N} V={V} C={C}"
+    h, w, t = _data()
+    if impl == "fastlm":
+        def fn():
+            loss = ops.linear_cross_entropy(h, w, t)
+            return loss, *torch.autograd.grad(loss, (h, w))
+    elif impl == "torch_unfused":
+        def fn():
+            loss = F.cross_entropy(h @ w.T, t)
+            return loss, *torch.autograd.grad(loss, (h, w))
+    elif impl == "torch_chunked":
+        def fn():
+            with torch.no_grad():
+                return torch_chunked(h, w, t)
+    else:
+        hd, wd = h.detach(), w.detach()
+        z = torch.empty(N, V)
+
+        def fn():
+            torch.mm(hd, wd.T, out=z)
+            return z @ wd, z.T @ hd
+    if impl != "matmul_floor":
+        loss, gh, gw = fn()
+        ref = F.cross_entropy(h.detach().double() @ w.detach().double().T, t)
+        assert abs(loss.item() - ref.item()) < 1e-4
+        benchmark.extra_info["peak_extra_mb"] = _peak_extra(fn)
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=0, iterations=1)
