@@ -21,6 +21,13 @@ TORCH_LIBRARY(fastlm, m) {
         " -> (Tensor out, Tensor h, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor weight, Tensor rstd)"
         " -> (Tensor dx, Tensor dweight)");
+  // ---- attention (csrc/cpu/attention.cpp, csrc/cuda/attention.cu, kernels/attention.py) ----
+  // lse: (B, H, Tq) float32 natural-log logsumexp of each query's scores (+inf for a query
+  // that sees no key); the backward pass recomputes the probabilities from it.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal,"
+        " float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");
