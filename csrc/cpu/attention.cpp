@@ -608,7 +608,7 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   const at::Tensor lens = lens_.to(at::kLong).contiguous();
   const int64_t* lp = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(lp[b] >= 0 && lp[b] <= L, "decode_attention: cache_lens[", b, "] = ", lp[b],
+    TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= L, "decode_attention: cache_lens[", b, "] = ", lp[b],
                 " is outside [0, L_max = ", L, "]");
   const at::Tensor q = f32(q_), kc = f32(kc_), vc = f32(vc_);
   at::Tensor out = at::empty({B, H, Tq, D}, q.options());
