@@ -95,6 +95,13 @@ inline void micro_nv(int nv, const float* A, int64_t lda, const float* B, int64_
 
 constexpr int MR = 6;
 
+template <int R>
+inline void micro_cols(int64_t ncols, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                       int64_t K, bool acc) {
+  const int nv = (int)cdiv(ncols, 16);
+  micro_nv<R>(nv, A, lda, B, ldb, C, ldc, K, tail_mask(ncols - 16 * (nv - 1)), acc);
+}
+
 // C[M x N] (+)= A[M x K] B[K x N], all row-major with leading dimensions lda, ldb, ldc.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate) {
@@ -114,6 +121,38 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
       case 5: micro_nv<5>(nv, A + m * lda, lda, Bn, ldb, Cn + m * ldc, ldc, K, last, accumulate); break;
       default: break;
     }
+  }
+}
+
+// Diagonal tiles of causal attention, where row i sees only columns c < i + 1 + delta:
+// S[M x 64] = A B over the columns some row of each row block sees (the rest is left unwritten),
+// and C[M x N] += P V over the keys some row of each row block sees (P is 0 past them).
+void gemm_diag_scores(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, float* C, int64_t delta) {
+  int64_t m = 0;
+  for (; m < M; m += MR) {
+    const int64_t R = std::min<int64_t>(MR, M - m);
+    const int64_t ncols = std::min<int64_t>(BK, m + R + delta);
+    if (ncols <= 0) continue;
+    const float* Am = A + m * lda;
+    float* Cm = C + m * BK;
+    switch (R) {
+      case 6: micro_cols<6>(ncols, Am, lda, B, BK, Cm, BK, K, false); break;
+      case 5: micro_cols<5>(ncols, Am, lda, B, BK, Cm, BK, K, false); break;
+      case 4: micro_cols<4>(ncols, Am, lda, B, BK, Cm, BK, K, false); break;
+      case 3: micro_cols<3>(ncols, Am, lda, B, BK, Cm, BK, K, false); break;
+      case 2: micro_cols<2>(ncols, Am, lda, B, BK, Cm, BK, K, false); break;
+      default: micro_cols<1>(ncols, Am, lda, B, BK, Cm, BK, K, false); break;
+    }
+  }
+}
+
+void gemm_diag_pv(int64_t M, int64_t N, int64_t nk, const float* P, const float* V, int64_t ldv, float* C,
+                  int64_t ldc, int64_t delta) {
+  for (int64_t m = 0; m < M; m += MR) {
+    const int64_t R = std::min<int64_t>(MR, M - m);
+    const int64_t K = std::min<int64_t>(nk, m + R + delta);
+    if (K <= 0) continue;
+    gemm(R, N, K, P + m * BK, BK, V, ldv, C + m * ldc, ldc, true);
   }
 }
 
@@ -193,6 +232,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
       for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
     }
   }
+}
+void gemm_diag_scores(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, float* C, int64_t) {
+  gemm(M, BK, K, A, lda, B, BK, C, BK, false);
+}
+void gemm_diag_pv(int64_t M, int64_t N, int64_t nk, const float* P, const float* V, int64_t ldv, float* C,
+                  int64_t ldc, int64_t) {
+  gemm(M, N, nk, P, BK, V, ldv, C, ldc, true);
 }
 inline float row_max(const float* x, int64_t n) {
   float m = -kInf;
@@ -308,8 +354,10 @@ struct FwdWork {
     const int64_t nkt = cdiv(kend, BK);
     for (int64_t t = 0; t < nkt; ++t) {
       const int64_t k0 = t * BK, nk = std::min(BK, kend - k0);
-      gemm(nq, BK, D, qs, D, KT + t * D * BK, BK, S, BK, false);
       const bool diag = a.causal && (k0 + nk - 1 > q0 + off);
+      const int64_t delta = q0 + off - k0;  // row i of the tile sees tile keys c <= i + delta
+      if (diag) gemm_diag_scores(nq, D, qs, D, KT + t * D * BK, S, delta);
+      else gemm(nq, BK, D, qs, D, KT + t * D * BK, BK, S, BK, false);
       for (int64_t i = 0; i < nq; ++i) {
         float* srow = S + i * BK;
         int64_t vis = nk;
@@ -326,7 +374,8 @@ struct FwdWork {
         l[i] = l[i] * alpha + sum;
         m[i] = mnew;
       }
-      gemm(nq, D, nk, S, BK, V + k0 * D, D, O, D, true);
+      if (diag) gemm_diag_pv(nq, D, nk, S, V + k0 * D, D, O, D, delta);
+      else gemm(nq, D, nk, S, BK, V + k0 * D, D, O, D, true);
     }
     for (int64_t i = 0; i < nq; ++i) {
       if (l[i] > 0.f) {
