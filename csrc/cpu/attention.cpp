@@ -271,8 +271,9 @@ inline void bwd_row(float* s, float* dp, const float* lse2, const float* delta, 
 // Runs work(item, thread) for item in [0, n) on at::get_num_threads() threads, handing the
 // items out one at a time in order (so list the costliest first).
 template <typename F>
-void run_dynamic(int64_t n, F&& work) {
-  const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+void run_dynamic(int64_t n, F&& work, int64_t max_threads = 0) {
+  int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  if (max_threads > 0) nthr = std::min(nthr, max_threads);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthr, 1, [&](int64_t tb, int64_t te) {
     for (int64_t tid = tb; tid < te; ++tid) {
@@ -283,27 +284,34 @@ void run_dynamic(int64_t n, F&& work) {
 }
 
 // ------------------------------------------------------------------ packing
-// K^T panels: kt[((bk * nkt) + t) * D * BK + d * BK + c] = K[bk, t * BK + c, d] (zero past Tk).
-void pack_kt(const float* k, float* kt, int64_t BHkv, int64_t Tk, int64_t D) {
+// K^T panels of one (batch, kv head): kt[t * D * BK + d * BK + c] = K[t * BK + c, d] (zero past Tk).
+void pack_kt_head(const float* k, float* kt, int64_t Tk, int64_t D) {
   const int64_t nkt = cdiv(Tk, BK);
-  at::parallel_for(0, BHkv * nkt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t bk = it / nkt, t = it % nkt;
-      float* dst = kt + it * D * BK;
-      const int64_t n = std::min(BK, Tk - t * BK);
-      const float* src = k + (bk * Tk + t * BK) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        float* row = dst + d * BK;
-        for (int64_t c = 0; c < n; ++c) row[c] = src[c * D + d];
-        for (int64_t c = n; c < BK; ++c) row[c] = 0.f;
-      }
-    }
-  });
+  for (int64_t t = 0; t < nkt; ++t) {
+    float* dst = kt + t * D * BK;
+    const int64_t n = std::min(BK, Tk - t * BK);
+    const float* src = k + t * BK * D;
+    if (n < BK)
+      for (int64_t d = 0; d < D; ++d) std::fill(dst + d * BK + n, dst + (d + 1) * BK, 0.f);
+    for (int64_t c = 0; c < n; ++c)
+      for (int64_t d = 0; d < D; ++d) dst[d * BK + c] = src[c * D + d];
+  }
+}
+
+// Spin until a flag set by another worker of the same parallel region is raised.
+inline void wait_flag(const std::atomic<int>& f) {
+  while (f.load(std::memory_order_acquire) == 0) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
 }
 
 // ------------------------------------------------------------------ forward
 struct FwdArgs {
-  const float *q, *k, *v, *kt;
+  const float *q, *k, *v;
+  float *kt;
+  std::atomic<int>* packed;  // per (batch, kv head): its K^T panels are ready
   float *out, *lse;
   int64_t B, H, Hkv, Tq, Tk, D;
   bool causal;
@@ -324,9 +332,19 @@ struct FwdWork {
     st.l.resize(BQ);
     return st;
   }
+  // Items: first one K^T packing job per (batch, kv head), then the query tiles, the latest
+  // (dearest under causal masking) first. Handed out in order, so a tile waits at most for a
+  // packing job already running on another thread.
   void operator()(int64_t item, int64_t, State& st) const {
+    const int64_t BHkv = a.B * a.Hkv;
+    if (item < BHkv) {
+      pack_kt_head(a.k + item * a.Tk * a.D, a.kt + item * cdiv(a.Tk, BK) * a.D * BK, a.Tk, a.D);
+      a.packed[item].store(1, std::memory_order_release);
+      return;
+    }
+    item -= BHkv;
     const int64_t BH = a.B * a.H, nqt = cdiv(a.Tq, BQ), D = a.D;
-    const int64_t qt = nqt - 1 - item / BH, bh = item % BH;  // latest tiles (dearest) first
+    const int64_t qt = nqt - 1 - item / BH, bh = item % BH;
     const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
     const int64_t q0 = qt * BQ, nq = std::min(BQ, a.Tq - q0);
     const int64_t off = a.Tk - a.Tq;  // query i sees keys j <= i + off under causal masking
@@ -338,6 +356,7 @@ struct FwdWork {
       std::fill(lse, lse + nq, kInf);
       return;
     }
+    wait_flag(a.packed[b * a.Hkv + hk]);
     const float* Q = a.q + (bh * a.Tq + q0) * D;
     const float qscale = a.scale * kLog2e;
     float* qs = st.qs.data();
@@ -391,8 +410,11 @@ struct FwdWork {
 
 // ------------------------------------------------------------------ backward
 struct BwdArgs {
-  const float *q, *k, *v, *dout, *qt, *dot_, *lse2, *delta;  // qt, dot_: (B, H, D, Tqp) transposed
+  const float *q, *k, *v, *dout, *out, *lse;
+  float *qt, *dot_, *lse2, *delta;  // qt, dot_: (B, H, D, Tqp) transposed; lse2, delta: (B, H, Tqp)
   float *dqt, *dk, *dv;  // dqt: per-thread (nthr, B, H, D, Tqp)
+  std::atomic<int>* prepared;  // per (batch, head): qt, dot_, lse2, delta ready, its dqt zeroed
+  int64_t nthr;
   int64_t B, H, Hkv, Tq, Tqp, Tk, D;
   bool causal;
   float scale;
@@ -412,7 +434,39 @@ struct BwdWork {
     st.dv.resize(BK * a.D);
     return st;
   }
+  // Transposed, zero-padded Q (pre-scaled by scale log2 e) and dO; lse in log2 units (+inf
+  // pads), delta = rowsum(dO o O); this head's part of every thread's dQ^T buffer zeroed.
+  void prepare(int64_t bh) const {
+    const int64_t D = a.D, Tq = a.Tq, Tqp = a.Tqp;
+    const float qscale = a.scale * kLog2e;
+    float *qt = a.qt + bh * D * Tqp, *dt = a.dot_ + bh * D * Tqp;
+    for (int64_t t = 0; t < Tq; ++t) {
+      const float* qr = a.q + (bh * Tq + t) * D;
+      const float* dr = a.dout + (bh * Tq + t) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        qt[d * Tqp + t] = qr[d] * qscale;
+        dt[d * Tqp + t] = dr[d];
+      }
+      a.lse2[bh * Tqp + t] = a.lse[bh * Tq + t] * kLog2e;
+      a.delta[bh * Tqp + t] = dot(dr, a.out + (bh * Tq + t) * D, D);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      std::fill(qt + d * Tqp + Tq, qt + (d + 1) * Tqp, 0.f);
+      std::fill(dt + d * Tqp + Tq, dt + (d + 1) * Tqp, 0.f);
+    }
+    std::fill(a.lse2 + bh * Tqp + Tq, a.lse2 + (bh + 1) * Tqp, kInf);
+    std::fill(a.delta + bh * Tqp + Tq, a.delta + (bh + 1) * Tqp, 0.f);
+    const int64_t per = a.B * a.H * D * Tqp;
+    for (int64_t th = 0; th < a.nthr; ++th) std::fill(a.dqt + th * per + bh * D * Tqp, a.dqt + th * per + (bh + 1) * D * Tqp, 0.f);
+  }
+  // Items: first one preparation job per (batch, head), then the key tiles.
   void operator()(int64_t item, int64_t tid, State& st) const {
+    if (item < a.B * a.H) {
+      prepare(item);
+      a.prepared[item].store(1, std::memory_order_release);
+      return;
+    }
+    item -= a.B * a.H;
     const int64_t nkt = cdiv(a.Tk, BK), D = a.D, G = a.H / a.Hkv;
     const int64_t kt_i = item % nkt, bhk = item / nkt;  // earliest key tiles (dearest) first
     const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
@@ -428,6 +482,7 @@ struct BwdWork {
       std::fill(dV, dV + nk * D, 0.f);
       return;
     }
+    for (int64_t g = 0; g < G; ++g) wait_flag(a.prepared[b * a.H + hk * G + g]);
     float* KT = st.kt.data();
     for (int64_t d = 0; d < D; ++d)
       for (int64_t c = 0; c < nk; ++c) KT[d * BK + c] = K[c * D + d];
@@ -570,11 +625,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   if (B * H * Tq == 0) return {out.to(q_.scalar_type()), lse};
   TORCH_CHECK(Tk >= 1, "attention_fwd: k must have at least one key");
   at::Tensor kt = at::empty({B * Hkv * cdiv(Tk, BK) * D * BK}, q.options());
-  pack_kt(k.data_ptr<float>(), kt.data_ptr<float>(), B * Hkv, Tk, D);
-  FwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), kt.data_ptr<float>(),
+  std::vector<std::atomic<int>> packed(B * Hkv);
+  for (auto& f : packed) f.store(0);
+  FwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), kt.data_ptr<float>(), packed.data(),
             out.data_ptr<float>(), lse.data_ptr<float>(), B, H, Hkv, Tq, Tk, D, causal, (float)scale};
   FwdWork w{a};
-  run_dynamic(B * H * cdiv(Tq, BQ), w);
+  run_dynamic(B * Hkv + B * H * cdiv(Tq, BQ), w);
   return {q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type()), lse};
 }
 
@@ -589,42 +645,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(lse.numel() == B * H * Tq, "attention_bwd: lse must have shape (B, H, Tq)");
   const int64_t Tqp = cdiv(Tq, BQ) * BQ;
-  const float qscale = (float)scale * kLog2e;
-  // Transposed, zero-padded Q (pre-scaled) and dO; lse in log2 units (+inf pads), delta = rowsum(dO o O).
-  at::Tensor qt = at::zeros({B * H, D, Tqp}, q.options());
-  at::Tensor dot_t = at::zeros({B * H, D, Tqp}, q.options());
-  at::Tensor lse2 = at::full({B * H, Tqp}, kInf, q.options());
-  at::Tensor delta = at::zeros({B * H, Tqp}, q.options());
-  {
-    const float *qp = q.data_ptr<float>(), *dop = dout.data_ptr<float>(), *op = out.data_ptr<float>(),
-                *lp = lse.data_ptr<float>();
-    float *qtp = qt.data_ptr<float>(), *dtp = dot_t.data_ptr<float>(), *l2p = lse2.data_ptr<float>(),
-          *dlp = delta.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bh = b0; bh < b1; ++bh) {
-        for (int64_t t = 0; t < Tq; ++t) {
-          const float* qr = qp + (bh * Tq + t) * D;
-          const float* dr = dop + (bh * Tq + t) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            qtp[(bh * D + d) * Tqp + t] = qr[d] * qscale;
-            dtp[(bh * D + d) * Tqp + t] = dr[d];
-          }
-          l2p[bh * Tqp + t] = lp[bh * Tq + t] * kLog2e;
-          dlp[bh * Tqp + t] = dot(dr, op + (bh * Tq + t) * D, D);
-        }
-      }
-    });
-  }
+  at::Tensor qt = at::empty({B * H, D, Tqp}, q.options());
+  at::Tensor dot_t = at::empty({B * H, D, Tqp}, q.options());
+  at::Tensor lse2 = at::empty({B * H, Tqp}, q.options());
+  at::Tensor delta = at::empty({B * H, Tqp}, q.options());
   const int64_t nkt = cdiv(Tk, BK), nitems = B * Hkv * nkt;
   const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
-  at::Tensor dqt = at::zeros({nthr, B * H, D, Tqp}, q.options());
+  at::Tensor dqt = at::empty({nthr, B * H, D, Tqp}, q.options());
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
+  std::vector<std::atomic<int>> prepared(B * H);
+  for (auto& f : prepared) f.store(0);
   BwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), dout.data_ptr<float>(),
+            out.data_ptr<float>(), lse.data_ptr<float>(),
             qt.data_ptr<float>(), dot_t.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(),
-            dqt.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+            dqt.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), prepared.data(), nthr,
             B, H, Hkv, Tq, Tqp, Tk, D, causal, (float)scale};
   BwdWork w{a};
-  run_dynamic(nitems, w);
+  run_dynamic(B * H + nitems, w, nthr);
   at::Tensor dq = at::empty_like(q);
   {
     const float* src = dqt.data_ptr<float>();
