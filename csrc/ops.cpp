@@ -29,6 +29,13 @@ TORCH_LIBRARY(fastlm, m) {
   // Gradients for per-row losses (reduction "none"): grad_loss (N,) scales each row.
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor h, Tensor weight, Tensor targets, int ignore_index,"
         " int chunk_size) -> (Tensor grad_h, Tensor grad_weight)");
+  // ---- attention (csrc/cpu/attention.cpp, csrc/cuda/attention.cu, kernels/attention.py) ----
+  // lse: (B, H, Tq) float32 natural-log logsumexp of each query's scores (+inf for a query
+  // that sees no key); the backward pass recomputes the probabilities from it.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal,"
+        " float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");

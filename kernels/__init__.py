@@ -6,9 +6,13 @@ Import only through ``fastlm.ops``. ``OPS`` maps each op name that has a Triton 
 import torch
 
 from . import norms as _norms
+from .attention import attention as _attention, decode_attention as _decode_attention
 
-OPS: dict = {}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-OPS["layer_norm"] = (_norms.layer_norm, _NORM_DTYPES)
-OPS["rms_norm"] = (_norms.rms_norm, _NORM_DTYPES)
+OPS: dict = {
+    "layer_norm": (_norms.layer_norm, _DTYPES),
+    "rms_norm": (_norms.rms_norm, _DTYPES),
+    "attention": (_attention, _DTYPES),
+    "decode_attention": (_decode_attention, _DTYPES),
+}

@@ -73,6 +73,16 @@ if _native.cpu_ext is not None or _native.cuda_ext is not None:
         _cpu.register("gelu", _activation.gelu, FLOATS)
         _cpu.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
 
+    from . import attention as _attention
+
+    _attention._register()
+    _ATTN_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
+                    "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+    for _b in (_cpu, _cuda):
+        if _b.available:
+            _b.register("attention", _attention.attention, _ATTN_DTYPES[_b.name])
+            _b.register("decode_attention", _attention.decode_attention, _ATTN_DTYPES[_b.name])
+
 
 def _triton_status():
     if importlib.util.find_spec("triton") is None:

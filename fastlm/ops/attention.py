@@ -1,0 +1,61 @@
+"""Python side of the fused attention ops (torch.ops.fastlm.attention_{fwd,bwd},
+torch.ops.fastlm.decode_attention).
+
+The kernels (csrc/cpu/attention.cpp, csrc/cuda/attention.cu) register per device; here we
+register, once for all devices, the fake (meta) kernels that give output shapes under
+torch.compile, and the autograd formula that ties the forward op to the backward op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_lib_ready = False
+
+
+def _register() -> None:
+    global _lib_ready
+    if _lib_ready:
+        return
+    _lib_ready = True
+
+    @torch.library.register_fake("fastlm::attention_fwd")
+    def _(q, k, v, causal, scale):
+        B, H, Tq, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+    @torch.library.register_fake("fastlm::attention_bwd")
+    def _(grad_out, q, k, v, out, lse, causal, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("fastlm::decode_attention")
+    def _(q, k_cache, v_cache, cache_lens, scale):
+        return q.new_empty(q.shape)
+
+    def _setup(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        out, lse = output
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+
+    def _backward(ctx, g_out, _g_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        g_out = torch.zeros_like(out) if g_out is None else g_out
+        dq, dk, dv = torch.ops.fastlm.attention_bwd(g_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup)
+
+
+def _scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def attention(q, k, v, causal: bool = True, scale: float | None = None):
+    out, _ = torch.ops.fastlm.attention_fwd(q, k, v, bool(causal), _scale(q, scale))
+    return out
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
+    return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_lens, _scale(q, scale))
