@@ -2,5 +2,6 @@
 from ._version import __version__
 from . import ops, reference
 from .model import GPT, GPTConfig
+from .train import Trainer, TrainConfig
 
-__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig"]
+__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "Trainer", "TrainConfig"]
