@@ -8,8 +8,8 @@ cosine down to ``min_lr``. Losses stay on the device; the host reads them only a
 ``log_interval`` and at evaluations.
 
 Every ``eval_interval`` steps: val loss, perplexity and bits per byte over ``eval_iters``
-batches (drawn from a generator seeded by (seed, step), so evaluation never disturbs the
-training stream), a line in ``OUT/metrics.jsonl``, the loss-curve PNG, TensorBoard
+batches (the same batches every time, from a generator of their own, so evaluation never
+disturbs the training stream), a line in ``OUT/metrics.jsonl``, the loss-curve PNG, TensorBoard
 scalars when tensorboard is installed, a checkpoint, the best checkpoint, and early
 stopping after ``patience`` evaluations without improvement.
 
@@ -327,10 +327,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", iters: int | None = None) -> float:
-        """Mean loss over ``iters`` batches of ``split``, drawn from a generator seeded by
-        (seed, step): the same batches for the same step, whatever happened before."""
+        """Mean loss over ``iters`` batches of ``split``: the same batches at every evaluation
+        (a generator of their own, seeded by ``seed``), so evaluations compare like with like
+        and never disturb the training stream."""
         iters = iters or self.config.eval_iters
-        rng = np.random.default_rng([self.config.seed, 1, self.step])
+        rng = np.random.default_rng([self.config.seed, 1])
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
