@@ -2,6 +2,7 @@
 from ._version import __version__
 from . import ops, reference
 from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
 from .train import Trainer, TrainConfig
 
-__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "Trainer", "TrainConfig"]
+__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "Tokenizer", "Trainer", "TrainConfig"]
