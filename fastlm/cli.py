@@ -245,7 +245,7 @@ def _add_demo(sub):
     p.add_argument("--max-files", type=int, help="use only the first N stdlib files (quick checks)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=192)
+    p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=1337)

@@ -55,7 +55,7 @@ def _calibrate(model, cfg, data, steps: int = 3) -> float:
 
 
 def run_demo(out="fastlm-demo", minutes: float = 3.0, vocab_size: int = 2048, max_files: int | None = None,
-             n_layer: int = 4, n_head: int = 4, n_embd: int = 192, block_size: int = 128, batch_size: int = 16,
+             n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 128, batch_size: int = 16,
              seed: int = 1337, max_new_tokens: int = 80, progress: bool = True) -> dict:
     from . import GPT, GPTConfig
     from .data import TokenData, prepare, stdlib_corpus

@@ -613,7 +613,7 @@ class Trainer:
                         run_loss, run_n = torch.zeros((), device=self.device), 0
                         t_last = time.perf_counter()
                         if out_of_time and self.stop_reason is None:
-                            self.stop_reason = f"time budget of {cfg.max_minutes} minutes used"
+                            self.stop_reason = f"time budget of {cfg.max_minutes:.2f} minutes used"
         except NonFiniteLossError as e:
             bar.close()
             last = find_checkpoints(self.out)

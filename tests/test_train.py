@@ -34,7 +34,7 @@ def tiny_model(vocab=257, dropout=0.0, seed=0):
 
 def tiny_config(out, **kw):
     base = dict(out_dir=str(out), batch_size=8, max_iters=30, eval_interval=10, eval_iters=4, log_interval=5,
-                warmup_iters=3, lr=3e-3, min_lr=3e-4, progress=False, plot=False, threads=1, seed=7)
+                warmup_iters=3, lr=3e-3, min_lr=3e-4, progress=False, plot=False, threads=1, seed=7, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -138,7 +138,7 @@ RUN_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
     cfg = TrainConfig(out_dir=out, batch_size=4, max_iters=24, eval_interval=8, eval_iters=2, log_interval=1,
-                      warmup_iters=3, lr=3e-3, min_lr=3e-4, progress=False, plot=False, seed=3, threads=1,
+                      warmup_iters=3, lr=3e-3, min_lr=3e-4, progress=False, plot=False, seed=3, threads=1, device="cpu",
                       resume=resume)
     def on_step(t):
         if t.step == kill_at:
