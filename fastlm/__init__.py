@@ -4,5 +4,7 @@ from . import ops, reference
 from .model import GPT, GPTConfig, build_model
 from .checkpoint import load_model
 from .tokenizer import Tokenizer
+from .train import Trainer, TrainConfig
 
-__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "Tokenizer"]
+__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "Tokenizer",
+           "Trainer", "TrainConfig"]

@@ -99,11 +99,175 @@ def _run_tokenizer(args):
     ids = args.ids if args.ids else [int(x) for x in sys.stdin.read().split()]
     sys.stdout.write(tok.decode(ids))
     sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- prepare
+def _add_data_args(p, required=True):
+    p.add_argument("--data", nargs="+", required=required, metavar="PATH",
+                   help="text files, folders, glob patterns, JSONL files, 'stdlib' (the Python standard library's "
+                        "source), a datasets save_to_disk folder or hf:NAME")
+    p.add_argument("--tokenizer", metavar="DIR", help="a saved fastlm tokenizer (default: train one)")
+    p.add_argument("--vocab-size", type=int, help="train a byte-level BPE tokenizer of this size (256: plain bytes)")
+    p.add_argument("--val-fraction", type=float, help="share of documents held out for validation (default 0.05)")
+    p.add_argument("--text-field", help="JSONL/dataset field holding the text (default 'text')")
+    p.add_argument("--extensions", nargs="+", help="file extensions read from folders")
+    p.add_argument("--min-chars", type=int, help="drop documents shorter than this (default 1)")
+    p.add_argument("--max-chars", type=int, help="drop documents longer than this")
+    p.add_argument("--scrub-pii", action="store_true", default=None,
+                   help="replace e-mail addresses, phone numbers, IP addresses, card-like numbers by placeholders")
+    for step in ("nfc", "newlines", "control-chars", "dedup"):
+        p.add_argument(f"--no-{step}", dest=f"no_{step.replace('-', '_')}", action="store_true", default=None,
+                       help=f"skip the {step} cleaning step")
+
+
+def _data_options(opts: dict) -> dict:
+    from fastlm.data import DEFAULT_EXTENSIONS, CleanConfig
+
+    clean = CleanConfig()
+    for step in ("nfc", "newlines", "control_chars", "dedup"):
+        if opts.get(f"no_{step}"):
+            setattr(clean, step, False)
+    if opts.get("scrub_pii"):
+        clean.scrub_pii = True
+    if opts.get("min_chars") is not None:
+        clean.min_chars = opts["min_chars"]
+    if opts.get("max_chars") is not None:
+        clean.max_chars = opts["max_chars"]
+    return dict(clean=clean, val_fraction=opts.get("val_fraction") if opts.get("val_fraction") is not None else 0.05,
+                text_field=opts.get("text_field") or "text",
+                extensions=tuple(opts.get("extensions") or DEFAULT_EXTENSIONS))
+
+
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="clean, split and tokenize text into train.bin/val.bin/meta.json")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--threads", type=int, help="tokenizer threads (default: all cores)")
+
+
+def _run_prepare(args):
+    from fastlm.data import prepare
+
+    opts = vars(args)
+    if args.tokenizer is None and args.vocab_size is None:
+        raise ValueError("give --tokenizer DIR or --vocab-size N (a tokenizer is then trained on the data)")
+    prepare(args.data, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            num_threads=args.threads, **_data_options(opts))
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+_MODEL_FLAGS = {"n_layer": (int, 6), "n_head": (int, 6), "n_embd": (int, 384), "block_size": (int, 256),
+                "dropout": (float, 0.0)}
+_TRAIN_FLAGS = {"batch_size": int, "grad_accum": int, "max_iters": int, "max_minutes": float, "lr": float,
+                "min_lr": float, "warmup_iters": int, "lr_decay_iters": int, "weight_decay": float, "grad_clip": float,
+                "eval_interval": int, "eval_iters": int, "log_interval": int, "patience": int, "keep_last": int,
+                "seed": int, "backend": str, "device": str, "dtype": str, "threads": int}
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a GPT on text or on a prepared folder")
+    _add_data_args(p, required=False)
+    p.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file with the same keys as the flags; flags win")
+    for name, (typ, default) in _MODEL_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"model: default {default}")
+    for name, typ in _TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model's loss")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _run_train(args):
+    from pathlib import Path
+
+    from fastlm import GPT, GPTConfig
+    from fastlm.checkpoint import read_json
+    from fastlm.data import TokenData, is_prepared, prepare
+    from fastlm.train import Trainer, TrainConfig, find_checkpoints, load_config_file
+
+    opts = load_config_file(args.config) if args.config else {}
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config")})
+    known = set(_MODEL_FLAGS) | set(_TRAIN_FLAGS) | {"data", "tokenizer", "vocab_size", "val_fraction", "text_field",
+                                                     "extensions", "min_chars", "max_chars", "scrub_pii", "no_nfc",
+                                                     "no_newlines", "no_control_chars", "no_dedup", "out", "out_dir",
+                                                     "compile", "resume", "progress"} | {
+        f.name for f in __import__("dataclasses").fields(TrainConfig)}
+    unknown = set(opts) - known
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    out = opts.pop("out", None) or opts.pop("out_dir", None)
+    if not out:
+        raise ValueError("give --out DIR (or out = ... in the config file)")
+    if not opts.get("data"):
+        raise ValueError("give --data PATH... (text, folders, JSONL, 'stdlib', or a prepared folder)")
+    sources = [opts["data"]] if isinstance(opts["data"], str) else list(opts["data"])
+    if len(sources) == 1 and is_prepared(sources[0]):
+        data_dir = Path(sources[0])
+    else:
+        data_dir = Path(out) / "data"
+        if not (opts.get("resume") and is_prepared(data_dir)):
+            if opts.get("tokenizer") is None and opts.get("vocab_size") is None:
+                raise ValueError("give --tokenizer DIR or --vocab-size N to tokenize raw text")
+            prepare(sources, data_dir, tokenizer=opts.get("tokenizer"), vocab_size=opts.get("vocab_size"),
+                    **_data_options(opts))
+    data = TokenData(data_dir)
+
+    model_kw = {k: opts[k] for k in _MODEL_FLAGS if k in opts}
+    if opts.get("resume"):
+        ckpts = find_checkpoints(out)
+        if ckpts:  # the model is the checkpoint's; given flags must agree (Trainer checks)
+            saved = read_json(ckpts[-1] / "trainer_state.json").get("model_config", {})
+            model_kw = {**{k: saved[k] for k in _MODEL_FLAGS if k in saved}, **model_kw}
+    for k, (_, default) in _MODEL_FLAGS.items():
+        model_kw.setdefault(k, default)
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, eos_token_id=data.eot_token, bos_token_id=data.eot_token,
+                          **model_kw))
+    train_kw = {k: v for k, v in opts.items() if k in {f.name for f in __import__("dataclasses").fields(TrainConfig)}}
+    train_kw.pop("block_size", None)
+    train_kw["out_dir"] = str(out)
+    cfg = TrainConfig(**train_kw)
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model_kw}; data: {data_dir} "
+          f"({data.num_tokens('train'):,} train tokens, vocabulary {data.vocab_size})", file=sys.stderr)
+    summary = Trainer(model, cfg, data).train()
+    print(f"stopped at step {summary['step']} ({summary['stop_reason']}); best val loss "
+          f"{summary['best_val_loss']} at step {summary['best_step']}; best model: {summary['best_dir']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="prepare the Python stdlib corpus, train a tokenizer and a small GPT, and sample")
+    p.add_argument("--out", default="fastlm-demo", metavar="DIR", help="run folder (default fastlm-demo)")
+    p.add_argument("--minutes", type=float, default=3.0, help="time budget in minutes (default 3)")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--max-files", type=int, help="use only the first N stdlib files (quick checks)")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run_demo(args):
+    from pathlib import Path
+
+    from fastlm.demo import run_demo
+    from fastlm.train import find_checkpoints
+
+    if find_checkpoints(args.out):
+        raise ValueError(f"{args.out} already holds a run; remove it or choose another --out")
+    run_demo(out=Path(args.out), minutes=args.minutes, vocab_size=args.vocab_size, max_files=args.max_files,
+             n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+             batch_size=args.batch_size, seed=args.seed, progress=args.progress)
     return 0
 
 
 # ----------------------------------------------------------------------------- main
-COMMANDS = ["info", "tokenizer"]
+COMMANDS = ["info", "tokenizer", "prepare", "train", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +289,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return globals()[f"_run_{args.command.replace('-', '_')}"](args) or 0
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"fastlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

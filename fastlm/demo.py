@@ -1,0 +1,118 @@
+"""``fastlm demo``: the whole path on the built-in corpus, in a few minutes on a laptop CPU.
+
+Prepare the Python standard library's source as a corpus, train a byte-level BPE tokenizer
+on it, train a small GPT for a bounded time, save it, draw the loss curve, and print
+completions of a few Python prompts.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:")
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, top_k: int = 40,
+           seed: int = 0) -> str:
+    """Top-k sampling over ``model(idx)`` without a cache: enough for a demo's few
+    completions. (``model.generate`` with a KV cache is the general tool.)"""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    ids = tokenizer.encode(prompt)
+    idx = torch.tensor([ids], dtype=torch.long, device=model.device)
+    eot = tokenizer.eot_token
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.config.block_size:])[:, -1, :].float()
+        logits = logits[:, :tokenizer.n_vocab] / max(temperature, 1e-5)
+        if top_k:
+            v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)
+        if eot is not None and nxt.item() == eot:
+            break
+        idx = torch.cat([idx, nxt], dim=1)
+    return tokenizer.decode(idx[0].tolist())
+
+
+def _calibrate(model, cfg, data, steps: int = 3) -> float:
+    """Seconds per training step of this model and batch on this machine (a throwaway copy)."""
+    import copy
+
+    from .train import Trainer, TrainConfig
+
+    probe = TrainConfig(**{**cfg.to_dict(), "progress": False, "plot": False, "tensorboard": False,
+                           "out_dir": str(Path(cfg.out_dir) / ".calibration")})
+    t = Trainer(copy.deepcopy(model), probe, data)
+    t.train_step(cfg.lr)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t.train_step(cfg.lr)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_demo(out="fastlm-demo", minutes: float = 3.0, vocab_size: int = 2048, max_files: int | None = None,
+             n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 128, batch_size: int = 16,
+             seed: int = 1337, max_new_tokens: int = 80, progress: bool = True) -> dict:
+    from . import GPT, GPTConfig
+    from .data import TokenData, prepare, stdlib_corpus
+    from .train import Trainer, TrainConfig
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    data_dir = out / "data"
+    print(f"[1/4] preparing the corpus: the Python {sys.version_info.major}.{sys.version_info.minor} standard "
+          f"library's source, and a {vocab_size}-token byte-level BPE tokenizer", file=sys.stderr)
+    docs = stdlib_corpus(max_files=max_files)
+    prepare(None, data_dir, vocab_size=vocab_size, documents=docs, val_fraction=0.05,
+            tokenizer_max_bytes=3_000_000, progress=progress)
+    data = TokenData(data_dir)
+    tokenizer = data.tokenizer()
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd, dropout=0.0, eos_token_id=data.eot_token, bos_token_id=data.eot_token))
+    budget = max(minutes * 60.0 - (time.perf_counter() - t_start), 5.0)
+    cfg = TrainConfig(out_dir=str(out), batch_size=batch_size, lr=2e-3, min_lr=2e-4, weight_decay=0.1, seed=seed,
+                      grad_clip=1.0, eval_iters=10, log_interval=5, keep_last=1, progress=progress)
+    sec = _calibrate(model, cfg, data)
+    # evaluations and checkpoints take about 10% of the budget
+    iters = max(int(0.88 * budget / sec), 10)
+    cfg.max_iters = iters
+    cfg.warmup_iters = min(100, iters // 10)
+    cfg.eval_interval = max(iters // 8, 1)
+    cfg.max_minutes = budget / 60.0
+    print(f"[2/4] training a {model.num_parameters() / 1e6:.2f}M-parameter GPT ({n_layer} layers, {n_head} heads, "
+          f"{n_embd} wide, context {block_size}) for about {budget / 60:.1f} minutes: {iters} steps of "
+          f"{batch_size * block_size} tokens ({sec * 1000:.0f} ms a step)", file=sys.stderr)
+    trainer = Trainer(model, cfg, data, tokenizer=tokenizer)
+    summary = trainer.train()
+
+    print("[3/4] completions from the best checkpoint:", file=sys.stderr)
+    best = Path(summary["best_dir"] or summary["last_checkpoint"])
+    model = GPT.from_pretrained(best)
+    completions = {}
+    for i, prompt in enumerate(PROMPTS):
+        text = sample(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed + i)
+        completions[prompt] = text
+        print("-" * 72)
+        print(text)
+    print("-" * 72)
+    elapsed = time.perf_counter() - t_start
+    print(f"[4/4] done in {elapsed / 60:.1f} minutes: best val loss {summary['best_val_loss']:.3f} at step "
+          f"{summary['best_step']} ({summary['stop_reason']})", file=sys.stderr)
+    print(f"""
+Everything is in {out}/:
+  data/            the prepared corpus (train.bin, val.bin, meta.json, tokenizer/)
+  best/            the best model (Hugging Face layout, with its tokenizer)
+  checkpoints/     the last checkpoint with optimizer state, for resuming
+  metrics.jsonl    train/val loss, learning rate and tokens/s at each evaluation
+  loss.png         the loss curves
+
+Continue training:  fastlm train --data {data_dir} --out {out} --resume --max-iters {2 * iters}
+Generate:           fastlm generate {best} --prompt "def fibonacci(n):"
+Serve:              fastlm serve {best}""")
+    return {"summary": summary, "completions": completions, "out": str(out), "best": str(best)}
