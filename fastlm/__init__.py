@@ -2,5 +2,7 @@
 from ._version import __version__
 from . import ops, reference
 from .model import GPT, GPTConfig
+from .generate import stream
+from .pipelines import pipeline
 
-__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig"]
+__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "stream", "pipeline"]
