@@ -3,7 +3,9 @@ from ._version import __version__
 from . import ops, reference
 from .model import GPT, GPTConfig, build_model
 from .checkpoint import load_model
+from .tokenizer import Tokenizer
 from .generate import stream
 from .pipelines import pipeline
 
-__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "stream", "pipeline"]
+__all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "Tokenizer", "stream",
+           "pipeline"]

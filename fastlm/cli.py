@@ -86,11 +86,60 @@ def _run_generate(args):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+# ----------------------------------------------------------------------------- tokenizer
+def _add_tokenizer(sub):
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, encode and decode text")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="learn a vocabulary from text files")
+    t.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    t.add_argument("--vocab-size", type=int, required=True, help="ids in all: the 256 bytes, merges, special tokens")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.json, merges.txt")
+    t.add_argument("--pattern", default="gpt2", help="pre-tokenization pattern: gpt2 (r50k/p50k) or cl100k")
+    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens (default <|endoftext|>)")
+    t.add_argument("--threads", type=int, default=None, help="counting threads (default: all cores)")
+    e = tsub.add_parser("encode", help="print the token ids of --text or of stdin")
+    e.add_argument("--tokenizer", required=True, help="directory or file (tokenizer.json, vocab.json, *.tiktoken)")
+    e.add_argument("--text", default=None, help="text to encode (default: read stdin)")
+    e.add_argument("--allow-special", action="store_true", help="encode special-token text as special tokens")
+    d = tsub.add_parser("decode", help="print the text of token ids (arguments or stdin, whitespace-separated)")
+    d.add_argument("--tokenizer", required=True, help="directory or file")
+    d.add_argument("ids", nargs="*", type=int, help="token ids (default: read stdin)")
+
+
+def _run_tokenizer(args):
+    import pathlib
+
+    from fastlm.tokenizer import Tokenizer
+
+    if args.tokenizer_command == "train":
+        import time
+
+        files = [pathlib.Path(f) for f in args.data]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"no such file: {f}")
+        t0 = time.perf_counter()
+        tok = Tokenizer.train(files, args.vocab_size, special_tokens=args.special, pattern=args.pattern,
+                              num_threads=args.threads)
+        out = tok.save(args.out)
+        print(f"trained {tok.n_vocab} ids ({tok.train_stats['merges']} merges, {tok.train_stats['words']} distinct "
+              f"pre-tokens) in {time.perf_counter() - t0:.2f} s; wrote {out}")
+        return 0
+    tok = Tokenizer.load(args.tokenizer)
+    if args.tokenizer_command == "encode":
+        text = args.text if args.text is not None else sys.stdin.read()
+        ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset(),
+                         disallowed_special="all" if not args.allow_special else ())
+        print(" ".join(map(str, ids)))
+        return 0
+    ids = args.ids if args.ids else [int(x) for x in sys.stdin.read().split()]
+    sys.stdout.write(tok.decode(ids))
+    sys.stdout.flush()
     return 0
 
 
 # ----------------------------------------------------------------------------- main
-COMMANDS = ["info", "generate"]
+COMMANDS = ["info", "tokenizer", "generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,689 @@
+// Byte-level BPE: pre-tokenizer scanners, encoding, decoding, training.
+#include "tokenizer/core.h"
+
+#include <algorithm>
+#include <queue>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "tokenizer/unicode_tables.h"
+
+namespace fastlm_tok {
+
+// ----------------------------------------------------------------------------- classes
+#define O kOther
+#define L kLetter
+#define N kNumber
+#define S kSpace
+const uint8_t kAsciiClass[128] = {
+    O, O, O, O, O, O, O, O, O, S, S, S, S, S, O, O,  // 0x00: \t \n \v \f \r are White_Space
+    O, O, O, O, O, O, O, O, O, O, O, O, O, O, O, O,  // 0x10 (0x1C..0x1F are not White_Space)
+    S, O, O, O, O, O, O, O, O, O, O, O, O, O, O, O,  // 0x20
+    N, N, N, N, N, N, N, N, N, N, O, O, O, O, O, O,  // 0x30
+    O, L, L, L, L, L, L, L, L, L, L, L, L, L, L, L,  // 0x40
+    L, L, L, L, L, L, L, L, L, L, L, O, O, O, O, O,  // 0x50
+    O, L, L, L, L, L, L, L, L, L, L, L, L, L, L, L,  // 0x60
+    L, L, L, L, L, L, L, L, L, L, L, O, O, O, O, O,  // 0x70
+};
+#undef O
+#undef L
+#undef N
+#undef S
+
+static inline uint8_t class_of(uint32_t cp) { return kUnicodeStage2[kUnicodeStage1[cp >> 8]][cp & 0xFF]; }
+
+CharInfo char_at_slow(const uint8_t* s, size_t i, size_t n) {
+  const uint8_t c = s[i];
+  auto cont = [&](size_t k) { return i + k < n && (s[i + k] & 0xC0) == 0x80; };
+  if (c >= 0xC2 && c <= 0xDF) {
+    if (!cont(1)) return {kOther, 1};
+    return {class_of(((c & 0x1Fu) << 6) | (s[i + 1] & 0x3Fu)), 2};
+  }
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (!cont(1) || !cont(2)) return {kOther, 1};
+    const uint8_t c1 = s[i + 1];
+    if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 > 0x9F)) return {kOther, 1};
+    return {class_of(((c & 0x0Fu) << 12) | ((c1 & 0x3Fu) << 6) | (s[i + 2] & 0x3Fu)), 3};
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (!cont(1) || !cont(2) || !cont(3)) return {kOther, 1};
+    const uint8_t c1 = s[i + 1];
+    if ((c == 0xF0 && c1 < 0x90) || (c == 0xF4 && c1 > 0x8F)) return {kOther, 1};
+    return {class_of(((c & 0x07u) << 18) | ((c1 & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) | (s[i + 3] & 0x3Fu)),
+            4};
+  }
+  return {kOther, 1};
+}
+
+// Run of characters of class cls starting at k; returns its end.
+static inline size_t run_of(const uint8_t* s, size_t k, size_t n, uint8_t cls) {
+  while (k < n) {
+    const uint8_t c = s[k];
+    if (c < 0x80) {
+      if (kAsciiClass[c] != cls) break;
+      ++k;
+    } else {
+      CharInfo ci = char_at_slow(s, k, n);
+      if (ci.cls != cls) break;
+      k += ci.len;
+    }
+  }
+  return k;
+}
+
+// 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+size_t next_gpt2(const uint8_t* s, size_t i, size_t n) {
+  const uint8_t b = s[i];
+  if (b == '\'' && i + 1 < n) {
+    const uint8_t x = s[i + 1];
+    if (x == 's' || x == 't' || x == 'm' || x == 'd') return i + 2;
+    if (i + 2 < n) {
+      const uint8_t y = s[i + 2];
+      if ((x == 'r' && y == 'e') || (x == 'v' && y == 'e') || (x == 'l' && y == 'l')) return i + 3;
+    }
+  }
+  size_t j = i;
+  CharInfo first = char_at(s, i, n);
+  if (b == ' ' && i + 1 < n) {
+    CharInfo d = char_at(s, i + 1, n);
+    if (d.cls != kSpace) {
+      j = i + 1;
+      first = d;
+    }
+  }
+  if (first.cls != kSpace) return run_of(s, j + first.len, n, first.cls);
+  // Whitespace: \s+(?!\S) takes the run but its last character when a non-space follows.
+  size_t k = i, last = i;
+  while (k < n) {
+    CharInfo ci = char_at(s, k, n);
+    if (ci.cls != kSpace) break;
+    last = k;
+    k += ci.len;
+  }
+  if (k == n) return n;
+  return last > i ? last : k;
+}
+
+static inline bool ascii_lower_is(uint8_t c, char want) { return (c | 0x20) == want; }
+
+// '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s
+size_t next_cl100k(const uint8_t* s, size_t i, size_t n) {
+  const uint8_t b = s[i];
+  if (b == '\'' && i + 1 < n) {
+    const uint8_t x = s[i + 1];
+    if (ascii_lower_is(x, 's') || ascii_lower_is(x, 'd') || ascii_lower_is(x, 'm') || ascii_lower_is(x, 't'))
+      return i + 2;
+    if (i + 2 < n) {
+      const uint8_t y = s[i + 2];
+      if (x == 0xC5 && y == 0xBF) return i + 3;  // U+017F LONG S case-folds to 's'
+      if ((ascii_lower_is(x, 'l') && ascii_lower_is(y, 'l')) || (ascii_lower_is(x, 'v') && ascii_lower_is(y, 'e')) ||
+          (ascii_lower_is(x, 'r') && ascii_lower_is(y, 'e')))
+        return i + 3;
+    }
+  }
+  const CharInfo c = char_at(s, i, n);
+  if (c.cls == kLetter) return run_of(s, i + c.len, n, kLetter);
+  if (c.cls != kNumber && b != '\r' && b != '\n' && i + c.len < n) {
+    CharInfo d = char_at(s, i + c.len, n);
+    if (d.cls == kLetter) return run_of(s, i + c.len + d.len, n, kLetter);
+  }
+  if (c.cls == kNumber) {
+    size_t k = i + c.len;
+    for (int r = 1; r < 3 && k < n; ++r) {
+      CharInfo d = char_at(s, k, n);
+      if (d.cls != kNumber) break;
+      k += d.len;
+    }
+    return k;
+  }
+  size_t j = i;
+  CharInfo first = c;
+  if (b == ' ' && i + 1 < n) {
+    CharInfo d = char_at(s, i + 1, n);
+    if (d.cls == kOther) {
+      j = i + 1;
+      first = d;
+    }
+  }
+  if (first.cls == kOther) {
+    size_t k = run_of(s, j + first.len, n, kOther);
+    while (k < n && (s[k] == '\r' || s[k] == '\n')) ++k;
+    return k;
+  }
+  // Whitespace.
+  size_t k = i, last = i, nl_end = 0;
+  while (k < n) {
+    CharInfo ci = char_at(s, k, n);
+    if (ci.cls != kSpace) break;
+    if (s[k] == '\r' || s[k] == '\n') nl_end = k + 1;
+    last = k;
+    k += ci.len;
+  }
+  if (k == n) return n;              // \s++$
+  if (nl_end) return nl_end;         // \s*[\r\n]
+  if (last > i) return last;         // \s+(?!\S)
+  return i + c.len;                  // \s
+}
+
+size_t safe_cut(const uint8_t* s, size_t n, size_t from) {
+  for (size_t k = std::max<size_t>(from, 2); k < n; ++k) {
+    if (s[k - 1] != '\n') continue;
+    const uint8_t prev = s[k - 2], next = s[k];
+    if (prev >= 0x80 || kAsciiClass[prev] == kSpace) continue;
+    if (next > 0x20 && next < 0x7F) return k;
+  }
+  return n;
+}
+
+// ----------------------------------------------------------------------------- BPE model
+BPE::BPE(std::vector<std::string> token_bytes, const std::vector<std::pair<uint32_t, uint32_t>>& merges,
+         bool rank_by_id, std::vector<std::pair<std::string, uint32_t>> specials, Pattern pattern)
+    : pattern_(pattern), rank_by_id_(rank_by_id), vocab_(token_bytes.size()), pairs_(token_bytes.size() * 2),
+      specials_(std::move(specials)) {
+  const size_t nt = token_bytes.size();
+  size_t total = nt;
+  for (auto& sp : specials_) {
+    if (sp.first.empty()) throw std::invalid_argument("special tokens must not be empty");
+    total = std::max<size_t>(total, size_t(sp.second) + 1);
+  }
+  n_vocab_ = total;
+  tok_off_.assign(total + 1, 0);
+  tok_valid_.assign(total, 0);
+  std::vector<std::string_view> all(total);
+  for (size_t id = 0; id < nt; ++id) {
+    all[id] = token_bytes[id];
+    if (!token_bytes[id].empty()) tok_valid_[id] = 1;
+  }
+  for (auto& sp : specials_) {
+    if (sp.second < nt && tok_valid_[sp.second])
+      throw std::invalid_argument("special token id " + std::to_string(sp.second) + " is also an ordinary token");
+    all[sp.second] = sp.first;
+    tok_valid_[sp.second] = 2;
+  }
+  for (size_t id = 0; id < total; ++id) {
+    tok_off_[id] = tok_data_.size();
+    tok_data_.append(all[id].data(), all[id].size());
+  }
+  tok_off_[total] = tok_data_.size();
+  byte_id_.assign(256, kNoRank);
+  for (size_t id = 0; id < nt; ++id) {
+    const std::string& t = token_bytes[id];
+    if (t.empty()) continue;
+    auto p = reinterpret_cast<const uint8_t*>(t.data());
+    if (!vocab_.insert(p, t.size(), hash_bytes(p, t.size()), id).second)
+      throw std::invalid_argument("token id " + std::to_string(id) + " repeats the bytes of another token");
+    if (t.size() == 1) byte_id_[p[0]] = static_cast<uint32_t>(id);
+  }
+  for (int c = 0; c < 256; ++c)
+    if (byte_id_[c] == kNoRank)
+      throw std::invalid_argument("the vocabulary has no token for the single byte " + std::to_string(c) +
+                                  " (a byte-level BPE needs all 256)");
+  auto id_of = [&](const std::string& bytes) -> int64_t {
+    const uint64_t* v = vocab_.find(bytes);
+    return v ? int64_t(*v) : -1;
+  };
+  if (merges.empty() && rank_by_id) {
+    // Every split of every token into two tokens is a merge ranked by the token's id.
+    std::vector<std::pair<uint32_t, uint32_t>> order;
+    for (size_t id = 0; id < nt; ++id)
+      if (token_bytes[id].size() >= 2) order.push_back({uint32_t(id), 0});
+    for (auto& o : order) {
+      const std::string& t = token_bytes[o.first];
+      std::vector<Merge> local;
+      for (size_t k = 1; k < t.size(); ++k) {
+        int64_t a = id_of(t.substr(0, k)), b = id_of(t.substr(k));
+        if (a >= 0 && b >= 0) local.push_back({uint32_t(a), uint32_t(b), o.first});
+      }
+      std::sort(local.begin(), local.end(),
+                [](const Merge& x, const Merge& y) { return x.a != y.a ? x.a < y.a : x.b < y.b; });
+      for (auto& m : local) merges_.push_back(m);
+    }
+  } else {
+    for (size_t r = 0; r < merges.size(); ++r) {
+      auto [a, b] = merges[r];
+      if (a >= nt || b >= nt || !tok_valid_[a] || !tok_valid_[b])
+        throw std::invalid_argument("merge " + std::to_string(r) + " names an unknown token id");
+      int64_t id = id_of(token_bytes[a] + token_bytes[b]);
+      if (id < 0)
+        throw std::invalid_argument("merge " + std::to_string(r) + " makes a token that is not in the vocabulary");
+      merges_.push_back({a, b, uint32_t(id)});
+    }
+  }
+  for (size_t r = 0; r < merges_.size(); ++r) {
+    const Merge& m = merges_[r];
+    const uint64_t rank = rank_by_id_ ? m.id : r;
+    pairs_.insert((uint64_t(m.a) << 32) | m.b, (rank << 32) | m.id);  // first one wins
+  }
+}
+
+PieceCache* BPE::acquire_cache() const {
+  std::lock_guard<std::mutex> g(cache_mu_);
+  if (caches_.empty()) return new PieceCache();
+  PieceCache* c = caches_.back().release();
+  caches_.pop_back();
+  return c;
+}
+
+void BPE::release_cache(PieceCache* c) const {
+  std::lock_guard<std::mutex> g(cache_mu_);
+  if (caches_.size() < 64)
+    caches_.emplace_back(c);
+  else
+    delete c;
+}
+
+struct CacheGuard {
+  const BPE& bpe;
+  PieceCache* c;
+  explicit CacheGuard(const BPE& b) : bpe(b), c(b.acquire_cache()) {}
+  ~CacheGuard() { bpe.release_cache(c); }
+};
+
+// Short pieces: tiktoken's quadratic scan over parts, on token ids.
+void BPE::bpe_short(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const {
+  uint32_t tok[256];
+  uint64_t rk[256];  // rank << 32 | merged id of (tok[i], tok[i+1])
+  for (size_t i = 0; i < n; ++i) tok[i] = byte_id_[p[i]];
+  for (size_t i = 0; i + 1 < n; ++i) rk[i] = pair_lookup(tok[i], tok[i + 1]);
+  size_t m = n;
+  while (m > 1) {
+    uint64_t best = ~0ULL;
+    size_t bi = 0;
+    for (size_t i = 0; i + 1 < m; ++i) {
+      // compare ranks only (upper 32 bits); ties go to the leftmost
+      if ((rk[i] >> 32) < (best >> 32)) {
+        best = rk[i];
+        bi = i;
+      }
+    }
+    if ((best >> 32) == kNoRank) break;
+    tok[bi] = static_cast<uint32_t>(best);
+    for (size_t i = bi + 1; i + 1 < m; ++i) tok[i] = tok[i + 1];
+    for (size_t i = bi + 1; i + 2 < m; ++i) rk[i] = rk[i + 1];
+    --m;
+    if (bi > 0) rk[bi - 1] = pair_lookup(tok[bi - 1], tok[bi]);
+    if (bi + 1 < m) rk[bi] = pair_lookup(tok[bi], tok[bi + 1]);
+  }
+  out.insert(out.end(), tok, tok + m);
+}
+
+// Long pieces: a heap of (rank, position) over a linked list of parts, O(n log n).
+void BPE::bpe_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const {
+  constexpr uint32_t kEnd = 0xFFFFFFFFu;
+  std::vector<uint32_t> tok(n), nxt(n), prv(n);
+  for (size_t i = 0; i < n; ++i) {
+    tok[i] = byte_id_[p[i]];
+    nxt[i] = i + 1 < n ? uint32_t(i + 1) : kEnd;
+    prv[i] = i > 0 ? uint32_t(i - 1) : kEnd;
+  }
+  std::vector<uint64_t> heap;
+  heap.reserve(n);
+  for (size_t i = 0; i + 1 < n; ++i) {
+    uint64_t r = pair_lookup(tok[i], tok[i + 1]) >> 32;
+    if (r != kNoRank) heap.push_back((r << 32) | i);
+  }
+  auto cmp = std::greater<uint64_t>();
+  std::make_heap(heap.begin(), heap.end(), cmp);
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), cmp);
+    const uint64_t key = heap.back();
+    heap.pop_back();
+    const uint32_t i = static_cast<uint32_t>(key), r = static_cast<uint32_t>(key >> 32);
+    if (tok[i] == kEnd) continue;  // merged into its left neighbour
+    const uint32_t j = nxt[i];
+    if (j == kEnd) continue;
+    const uint64_t pr = pair_lookup(tok[i], tok[j]);
+    if ((pr >> 32) != r) continue;  // stale
+    tok[i] = static_cast<uint32_t>(pr);
+    tok[j] = kEnd;
+    nxt[i] = nxt[j];
+    if (nxt[j] != kEnd) prv[nxt[j]] = i;
+    if (prv[i] != kEnd) {
+      uint64_t rl = pair_lookup(tok[prv[i]], tok[i]) >> 32;
+      if (rl != kNoRank) {
+        heap.push_back((rl << 32) | prv[i]);
+        std::push_heap(heap.begin(), heap.end(), cmp);
+      }
+    }
+    if (nxt[i] != kEnd) {
+      uint64_t rr = pair_lookup(tok[i], tok[nxt[i]]) >> 32;
+      if (rr != kNoRank) {
+        heap.push_back((rr << 32) | i);
+        std::push_heap(heap.begin(), heap.end(), cmp);
+      }
+    }
+  }
+  for (uint32_t i = 0; i != kEnd; i = nxt[i]) out.push_back(tok[i]);
+}
+
+// Pre-tokens longer than this are merged in chunks of this many bytes (cut at a UTF-8
+// character boundary), which bounds the memory of pathological inputs.
+static constexpr size_t kMaxPiece = size_t(1) << 20;
+
+inline void BPE::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
+  if (n == 1) {
+    out.push_back(byte_id_[p[0]]);
+    return;
+  }
+  if (n <= PieceCache::kMaxPieceLen) {
+    const uint64_t h = hash_bytes(p, n);
+    if (cache.get(p, n, h, out)) return;
+    const size_t before = out.size();
+    const uint64_t* whole = rank_by_id_ ? vocab_.find(p, n, h) : nullptr;
+    if (whole)
+      out.push_back(static_cast<uint32_t>(*whole));
+    else
+      bpe_short(p, n, out);
+    cache.put(p, n, h, out.data() + before, out.size() - before);
+    return;
+  }
+  if (rank_by_id_) {
+    if (const uint64_t* whole = vocab_.find(p, n, hash_bytes(p, n))) {
+      out.push_back(static_cast<uint32_t>(*whole));
+      return;
+    }
+  }
+  if (n <= 256) {
+    bpe_short(p, n, out);
+    return;
+  }
+  while (n > kMaxPiece) {
+    size_t cut = kMaxPiece;
+    while (cut > 1 && (p[cut] & 0xC0) == 0x80) --cut;
+    bpe_long(p, cut, out);
+    p += cut;
+    n -= cut;
+  }
+  bpe_long(p, n, out);
+}
+
+template <size_t (*Next)(const uint8_t*, size_t, size_t)>
+void BPE::encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
+  size_t i = 0;
+  while (i < n) {
+    const size_t j = Next(s, i, n);
+    encode_piece(s + i, j - i, out, cache);
+    i = j;
+  }
+}
+
+void BPE::encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
+  if (out.capacity() - out.size() < n / 3) out.reserve(out.size() + n / 3 + 16);
+  if (pattern_ == Pattern::GPT2)
+    encode_ordinary_t<next_gpt2>(s, n, out, cache);
+  else
+    encode_ordinary_t<next_cl100k>(s, n, out, cache);
+}
+
+void BPE::encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>& out) const {
+  CacheGuard g(*this);
+  encode_ordinary_cached(s, n, out, *g.c);
+}
+
+void BPE::pretokenize(const uint8_t* s, size_t n, std::vector<std::pair<size_t, size_t>>& out) const {
+  size_t i = 0;
+  while (i < n) {
+    const size_t j = pattern_ == Pattern::GPT2 ? next_gpt2(s, i, n) : next_cl100k(s, i, n);
+    out.push_back({i, j});
+    i = j;
+  }
+}
+
+void BPE::encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
+                 std::vector<uint32_t>& out) const {
+  const std::string_view text(reinterpret_cast<const char*>(s), n);
+  for (int k : disallowed)
+    if (text.find(specials_[k].first) != std::string_view::npos) throw DisallowedSpecial(specials_[k].first);
+  CacheGuard g(*this);
+  if (allowed.empty()) {
+    encode_ordinary_cached(s, n, out, *g.c);
+    return;
+  }
+  // Next occurrence of each allowed special token at or after pos.
+  std::vector<size_t> next(allowed.size(), 0);
+  std::vector<uint8_t> fresh(allowed.size(), 0);
+  size_t pos = 0;
+  while (pos < n) {
+    size_t best = std::string_view::npos, best_len = 0;
+    int best_k = -1;
+    for (size_t a = 0; a < allowed.size(); ++a) {
+      const std::string& sp = specials_[allowed[a]].first;
+      if (!fresh[a] || (next[a] != std::string_view::npos && next[a] < pos)) {
+        next[a] = text.find(sp, pos);
+        fresh[a] = 1;
+      }
+      if (next[a] == std::string_view::npos) continue;
+      if (next[a] < best || (next[a] == best && sp.size() > best_len)) {
+        best = next[a];
+        best_len = sp.size();
+        best_k = allowed[a];
+      }
+    }
+    if (best_k < 0) {
+      encode_ordinary_cached(s + pos, n - pos, out, *g.c);
+      return;
+    }
+    encode_ordinary_cached(s + pos, best - pos, out, *g.c);
+    out.push_back(specials_[best_k].second);
+    pos = best + best_len;
+  }
+}
+
+int64_t BPE::decode_append(const uint32_t* ids, size_t k, std::string& out) const {
+  const size_t nt = tok_off_.size() - 1;
+  size_t total = out.size();
+  for (size_t i = 0; i < k; ++i) {
+    const uint32_t id = ids[i];
+    if (id >= nt || !tok_valid_[id]) return int64_t(i);
+    total += tok_off_[id + 1] - tok_off_[id];
+  }
+  size_t w = out.size();
+  out.resize(total);
+  char* dst = &out[0];
+  const char* src = tok_data_.data();
+  for (size_t i = 0; i < k; ++i) {
+    const uint64_t a = tok_off_[ids[i]], len = tok_off_[ids[i] + 1] - a;
+    std::memcpy(dst + w, src + a, len);
+    w += len;
+  }
+  return -1;
+}
+
+// ----------------------------------------------------------------------------- training
+void Trainer::add(const std::vector<std::string_view>& texts, int num_threads) {
+  // Cut special-token text out, then cut long segments where pre-tokens cannot straddle.
+  std::vector<std::string_view> chunks;
+  constexpr size_t kChunk = size_t(1) << 16;
+  for (std::string_view t : texts) {
+    std::vector<std::string_view> segs;
+    size_t pos = 0;
+    while (pos <= t.size()) {
+      size_t best = std::string_view::npos, blen = 0;
+      for (const std::string& sp : specials_) {
+        size_t f = t.find(sp, pos);
+        if (f < best || (f == best && sp.size() > blen)) {
+          best = f;
+          blen = sp.size();
+        }
+      }
+      if (best == std::string_view::npos) {
+        segs.push_back(t.substr(pos));
+        break;
+      }
+      segs.push_back(t.substr(pos, best - pos));
+      pos = best + blen;
+    }
+    for (std::string_view seg : segs) {
+      auto s = reinterpret_cast<const uint8_t*>(seg.data());
+      size_t start = 0;
+      while (start < seg.size()) {
+        size_t cut = seg.size() - start > 2 * kChunk ? safe_cut(s, seg.size(), start + kChunk) : seg.size();
+        chunks.push_back(seg.substr(start, cut - start));
+        start = cut;
+      }
+    }
+  }
+  int nthreads = 1;
+#ifdef _OPENMP
+  nthreads = num_threads > 0 ? num_threads : omp_get_max_threads();
+#endif
+  nthreads = std::max(1, std::min<int>(nthreads, int(chunks.size())));
+  std::vector<BytesMap> local(nthreads, BytesMap(1 << 12));
+  auto next = pattern_ == Pattern::GPT2 ? next_gpt2 : next_cl100k;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < int64_t(chunks.size()); ++c) {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    BytesMap& m = local[tid];
+    auto s = reinterpret_cast<const uint8_t*>(chunks[c].data());
+    const size_t n = chunks[c].size();
+    size_t i = 0;
+    while (i < n) {
+      size_t j = next(s, i, n);
+      ++*m.insert(s + i, j - i, hash_bytes(s + i, j - i), 0).first;
+      i = j;
+    }
+  }
+  for (auto& m : local)
+    m.for_each([&](std::string_view k, uint64_t h, uint64_t v) {
+      *counts_.insert(reinterpret_cast<const uint8_t*>(k.data()), k.size(), h, 0).first += v;
+    });
+}
+
+std::vector<Merge> Trainer::train(size_t n_tokens) const {
+  // Words in a fixed order (sorted by bytes) so the result never depends on hashing or threads.
+  std::vector<std::pair<std::string_view, uint64_t>> words;
+  words.reserve(counts_.size());
+  uint64_t single = 0;  // occurrences of one-byte pre-tokens
+  counts_.for_each([&](std::string_view k, uint64_t, uint64_t v) {
+    if (k.size() >= 2)
+      words.push_back({k, v});
+    else
+      single += v;
+  });
+  std::sort(words.begin(), words.end());
+  const size_t nw = words.size();
+  std::vector<uint64_t> freq(nw), start(nw + 1);
+  std::vector<uint32_t> len(nw);
+  std::vector<uint32_t> sym;
+  for (size_t w = 0; w < nw; ++w) {
+    freq[w] = words[w].second;
+    start[w] = sym.size();
+    len[w] = words[w].first.size();
+    for (unsigned char c : words[w].first) sym.push_back(c);
+  }
+  start[nw] = sym.size();
+
+  U64Map index(1 << 16);  // pair -> pair number
+  std::vector<int64_t> count;
+  std::vector<std::vector<uint32_t>> where;
+  std::vector<uint64_t> pair_key;
+  auto pair_no = [&](uint32_t a, uint32_t b) -> size_t {
+    const uint64_t key = (uint64_t(a) << 32) | b;
+    auto r = index.insert(key, count.size());
+    if (r.second) {
+      count.push_back(0);
+      where.emplace_back();
+      pair_key.push_back(key);
+    }
+    return size_t(*r.first);
+  };
+  for (size_t w = 0; w < nw; ++w) {
+    const uint32_t* s = sym.data() + start[w];
+    for (uint32_t i = 0; i + 1 < len[w]; ++i) {
+      size_t p = pair_no(s[i], s[i + 1]);
+      count[p] += int64_t(freq[w]);
+      if (where[p].empty() || where[p].back() != w) where[p].push_back(uint32_t(w));
+    }
+  }
+  // Max-heap on (count, then the smaller pair first).
+  struct Item {
+    int64_t count;
+    uint64_t key;
+  };
+  auto less = [](const Item& x, const Item& y) { return x.count != y.count ? x.count < y.count : x.key > y.key; };
+  std::priority_queue<Item, std::vector<Item>, decltype(less)> heap(less);
+  for (size_t p = 0; p < count.size(); ++p)
+    if (count[p] > 0) heap.push({count[p], pair_key[p]});
+
+  std::vector<Merge> merges;
+  std::vector<std::string> tok_bytes;
+  BytesMap tok_ids(n_tokens + 256);
+  for (int c = 0; c < 256; ++c) {
+    tok_bytes.push_back(std::string(1, char(c)));
+    const uint8_t b = uint8_t(c);
+    tok_ids.insert(&b, 1, hash_bytes(&b, 1), uint64_t(c));
+  }
+  std::vector<uint32_t> stamp(nw, 0xFFFFFFFFu);
+  std::vector<size_t> touched;
+  while (tok_bytes.size() < n_tokens && !heap.empty()) {
+    Item top = heap.top();
+    heap.pop();
+    const size_t p = size_t(*index.find(top.key));
+    if (count[p] != top.count) {
+      if (count[p] > 0) heap.push({count[p], top.key});
+      continue;
+    }
+    if (top.count <= 0) break;
+    const uint32_t a = uint32_t(top.key >> 32), b = uint32_t(top.key);
+    // A pair whose bytes are already a token (made by another pair) reuses that token.
+    std::string nb = tok_bytes[a] + tok_bytes[b];
+    auto nbp = reinterpret_cast<const uint8_t*>(nb.data());
+    auto ins = tok_ids.insert(nbp, nb.size(), hash_bytes(nbp, nb.size()), tok_bytes.size());
+    if (ins.second) tok_bytes.push_back(nb);
+    const uint32_t c = uint32_t(*ins.first);
+    const uint32_t iter = uint32_t(merges.size());
+    merges.push_back({a, b, c});
+    std::vector<uint32_t> ws;
+    ws.swap(where[p]);
+    touched.clear();
+    for (uint32_t w : ws) {
+      if (stamp[w] == iter) continue;
+      stamp[w] = iter;
+      uint32_t* s = sym.data() + start[w];
+      uint32_t n = len[w];
+      const int64_t f = int64_t(freq[w]);
+      uint32_t i = 0;
+      while (i + 1 < n) {
+        if (s[i] != a || s[i + 1] != b) {
+          ++i;
+          continue;
+        }
+        count[p] -= f;
+        if (i > 0) {
+          count[pair_no(s[i - 1], a)] -= f;
+          size_t q = pair_no(s[i - 1], c);
+          count[q] += f;
+          if (where[q].empty() || where[q].back() != w) where[q].push_back(w);
+          touched.push_back(q);
+        }
+        if (i + 2 < n) {
+          count[pair_no(b, s[i + 2])] -= f;
+          size_t q = pair_no(c, s[i + 2]);
+          count[q] += f;
+          if (where[q].empty() || where[q].back() != w) where[q].push_back(w);
+          touched.push_back(q);
+        }
+        s[i] = c;
+        std::memmove(s + i + 1, s + i + 2, (n - i - 2) * sizeof(uint32_t));
+        --n;
+        ++i;
+      }
+      len[w] = n;
+    }
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    for (size_t q : touched)
+      if (count[q] > 0) heap.push({count[q], pair_key[q]});
+  }
+  uint64_t total = single;
+  for (size_t w = 0; w < nw; ++w) total += freq[w] * len[w];
+  final_tokens_ = total;
+  return merges;
+}
+
+}  // namespace fastlm_tok

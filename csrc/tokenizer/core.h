@@ -1,0 +1,332 @@
+// Byte-level BPE tokenizer core: pre-tokenizer scanners, hash tables, BPE merging,
+// encoding/decoding and training. Plain C++17, no Python and no torch in this header.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace fastlm_tok {
+
+// ----------------------------------------------------------------------------- patterns
+enum class Pattern : int { GPT2 = 0, CL100K = 1 };
+
+enum CharClass : uint8_t { kOther = 0, kLetter = 1, kNumber = 2, kSpace = 3 };
+
+struct CharInfo {
+  uint8_t cls;
+  uint8_t len;
+};
+
+// Class and byte length of the UTF-8 character at s[i] (i < n). Invalid UTF-8 bytes are
+// single-byte characters of class kOther.
+CharInfo char_at_slow(const uint8_t* s, size_t i, size_t n);
+extern const uint8_t kAsciiClass[128];
+
+inline CharInfo char_at(const uint8_t* s, size_t i, size_t n) {
+  uint8_t c = s[i];
+  if (c < 0x80) return {kAsciiClass[c], 1};
+  return char_at_slow(s, i, n);
+}
+
+// End of the pre-token that starts at i (the regexes of tiktoken's r50k/p50k and cl100k).
+size_t next_gpt2(const uint8_t* s, size_t i, size_t n);
+size_t next_cl100k(const uint8_t* s, size_t i, size_t n);
+
+// Positions where a text can be cut without changing its pre-tokens: just after a '\n'
+// that is preceded by a non-space and followed by a printable non-space ASCII character.
+size_t safe_cut(const uint8_t* s, size_t n, size_t from);
+
+// ----------------------------------------------------------------------------- hashing
+inline uint64_t mix64(uint64_t h) {
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ULL;
+  h ^= h >> 33;
+  return h;
+}
+
+inline uint64_t hash_bytes(const uint8_t* p, size_t n) {
+  uint64_t h = 0x9E3779B97F4A7C15ULL ^ (n * 0x100000001b3ULL);
+  while (n >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    h = (h ^ v) * 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 29;
+    p += 8;
+    n -= 8;
+  }
+  if (n) {
+    uint64_t v = 0;
+    std::memcpy(&v, p, n);
+    h = (h ^ v) * 0x94d049bb133111ebULL;
+  }
+  return mix64(h) | 1;  // 0 marks an empty slot
+}
+
+// uint64 key -> uint64 value, open addressing, linear probing. Key ~0 is reserved.
+class U64Map {
+ public:
+  static constexpr uint64_t kEmpty = ~0ULL;
+  explicit U64Map(size_t expected = 16) { rehash(expected * 2 + 16); }
+  const uint64_t* find(uint64_t key) const {
+    size_t i = mix64(key) & mask_;
+    while (true) {
+      const Slot& s = slots_[i];
+      if (s.key == key) return &s.val;
+      if (s.key == kEmpty) return nullptr;
+      i = (i + 1) & mask_;
+    }
+  }
+  // Returns the value slot and whether it was inserted (value set to init).
+  std::pair<uint64_t*, bool> insert(uint64_t key, uint64_t init) {
+    if ((count_ + 1) * 2 > slots_.size()) rehash(slots_.size() * 2);
+    size_t i = mix64(key) & mask_;
+    while (true) {
+      Slot& s = slots_[i];
+      if (s.key == key) return {&s.val, false};
+      if (s.key == kEmpty) {
+        s.key = key;
+        s.val = init;
+        ++count_;
+        return {&s.val, true};
+      }
+      i = (i + 1) & mask_;
+    }
+  }
+  size_t size() const { return count_; }
+  template <class F>
+  void for_each(F&& f) const {
+    for (const Slot& s : slots_)
+      if (s.key != kEmpty) f(s.key, s.val);
+  }
+
+ private:
+  struct Slot {
+    uint64_t key;
+    uint64_t val;
+  };
+  void rehash(size_t want) {
+    size_t cap = 16;
+    while (cap < want) cap <<= 1;
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(cap, Slot{kEmpty, 0});
+    mask_ = cap - 1;
+    count_ = 0;
+    for (const Slot& s : old)
+      if (s.key != kEmpty) *insert(s.key, 0).first = s.val;
+  }
+  std::vector<Slot> slots_;
+  size_t mask_ = 0, count_ = 0;
+};
+
+// Byte-string key -> uint64 value; keys are copied into an arena.
+class BytesMap {
+ public:
+  explicit BytesMap(size_t expected = 16) { rehash(expected * 2 + 16); }
+  const uint64_t* find(const uint8_t* p, size_t n, uint64_t h) const {
+    size_t i = h & mask_;
+    while (true) {
+      const Slot& s = slots_[i];
+      if (s.hash == 0) return nullptr;
+      if (s.hash == h && s.len == n && std::memcmp(keys_.data() + s.off, p, n) == 0) return &s.val;
+      i = (i + 1) & mask_;
+    }
+  }
+  const uint64_t* find(std::string_view k) const {
+    auto p = reinterpret_cast<const uint8_t*>(k.data());
+    return find(p, k.size(), hash_bytes(p, k.size()));
+  }
+  std::pair<uint64_t*, bool> insert(const uint8_t* p, size_t n, uint64_t h, uint64_t init) {
+    if ((count_ + 1) * 2 > slots_.size()) rehash(slots_.size() * 2);
+    size_t i = h & mask_;
+    while (true) {
+      Slot& s = slots_[i];
+      if (s.hash == 0) {
+        s.hash = h;
+        s.off = keys_.size();
+        s.len = static_cast<uint32_t>(n);
+        s.val = init;
+        keys_.append(reinterpret_cast<const char*>(p), n);
+        ++count_;
+        return {&s.val, true};
+      }
+      if (s.hash == h && s.len == n && std::memcmp(keys_.data() + s.off, p, n) == 0) return {&s.val, false};
+      i = (i + 1) & mask_;
+    }
+  }
+  size_t size() const { return count_; }
+  size_t key_bytes() const { return keys_.size(); }
+  void clear() {
+    for (Slot& s : slots_) s.hash = 0;
+    keys_.clear();
+    count_ = 0;
+  }
+  template <class F>
+  void for_each(F&& f) const {
+    for (const Slot& s : slots_)
+      if (s.hash) f(std::string_view(keys_.data() + s.off, s.len), s.hash, s.val);
+  }
+
+ private:
+  struct Slot {
+    uint64_t hash = 0;
+    uint64_t off = 0;
+    uint32_t len = 0;
+    uint64_t val = 0;
+  };
+  void rehash(size_t want) {
+    size_t cap = 16;
+    while (cap < want) cap <<= 1;
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(cap, Slot{});
+    mask_ = cap - 1;
+    for (const Slot& s : old) {
+      if (!s.hash) continue;
+      size_t i = s.hash & mask_;
+      while (slots_[i].hash) i = (i + 1) & mask_;
+      slots_[i] = s;
+    }
+  }
+  std::vector<Slot> slots_;
+  std::string keys_;
+  size_t mask_ = 0, count_ = 0;
+};
+
+// Pre-token -> token ids, bounded: cleared when it holds too much.
+class PieceCache {
+ public:
+  static constexpr size_t kMaxPieceLen = 48;
+  static constexpr size_t kMaxEntries = size_t(1) << 19;
+  PieceCache() : map_(1 << 14) {}
+  // Returns true and appends the ids to out when the piece is cached.
+  bool get(const uint8_t* p, size_t n, uint64_t h, std::vector<uint32_t>& out) const {
+    const uint64_t* v = map_.find(p, n, h);
+    if (!v) return false;
+    const uint32_t off = static_cast<uint32_t>(*v >> 8), len = static_cast<uint32_t>(*v & 0xFF);
+    out.insert(out.end(), vals_.begin() + off, vals_.begin() + off + len);
+    return true;
+  }
+  void put(const uint8_t* p, size_t n, uint64_t h, const uint32_t* ids, size_t k) {
+    if (map_.size() >= kMaxEntries || vals_.size() >= (size_t(1) << 30)) {
+      map_.clear();
+      vals_.clear();
+    }
+    uint64_t packed = (uint64_t(vals_.size()) << 8) | k;
+    if (map_.insert(p, n, h, packed).second) vals_.insert(vals_.end(), ids, ids + k);
+  }
+
+ private:
+  BytesMap map_;
+  std::vector<uint32_t> vals_;
+};
+
+// ----------------------------------------------------------------------------- the BPE model
+class DisallowedSpecial : public std::runtime_error {
+ public:
+  explicit DisallowedSpecial(const std::string& tok) : std::runtime_error(tok) {}
+};
+
+struct Merge {
+  uint32_t a, b, id;
+};
+
+class BPE {
+ public:
+  static constexpr uint32_t kNoRank = 0xFFFFFFFFu;
+
+  // token_bytes[id] = the bytes of token id (every one of the 256 single bytes must be a
+  // token). merges: ordered pairs (a, b); empty with rank_by_id derives them from the
+  // vocabulary (tiktoken's rule: any two adjacent parts whose concatenation is a token
+  // merge, lowest id first). rank_by_id also makes a whole pre-token that is itself a
+  // token encode as that token (tiktoken does that; Hugging Face's ignore_merges).
+  BPE(std::vector<std::string> token_bytes, const std::vector<std::pair<uint32_t, uint32_t>>& merges,
+      bool rank_by_id, std::vector<std::pair<std::string, uint32_t>> specials, Pattern pattern);
+
+  size_t n_vocab() const { return n_vocab_; }
+  Pattern pattern() const { return pattern_; }
+  bool rank_by_id() const { return rank_by_id_; }
+  const std::vector<Merge>& merges() const { return merges_; }
+  const std::vector<std::pair<std::string, uint32_t>>& specials() const { return specials_; }
+  // Bytes of a token (ordinary or special); empty view for an unknown id.
+  std::string_view token(uint32_t id) const {
+    if (id >= tok_off_.size() - 1) return {};
+    return std::string_view(tok_data_.data() + tok_off_[id], tok_off_[id + 1] - tok_off_[id]);
+  }
+  bool is_token(uint32_t id) const { return id < tok_off_.size() - 1 && tok_valid_[id]; }
+
+  // Encoding. allowed/disallowed: indices into specials(). Throws DisallowedSpecial.
+  void encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
+              std::vector<uint32_t>& out) const;
+  void encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>& out) const;
+  // Split into pre-tokens (for tests and training).
+  void pretokenize(const uint8_t* s, size_t n, std::vector<std::pair<size_t, size_t>>& out) const;
+
+  // Decoding: appends token bytes; returns the first invalid id or -1.
+  int64_t decode_append(const uint32_t* ids, size_t k, std::string& out) const;
+
+  // The merge rank and result of a pair, or kNoRank.
+  inline uint64_t pair_lookup(uint32_t a, uint32_t b) const {
+    const uint64_t* v = pairs_.find((uint64_t(a) << 32) | b);
+    return v ? *v : (uint64_t(kNoRank) << 32);
+  }
+
+  struct CacheLease;
+  PieceCache* acquire_cache() const;
+  void release_cache(PieceCache* c) const;
+
+ private:
+  template <size_t (*Next)(const uint8_t*, size_t, size_t)>
+  void encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
+  void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
+  void bpe_short(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
+  void bpe_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
+  void encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
+
+  Pattern pattern_;
+  bool rank_by_id_;
+  size_t n_vocab_ = 0;
+  std::vector<uint32_t> byte_id_;  // 256 entries
+  std::string tok_data_;
+  std::vector<uint64_t> tok_off_;
+  std::vector<uint8_t> tok_valid_;
+  BytesMap vocab_;  // ordinary token bytes -> id
+  U64Map pairs_;    // (a << 32 | b) -> (rank << 32 | merged id)
+  std::vector<Merge> merges_;
+  std::vector<std::pair<std::string, uint32_t>> specials_;
+  mutable std::mutex cache_mu_;
+  mutable std::vector<std::unique_ptr<PieceCache>> caches_;
+};
+
+// ----------------------------------------------------------------------------- training
+class Trainer {
+ public:
+  Trainer(Pattern pattern, std::vector<std::string> specials) : pattern_(pattern), specials_(std::move(specials)) {}
+  // Count the pre-tokens of texts (special-token text is cut out), using num_threads threads.
+  void add(const std::vector<std::string_view>& texts, int num_threads);
+  size_t n_words() const { return counts_.size(); }
+  // Learn merges until there are n_tokens ordinary tokens (the 256 bytes included) or no pair
+  // is left. Returns the merges in order, (a, b) -> id; new ids are 256, 257, ... in order of
+  // creation, and a merge whose bytes are already a token reuses its id (as Hugging Face's
+  // BpeTrainer does). Ties on count go to the smaller (a, b).
+  std::vector<Merge> train(size_t n_tokens) const;
+  // Tokens of the counted corpus under the segmentation the last train() ended with.
+  uint64_t final_tokens() const { return final_tokens_; }
+
+ private:
+  Pattern pattern_;
+  std::vector<std::string> specials_;
+  BytesMap counts_{1 << 16};
+  mutable uint64_t final_tokens_ = 0;
+};
+
+}  // namespace fastlm_tok

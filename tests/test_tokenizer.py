@@ -1,0 +1,462 @@
+"""fastlm.Tokenizer: the same ids as tiktoken (r50k, cl100k) and Hugging Face tokenizers,
+round trips, training, file formats, malformed files and adversarial inputs."""
+import base64
+import gzip
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastlm import Tokenizer
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _tiktoken_local import tiktoken_encoding  # noqa: E402
+
+ENCODINGS = ["r50k_base", "cl100k_base"]
+
+
+# ../shared/data as in conftest.py; FASTLM_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = pathlib.Path(os.environ.get("FASTLM_SHARED_DATA")
+                           or pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    if not (SHARED_DATA / "r50k_base.tiktoken.gz").is_file():
+        pytest.skip(f"the real vocabularies are absent from {SHARED_DATA} (r50k_base.tiktoken.gz)")
+    return SHARED_DATA
+
+
+_TOKS = {}
+
+
+def pair(name, data_dir):
+    """(fastlm Tokenizer, tiktoken Encoding) for one encoding, built once."""
+    if name not in _TOKS:
+        path = data_dir / f"{name}.tiktoken.gz"
+        if not path.is_file():
+            pytest.skip(f"{path} is absent")
+        pytest.importorskip("tiktoken")
+        _TOKS[name] = (Tokenizer.load(path), tiktoken_encoding(name, data_dir))
+    return _TOKS[name]
+
+
+def _stdlib_code() -> str:
+    import inspect
+    import json as j
+
+    return inspect.getsource(j.decoder) + inspect.getsource(inspect.getmodule(pathlib.Path))[:20000]
+
+
+TEXTS = {
+    "prose": "It was the best of times, it was the worst of times; it was the age of wisdom... "
+             "Mr. O'Neil said: \"Don't!\" -- and left (quickly).\n\nThe end.",
+    "code": None,  # filled from the stdlib below
+    "chinese": "自然语言处理是人工智能的一个分支。我们今天学习分词器，价格是１２３元。",
+    "japanese": "吾輩は猫である。名前はまだ無い。カタカナとひらがな、ｶﾀｶﾅ半角も。",
+    "korean_arabic_hindi": "안녕하세요 세계 مرحبا بالعالم नमस्ते दुनिया ১২৩ ٣٤٥",
+    "emoji": "👍👍🏽👍🏿 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷🇯🇵 ❤️‍🔥 🧑🏾‍🚀!!",
+    "combining": "e\u0301 a\u0300\u0301\u0302 Z\u0351\u0352\u0353a\u0354l\u0355go \u0915\u094d\u0937 n\u0303\u0303",
+    "spaces": "a  b   c    d\n\n\ne\t\t\tf \t \n \r\n\r\n  \n\t x  \n" + " " * 100 + "y" + "\n" * 50 + "\t" * 30,
+    "trailing_spaces": "end with spaces   ",
+    "trailing_newlines": "end with newlines \n\n",
+    "unicode_spaces": "a\u00a0b\u3000c\u2028d\u2029e\u0085f\u1680g\u202fh\u205fi\u000bj\u000ck\u001cl\u001dm\u200bn",
+    "digits": "0 12 345 6789 1234567890 3.14159 1e10 0x1F ١٢٣٤ ⅷ ½ 2024-01-01 +44(0)20",
+    "contractions": "'s 't 're 've 'm 'll 'd 'S 'T 'RE 'VE 'M 'LL 'D 'Re 'rE 'Ve 'lL 'Ll 'x ' s' '' ''s "
+                    "I'M YOU'RE we'Ve she'LL they'D don'T it'S x'ſ",
+    "punctuation": "!!! ??? ... --- ((( ))) {\"a\": [1, 2]} <|endoftext|> <|fim_prefix|> @#$%^&*",
+    "nul_and_controls": "a\x00b\x00\x00c \x00 \x01\x02\x7f\x1b[0m\x08",
+    "mixed_case_words": "HTTPServer getHTTPResponseCode XMLHttpRequest iPhone McDonald's",
+}
+
+
+@pytest.fixture(scope="module")
+def texts():
+    t = dict(TEXTS)
+    t["code"] = _stdlib_code()
+    return t
+
+
+# ----------------------------------------------------------------------------- tiktoken
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_same_ids_as_tiktoken(name, data_dir, texts):
+    tok, enc = pair(name, data_dir)
+    assert tok.n_vocab == enc.n_vocab
+    assert tok.eot_token == enc.eot_token
+    assert tok.special_tokens == enc._special_tokens
+    for key, text in texts.items():
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text), key
+        assert tok.encode(text, disallowed_special=()) == enc.encode(text, disallowed_special=()), key
+        assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all"), key
+    everything = "\n".join(texts.values())
+    assert tok.encode_ordinary(everything) == enc.encode_ordinary(everything)
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_same_ids_as_tiktoken_shakespeare_and_long_line(name, data_dir):
+    tok, enc = pair(name, data_dir)
+    text = (data_dir / "tinyshakespeare.txt").read_text()[:300_000]
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+    # 1 MB on a single line.
+    rng = random.Random(0)
+    words = text.split()
+    line = " ".join(rng.choice(words) for _ in range(200_000))[:1_000_000]
+    assert "\n" not in line and len(line) == 1_000_000
+    assert tok.encode_ordinary(line) == enc.encode_ordinary(line)
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_lone_surrogates_replaced_like_tiktoken(name, data_dir):
+    tok, enc = pair(name, data_dir)
+    for s in ["a\ud800b", "\udfff", "x \ud83d\ude00 \ud83d y"]:
+        assert tok.encode(s) == enc.encode(s)
+        assert tok.encode_ordinary(s) == enc.encode_ordinary(s)
+
+
+# Characters drawn from every class the scanners distinguish.
+_ALPHABET = st.sampled_from(
+    list("abcXYZ sS'tTmMdDlLvVeErR019 \t\n\r\x0b\x0c.,!?-_()\"'<|>")
+    + ["\u00a0", "\u3000", "\u2028", "\u0085", "\x1c", "\x00", "é", "ß", "Ж", "中", "日", "١", "½", "ⅷ",
+       "\u0301", "👍", "🏽", "\u200d", "ſ", "İ", "K", "\ufeff", "\U0001F600", "\U00010400"])
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_ALPHABET, max_size=60).map("".join))
+def test_hypothesis_same_ids_as_tiktoken(name, data_dir, s):
+    tok, enc = pair(name, data_dir)
+    assert tok.encode_ordinary(s) == enc.encode_ordinary(s)
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=80))
+def test_hypothesis_any_text(name, data_dir, s):
+    tok, enc = pair(name, data_dir)
+    ids = tok.encode_ordinary(s)
+    assert ids == enc.encode_ordinary(s)
+    assert tok.decode(ids) == s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=100))
+def test_hypothesis_bytes_round_trip(data_dir, b):
+    tok, _ = pair("r50k_base", data_dir)
+    assert tok.decode_bytes(tok.encode_bytes(b)) == b
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(max_size=40), max_size=12), st.integers(1, 3))
+def test_hypothesis_batch_equals_one_by_one(data_dir, batch, threads):
+    tok, _ = pair("cl100k_base", data_dir)
+    kw = dict(disallowed_special=())
+    assert tok.encode_batch(batch, num_threads=threads, **kw) == [tok.encode(t, **kw) for t in batch]
+    kw = dict(allowed_special="all")
+    assert tok.encode_batch(batch, num_threads=threads, **kw) == [tok.encode(t, **kw) for t in batch]
+
+
+def test_special_tokens_semantics(data_dir):
+    tok, enc = pair("cl100k_base", data_dir)
+    s = "hi <|endoftext|> there<|fim_prefix|>x<|endofprompt|>"
+    for kw in [dict(allowed_special="all"), dict(disallowed_special=()),
+               dict(allowed_special={"<|endoftext|>"}, disallowed_special=()),
+               dict(allowed_special={"<|endoftext|>", "<|fim_prefix|>", "<|endofprompt|>"})]:
+        assert tok.encode(s, **kw) == enc.encode(s, **kw), kw
+    for kw in [{}, dict(allowed_special={"<|endoftext|>"})]:
+        with pytest.raises(ValueError, match="disallowed special token"):
+            tok.encode(s, **kw)
+        with pytest.raises(ValueError):
+            enc.encode(s, **kw)
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode_batch(["fine", s])
+    assert tok.encode_ordinary(s) == enc.encode_ordinary(s)
+    with pytest.raises(ValueError, match="not special tokens"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+    assert tok.decode([tok.eot_token]) == "<|endoftext|>"
+    assert tok.token_bytes(100276) == b"<|endofprompt|>"
+
+
+def test_decode_never_raises_and_checks_ids(data_dir):
+    import numpy as np
+
+    tok, enc = pair("r50k_base", data_dir)
+    ids = tok.encode("héllo 👍 wörld")
+    for k in range(len(ids) + 1):
+        assert tok.decode(ids[:k]) == enc.decode(ids[:k])
+    assert tok.decode_bytes(ids) == enc.decode_bytes(ids)
+    assert tok.decode(np.array(ids, dtype=np.int64)) == "héllo 👍 wörld"
+    assert tok.decode(tuple(ids)) == "héllo 👍 wörld"
+    assert tok.decode([]) == ""
+    for bad in ([-1], [tok.n_vocab], [2**40]):
+        with pytest.raises(ValueError, match="out of range|not in the vocabulary"):
+            tok.decode(bad)
+    with pytest.raises(TypeError):
+        tok.decode(["a"])
+    with pytest.raises(TypeError):
+        tok.encode(b"bytes")
+    assert [tok.token_bytes(i) for i in ids] == [enc.decode_single_token_bytes(i) for i in ids]
+
+
+def test_encode_to_numpy_and_pretokenize(data_dir):
+    tok, enc = pair("r50k_base", data_dir)
+    s = "Hello there, world's 123!  \n"
+    assert tok.encode_to_numpy(s).tolist() == enc.encode(s)
+    import regex
+
+    assert tok.pretokenize(s) == regex.findall(enc._pat_str, s)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def _hf_train(texts, vocab_size, pattern="gpt2"):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def shakespeare(data_dir):
+    text = (data_dir / "tinyshakespeare.txt").read_text()
+    return text[:800_000], text[800_000:]
+
+
+def test_train_compression_matches_hf_bpetrainer(shakespeare):
+    pytest.importorskip("tokenizers")
+    train, held = shakespeare
+    lines = train.splitlines(keepends=True)
+    for vocab_size in (600, 3000):
+        tok = Tokenizer.train(lines, vocab_size)
+        hf = _hf_train(lines, vocab_size)
+        assert tok.n_vocab == hf.get_vocab_size() == vocab_size
+        ours = len(held.encode()) / len(tok.encode_ordinary(held))
+        theirs = len(held.encode()) / len(hf.encode(held).ids)
+        assert abs(ours / theirs - 1) < 0.01, (vocab_size, ours, theirs)
+        # The merges, applied at encode time, reproduce the segmentation training ended with.
+        assert len(tok.encode_ordinary("".join(lines))) == tok.train_stats["corpus_tokens"]
+
+
+def test_train_deterministic_files_and_bytes_only(shakespeare, tmp_path):
+    train, _ = shakespeare
+    text = train[:200_000]
+    a = Tokenizer.train([text], 1000, num_threads=1)
+    b = Tokenizer.train([text[:100_000], text[100_000:]], 1000, num_threads=2)
+    p = tmp_path / "corpus.txt"
+    p.write_text(text)
+    with open(p) as f:
+        c = Tokenizer.train([f], 1000)
+    d = Tokenizer.train(p, 1000)
+    probe = text[:5000]
+    assert a.encode(probe) == c.encode(probe) == d.encode(probe)
+    assert a._core.merges() == c._core.merges()
+    # Cutting the corpus in two at a newline gives the same counts here.
+    assert a._core.merges() == b._core.merges()
+    plain = Tokenizer.train([text], 256)
+    assert plain.n_vocab == 257 and plain.eot_token == 256
+    assert plain.encode("héllo") == list("héllo".encode())
+    # Special-token text in the corpus is cut out, never merged.
+    s = Tokenizer.train(["ab<|endoftext|>ab" * 50], 300)
+    assert s.n_vocab == 259 and s.eot_token == 258  # only two merges exist: ab, abab
+    assert all(b"<" not in s.token_bytes(i) for i in range(256, 258))
+    with pytest.raises(ValueError):
+        Tokenizer.train(["x"], 0)
+    with pytest.raises(TypeError):
+        Tokenizer.train([123], 300)
+
+
+def test_save_load_round_trip_with_hf_and_transformers(shakespeare, tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    train, held = shakespeare
+    tok = Tokenizer.train([train[:300_000]], 2000)
+    tok.save(tmp_path)
+    probe = held[:20_000] + TEXTS["emoji"] + TEXTS["contractions"] + TEXTS["spaces"] + TEXTS["chinese"]
+    ids = tok.encode_ordinary(probe)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode(probe).ids == ids
+    assert hf.decode(ids) == probe
+    for path in (tmp_path, tmp_path / "tokenizer.json", tmp_path / "vocab.json"):
+        again = Tokenizer.load(path)
+        assert again.encode_ordinary(probe) == ids
+        assert again.special_tokens == tok.special_tokens
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert fast.encode(probe) == ids
+    slow = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert slow.encode(held[:3000]) == tok.encode_ordinary(held[:3000])
+
+
+def test_load_vocabulary_trained_by_hf(shakespeare, tmp_path):
+    pytest.importorskip("tokenizers")
+    train, held = shakespeare
+    hf = _hf_train([train[:300_000]], 1500)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    hf.model.save(str(tmp_path))  # vocab.json + merges.txt
+    probe = held[:20_000] + TEXTS["emoji"] + TEXTS["spaces"] + TEXTS["japanese"] + TEXTS["digits"]
+    want = hf.encode(probe).ids
+    assert Tokenizer.load(tmp_path / "tokenizer.json").encode_ordinary(probe) == want
+    assert Tokenizer.load(tmp_path / "vocab.json").encode_ordinary(probe) == want
+    # The old merge spelling ("a b" strings) as well as the new (["a", "b"]).
+    obj = json.loads((tmp_path / "tokenizer.json").read_text())
+    m = obj["model"]["merges"]
+    obj["model"]["merges"] = [" ".join(x) if isinstance(x, list) else x for x in m]
+    (tmp_path / "old.json").write_text(json.dumps(obj))
+    assert Tokenizer.load(tmp_path / "old.json").encode_ordinary(probe) == want
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_tiktoken_vocabulary_saved_for_hf(name, data_dir, tmp_path, texts):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok, enc = pair(name, data_dir)
+    tok.save(tmp_path)
+    # (Hugging Face always turns special-token text into special tokens: leave it out.)
+    probe = "\n".join(texts.values()).replace("<|", "< |")
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode(probe).ids == enc.encode_ordinary(probe)
+    assert Tokenizer.load(tmp_path).encode_ordinary(probe) == enc.encode_ordinary(probe)
+
+
+def test_from_tiktoken(data_dir):
+    tok, enc = pair("cl100k_base", data_dir)
+    t2 = Tokenizer.from_tiktoken(enc)
+    s = TEXTS["prose"] + TEXTS["digits"]
+    assert t2.encode(s) == enc.encode(s) and t2.n_vocab == enc.n_vocab
+
+
+# ----------------------------------------------------------------------------- malformed files
+def _tiktoken_file(tmp_path, lines):
+    p = tmp_path / "x.tiktoken"
+    p.write_bytes(b"".join(line + b"\n" for line in lines))
+    return p
+
+
+def _byte_lines():
+    return [base64.b64encode(bytes([b])) + b" " + str(b).encode() for b in range(256)]
+
+
+def test_malformed_files_give_clear_errors(tmp_path):
+    good = _byte_lines() + [base64.b64encode(b"ab") + b" 256"]
+    assert Tokenizer.load(_tiktoken_file(tmp_path, good)).encode("abab") == [256, 256]
+    with pytest.raises(ValueError, match="bad base64"):
+        Tokenizer.load(_tiktoken_file(tmp_path, good + [b"!!!notbase64 257"]))
+    with pytest.raises(ValueError, match="duplicate rank"):
+        Tokenizer.load(_tiktoken_file(tmp_path, good + [base64.b64encode(b"cd") + b" 256"]))
+    with pytest.raises(ValueError, match="repeats rank"):
+        Tokenizer.load(_tiktoken_file(tmp_path, good + [base64.b64encode(b"ab") + b" 257"]))
+    with pytest.raises(ValueError, match="bad rank"):
+        Tokenizer.load(_tiktoken_file(tmp_path, good + [base64.b64encode(b"cd") + b" x"]))
+    with pytest.raises(ValueError, match="single byte"):
+        Tokenizer.load(_tiktoken_file(tmp_path, _byte_lines()[1:]))
+    bad_gz = tmp_path / "y.tiktoken.gz"
+    bad_gz.write_bytes(gzip.compress(b"".join(x + b"\n" for x in good))[:-20])
+    with pytest.raises(ValueError, match="gzip"):
+        Tokenizer.load(bad_gz)
+
+    tok = Tokenizer.train(["hello hello world"], 270)
+    tok.save(tmp_path / "ok")
+    text = (tmp_path / "ok" / "tokenizer.json").read_text()
+    (tmp_path / "trunc.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Tokenizer.load(tmp_path / "trunc.json")
+    obj = json.loads(text)
+    obj["model"]["merges"].append(["Ġnope", "zz"])
+    (tmp_path / "unknown.json").write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        Tokenizer.load(tmp_path / "unknown.json")
+    obj = json.loads(text)
+    obj["model"]["merges"].append("a b c")
+    (tmp_path / "spell.json").write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match="expected 'A B'"):
+        Tokenizer.load(tmp_path / "spell.json")
+    obj = json.loads(text)
+    obj["model"]["type"] = "WordPiece"
+    (tmp_path / "wp.json").write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match="not a BPE"):
+        Tokenizer.load(tmp_path / "wp.json")
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tmp_path / "missing")
+    merges = (tmp_path / "ok" / "merges.txt").read_text() + "Ġq Ġr\n"
+    (tmp_path / "ok" / "merges.txt").write_text(merges)
+    (tmp_path / "ok" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="merge .* names a token"):
+        Tokenizer.load(tmp_path / "ok")
+    with pytest.raises(ValueError, match="unknown pre-tokenization pattern"):
+        Tokenizer.train(["x"], 300, pattern="o200k")
+
+
+# ----------------------------------------------------------------------------- adversarial
+def test_adversarial_inputs(data_dir):
+    tok, _ = pair("r50k_base", data_dir)
+    rng = random.Random(1)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEF0123456789.,;:!?()[]{}<>|/\\"
+    block = "".join(rng.choice(alphabet) for _ in range(1 << 20))
+    big = block * 50  # 50 MB without a space
+    ids = tok.encode_to_numpy(big, disallowed_special=())
+    assert 0 < len(ids) < len(big)
+    assert tok.decode_bytes(ids[: len(ids) // 50 + 10])[: 1 << 16] == big.encode()[: 1 << 16]
+    del big
+    # One long pre-token (5 MB of letters) merges in bounded memory.
+    ids = tok.encode_to_numpy("ab" * 2_500_000)
+    assert tok.decode_bytes(ids) == b"ab" * 2_500_000
+    # A million special-token look-alikes.
+    s = "<|endoftext|" * 1_000_000
+    assert tok.decode(tok.encode(s)) == s
+    s = "<|endoftext|>" * 1_000_000
+    assert tok.encode(s, allowed_special="all") == [tok.eot_token] * 1_000_000
+    with pytest.raises(ValueError):
+        tok.encode(s)
+
+
+# ----------------------------------------------------------------------------- CLI
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def test_cli_train_encode_decode(tmp_path, shakespeare, capsys, monkeypatch):
+    import io
+
+    from fastlm.cli import main
+
+    train, _ = shakespeare
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(train[:100_000])
+
+    def run(*args, input=None):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(input or ""))
+        capsys.readouterr()
+        rc = main(["tokenizer", *args])
+        out = capsys.readouterr()
+        return _Result(rc, out.out, out.err)
+
+    r = run("train", "--data", str(corpus), "--vocab-size", "500", "--out", str(tmp_path / "tok"))
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.load(tmp_path / "tok")
+    r = run("encode", "--tokenizer", str(tmp_path / "tok"), "--text", "First Citizen: hi")
+    assert r.returncode == 0, r.stderr
+    ids = [int(x) for x in r.stdout.split()]
+    assert ids == tok.encode("First Citizen: hi")
+    r = run("decode", "--tokenizer", str(tmp_path / "tok"), input=r.stdout)
+    assert r.returncode == 0 and r.stdout == "First Citizen: hi"
+    r = run("encode", "--tokenizer", str(tmp_path / "tok"), input="from stdin\n")
+    assert [int(x) for x in r.stdout.split()] == tok.encode("from stdin\n")
+    r = run("encode", "--tokenizer", str(tmp_path / "nope"), "--text", "x")
+    assert r.returncode == 2 and "error" in r.stderr
+    # The module entry point runs too.
+    r = subprocess.run([sys.executable, "-m", "fastlm", "tokenizer", "decode", "--tokenizer", str(tmp_path / "tok"),
+                        *map(str, ids)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "First Citizen: hi", r.stderr
