@@ -86,6 +86,9 @@ def _run_generate(args):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
 # ----------------------------------------------------------------------------- tokenizer
 def _add_tokenizer(sub):
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, encode and decode text")
