@@ -5,6 +5,8 @@ from .model import GPT, GPTConfig, build_model
 from .checkpoint import load_model
 from .tokenizer import Tokenizer
 from .train import Trainer, TrainConfig
+from .generate import stream
+from .pipelines import pipeline
 
 __all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "Tokenizer",
-           "Trainer", "TrainConfig"]
+           "Trainer", "TrainConfig", "stream", "pipeline"]

@@ -50,6 +50,45 @@ def _run_info(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- generate
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="continue a prompt with a model, streaming the text to the terminal")
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 50)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--context-overflow", choices=["stop", "slide"], default="stop")
+
+
+def _run_generate(args):
+    import fastlm
+    from fastlm.pipelines import TextGenerationPipeline
+
+    pipe = TextGenerationPipeline(args.model, tokenizer=args.tokenizer)
+    opts = {k: v for k, v in dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}
+    opts = {**pipe.defaults, **opts, "context_overflow": args.context_overflow}
+    if args.do_sample:
+        opts["do_sample"] = True
+    if opts.get("max_new_tokens") is None and opts.get("max_length") is None:
+        opts["max_new_tokens"] = 50
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for delta in fastlm.stream(pipe.model, pipe.tokenizer, args.prompt, **opts):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 # ----------------------------------------------------------------------------- tokenizer
 def _add_tokenizer(sub):
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, encode and decode text")
@@ -267,7 +306,7 @@ def _run_demo(args):
 
 
 # ----------------------------------------------------------------------------- main
-COMMANDS = ["info", "tokenizer", "prepare", "train", "demo"]
+COMMANDS = ["info", "tokenizer", "prepare", "train", "generate", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -158,8 +158,10 @@ class CausalSelfAttention(nn.Module):
         B, H, T, D = y.shape
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, H * D)))
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, cache=None):
         q, k, v = self.split_heads(self.c_attn(x), rope)
+        if cache is not None:  # generation: the cache stores k, v and attends (fastlm.generate)
+            return self.merge_heads(cache.attend(q, k, v))
         return self.merge_heads(ops.attention(q, k, v, causal=True))
 
 
@@ -191,14 +193,14 @@ class Block(nn.Module):
         self.ln_2 = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, delta, rope=None):
+    def forward(self, h, delta, rope=None, cache=None):
         """Takes the residual stream h and the pending branch output delta (None at the first
         block); returns the new (h, delta). The stream after the block is h + delta."""
         if delta is None:
             y = self.ln_1(h)
         else:
             y, h = self.ln_1(delta, residual=h)
-        y, h = self.ln_2(self.attn(y, rope), residual=h)
+        y, h = self.ln_2(self.attn(y, rope, cache), residual=h)
         return h, self.mlp(y)
 
 
@@ -278,17 +280,25 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds the model's context of {self.config.block_size}")
 
     # -- forward
-    def hidden_states(self, idx):
-        """Final normalised hidden states (B, T, n_embd) for token ids idx (B, T)."""
-        self._check_idx(idx)
-        T = idx.shape[1]
+    def hidden_states(self, idx, cache=None):
+        """Final normalised hidden states (B, T, n_embd) for token ids idx (B, T).
+
+        With ``cache`` (a ``fastlm.generate.KVCache`` step), idx holds each sequence's next
+        tokens, placed at ``cache.positions`` (B, T); keys and values go through the cache."""
+        if cache is None:
+            self._check_idx(idx)
+            positions = torch.arange(idx.shape[1], device=idx.device)
+            rope = self._rope(idx.shape[1])
+        else:
+            positions = cache.positions
+            rope = None if self.config.pos != "rope" else (
+                self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         h, delta = self.transformer.drop(x), None
-        rope = self._rope(T)
-        for block in self.transformer.h:
-            h, delta = block(h, delta, rope)
+        for i, block in enumerate(self.transformer.h):
+            h, delta = block(h, delta, rope, None if cache is None else cache.layer(i))
         if delta is None:
             return self.transformer.ln_f(h)
         return self.transformer.ln_f(delta, residual=h)[0]
@@ -307,6 +317,13 @@ class GPT(nn.Module):
         output layer and the loss are fused (``fastlm.ops.linear_cross_entropy``)."""
         y = self.hidden_states(idx)
         return ops.linear_cross_entropy(y, self.lm_head.weight, targets, ignore_index=ignore_index)
+
+    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
+        """Continue token ids with a KV cache; Hugging Face's parameters (do_sample, temperature,
+        top_k, top_p, repetition_penalty, eos_token_id, ...). See ``fastlm.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     # -- checkpoints (Hugging Face directory layout; see fastlm.checkpoint)
     @classmethod
