@@ -112,6 +112,27 @@ def test_same_ids_as_tiktoken_shakespeare_and_long_line(name, data_dir):
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
+def test_same_ids_as_tiktoken_whole_unicode_range(name, data_dir):
+    """Characters from all planes (recently assigned letters and numbers included) between
+    ASCII letters, digits, spaces and apostrophes."""
+    tok, enc = pair(name, data_dir)
+    rng = random.Random(2)
+    texts = []
+    for _ in range(2000):
+        chars = []
+        for _ in range(24):
+            if rng.random() < 0.5:
+                chars.append(rng.choice(" a1\n'.\tZ"))
+            else:
+                cp = rng.choice([rng.randrange(0x80, 0x3400), rng.randrange(0xA000, 0x10000),
+                                 rng.randrange(0x10000, 0x32000), rng.randrange(0xE0000, 0x110000)])
+                if not 0xD800 <= cp <= 0xDFFF:
+                    chars.append(chr(cp))
+        texts.append("".join(chars))
+    assert tok.encode_ordinary_batch(texts) == enc.encode_ordinary_batch(texts, num_threads=1)
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_lone_surrogates_replaced_like_tiktoken(name, data_dir):
     tok, enc = pair(name, data_dir)
     for s in ["a\ud800b", "\udfff", "x \ud83d\ude00 \ud83d y"]:
