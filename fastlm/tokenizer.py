@@ -215,7 +215,7 @@ class Tokenizer:
             buf = self._core.encode_to_bytes(_fix_surrogates(text), allowed, disallowed)
         return np.frombuffer(buf, dtype="<u4")
 
-    def encode_batch(self, texts: Iterable[str], *, num_threads: int | None = None,
+    def encode_batch(self, texts: Iterable[str], num_threads: int | None = None, *,
                      allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                      disallowed_special: Literal["all"] | Collection[str] = "all") -> list[list[int]]:
         """:meth:`encode` of each text, in parallel threads (all cores by default), GIL released."""
@@ -231,7 +231,7 @@ class Tokenizer:
             return self._core.encode_batch([_fix_surrogates(t) for t in texts], allowed, disallowed,
                                            num_threads or 0)
 
-    def encode_ordinary_batch(self, texts: Iterable[str], *, num_threads: int | None = None) -> list[list[int]]:
+    def encode_ordinary_batch(self, texts: Iterable[str], num_threads: int | None = None) -> list[list[int]]:
         return self.encode_batch(texts, num_threads=num_threads, disallowed_special=())
 
     def clear_cache(self) -> None:

@@ -182,6 +182,20 @@ def test_hypothesis_batch_equals_one_by_one(data_dir, batch, threads):
     assert tok.encode_batch(batch, num_threads=threads, **kw) == [tok.encode(t, **kw) for t in batch]
 
 
+def test_concurrent_python_threads(data_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, enc = pair("r50k_base", data_dir)
+    text = (data_dir / "tinyshakespeare.txt").read_text()
+    parts = [text[i * 50_000:(i + 1) * 50_000] for i in range(8)]
+    want = [enc.encode_ordinary(p) for p in parts]
+    tok.clear_cache()
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(tok.encode_ordinary, parts * 2))
+    assert got == want * 2
+    assert tok.encode_batch(parts, 2, disallowed_special=()) == want
+
+
 def test_special_tokens_semantics(data_dir):
     tok, enc = pair("cl100k_base", data_dir)
     s = "hi <|endoftext|> there<|fim_prefix|>x<|endofprompt|>"
