@@ -13,6 +13,12 @@ pair-rank hash table and a pre-token cache, multi-threaded batch encoding and tr
 Formats read by :meth:`Tokenizer.load`: Hugging Face ``tokenizer.json`` (ByteLevel BPE,
 merges spelled ``"a b"`` or ``["a", "b"]``), GPT-2 ``vocab.json`` + ``merges.txt``, and
 tiktoken rank files (``.tiktoken``, optionally gzipped).
+
+Limits: a single pre-token longer than 1 MiB (e.g. a megabyte of letters without a space) is
+merged in 1 MiB pieces, which bounds memory and time; tiktoken merges it whole (quadratic
+time), so ids can differ for such inputs only. Character classes follow Python's Unicode
+database, completed with tiktoken's classes for code points that are newer
+(``scripts/gen_unicode_tables.py``).
 """
 from __future__ import annotations
 

@@ -133,6 +133,18 @@ def test_same_ids_as_tiktoken_whole_unicode_range(name, data_dir):
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
+def test_same_ids_as_tiktoken_long_pretokens(name, data_dir):
+    """Pre-tokens longer than 256 bytes take the heap-based merge."""
+    tok, enc = pair(name, data_dir)
+    rng = random.Random(3)
+    for s in ["a" * 3000, "ab" * 1500, "".join(rng.choice("abcdefghijklmnop") for _ in range(4000)),
+              " " + "".join(rng.choice("etaoinshrdlu") for _ in range(2000)), "é" * 700 + "x",
+              "".join(rng.choice("0123456789") for _ in range(1000)), "!?" * 400, " " * 1000 + "x",
+              "\n" * 600 + "y"]:
+        assert tok.encode_ordinary(s) == enc.encode_ordinary(s), s[:20]
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_lone_surrogates_replaced_like_tiktoken(name, data_dir):
     tok, enc = pair(name, data_dir)
     for s in ["a\ud800b", "\udfff", "x \ud83d\ude00 \ud83d y"]:
