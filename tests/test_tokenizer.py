@@ -29,7 +29,8 @@ SHARED_DATA = pathlib.Path(os.environ.get("FASTLM_SHARED_DATA")
 @pytest.fixture(scope="module")
 def data_dir():
     if not (SHARED_DATA / "r50k_base.tiktoken.gz").is_file():
-        pytest.skip(f"the real vocabularies are absent from {SHARED_DATA} (r50k_base.tiktoken.gz)")
+        pytest.skip(f"the real vocabularies are absent from {SHARED_DATA} (r50k_base.tiktoken.gz); "
+                    "set FASTLM_SHARED_DATA to the folder that has them")
     return SHARED_DATA
 
 
