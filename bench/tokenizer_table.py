@@ -14,6 +14,8 @@ def main(path):
     for b in data["benchmarks"]:
         info = b["extra_info"]
         groups[b["group"]][info["impl"]] = (b["stats"]["median"], info["bytes"])
+        if "cpu_s_median" in info:
+            print(f"<!-- {b['group']} {info['impl']}: process CPU s (median) {info['cpu_s_median']:.3f} -->")
     print("| benchmark | implementation | median s | MB/s | fastlm speed-up |")
     print("| --- | --- | ---: | ---: | ---: |")
     for g in sorted(groups):

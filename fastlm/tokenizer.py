@@ -13,6 +13,12 @@ pair-rank hash table and a pre-token cache, multi-threaded batch encoding and tr
 Formats read by :meth:`Tokenizer.load`: Hugging Face ``tokenizer.json`` (ByteLevel BPE,
 merges spelled ``"a b"`` or ``["a", "b"]``), GPT-2 ``vocab.json`` + ``merges.txt``, and
 tiktoken rank files (``.tiktoken``, optionally gzipped).
+
+Limits: a single pre-token longer than 1 MiB (e.g. a megabyte of letters without a space) is
+merged in 1 MiB pieces, which bounds memory and time; tiktoken merges it whole (quadratic
+time), so ids can differ for such inputs only. Character classes follow Python's Unicode
+database, completed with tiktoken's classes for code points that are newer
+(``scripts/gen_unicode_tables.py``).
 """
 from __future__ import annotations
 
@@ -215,7 +221,7 @@ class Tokenizer:
             buf = self._core.encode_to_bytes(_fix_surrogates(text), allowed, disallowed)
         return np.frombuffer(buf, dtype="<u4")
 
-    def encode_batch(self, texts: Iterable[str], *, num_threads: int | None = None,
+    def encode_batch(self, texts: Iterable[str], num_threads: int | None = None, *,
                      allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                      disallowed_special: Literal["all"] | Collection[str] = "all") -> list[list[int]]:
         """:meth:`encode` of each text, in parallel threads (all cores by default), GIL released."""
@@ -231,7 +237,7 @@ class Tokenizer:
             return self._core.encode_batch([_fix_surrogates(t) for t in texts], allowed, disallowed,
                                            num_threads or 0)
 
-    def encode_ordinary_batch(self, texts: Iterable[str], *, num_threads: int | None = None) -> list[list[int]]:
+    def encode_ordinary_batch(self, texts: Iterable[str], num_threads: int | None = None) -> list[list[int]]:
         return self.encode_batch(texts, num_threads=num_threads, disallowed_special=())
 
     def clear_cache(self) -> None:

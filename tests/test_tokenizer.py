@@ -29,7 +29,8 @@ SHARED_DATA = pathlib.Path(os.environ.get("FASTLM_SHARED_DATA")
 @pytest.fixture(scope="module")
 def data_dir():
     if not (SHARED_DATA / "r50k_base.tiktoken.gz").is_file():
-        pytest.skip(f"the real vocabularies are absent from {SHARED_DATA} (r50k_base.tiktoken.gz)")
+        pytest.skip(f"the real vocabularies are absent from {SHARED_DATA} (r50k_base.tiktoken.gz); "
+                    "set FASTLM_SHARED_DATA to the folder that has them")
     return SHARED_DATA
 
 
@@ -112,6 +113,39 @@ def test_same_ids_as_tiktoken_shakespeare_and_long_line(name, data_dir):
 
 
 @pytest.mark.parametrize("name", ENCODINGS)
+def test_same_ids_as_tiktoken_whole_unicode_range(name, data_dir):
+    """Characters from all planes (recently assigned letters and numbers included) between
+    ASCII letters, digits, spaces and apostrophes."""
+    tok, enc = pair(name, data_dir)
+    rng = random.Random(2)
+    texts = []
+    for _ in range(2000):
+        chars = []
+        for _ in range(24):
+            if rng.random() < 0.5:
+                chars.append(rng.choice(" a1\n'.\tZ"))
+            else:
+                cp = rng.choice([rng.randrange(0x80, 0x3400), rng.randrange(0xA000, 0x10000),
+                                 rng.randrange(0x10000, 0x32000), rng.randrange(0xE0000, 0x110000)])
+                if not 0xD800 <= cp <= 0xDFFF:
+                    chars.append(chr(cp))
+        texts.append("".join(chars))
+    assert tok.encode_ordinary_batch(texts) == enc.encode_ordinary_batch(texts, num_threads=1)
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_same_ids_as_tiktoken_long_pretokens(name, data_dir):
+    """Pre-tokens longer than 256 bytes take the heap-based merge."""
+    tok, enc = pair(name, data_dir)
+    rng = random.Random(3)
+    for s in ["a" * 3000, "ab" * 1500, "".join(rng.choice("abcdefghijklmnop") for _ in range(4000)),
+              " " + "".join(rng.choice("etaoinshrdlu") for _ in range(2000)), "é" * 700 + "x",
+              "".join(rng.choice("0123456789") for _ in range(1000)), "!?" * 400, " " * 1000 + "x",
+              "\n" * 600 + "y"]:
+        assert tok.encode_ordinary(s) == enc.encode_ordinary(s), s[:20]
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_lone_surrogates_replaced_like_tiktoken(name, data_dir):
     tok, enc = pair(name, data_dir)
     for s in ["a\ud800b", "\udfff", "x \ud83d\ude00 \ud83d y"]:
@@ -159,6 +193,20 @@ def test_hypothesis_batch_equals_one_by_one(data_dir, batch, threads):
     assert tok.encode_batch(batch, num_threads=threads, **kw) == [tok.encode(t, **kw) for t in batch]
     kw = dict(allowed_special="all")
     assert tok.encode_batch(batch, num_threads=threads, **kw) == [tok.encode(t, **kw) for t in batch]
+
+
+def test_concurrent_python_threads(data_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, enc = pair("r50k_base", data_dir)
+    text = (data_dir / "tinyshakespeare.txt").read_text()
+    parts = [text[i * 50_000:(i + 1) * 50_000] for i in range(8)]
+    want = [enc.encode_ordinary(p) for p in parts]
+    tok.clear_cache()
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(tok.encode_ordinary, parts * 2))
+    assert got == want * 2
+    assert tok.encode_batch(parts, 2, disallowed_special=()) == want
 
 
 def test_special_tokens_semantics(data_dir):

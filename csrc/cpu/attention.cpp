@@ -530,6 +530,8 @@ struct DecArgs {
   const float *q, *k, *v;
   const int64_t* lens;
   float* part;  // (B, Hkv, nsplit, G*Tq, D + 2): acc, max (log2 units), sum
+  float* out;
+  std::atomic<int>* done;  // per (batch, kv head): slices finished; the last one combines
   int64_t B, H, Hkv, Tq, L, D, nsplit, chunk;
   float scale;
 };
@@ -546,7 +548,7 @@ struct DecWork {
     st.s.resize(rows * BK);
     return st;
   }
-  void operator()(int64_t item, int64_t, State& st) const {
+  void slice(int64_t item, State& st) const {
     const int64_t G = a.H / a.Hkv, rows = G * a.Tq, D = a.D, W = D + 2;
     const int64_t split = item % a.nsplit, bhk = item / a.nsplit;
     const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
@@ -592,6 +594,33 @@ struct DecWork {
         pr[D] = mnew;
       }
       gemm(rows, D, nk, S, BK, V + k0 * D, D, part, W, true);
+    }
+  }
+  void operator()(int64_t item, int64_t tid, State& st) const {
+    slice(item, st);
+    const int64_t bhk = item / a.nsplit;
+    if (a.done[bhk].fetch_add(1, std::memory_order_acq_rel) == a.nsplit - 1) combine(bhk);
+  }
+  // out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the slices of one (batch, kv head).
+  void combine(int64_t bhk) const {
+    const int64_t G = a.H / a.Hkv, rows = G * a.Tq, D = a.D, W = D + 2;
+    const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t g = r / a.Tq, t = r % a.Tq;
+      float* o = a.out + ((b * a.H + hk * G + g) * a.Tq + t) * D;
+      float M = -kInf;
+      for (int64_t s = 0; s < a.nsplit; ++s) M = std::max(M, a.part[((bhk * a.nsplit + s) * rows + r) * W + D]);
+      std::fill(o, o + D, 0.f);
+      if (M == -kInf) continue;  // no visible position: zeros, as the reference
+      float lsum = 0.f;
+      for (int64_t s = 0; s < a.nsplit; ++s) {
+        const float* pr = a.part + ((bhk * a.nsplit + s) * rows + r) * W;
+        if (pr[D] == -kInf) continue;
+        const float w = std::exp2(pr[D] - M);
+        lsum += w * pr[D + 1];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * pr[d];
+      }
+      scale_row(o, D, 1.f / lsum);
     }
   }
 };
@@ -706,33 +735,12 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   const int64_t chunk = cdiv(cdiv(L, nsplit), BK) * BK;
   nsplit = std::max<int64_t>(1, cdiv(L, chunk));
   at::Tensor part = at::empty({B * Hkv * nsplit * rows * W}, q.options());
+  std::vector<std::atomic<int>> done(B * Hkv);
+  for (auto& f : done) f.store(0);
   DecArgs a{q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), lp, part.data_ptr<float>(),
-            B, H, Hkv, Tq, L, D, nsplit, chunk, (float)scale};
+            out.data_ptr<float>(), done.data(), B, H, Hkv, Tq, L, D, nsplit, chunk, (float)scale};
   DecWork w{a};
   run_dynamic(B * Hkv * nsplit, w);
-  // Combine the slices: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
-  const float* pp = part.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * Hkv * rows, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t idx = r0; idx < r1; ++idx) {
-      const int64_t bhk = idx / rows, r = idx % rows;
-      const int64_t b = bhk / Hkv, hk = bhk % Hkv, g = r / Tq, t = r % Tq;
-      float* o = op + ((b * H + hk * G + g) * Tq + t) * D;
-      float M = -kInf;
-      for (int64_t s = 0; s < nsplit; ++s) M = std::max(M, pp[((bhk * nsplit + s) * rows + r) * W + D]);
-      std::fill(o, o + D, 0.f);
-      if (M == -kInf) continue;  // no visible position: zeros, as the reference
-      float lsum = 0.f;
-      for (int64_t s = 0; s < nsplit; ++s) {
-        const float* pr = pp + ((bhk * nsplit + s) * rows + r) * W;
-        if (pr[D] == -kInf) continue;
-        const float w8 = std::exp2(pr[D] - M);
-        lsum += w8 * pr[D + 1];
-        for (int64_t d = 0; d < D; ++d) o[d] += w8 * pr[d];
-      }
-      scale_row(o, D, 1.f / lsum);
-    }
-  });
   return q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type());
 }
 

@@ -126,13 +126,41 @@ class PyTokenizer {
       for (PyObject* o : ints_) Py_XDECREF(o);
   }
 
+  // Python lists of the ids. The int objects of the ids are made once (ints_); for long
+  // outputs their reference counts are raised in bulk (one add per distinct id, from counts
+  // taken without the GIL) and the list slots are then filled without the GIL, in parallel
+  // for a batch. A list being filled is reachable from nowhere but here, and its items'
+  // references are counted before they are stored, so a garbage collection running
+  // meanwhile sees nothing inconsistent.
+  static constexpr size_t kBulk = 8192;
+
+  void count_ids(const std::vector<uint32_t>& v, std::vector<uint32_t>& cnt) const {
+    for (uint32_t id : v) ++cnt[id];
+  }
+  void add_refs(const std::vector<uint32_t>& cnt) const {
+    for (size_t id = 0; id < cnt.size(); ++id)
+      if (cnt[id]) Py_SET_REFCNT(ints_[id], Py_REFCNT(ints_[id]) + Py_ssize_t(cnt[id]));
+  }
+  void fill(PyObject* l, const std::vector<uint32_t>& v) const {
+    PyObject** items = reinterpret_cast<PyListObject*>(l)->ob_item;
+    PyObject* const* ints = ints_.data();
+    for (size_t i = 0; i < v.size(); ++i) items[i] = ints[v[i]];
+  }
+
   py::list to_list(const std::vector<uint32_t>& v) const {
     PyObject* l = PyList_New(Py_ssize_t(v.size()));
     if (!l) throw py::error_already_set();
-    for (size_t i = 0; i < v.size(); ++i) {
-      PyObject* o = ints_[v[i]];
-      Py_INCREF(o);
-      PyList_SET_ITEM(l, Py_ssize_t(i), o);
+    if (v.size() < kBulk) {
+      for (size_t i = 0; i < v.size(); ++i) {
+        PyObject* o = ints_[v[i]];
+        Py_INCREF(o);
+        PyList_SET_ITEM(l, Py_ssize_t(i), o);
+      }
+    } else {
+      std::vector<uint32_t> cnt(ints_.size(), 0);
+      count_ids(v, cnt);
+      add_refs(cnt);
+      fill(l, v);
     }
     return py::reinterpret_steal<py::list>(l);
   }
@@ -197,8 +225,44 @@ class PyTokenizer {
     }
     if (disallowed_hit) throw DisallowedSpecial(err);
     if (!err.empty()) throw std::runtime_error(err);
+    int nt = 1;
+#ifdef _OPENMP
+    nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#endif
+    nt = std::max(1, std::min<int>(nt, int(k)));
+    // Count the ids (per thread, without the GIL), raise the references, make the lists,
+    // then fill them without the GIL.
+    std::vector<std::vector<uint32_t>> cnts(static_cast<size_t>(nt));
+    {
+      py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(nt)
+      {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        std::vector<uint32_t>& cnt = cnts[size_t(tid)];
+        cnt.assign(ints_.size(), 0);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < int64_t(k); ++i) count_ids(outs[size_t(i)], cnt);
+      }
+      for (size_t t = 1; t < cnts.size(); ++t)
+        for (size_t id = 0; id < cnts[0].size(); ++id) cnts[0][id] += cnts[t][id];
+    }
+    add_refs(cnts[0]);
     py::list res(k);
-    for (size_t i = 0; i < k; ++i) res[i] = to_list(outs[i]);
+    std::vector<PyObject*> lists(k);
+    for (size_t i = 0; i < k; ++i) {
+      PyObject* l = PyList_New(Py_ssize_t(outs[i].size()));
+      if (!l) throw py::error_already_set();  // (the raised references then leak; only on out-of-memory)
+      lists[i] = l;
+      PyList_SET_ITEM(res.ptr(), Py_ssize_t(i), l);
+    }
+    {
+      py::gil_scoped_release nogil;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+      for (int64_t i = 0; i < int64_t(k); ++i) fill(lists[size_t(i)], outs[size_t(i)]);
+    }
     return res;
   }
 

@@ -208,7 +208,7 @@ class PieceCache {
  public:
   static constexpr size_t kMaxPieceLen = 24;
   static constexpr size_t kMaxIds = 6;
-  static constexpr size_t kMaxEntries = size_t(1) << 19;
+  static constexpr size_t kMaxEntries = size_t(1) << 18;  // at most 32 MB of table
 
   struct Key {
     uint64_t w[3];
