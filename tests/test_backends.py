@@ -1,8 +1,10 @@
-"""Every op of every usable backend against the reference in float64.
+"""Every op of every compiled backend against the reference in float64.
 
 The (backend, op) pairs come from the registry itself, so a kernel registered later is
 checked here as soon as it exists. Inputs are fresh random tensors over shapes drawn with
-hypothesis: size 1, odd sizes, non-contiguous views. Forward and backward.
+hypothesis: size 1, odd sizes, non-contiguous views. Forward and backward. The Triton
+forms are checked in each op's own test file, at the small shapes the CPU interpreter
+can run in reasonable time (on a GPU they join this test).
 """
 import math
 
@@ -23,7 +25,7 @@ ATTN_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, tor
 def _pairs():
     out = []
     for name in ops.backends():
-        if name == "reference":
+        if name == "reference" or (name == "triton" and not torch.cuda.is_available()):
             continue
         for op in _dispatch._BACKENDS[name].ops:
             out.append((name, op))
@@ -122,21 +124,32 @@ def test_op_matches_reference(backend, op, data, seed):
     test_args = [a.detach().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
                  else a for i, a in enumerate(args)]
     ref_out = _outputs(getattr(reference, op)(*ref_args, **kwargs))
+    # In bf16/fp16 the spec itself rounds (e.g. h = x + residual is stored in bf16), so a
+    # kernel is held to the larger of the dtype's tolerance and twice the error of the
+    # reference computed in that same dtype (FlashAttention's criterion).
+    low = dtype in (torch.bfloat16, torch.float16)
+    lp_args = [a.detach().clone().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
+               else a for i, a in enumerate(args)]
+    lp_out = _outputs(getattr(reference, op)(*lp_args, **kwargs)) if low else None
     with ops.use_backend(backend):
         assert ops.implementation(op, test_args[0]) == backend
         out = _outputs(getattr(ops, op)(*test_args, **kwargs))
     tol = (ATTN_TOL if "attention" in op else TOL)[dtype]
     assert len(out) == len(ref_out)
-    for o, r in zip(out, ref_out):
+    for j, (o, r) in enumerate(zip(out, ref_out)):
         assert o.shape == r.shape and o.dtype == dtype
-        assert rel_error(o, r) <= tol, f"{backend}.{op} forward rel err {rel_error(o, r):.3g} > {tol}"
+        allowed = max(tol, 2 * rel_error(lp_out[j], r)) if low else tol
+        assert rel_error(o, r) <= allowed, f"{backend}.{op} forward rel err {rel_error(o, r):.3g} > {allowed:.3g}"
     if not grad_idx:
         return
     # Backward: the same random cotangent for each output, in both computations.
     cot = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref_out]
     torch.autograd.backward([r for r in ref_out], cot)
     torch.autograd.backward([o for o in out], [c.to(o.dtype).to(o.device) for c, o in zip(cot, out)])
+    if low:
+        torch.autograd.backward(lp_out, [c.to(o.dtype) for c, o in zip(cot, lp_out)])
     for i in grad_idx:
         g, gr = test_args[i].grad, ref_args[i].grad
         assert g is not None, f"{backend}.{op}: no gradient for argument {i}"
-        assert rel_error(g, gr) <= 4 * tol, f"{backend}.{op} grad[{i}] rel err {rel_error(g, gr):.3g}"
+        allowed = max(4 * tol, 2 * rel_error(lp_args[i].grad, gr)) if low else 4 * tol
+        assert rel_error(g, gr) <= allowed, f"{backend}.{op} grad[{i}] rel err {rel_error(g, gr):.3g} > {allowed:.3g}"
