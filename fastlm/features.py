@@ -27,6 +27,7 @@ import json
 import numbers
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class NotFittedError(ValueError, AttributeError):
 
 # ----------------------------------------------------------------------------- native part
 _NATIVE = None
+_NATIVE_LOCK = threading.Lock()
 
 
 def _unicode_tables():
@@ -76,16 +78,18 @@ def _unicode_tables():
 def _native():
     global _NATIVE
     if _NATIVE is None:
-        try:
-            from . import _features
-        except ImportError as e:  # pragma: no cover - only in a broken install
-            raise ImportError(
-                "fastlm.features needs the C++ extension fastlm._features, which is not built; "
-                "reinstall fastlm from source (pip install -e .)"
-            ) from e
-        if not _features.tables_ready():
-            _features.set_unicode_tables(*_unicode_tables())
-        _NATIVE = _features
+        with _NATIVE_LOCK:  # the tables are set once, before any counting starts
+            if _NATIVE is None:
+                try:
+                    from . import _features
+                except ImportError as e:  # pragma: no cover - only in a broken install
+                    raise ImportError(
+                        "fastlm.features needs the C++ extension fastlm._features, which is not built; "
+                        "reinstall fastlm from source (pip install -e .)"
+                    ) from e
+                if not _features.tables_ready():
+                    _features.set_unicode_tables(*_unicode_tables())
+                _NATIVE = _features
     return _NATIVE
 
 
@@ -203,6 +207,19 @@ class CountVectorizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+    # -- pickling (joblib, multiprocessing): the native vocabulary travels as its terms
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state.get("_vocab") is not None:
+            state["_vocab"] = state["_vocab"].terms_bytes()
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if state.get("_vocab") is not None:
+            state["_vocab"] = _native().Vocabulary.from_terms(list(state["_vocab"]))
+        self.__dict__.update(state)
 
     # -- checks
     def _validate(self):

@@ -235,6 +235,17 @@ def test_inputs_other_than_lists():
     assert (CountVectorizer().fit_transform(np.array(docs, dtype=object)) != ref).nnz == 0
 
 
+def test_pickle_round_trip():
+    import pickle
+
+    docs = _corpus(seed=13)
+    v = TfidfVectorizer(ngram_range=(1, 2)).fit(docs)
+    w = pickle.loads(pickle.dumps(v))
+    assert (w.transform(docs) != v.transform(docs)).nnz == 0
+    assert list(w.get_feature_names_out()) == list(v.get_feature_names_out())
+    assert pickle.loads(pickle.dumps(TfidfVectorizer())).get_params() == TfidfVectorizer().get_params()
+
+
 def test_sklearn_clone_and_params():
     from sklearn.base import clone
 
