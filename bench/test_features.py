@@ -1,7 +1,8 @@
 """TF-IDF on 20 MB of text: fastlm.features.TfidfVectorizer vs scikit-learn's, same run.
 
 One round = fit_transform(docs) + transform(docs) with the default options (the word
-analyzer, l2 norm, smoothed idf), on ~20 MB of documents: the Python standard library's
+analyzer, l2 norm, smoothed idf; then the same with ngram_range=(1, 2)), on ~20 MB of
+documents: the Python standard library's
 .py files cut into ~4 kB pieces (plus tinyshakespeare's paragraphs when the shared data is
 at hand). fastlm runs with 1 thread and with 2; the first round of each is a warm-up (the
 Unicode tables are built then); the figure is the median of the rest. Before timing, the
@@ -74,7 +75,7 @@ def corpus():
 
 
 def _round(make):
-    def run(docs):
+    def run(docs):  # make() builds a fresh vectorizer
         v = make()
         v.fit_transform(docs)
         return v.transform(docs)
@@ -83,23 +84,35 @@ def _round(make):
 
 
 IMPLS = {
-    "sklearn": lambda: sklearn_text.TfidfVectorizer(),
-    "fastlm-1-thread": lambda: TfidfVectorizer(n_jobs=1),
-    "fastlm-2-threads": lambda: TfidfVectorizer(n_jobs=2),
+    "sklearn": lambda **o: sklearn_text.TfidfVectorizer(**o),
+    "fastlm-1-thread": lambda **o: TfidfVectorizer(n_jobs=1, **o),
+    "fastlm-2-threads": lambda **o: TfidfVectorizer(n_jobs=2, **o),
 }
+
+
+def _bench(benchmark, corpus, impl, **options):
+    docs, size = corpus
+    make = IMPLS[impl]
+    benchmark.pedantic(_round(lambda: make(**options)), args=(docs,), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    median = benchmark.stats.stats.median
+    key = tuple(sorted(options.items()))
+    MEDIANS[key, impl] = median
+    benchmark.extra_info["MB"] = round(size / 1e6, 2)
+    benchmark.extra_info["MB_per_s"] = round(2 * size / 1e6 / median, 1)  # text is read twice a round
+    if impl != "sklearn" and (key, "sklearn") in MEDIANS:
+        base = MEDIANS[key, "sklearn"]
+        benchmark.extra_info["speedup_vs_sklearn"] = round(base / median, 2)
+        print(f"\n{impl} {dict(options)}: {base / median:.2f}x scikit-learn (median {median:.3f} s vs {base:.3f} s, "
+              f"{size / 1e6:.1f} MB)")
 
 
 @pytest.mark.benchmark(group="tfidf-fit-transform-20MB")
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_tfidf_20mb(benchmark, corpus, impl):
-    docs, size = corpus
-    benchmark.pedantic(_round(IMPLS[impl]), args=(docs,), rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    median = benchmark.stats.stats.median
-    MEDIANS[impl] = median
-    benchmark.extra_info["MB"] = round(size / 1e6, 2)
-    benchmark.extra_info["MB_per_s"] = round(2 * size / 1e6 / median, 1)  # text is read twice a round
-    if impl != "sklearn" and "sklearn" in MEDIANS:
-        speedup = MEDIANS["sklearn"] / median
-        benchmark.extra_info["speedup_vs_sklearn"] = round(speedup, 2)
-        print(f"\n{impl}: {speedup:.2f}x scikit-learn (median {median:.3f} s vs {MEDIANS['sklearn']:.3f} s, "
-              f"{size / 1e6:.1f} MB)")
+    _bench(benchmark, corpus, impl)
+
+
+@pytest.mark.benchmark(group="tfidf-fit-transform-20MB-bigrams")
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_tfidf_bigrams_20mb(benchmark, corpus, impl):
+    _bench(benchmark, corpus, impl, ngram_range=(1, 2))

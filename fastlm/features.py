@@ -27,6 +27,7 @@ import json
 import numbers
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class NotFittedError(ValueError, AttributeError):
 
 # ----------------------------------------------------------------------------- native part
 _NATIVE = None
+_NATIVE_LOCK = threading.Lock()
 
 
 def _unicode_tables():
@@ -76,16 +78,18 @@ def _unicode_tables():
 def _native():
     global _NATIVE
     if _NATIVE is None:
-        try:
-            from . import _features
-        except ImportError as e:  # pragma: no cover - only in a broken install
-            raise ImportError(
-                "fastlm.features needs the C++ extension fastlm._features, which is not built; "
-                "reinstall fastlm from source (pip install -e .)"
-            ) from e
-        if not _features.tables_ready():
-            _features.set_unicode_tables(*_unicode_tables())
-        _NATIVE = _features
+        with _NATIVE_LOCK:  # the tables are set once, before any counting starts
+            if _NATIVE is None:
+                try:
+                    from . import _features
+                except ImportError as e:  # pragma: no cover - only in a broken install
+                    raise ImportError(
+                        "fastlm.features needs the C++ extension fastlm._features, which is not built; "
+                        "reinstall fastlm from source (pip install -e .)"
+                    ) from e
+                if not _features.tables_ready():
+                    _features.set_unicode_tables(*_unicode_tables())
+                _NATIVE = _features
     return _NATIVE
 
 
@@ -167,16 +171,19 @@ class CountVectorizer:
 
     Options (scikit-learn's meaning): ``lowercase``, ``ngram_range``, ``analyzer``
     (``"word"``, a tokenizer, or a callable), ``max_df``/``min_df`` (int: documents, float:
-    proportion), ``max_features``, ``binary``, ``dtype``; and ``n_jobs``, the threads that
-    count (None or -1: every CPU this process may use).
+    proportion), ``max_features``, ``vocabulary`` (a fixed vocabulary: a mapping term ->
+    column or an iterable of terms; with a tokenizer analyzer a term is a tuple of ids),
+    ``binary``, ``dtype``; and ``n_jobs``, the threads that count (None or -1: every CPU
+    this process may use).
     """
 
-    _param_names = ("lowercase", "ngram_range", "analyzer", "max_df", "min_df", "max_features", "binary",
-                    "dtype", "n_jobs")
+    _param_names = ("lowercase", "ngram_range", "analyzer", "max_df", "min_df", "max_features", "vocabulary",
+                    "binary", "dtype", "n_jobs")
 
     def __init__(self, *, lowercase=True, ngram_range=(1, 1), analyzer="word", max_df=1.0, min_df=1,
-                 max_features=None, binary=False, dtype=np.int64, n_jobs=None):
+                 max_features=None, vocabulary=None, binary=False, dtype=np.int64, n_jobs=None):
         self.lowercase = lowercase
+        self.vocabulary = vocabulary
         self.ngram_range = ngram_range
         self.analyzer = analyzer
         self.max_df = max_df
@@ -200,6 +207,19 @@ class CountVectorizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+    # -- pickling (joblib, multiprocessing): the native vocabulary travels as its terms
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state.get("_vocab") is not None:
+            state["_vocab"] = state["_vocab"].terms_bytes()
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if state.get("_vocab") is not None:
+            state["_vocab"] = _native().Vocabulary.from_terms(list(state["_vocab"]))
+        self.__dict__.update(state)
 
     # -- checks
     def _validate(self):
@@ -289,11 +309,58 @@ class CountVectorizer:
             return nat.fit_terms(term_lists, threads)
         return (vocab,) + tuple(nat.transform_terms(vocab, term_lists, threads))
 
+    def _fixed_vocabulary(self, kind):
+        """The native vocabulary of the ``vocabulary`` option (scikit-learn's checks and messages)."""
+        voc = self.vocabulary
+        if isinstance(voc, str):
+            raise TypeError("vocabulary must be a mapping or an iterable of terms, not a str")
+        if isinstance(voc, (set, frozenset)):
+            voc = sorted(voc)
+        if hasattr(voc, "items"):
+            voc = dict(voc)
+            indices = set(voc.values())
+            if len(indices) != len(voc):
+                raise ValueError("Vocabulary contains repeated indices.")
+            for i in range(len(voc)):
+                if i not in indices:
+                    raise ValueError(f"Vocabulary of size {len(voc)} doesn't contain index {i}.")
+            terms = [None] * len(voc)
+            for term, i in voc.items():
+                terms[i] = term
+        else:
+            terms, seen = [], set()
+            for term in voc:
+                if term in seen:
+                    raise ValueError(f"Duplicate term in vocabulary: {term!r}")
+                seen.add(term)
+                terms.append(term)
+        if not terms:
+            raise ValueError("empty vocabulary passed to fit")
+        if kind == "tokens":
+            keys = []
+            for term in terms:
+                ids = (term,) if isinstance(term, numbers.Integral) else tuple(term)
+                if not ids or not all(isinstance(i, numbers.Integral) and 0 <= i < 2**32 for i in ids):
+                    raise ValueError(f"with a tokenizer analyzer, vocabulary terms are tuples of token ids, got {term!r}")
+                keys.append(np.array(ids, dtype=">u4").tobytes())
+            return _native().Vocabulary.from_terms(keys)
+        for term in terms:
+            if not isinstance(term, str):
+                raise TypeError(f"vocabulary terms must be str, got {type(term).__name__}")
+        return _native().Vocabulary.from_terms(terms)
+
     def _fit_counts(self, raw_documents):
         """Learns the vocabulary; returns (indptr, indices, counts) over the kept columns."""
         self._validate()
         docs = _as_documents(raw_documents)
         kind = self._kind()
+        if self.vocabulary is not None:  # fixed: counted as transform counts, nothing pruned
+            vocab, indptr, indices, counts = self._count(docs, self._fixed_vocabulary(kind), kind)
+            self._vocab = vocab
+            self._fitted_kind = kind
+            self._names = None
+            self._vocabulary = None
+            return indptr, indices, counts
         vocab, indptr, indices, counts = self._count(docs, None, kind)
         n_terms = len(vocab)
         if n_terms == 0:
@@ -416,10 +483,11 @@ class TfidfVectorizer(CountVectorizer):
     _param_names = CountVectorizer._param_names + ("norm", "use_idf", "smooth_idf", "sublinear_tf")
 
     def __init__(self, *, lowercase=True, ngram_range=(1, 1), analyzer="word", max_df=1.0, min_df=1,
-                 max_features=None, binary=False, dtype=np.float64, norm="l2", use_idf=True, smooth_idf=True,
-                 sublinear_tf=False, n_jobs=None):
+                 max_features=None, vocabulary=None, binary=False, dtype=np.float64, norm="l2", use_idf=True,
+                 smooth_idf=True, sublinear_tf=False, n_jobs=None):
         super().__init__(lowercase=lowercase, ngram_range=ngram_range, analyzer=analyzer, max_df=max_df,
-                         min_df=min_df, max_features=max_features, binary=binary, dtype=dtype, n_jobs=n_jobs)
+                         min_df=min_df, max_features=max_features, vocabulary=vocabulary, binary=binary,
+                         dtype=dtype, n_jobs=n_jobs)
         self.norm = norm
         self.use_idf = use_idf
         self.smooth_idf = smooth_idf
@@ -554,7 +622,8 @@ class TfidfIndex:
         v = self.vectorizer
         if not isinstance(v.analyzer, str):
             raise ValueError("only an index with the word analyzer can be saved (the analyzer is not serializable)")
-        options = {name: getattr(v, name) for name in v._param_names if name not in ("analyzer", "n_jobs")}
+        options = {name: getattr(v, name) for name in v._param_names
+                   if name not in ("analyzer", "n_jobs", "vocabulary")}
         options["ngram_range"] = list(options["ngram_range"])
         options["dtype"] = np.dtype(options["dtype"]).name
         for name in ("max_df", "min_df", "max_features"):

@@ -185,6 +185,28 @@ def test_max_features_ties_break_like_sklearn():
             _check_like_sklearn(cls, sk, docs, docs[:3], max_features=limit)
 
 
+def test_fixed_vocabulary_like_sklearn():
+    docs = _corpus(seed=12)
+    learned = list(sklearn_text.CountVectorizer().fit(docs).get_feature_names_out())
+    rng = random.Random(0)
+    picked = rng.sample(learned, 30) + ["absent", "\u00e9t\u00e9 x"]
+    as_dict = {t: i for i, t in enumerate(reversed(picked))}
+    for voc in (picked, as_dict, set(picked)):
+        for cls, sk in ((CountVectorizer, sklearn_text.CountVectorizer),
+                        (TfidfVectorizer, sklearn_text.TfidfVectorizer)):
+            _check_like_sklearn(cls, sk, docs, docs[:7], vocabulary=voc, ngram_range=(1, 2), min_df=3)
+    for bad, message in (([], "empty vocabulary"), (["a", "a"], "Duplicate term"), ({"a": 0, "b": 2}, "index 1"),
+                         ({"a": 0, "b": 0}, "repeated indices")):
+        with pytest.raises(ValueError, match=message):
+            CountVectorizer(vocabulary=bad).fit(docs)
+    with pytest.raises(TypeError, match="str"):
+        CountVectorizer(vocabulary=[1, 2]).fit(docs)
+    v = CountVectorizer(analyzer=_ToyTokenizer(), vocabulary=[(98, 99), 97], ngram_range=(1, 2)).fit(["abc"])
+    assert v.transform(["abcabc", "x"]).toarray().tolist() == [[2, 2], [0, 0]]
+    with pytest.raises(ValueError, match="tuples of token ids"):
+        CountVectorizer(analyzer=_ToyTokenizer(), vocabulary=["ab"]).fit(["abc"])
+
+
 def test_threads_give_the_same_matrix():
     docs = _corpus(seed=11, n_docs=300)
     ref = TfidfVectorizer(n_jobs=1, ngram_range=(1, 2)).fit_transform(docs)
@@ -211,6 +233,17 @@ def test_inputs_other_than_lists():
     assert (CountVectorizer().fit_transform(tuple(docs)) != ref).nnz == 0
     assert (CountVectorizer().fit_transform([d.encode() for d in docs]) != ref).nnz == 0
     assert (CountVectorizer().fit_transform(np.array(docs, dtype=object)) != ref).nnz == 0
+
+
+def test_pickle_round_trip():
+    import pickle
+
+    docs = _corpus(seed=13)
+    v = TfidfVectorizer(ngram_range=(1, 2)).fit(docs)
+    w = pickle.loads(pickle.dumps(v))
+    assert (w.transform(docs) != v.transform(docs)).nnz == 0
+    assert list(w.get_feature_names_out()) == list(v.get_feature_names_out())
+    assert pickle.loads(pickle.dumps(TfidfVectorizer())).get_params() == TfidfVectorizer().get_params()
 
 
 def test_sklearn_clone_and_params():

@@ -382,6 +382,36 @@ inline Csr assemble(std::vector<RangeCounts>& parts, const std::vector<std::vect
     return out;
 }
 
+// The ids of a table's terms in byte order. Terms are compared first by their first 16 bytes
+// read as two big-endian words (zero-padded: consistent with byte order, since a term that
+// is a prefix of a longer one sorts first), and only on a tie by the whole bytes.
+inline std::vector<uint32_t> sorted_order(const TermTable& table) {
+    struct Item {
+        uint64_t hi, lo;
+        uint32_t id;
+    };
+    auto word_at = [](std::string_view t, size_t from) {
+        uint64_t k = 0;
+        for (size_t j = from; j < std::min<size_t>(from + 8, t.size()); ++j)
+            k |= static_cast<uint64_t>(static_cast<unsigned char>(t[j])) << (56 - 8 * (j - from));
+        return k;
+    };
+    const size_t V = table.size();
+    std::vector<Item> items(V);
+    for (size_t i = 0; i < V; ++i) {
+        const std::string_view t = table.term(i);
+        items[i] = Item{word_at(t, 0), word_at(t, 8), static_cast<uint32_t>(i)};
+    }
+    std::sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
+        if (a.hi != b.hi) return a.hi < b.hi;
+        if (a.lo != b.lo) return a.lo < b.lo;
+        return table.term(a.id) < table.term(b.id);
+    });
+    std::vector<uint32_t> order(V);
+    for (size_t i = 0; i < V; ++i) order[i] = items[i].id;
+    return order;
+}
+
 // Learns the vocabulary (sorted by bytes) and counts.
 template <class Gen>
 Csr fit_counts(const Gen& gen, int n_threads, TermTable& vocab) {
@@ -407,9 +437,7 @@ Csr fit_counts(const Gen& gen, int n_threads, TermTable& vocab) {
         }
     }
     const size_t V = merged.size();
-    std::vector<uint32_t> order(V);
-    std::iota(order.begin(), order.end(), 0u);
-    std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return merged.term(a) < merged.term(b); });
+    std::vector<uint32_t> order = sorted_order(merged);
     std::vector<uint32_t> rank(V);
     for (size_t r = 0; r < V; ++r) rank[order[r]] = static_cast<uint32_t>(r);
     vocab = TermTable();

@@ -154,6 +154,8 @@ DocBatch gather_docs(const py::list& texts, bool lowercase, const py::object& pr
             size = PyBytes_GET_SIZE(b.ptr());
             batch.keep_alive.push_back(std::move(b));
         }
+        if (size >= (Py_ssize_t{1} << 31))
+            throw py::value_error("document " + std::to_string(i) + " is 2 GiB or longer: split it into smaller documents");
         const bool lower = lowercase && !(flags.size() && flags[i]);
         batch.docs.push_back(DocText{data, static_cast<size_t>(size), lower});
     }
@@ -238,6 +240,7 @@ py::tuple fit_impl(const Gen& gen, int n_threads) {
         py::gil_scoped_release nogil;
         csr = fit_counts(gen, n_threads, vocab->table);
     }
+    if (vocab->size() >= (size_t{1} << 31)) throw py::value_error("more than 2**31 - 1 distinct terms");
     return py::make_tuple(vocab, to_numpy(std::move(csr.indptr)), to_numpy(std::move(csr.indices)),
                           to_numpy(std::move(csr.counts)));
 }
