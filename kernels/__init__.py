@@ -5,6 +5,7 @@ Import only through ``fastlm.ops``. ``OPS`` maps each op name that has a Triton 
 """
 import torch
 
+from . import loss as _loss
 from . import norms as _norms
 from .attention import attention as _attention, decode_attention as _decode_attention
 
@@ -13,6 +14,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OPS: dict = {
     "layer_norm": (_norms.layer_norm, _DTYPES),
     "rms_norm": (_norms.rms_norm, _DTYPES),
+    "linear_cross_entropy": (_loss.linear_cross_entropy, _DTYPES),
     "attention": (_attention, _DTYPES),
     "decode_attention": (_decode_attention, _DTYPES),
 }

@@ -224,3 +224,4 @@ def test_cpu_backend_is_the_default_on_cpu():
     x = torch.randn(2, 8)
     assert ops.implementation("layer_norm", x) == "cpu"
     assert fastlm.ops.build_info()["simd"] in ("AVX512", "AVX2", "NEON", "scalar")
+

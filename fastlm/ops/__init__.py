@@ -69,9 +69,9 @@ if _native.cpu_ext is not None or _native.cuda_ext is not None:
         if _b.available:
             _b.register("layer_norm", _norms.layer_norm, FLOATS)
             _b.register("rms_norm", _norms.rms_norm, FLOATS)
+            _b.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
     if _cpu.available:
         _cpu.register("gelu", _activation.gelu, FLOATS)
-        _cpu.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
 
     from . import attention as _attention
 
