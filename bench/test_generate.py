@@ -1,0 +1,148 @@
+"""Generation speed: fastlm's KV-cache generate against transformers' GPT2LMHeadModel.generate
+(with its KV cache) on the same random weights and the same prompt; fp32, 2 threads, greedy.
+
+    pytest bench/test_generate.py --benchmark-only --benchmark-json=gen.json
+
+Groups (each a pair, fastlm and transformers, on identical inputs):
+  "decode small"      4 layers, 256 wide, 4 heads, vocab 8192; 32-token prompt, 128 new tokens
+  "decode 124M"       GPT-2 124M shape; 32-token prompt, 64 new tokens
+  "ttft 124M"         time to the first token for a 512-token prompt (prefill)
+  "batch small"       fastlm, batch 8 of prompts of 8..64 tokens, 128 new tokens each, vs batch 1
+  "ceiling copy"      a 256 MB copy: the memory bandwidth that bounds a weight-streaming decode
+The floor of a batch-1 decode step is reading every weight once (fp32): 22 MB (small) and
+498 MB (124M) per token. At the end the ratios (median time of the competitor / fastlm, so
+> 1 is faster) and the fraction of the copy-bandwidth bound are printed.
+"""
+import sys
+
+import pytest
+import torch
+
+from fastlm import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(2)
+
+SMALL = dict(vocab_size=8192, block_size=1024, n_layer=4, n_head=4, n_embd=256)
+GPT2_124M = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+MEDIANS = {}
+
+
+def _models(cfg, tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg)).eval()
+    d = tmp_path_factory.mktemp("gen-bench")
+    model.save_pretrained(d)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    return model, hf
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _models(SMALL, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    return _models(GPT2_124M, tmp_path_factory)
+
+
+def _prompt(T, vocab, seed=0):
+    return torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _fastlm(model, x, n):
+    return lambda: model.generate(x, max_new_tokens=n)
+
+
+def _hf(hf, x, n):
+    mask = torch.ones_like(x)
+
+    def run():
+        with torch.inference_mode():
+            return hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+
+    return run
+
+
+def _bench(benchmark, group, impl, fn, rounds, tokens):
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, tokens=tokens)
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    MEDIANS[(group, impl)] = (benchmark.stats.stats.median, tokens)
+
+
+@pytest.mark.parametrize("impl", ["fastlm", "transformers"])
+def test_decode_small(benchmark, small, impl):
+    model, hf = small
+    x = _prompt(32, SMALL["vocab_size"])
+    fn = _fastlm(model, x, 128) if impl == "fastlm" else _hf(hf, x, 128)
+    _bench(benchmark, "decode small", impl, fn, 7, 128)
+
+
+@pytest.mark.parametrize("impl", ["fastlm", "transformers"])
+def test_decode_124m(benchmark, big, impl):
+    model, hf = big
+    x = _prompt(32, GPT2_124M["vocab_size"])
+    fn = _fastlm(model, x, 64) if impl == "fastlm" else _hf(hf, x, 64)
+    _bench(benchmark, "decode 124M", impl, fn, 3, 64)
+
+
+@pytest.mark.parametrize("impl", ["fastlm", "transformers"])
+def test_ttft_124m(benchmark, big, impl):
+    model, hf = big
+    x = _prompt(512, GPT2_124M["vocab_size"], seed=1)
+    fn = _fastlm(model, x, 1) if impl == "fastlm" else _hf(hf, x, 1)
+    _bench(benchmark, "ttft 124M", impl, fn, 5, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_batch_small(benchmark, small, batch):
+    model, _ = small
+    g = torch.Generator().manual_seed(3)
+    lengths = [8, 64, 20, 33, 47, 12, 58, 27][:batch]
+    prompts = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    _bench(benchmark, "batch small", f"fastlm batch {batch}", lambda: model.generate(prompts, max_new_tokens=128),
+           5, 128 * batch)
+
+
+def test_ceiling_copy(benchmark):
+    a = torch.randn(64 * 1024 * 1024)
+    b = torch.empty_like(a)
+    _bench(benchmark, "ceiling copy", "copy", lambda: b.copy_(a), 7, 0)
+
+
+def _weights_bytes(cfg):
+    C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
+    return 4 * (L * 12 * C * C + V * C)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    out = sys.__stdout__
+    copy = MEDIANS.get(("ceiling copy", "copy"))
+    gbs = 2 * 4 * 64 * 1024 * 1024 / copy[0] / 1e9 if copy else None
+    print("\n\ngeneration (fp32, 2 threads): median tokens/s and ratios", file=out)
+    if gbs:
+        print(f"  copy bandwidth {gbs:.1f} GB/s (read + write)", file=out)
+    for group, cfg in (("decode small", SMALL), ("decode 124M", GPT2_124M), ("ttft 124M", None)):
+        a, b = MEDIANS.get((group, "fastlm")), MEDIANS.get((group, "transformers"))
+        if not (a and b):
+            continue
+        if group.startswith("ttft"):
+            print(f"  {group}: fastlm {a[0] * 1e3:.0f} ms, transformers {b[0] * 1e3:.0f} ms, "
+                  f"ratio {b[0] / a[0]:.2f}x", file=out)
+            continue
+        line = (f"  {group}: fastlm {a[1] / a[0]:.1f} tok/s, transformers {b[1] / b[0]:.1f} tok/s, "
+                f"ratio {b[0] / a[0]:.2f}x")
+        if gbs:
+            bound = gbs * 1e9 / _weights_bytes(cfg)  # weights read once per token at the copy bandwidth
+            line += f", {a[1] / a[0] / bound:.0%} of the weight-read bound ({bound:.0f} tok/s)"
+        print(line, file=out)
+    b1, b8 = MEDIANS.get(("batch small", "fastlm batch 1")), MEDIANS.get(("batch small", "fastlm batch 8"))
+    if b1 and b8:
+        print(f"  batch small: batch 8 {b8[1] / b8[0]:.0f} tok/s vs batch 1 {b1[1] / b1[0]:.0f} tok/s, "
+              f"ratio {(b8[1] / b8[0]) / (b1[1] / b1[0]):.2f}x", file=out)
