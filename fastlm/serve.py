@@ -4,7 +4,8 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 server-sent events with ``"stream": true``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 Requests and responses have OpenAI's shapes, so the ``openai`` client, LangChain and
 lm-evaluation-harness (``local-completions``: ``echo`` + ``logprobs`` give the prompt's
-per-token log-probabilities) work unchanged.
+per-token log-probabilities) work unchanged. Extra sampling fields (as vLLM names them):
+``top_k``, ``repetition_penalty``, ``ignore_eos``.
 
 The model runs in one worker thread, ``fastlm.batching.Engine``: concurrent requests are decoded
 together in one batched forward per step, joining and leaving the batch between steps. The
@@ -208,7 +209,7 @@ class ChatTemplate:
 
 # ----------------------------------------------------------------------------- request parsing
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "top_k",
-           "repetition_penalty", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+           "repetition_penalty", "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                           "tool_choice", "parallel_tool_calls", "store", "metadata", "service_level", "service_tier"}
@@ -298,11 +299,13 @@ class _Sampling:
             raise _bad("'stop' takes at most 16 strings of at most 256 characters", "stop", "invalid_value")
         self.stop = [s for s in stop if s] + list(extra_stop)
         self.max_tokens = max_tokens
+        self.ignore_eos = _get_bool(body, "ignore_eos", False)
 
     def options(self, model, eos, prompt_lens, tokenizer, logprobs: bool, top_logprobs: int, max_new_tokens):
         return _options(model, prompt_lens, max_new_tokens, None, self.temperature > 0, self.temperature,
                         self.top_k if self.top_k > 0 else None, self.top_p if self.top_p < 1.0 else None,
-                        self.repetition_penalty, self.stop or None, eos, tokenizer, logprobs, top_logprobs, "stop")
+                        self.repetition_penalty, self.stop or None, [] if self.ignore_eos else eos, tokenizer, logprobs,
+                        top_logprobs, "stop")
 
 
 # ----------------------------------------------------------------------------- the app
