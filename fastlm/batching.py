@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-from .generate import KVCache, _LayerCache, _Options, _TextStream, _choose, _process_logits, _token_bytes_fn
+from . import ops
+from .generate import KVCache, _LayerCache, _Options, _TextStream, _process_logits, _token_bytes_fn
 
 __all__ = ["Engine", "Request", "QueueFull"]
 
@@ -85,6 +86,11 @@ class Engine:
         self.max_len = max_len or model.config.block_size
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.cache = KVCache(model, max_batch, self.max_len)
+        p = model.transformer.wte.weight
+        # The reference decode attention computes over every cache position it is given, so the
+        # view is cut to the longest running row (rounded up to 64); the native kernels read only
+        # the valid prefix of a contiguous cache, so they get whole rows (a slice would be copied).
+        self._cut_length = ops.resolve("decode_attention", p.device, p.dtype)[0] == "reference"
         self._token_bytes = _token_bytes_fn(tokenizer) if tokenizer is not None else None
         self.running: list[_Seq] = []  # running[i] owns cache row i
         self.logits: torch.Tensor | None = None  # (len(running), V): next-token logits of each row
@@ -220,20 +226,32 @@ class Engine:
         return chosen, top
 
     def _choose(self) -> list:
-        """One token per running row: greedy rows in one argmax, the others row by row."""
+        """One token per running row: greedy rows in one argmax; sampled rows processed in groups
+        of equal options (one batched pass), then drawn each with its own generator."""
         logits, running = self.logits, self.running
         toks = [0] * len(running)
-        plain = [b for b, s in enumerate(running) if not s.req.opts.sampling and s.seen is None]
-        if plain:
-            idx = torch.tensor(plain, device=logits.device)
-            for b, t in zip(plain, logits.index_select(0, idx).argmax(dim=-1).tolist()):
-                toks[b] = t
+        groups: dict = {}
         for b, s in enumerate(running):
-            if s.req.opts.sampling or s.seen is not None:
-                row = _process_logits(logits[b:b + 1], None if s.seen is None else s.seen.view(1, -1), s.req.opts)
-                toks[b] = int(_choose(row, s.req.opts, s.generator).item())
-                if s.seen is not None:
-                    s.seen[toks[b]] = True
+            o = s.req.opts
+            key = (o.sampling, o.temperature, o.top_k, o.top_p, o.repetition_penalty) if s.seen is None else ("row", b)
+            groups.setdefault(key, []).append(b)
+        for key, rows in groups.items():
+            s0 = running[rows[0]]
+            opts = s0.req.opts
+            idx = torch.tensor(rows, device=logits.device)
+            lg = logits.index_select(0, idx)
+            if key[0] == "row" or opts.sampling:
+                lg = _process_logits(lg, None if s0.seen is None else s0.seen.view(1, -1), opts)
+            if not opts.sampling:
+                chosen = lg.argmax(dim=-1).tolist()
+            else:
+                probs = torch.softmax(lg, dim=-1)
+                chosen = [int(torch.multinomial(probs[i:i + 1], 1, generator=running[b].generator).item())
+                          for i, b in enumerate(rows)]
+            for b, t in zip(rows, chosen):
+                toks[b] = t
+                if running[b].seen is not None:
+                    running[b].seen[t] = True
         return toks
 
     def _step(self):
@@ -284,7 +302,10 @@ class Engine:
             tokens = self._leave(gone, toks)
         if not self.running:
             return
-        view = _rows_view(self.cache, len(self.running))
+        length = self.max_len
+        if self._cut_length:
+            length = min(self.max_len, -(-(max(s.cache_len for s in self.running) + 1) // 64) * 64)
+        view = _rows_view(self.cache, len(self.running), length)
         view.lens = [s.cache_len for s in self.running]
         logits = view.decode(torch.tensor(tokens, dtype=torch.long, device=self.cache.kv.device),
                              [True] * len(self.running))
@@ -319,18 +340,18 @@ class Engine:
         return None if toks is None else [toks[i] for i in order]
 
 
-def _rows_view(cache: KVCache, n: int) -> KVCache:
-    """A ``KVCache`` over rows 0..n-1 of ``cache``, sharing its storage (a contiguous prefix
-    of each layer's (B, Hkv, L, D) block, so nothing is copied)."""
+def _rows_view(cache: KVCache, n: int, length: int) -> KVCache:
+    """A ``KVCache`` over positions 0..length-1 of rows 0..n-1 of ``cache``, sharing its storage
+    (with length = max_len, a contiguous prefix of each layer's (B, Hkv, L, D) block)."""
     views = cache.__dict__.setdefault("_row_views", {})
-    v = views.get(n)
+    v = views.get((n, length))
     if v is None:
         v = object.__new__(KVCache)
-        v.model, v.max_len = cache.model, cache.max_len
-        v.kv = cache.kv[:, :, :n]
+        v.model, v.max_len = cache.model, length
+        v.kv = cache.kv[:, :, :n, :, :length]
         v.lens = [0] * n
         v._layers = [_LayerCache(v, i) for i in range(cache.kv.shape[0])]
         v._batch = cache._batch[:n]
         v.rows = v.positions = v.decoder = None
-        views[n] = v
+        views[(n, length)] = v
     return v
