@@ -182,7 +182,7 @@ class Engine:
         return out
 
     def _join(self, joining):
-        model, V = self.model, self.model.config.vocab_size
+        V = self.model.config.vocab_size
         device = self.cache.kv.device
         rows = list(range(len(self.running), len(self.running) + len(joining)))
         logits = self.cache.prefill([p for _, _, p in joining], rows=rows).float()

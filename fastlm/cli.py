@@ -165,6 +165,11 @@ def _run_serve(args):
     import os
     import pathlib
 
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RuntimeError("fastlm serve needs FastAPI and uvicorn: pip install 'fastlm[serve]'") from None
     from fastlm.serve import ServeConfig, serve
 
     if args.threads:

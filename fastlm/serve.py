@@ -41,7 +41,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import Engine, QueueFull, Request
@@ -135,7 +135,8 @@ class Metrics:
 
         with self.lock:
             metric("fastlm_requests_total", "counter", "HTTP requests by route and status",
-                   [f'fastlm_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+                   [f'fastlm_requests_total{{route="{r}",status="{s}"}} {n}'
+                    for (r, s), n in sorted(self.requests.items())]
                    or ['fastlm_requests_total{route="",status=""} 0'])
             metric("fastlm_prompt_tokens_total", "counter", "prompt tokens of admitted requests",
                    [f"fastlm_prompt_tokens_total {self.prompt_tokens}"])
@@ -209,7 +210,8 @@ class ChatTemplate:
 
 # ----------------------------------------------------------------------------- request parsing
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "top_k",
-           "repetition_penalty", "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+           "repetition_penalty", "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias",
+           "logprobs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
                           "tool_choice", "parallel_tool_calls", "store", "metadata", "service_level", "service_tier"}
@@ -397,7 +399,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     def check_model(body):
         m = body.get("model")
         if not isinstance(m, str):
-            raise _bad("'model' is required and must be a string", "model", "invalid_type" if m is not None else "missing")
+            raise _bad("'model' is required and must be a string", "model",
+                       "invalid_type" if m is not None else "missing")
         if m != cfg.model_name:
             raise APIError(404, f"The model '{m}' does not exist (this server serves '{cfg.model_name}')",
                            "invalid_request_error", "model", "model_not_found")
@@ -667,7 +670,8 @@ def _sse(obj) -> str:
 
 def _messages(messages):
     if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages", "invalid_type" if messages is not None else "missing")
+        raise _bad("'messages' must be a non-empty list", "messages",
+                   "invalid_type" if messages is not None else "missing")
     out = []
     for i, m in enumerate(messages):
         p = f"messages[{i}]"

@@ -118,6 +118,14 @@ def test_chat(client, model, tok):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
         [out.finish_reasons[0]]
     assert chunks[-1].usage.prompt_tokens == len(ids)
+    # log-probabilities of the chosen tokens, with the top alternatives
+    r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 4
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.logprob == pytest.approx(e.top_logprobs[0].logprob)  # greedy: the top
+        assert e.logprob <= 0 and bytes(e.bytes).decode("utf-8", "replace") == e.token
 
 
 def test_chat_template_from_directory(tmp_path):
@@ -151,6 +159,44 @@ def test_n_seed_and_sampling(client):
         for x in ch.choices:
             parts[x.index] += x.text
     assert parts == [x.text for x in a.choices]
+
+
+def test_sampling_laws(client, model, tok):
+    # top_k=1 samples the argmax: greedy text whatever the seed
+    text, _ = greedy_text(model, tok, "the sea", 16)
+    for seed in (1, 2):
+        r = client.completions.create(model=NAME, prompt="the sea", max_tokens=16, temperature=1.0, seed=seed,
+                                      extra_body={"top_k": 1})
+        assert r.choices[0].text == text
+    # the first token's frequencies over many seeded draws follow softmax(logits / T) (the engine alone)
+    from fastlm.batching import Engine, Request
+    from fastlm.generate import _options
+
+    ids = tok.encode("the sea")
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([ids]))[0, -1].double() / 0.7, -1)
+    N = 800
+    eng = Engine(model, tok, max_batch=64, max_queue=N)
+    drawn, done = [], threading.Semaphore(0)
+
+    def emit(ev):
+        if ev[0] == "token":
+            drawn.append(ev[2])
+        elif ev[0] == "finish":
+            done.release()
+
+    opts = _options(model, [len(ids)], 1, None, True, 0.7, None, None, 1.0, None, [], tok, False, 0, "stop")
+    try:
+        eng.submit(Request([ids], opts, emit, n=N, seed=7))
+        for _ in range(N):
+            assert done.acquire(timeout=60)
+    finally:
+        eng.stop()
+    freq = torch.bincount(torch.tensor(drawn), minlength=p.numel()).double() / N
+    top = torch.topk(p, 8).indices
+    pairs = list(zip(p[top].tolist(), freq[top].tolist())) + [(1 - p[top].sum().item(), 1 - freq[top].sum().item())]
+    for q, f in pairs:
+        assert abs(f - q) <= 5 * (q * (1 - q) / N) ** 0.5 + 2 / N, (f, q)
 
 
 def test_stop_sequences(client, model, tok):
@@ -301,6 +347,9 @@ BAD = [
     ({"model": NAME, "prompt": "a", "top_k": "3"}, 400, "invalid_type", "top_k"),
     ({"model": NAME, "prompt": "a", "frequency_penalty": 0.5}, 400, "unsupported_parameter", "frequency_penalty"),
     ({"model": NAME, "prompt": "a", "seed": 1.5}, 400, "invalid_type", "seed"),
+    ({"model": NAME, "prompt": "a", "ignore_eos": "no"}, 400, "invalid_type", "ignore_eos"),
+    ({"model": NAME, "prompt": "a", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
+    ({"model": NAME, "prompt": "a", "suffix": "b"}, 400, "unsupported_parameter", "suffix"),
     ({"model": NAME, "prompt": "a " * 300}, 400, "context_length_exceeded", "prompt"),
     ({"model": NAME, "prompt": "a", "max_tokens": 200, "stop": "x" * 300}, 400, "invalid_value", "stop"),
 ]
