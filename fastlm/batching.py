@@ -118,6 +118,8 @@ class Engine:
         """Drop the request's sequences: waiting ones at once, running ones before the next step."""
         with self._cv:
             req.cancelled = True
+            if any(r is req for r, _, _ in self.waiting):
+                self.waiting = collections.deque(w for w in self.waiting if w[0] is not req)
             self._cv.notify()
 
     @property

@@ -478,6 +478,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
                             m.e2e.observe(now - arrived)
                     elif ev[0] == "error":
                         raise APIError(500, ev[1], "server_error", None, "generation_failed")
+                    elif ev[0] == "disconnected":
+                        raise APIError(499, "the client closed the connection", "invalid_request_error", None,
+                                       "client_disconnected")
             yield batch
 
     async def run_request(request, route, body_fn):
@@ -494,7 +497,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
             st.metrics.request(route, 200)
             return StreamingResponse(stream_body(req, queue, arrived, plan), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.ensure_future(_watch_disconnect(request, req, st.engine))
+        watcher = asyncio.ensure_future(_watch_disconnect(request, req, queue, st.engine))
         try:
             result = Collector(plan)
             async for batch in events(req, queue, arrived):
@@ -643,13 +646,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     return app
 
 
-async def _watch_disconnect(request, req, engine):
-    """Cancel a non-streamed request whose client went away."""
+async def _watch_disconnect(request, req, queue, engine):
+    """Cancel a non-streamed request whose client went away (and stop waiting for it)."""
     try:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 engine.cancel(req)
+                queue.put_nowait(("disconnected",))
                 return
     except asyncio.CancelledError:
         pass

@@ -461,6 +461,14 @@ def test_disconnect_frees_the_slot(one_slot):
     assert eng.steps - steps < 900  # freed long before its 1000 tokens were made
     out = post(one_slot, "/v1/completions", {"model": NAME, "prompt": "b", "max_tokens": 3})
     assert out.status_code == 200 and out.json()["choices"][0]["finish_reason"] == "length"
+    # a plain (not streamed) request whose client gives up
+    steps = eng.steps
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(one_slot.url + "/v1/completions", timeout=0.3,
+                   json={"model": NAME, "prompt": "a", "max_tokens": 1000, "ignore_eos": True})
+    assert wait_until(lambda: eng.n_running == 0, 5.0)
+    assert eng.steps - steps < 900
+    assert post(one_slot, "/v1/completions", {"model": NAME, "prompt": "b", "max_tokens": 3}).status_code == 200
 
 
 def test_queue_full_and_timeout(one_slot):
