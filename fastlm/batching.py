@@ -56,11 +56,13 @@ class Request:
     ``index = prompt_index * n + j``. ``emit(event)`` is called from the engine thread with
     ``("token", index, token_id, text_delta, logprob, top)`` (logprob/top None unless asked),
     ``("prompt_logprobs", index, [logprob or None, ...], [top or None, ...])`` (echo),
-    ``("finish", index, reason)`` and ``("error", message)``."""
+    ``("finish", index, reason)`` and ``("error", message)``. With ``emit_many``, the events of
+    one engine step arrive together in one call of it (a list) instead."""
 
     def __init__(self, prompts: list, opts: _Options, emit: Callable, n: int = 1, seed: int | None = None,
-                 prompt_logprobs: bool = False):
+                 prompt_logprobs: bool = False, emit_many: Callable | None = None):
         self.prompts, self.opts, self.emit, self.n, self.seed = prompts, opts, emit, n, seed
+        self.emit_many = emit_many
         self.prompt_logprobs = prompt_logprobs
         self.cancelled = False
         self.finished = 0
@@ -99,6 +101,7 @@ class Engine:
         self._stop = False
         self.on_step = on_step  # called after each step with (n_running, n_waiting)
         self.steps = 0
+        self._out: dict = {}  # id(request) -> (request, [events of this step])
         self._thread = threading.Thread(target=self._loop, name="fastlm-engine", daemon=True)
         self._thread.start()
 
@@ -153,8 +156,10 @@ class Engine:
                     if self.running:
                         self._step()
                 self.steps += 1
+                self._flush()
             except Exception as e:  # a bug or an out-of-memory: fail the requests in flight, keep serving
                 traceback.print_exc()
+                self._flush()
                 reqs = {id(s.req): s.req for s in self.running}
                 reqs.update({id(r): r for r, _, _ in joining})
                 for r in reqs.values():
@@ -199,7 +204,7 @@ class Engine:
                 s.seen = torch.zeros(V, dtype=torch.bool, device=device)
                 s.seen[torch.as_tensor(prompt, device=device)] = True
             if req.prompt_logprobs:
-                req.emit(("prompt_logprobs", index) + self._prompt_logprobs(prompt, req.opts.top_logprobs))
+                self._send(req, ("prompt_logprobs", index) + self._prompt_logprobs(prompt, req.opts.top_logprobs))
             self.running.append(s)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         if any(s.req.opts.max_new_tokens == 0 for s in self.running):
@@ -298,7 +303,7 @@ class Engine:
             if reason is not None and s.text is not None:
                 delta += s.text.finish()
             lpv, top = lp_rows.get(b, (None, None))
-            s.req.emit(("token", s.index, t, delta, lpv, top))
+            self._send(s.req, ("token", s.index, t, delta, lpv, top))
             if reason is not None:
                 self._end(s, reason)
                 gone.append(b)
@@ -321,7 +326,23 @@ class Engine:
     def _end(self, s: _Seq, reason: str):
         s.done = True
         s.req.finished += 1
-        s.req.emit(("finish", s.index, reason))
+        self._send(s.req, ("finish", s.index, reason))
+
+    def _send(self, req: Request, ev):
+        entry = self._out.get(id(req))
+        if entry is None:
+            entry = self._out[id(req)] = (req, [])
+        entry[1].append(ev)
+
+    def _flush(self):
+        """Deliver the step's events: one call per request."""
+        out, self._out = self._out, {}
+        for req, evs in out.values():
+            if req.emit_many is not None:
+                req.emit_many(evs)
+            else:
+                for ev in evs:
+                    req.emit(ev)
 
     def _leave(self, gone: list, toks: list | None = None):
         """Free rows ``gone``: the last running row moves into each hole (its cache prefix is

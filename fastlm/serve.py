@@ -434,7 +434,18 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
             except RuntimeError:  # the loop is closed: nobody listens any more
                 pass
 
-        req = Request(prompts, opts, emit, n=sampling.n, seed=sampling.seed, prompt_logprobs=prompt_logprobs)
+        def put_all(evs):
+            for ev in evs:
+                queue.put_nowait(ev)
+
+        def emit_many(evs):
+            try:
+                loop.call_soon_threadsafe(put_all, evs)
+            except RuntimeError:
+                pass
+
+        req = Request(prompts, opts, emit, n=sampling.n, seed=sampling.seed, prompt_logprobs=prompt_logprobs,
+                      emit_many=emit_many)
         try:
             st.engine.submit(req)
         except QueueFull:
