@@ -1,7 +1,8 @@
 """Serving throughput: continuous batching against the same requests one at a time.
 
 A `fastlm serve` subprocess on loopback serves a random-init model of the small config (4 layers,
-256 wide, 4 heads, context 256, a 2048-id BPE tokenizer trained here). Clients (httpx, async,
+256 wide, 4 heads, context 256, a 2048-id BPE tokenizer trained here on tinyshakespeare when the
+shared data is at hand, else on seeded pseudo-words). Clients (httpx, async,
 streaming SSE, in this process) each ask 64 tokens (``ignore_eos``, so every request makes
 exactly 64) from a short prompt. Per round:
 
@@ -44,15 +45,23 @@ PROMPTS = ["To be, or not to be", "Once upon a time", "The king said", "My lord,
 
 
 def corpus():
+    """tinyshakespeare when the shared data folder is beside the checkout, else seeded pseudo-words
+    (varied enough that the tokenizer reaches its 2048 ids either way)."""
     if SHARED.is_file():
         return SHARED.read_text(encoding="utf-8")[:300_000]
-    return " ".join(PROMPTS) * 2000
+    import random
+
+    rng = random.Random(0)
+    syll = [a + b for a in "bcdfghklmnprstvwz" for b in "aeiouy"] + ["th", "sh", "ing", "er", "an"]
+    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 4))) for _ in range(5000)]
+    return " ".join(rng.choice(words) for _ in range(60_000))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
     tok = fastlm.Tokenizer.train([corpus()], vocab_size=2048)
+    assert tok.n_vocab == 2048
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=4, n_head=4, n_embd=256))
     model.save_pretrained(d)
