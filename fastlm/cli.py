@@ -305,8 +305,55 @@ def _run_demo(args):
     return 0
 
 
+# ----------------------------------------------------------------------------- serve
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs fastlm[serve])")
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout, with its tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set FASTLM_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences allowed to wait (default 256; then 503)")
+    p.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt + completion (default: the context)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: max-model-len - 1)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens accepted (default 4096)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size limit (default 1 MiB)")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: torch's)")
+    p.add_argument("--log-level", default="info")
+
+
+def _run_serve(args):
+    import os
+    import pathlib
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RuntimeError("fastlm serve needs FastAPI and uvicorn: pip install 'fastlm[serve]'") from None
+    from fastlm.serve import ServeConfig, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    cfg = ServeConfig(model_name=args.served_model_name or pathlib.Path(args.model).resolve().name,
+                      max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                      max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens,
+                      max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                      api_key=args.api_key or os.environ.get("FASTLM_API_KEY") or None)
+    serve(args.model, host=args.host, port=args.port, tokenizer=args.tokenizer, config=cfg, log_level=args.log_level)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
-COMMANDS = ["info", "tokenizer", "prepare", "train", "generate", "demo"]
+COMMANDS = ["info", "tokenizer", "prepare", "train", "generate", "serve", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,943 @@
+"""``fastlm serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn, ``pip install fastlm[serve]``).
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (plain JSON or
+server-sent events with ``"stream": true``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+Requests and responses have OpenAI's shapes, so the ``openai`` client, LangChain and
+lm-evaluation-harness (``local-completions``: ``echo`` + ``logprobs`` give the prompt's
+per-token log-probabilities) work unchanged. Extra sampling fields (as vLLM names them):
+``top_k``, ``repetition_penalty``, ``ignore_eos``.
+
+The model runs in one worker thread, ``fastlm.batching.Engine``: concurrent requests are decoded
+together in one batched forward per step, joining and leaving the batch between steps. The
+event loop only parses, tokenizes (in a thread pool), queues and formats; the engine hands
+tokens back with ``loop.call_soon_threadsafe``. A client that disconnects frees its rows at the
+next step.
+
+Limits (``ServeConfig``): prompt tokens, ``max_tokens``, ``n``, concurrent sequences (cache
+rows) and waiting queue (beyond it 503 with ``Retry-After``), request body size (413), request
+time (504, or an error event in a stream). Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. With an API key (``--api-key`` or
+``FASTLM_API_KEY``) every ``/v1`` route requires ``Authorization: Bearer <key>``.
+
+Chat template: the model directory's ``chat_template.jinja`` or the ``chat_template`` of its
+``tokenizer_config.json`` (Hugging Face's convention, rendered in a sandboxed Jinja2 with
+``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``) when present; otherwise
+the plain template for base models::
+
+    {system message}\\n\\n            (each system/developer message, if any)
+    User: {content}\\n\\n
+    Assistant: {content}\\n\\n
+    ...
+    Assistant:
+
+with ``"\\nUser:"`` as an extra stop string, so that a base model does not write the user's turn.
+"""
+import asyncio
+import hmac
+import json
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .batching import Engine, QueueFull, Request
+from .generate import _options
+
+__all__ = ["ServeConfig", "create_app", "serve", "ServerThread", "ChatTemplate"]
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "fastlm"
+    max_batch: int = 32  # sequences decoded together (cache rows)
+    max_queue: int = 256  # sequences allowed to wait for a row
+    max_model_len: int | None = None  # tokens per row (prompt + completion); default the model's context
+    max_prompt_tokens: int | None = None  # default max_model_len - 1
+    max_tokens_cap: int = 4096  # largest max_tokens accepted
+    max_n: int = 16  # largest n (choices per prompt)
+    max_prompts: int = 64  # prompts in one completions request
+    max_body_bytes: int = 1 << 20  # request body size
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    api_key: str | None = None
+    prefill_tokens: int = 2048
+    latency_buckets: tuple = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+# ----------------------------------------------------------------------------- errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message, param=None, code=None):
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# ----------------------------------------------------------------------------- metrics
+class _Histogram:
+    def __init__(self, buckets):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, v: float):
+        i = 0
+        while i < len(self.buckets) and v > self.buckets[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += v
+        self.n += 1
+
+
+class Metrics:
+    """Counters, gauges and histograms in Prometheus' text format (no client library)."""
+
+    def __init__(self, buckets):
+        self.lock = threading.Lock()
+        self.requests: dict = {}  # (route, status) -> count
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.ttft = _Histogram(buckets)
+        self.tpot = _Histogram(buckets)
+        self.e2e = _Histogram(tuple(buckets) + (30.0, 60.0, 120.0, 300.0))
+
+    def request(self, route: str, status: int):
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+    def render(self, engine: Engine | None) -> str:
+        out = []
+
+        def metric(name, kind, help_, samples):
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        def hist(name, help_, h: _Histogram):
+            samples, cum = [], 0
+            for b, c in zip(h.buckets, h.counts):
+                cum += c
+                samples.append(f'{name}_bucket{{le="{b}"}} {cum}')
+            samples.append(f'{name}_bucket{{le="+Inf"}} {h.n}')
+            samples += [f"{name}_sum {h.sum}", f"{name}_count {h.n}"]
+            metric(name, "histogram", help_, samples)
+
+        with self.lock:
+            metric("fastlm_requests_total", "counter", "HTTP requests by route and status",
+                   [f'fastlm_requests_total{{route="{r}",status="{s}"}} {n}'
+                    for (r, s), n in sorted(self.requests.items())]
+                   or ['fastlm_requests_total{route="",status=""} 0'])
+            metric("fastlm_prompt_tokens_total", "counter", "prompt tokens of admitted requests",
+                   [f"fastlm_prompt_tokens_total {self.prompt_tokens}"])
+            metric("fastlm_generation_tokens_total", "counter", "generated tokens",
+                   [f"fastlm_generation_tokens_total {self.completion_tokens}"])
+            metric("fastlm_queue_depth", "gauge", "sequences waiting for a batch row",
+                   [f"fastlm_queue_depth {engine.queue_depth if engine else 0}"])
+            metric("fastlm_running_sequences", "gauge", "sequences in the running batch",
+                   [f"fastlm_running_sequences {engine.n_running if engine else 0}"])
+            hist("fastlm_time_to_first_token_seconds", "time from request arrival to its first token", self.ttft)
+            hist("fastlm_time_per_output_token_seconds", "time between consecutive tokens of a sequence", self.tpot)
+            hist("fastlm_request_duration_seconds", "time from request arrival to its last token", self.e2e)
+        return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- chat template
+class ChatTemplate:
+    """Messages to prompt text: the model directory's template (Jinja2) or the plain one."""
+
+    def __init__(self, source: str | None = None, bos_token: str = "", eos_token: str = ""):
+        self.source = source
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self._template = None
+        if source is not None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(msg):
+                raise ValueError(msg)
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(source)
+
+    @property
+    def stop(self) -> list:
+        return [] if self.source is not None else ["\nUser:"]
+
+    @classmethod
+    def from_dir(cls, path, eos_token: str = ""):
+        path = Path(path)
+        f = path / "chat_template.jinja"
+        if f.is_file():
+            return cls(f.read_text(), eos_token=eos_token)
+        cfg = path / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                t = json.loads(cfg.read_text()).get("chat_template")
+            except (ValueError, AttributeError):
+                t = None
+            if isinstance(t, str):
+                return cls(t, eos_token=eos_token)
+        return cls(None, eos_token=eos_token)
+
+    def render(self, messages: list) -> str:
+        if self._template is not None:
+            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+                                         eos_token=self.eos_token)
+        parts = []
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role in ("system", "developer"):
+                parts.append(f"{content}\n\n")
+            elif role == "user":
+                parts.append(f"User: {content}\n\n")
+            else:
+                parts.append(f"Assistant: {content}\n\n")
+        parts.append("Assistant:")
+        return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- request parsing
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "top_k",
+           "repetition_penalty", "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias",
+           "logprobs"}
+_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                          "tool_choice", "parallel_tool_calls", "store", "metadata", "service_level", "service_tier"}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _get_int(body, name, default, lo, hi):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise _bad(f"'{name}' must be an integer, got {json.dumps(v)[:50]}", name, "invalid_type")
+    if not lo <= v <= hi:
+        raise _bad(f"'{name}' must be between {lo} and {hi}, got {v}", name, "invalid_value")
+    return v
+
+
+def _get_num(body, name, default, lo, hi, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_num(v):
+        raise _bad(f"'{name}' must be a number, got {json.dumps(v)[:50]}", name, "invalid_type")
+    if not (lo < v if lo_open else lo <= v) or not v <= hi:
+        raise _bad(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name, "invalid_value")
+    return float(v)
+
+
+def _get_bool(body, name, default):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(f"'{name}' must be a boolean, got {json.dumps(v)[:50]}", name, "invalid_type")
+    return v
+
+
+def _check_fields(body, allowed):
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None, "invalid_json")
+    for k in body:
+        if k not in allowed:
+            raise _bad(f"Unrecognized request argument supplied: {k}", k, "unknown_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _get_num(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise _bad(f"'{name}' is not supported (only 0)", name, "unsupported_parameter")
+    if body.get("logit_bias") not in (None, {}):
+        raise _bad("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("'user' must be a string", "user", "invalid_type")
+
+
+class _Sampling:
+    """The options shared by both routes, validated."""
+
+    def __init__(self, body, cfg: ServeConfig, max_tokens, extra_stop=()):
+        self.temperature = _get_num(body, "temperature", 1.0, 0.0, 2.0)
+        self.top_p = _get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+        self.top_k = _get_int(body, "top_k", -1, -1, 1 << 30)
+        self.repetition_penalty = _get_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+        self.n = _get_int(body, "n", 1, 1, cfg.max_n)
+        self.seed = _get_int(body, "seed", None, -(1 << 63), (1 << 63) - 1)
+        self.stream = _get_bool(body, "stream", False)
+        so = body.get("stream_options")
+        self.include_usage = False
+        if so is not None:
+            if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
+                raise _bad("'stream_options' must be an object with 'include_usage'", "stream_options", "invalid_type")
+            if not self.stream:
+                raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options", "invalid_value")
+            self.include_usage = _get_bool(so, "include_usage", False)
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+        if len(stop) > 16 or any(len(s) > 256 for s in stop):
+            raise _bad("'stop' takes at most 16 strings of at most 256 characters", "stop", "invalid_value")
+        self.stop = [s for s in stop if s] + list(extra_stop)
+        self.max_tokens = max_tokens
+        self.ignore_eos = _get_bool(body, "ignore_eos", False)
+
+    def options(self, model, eos, prompt_lens, tokenizer, logprobs: bool, top_logprobs: int, max_new_tokens):
+        return _options(model, prompt_lens, max_new_tokens, None, self.temperature > 0, self.temperature,
+                        self.top_k if self.top_k > 0 else None, self.top_p if self.top_p < 1.0 else None,
+                        self.repetition_penalty, self.stop or None, [] if self.ignore_eos else eos, tokenizer, logprobs,
+                        top_logprobs, "stop")
+
+
+# ----------------------------------------------------------------------------- the app
+class _State:
+    def __init__(self, model, tokenizer, cfg: ServeConfig, chat_template: ChatTemplate):
+        self.model, self.tokenizer, self.cfg, self.chat = model, tokenizer, cfg, chat_template
+        self.max_len = min(cfg.max_model_len or model.config.block_size, model.config.block_size)
+        self.max_prompt = min(cfg.max_prompt_tokens or self.max_len - 1, self.max_len - 1)
+        eos = model.config.eos_token_id
+        if eos is None:
+            eos = getattr(tokenizer, "eot_token", None)
+        self.eos = eos
+        self.metrics = Metrics(cfg.latency_buckets)
+        self.engine: Engine | None = None
+        self.created = int(time.time())
+
+
+def create_app(model, tokenizer, config: ServeConfig | None = None, chat_template: ChatTemplate | None = None):
+    """The FastAPI application serving ``model`` (a ``fastlm.GPT``) with ``tokenizer``. The
+    engine thread starts with the app (its lifespan) and stops with it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    cfg = config or ServeConfig()
+    if cfg.api_key is None:
+        cfg.api_key = os.environ.get("FASTLM_API_KEY") or None
+    st = _State(model, tokenizer, cfg, chat_template or ChatTemplate(None))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        st.engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_len=st.max_len, max_queue=cfg.max_queue,
+                           prefill_tokens=cfg.prefill_tokens)
+        try:
+            yield
+        finally:
+            st.engine.stop()
+
+    app = FastAPI(title="fastlm", lifespan=lifespan)
+    app.state.fastlm = st
+
+    def error_response(e: APIError, route: str):
+        st.metrics.request(route, e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(exc.status_code, str(exc.detail), kind, None, None,
+                                       dict(exc.headers or {})), request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return error_response(_bad(str(exc.errors())[:500]), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc):
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"), request.url.path)
+
+    def check_auth(request):
+        if cfg.api_key is None:
+            return
+        h = request.headers.get("authorization", "")
+        scheme, _, key = h.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    async def read_json(request):
+        n = request.headers.get("content-length")
+        if n is not None and n.isdigit() and int(n) > cfg.max_body_bytes:
+            raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", "invalid_request_error",
+                           None, "request_too_large")
+        chunks, size = [], 0
+        async for c in request.stream():
+            size += len(c)
+            if size > cfg.max_body_bytes:
+                raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", "invalid_request_error",
+                               None, "request_too_large")
+            chunks.append(c)
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _bad(f"invalid JSON in the request body: {e}", None, "invalid_json") from None
+
+    def check_model(body):
+        m = body.get("model")
+        if not isinstance(m, str):
+            raise _bad("'model' is required and must be a string", "model",
+                       "invalid_type" if m is not None else "missing")
+        if m != cfg.model_name:
+            raise APIError(404, f"The model '{m}' does not exist (this server serves '{cfg.model_name}')",
+                           "invalid_request_error", "model", "model_not_found")
+
+    async def encode(text: str, special: bool = False) -> list:
+        if len(text) < 2048:
+            return _encode_text(tokenizer, text, special)
+        return await asyncio.get_running_loop().run_in_executor(None, _encode_text, tokenizer, text, special)
+
+    def check_lengths(prompts, max_tokens, param):
+        V = model.config.vocab_size
+        for p in prompts:
+            if not p:
+                raise _bad("the prompt is empty (no tokens)", param, "invalid_value")
+            if not all(_is_int(t) and 0 <= t < V for t in p):
+                raise _bad(f"token ids must be integers in [0, {V})", param, "invalid_value")
+            if len(p) > st.max_prompt:
+                raise _bad(f"the prompt has {len(p)} tokens; this server accepts at most {st.max_prompt}", param,
+                           "context_length_exceeded")
+            if len(p) + max_tokens > st.max_len:
+                raise _bad(f"This model's maximum context length is {st.max_len} tokens; the prompt has {len(p)} "
+                           f"and max_tokens is {max_tokens}", "max_tokens", "context_length_exceeded")
+
+    def start(prompts, opts, sampling: _Sampling, prompt_logprobs=False):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                pass
+
+        def put_all(evs):
+            for ev in evs:
+                queue.put_nowait(ev)
+
+        def emit_many(evs):
+            try:
+                loop.call_soon_threadsafe(put_all, evs)
+            except RuntimeError:
+                pass
+
+        req = Request(prompts, opts, emit, n=sampling.n, seed=sampling.seed, prompt_logprobs=prompt_logprobs,
+                      emit_many=emit_many)
+        try:
+            st.engine.submit(req)
+        except QueueFull:
+            raise APIError(503, "The server is overloaded: too many requests wait; retry later", "server_error", None,
+                           "server_overloaded", {"Retry-After": "1"}) from None
+        with st.metrics.lock:
+            st.metrics.prompt_tokens += sum(len(p) for p in prompts)
+        return req, queue
+
+    async def events(req, queue, arrived):
+        """Engine events, batched (all already queued), until every sequence is finished;
+        raises APIError(504) past the request timeout. Records latency metrics."""
+        deadline = arrived + cfg.request_timeout
+        last = {}
+        left = req.size
+        while left:
+            remaining = deadline - time.monotonic()
+            try:
+                ev = await asyncio.wait_for(queue.get(), max(remaining, 0.0)) if queue.empty() else queue.get_nowait()
+            except asyncio.TimeoutError:
+                raise APIError(504, f"the request took longer than {cfg.request_timeout} s", "timeout_error",
+                               None, "timeout") from None
+            batch = [ev]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            now = time.monotonic()
+            m = st.metrics
+            with m.lock:
+                for ev in batch:
+                    if ev[0] == "token":
+                        m.completion_tokens += 1
+                        i = ev[1]
+                        if i in last:
+                            m.tpot.observe(now - last[i])
+                        else:
+                            m.ttft.observe(now - arrived)
+                        last[i] = now
+                    elif ev[0] == "finish":
+                        left -= 1
+                        if left == 0:
+                            m.e2e.observe(now - arrived)
+                    elif ev[0] == "error":
+                        raise APIError(500, ev[1], "server_error", None, "generation_failed")
+                    elif ev[0] == "disconnected":
+                        raise APIError(499, "the client closed the connection", "invalid_request_error", None,
+                                       "client_disconnected")
+            yield batch
+
+    async def run_request(request, route, body_fn):
+        """Common frame: auth, body, parse (body_fn returns a plan), then stream or not."""
+        arrived = time.monotonic()
+        try:
+            check_auth(request)
+            body = await read_json(request)
+            plan = await body_fn(body)
+            req, queue = start(plan["prompts"], plan["opts"], plan["sampling"], plan.get("prompt_logprobs", False))
+        except APIError as e:
+            return error_response(e, route)
+        if plan["sampling"].stream:
+            st.metrics.request(route, 200)
+            return StreamingResponse(stream_body(req, queue, arrived, plan), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.ensure_future(_watch_disconnect(request, req, queue, st.engine))
+        try:
+            result = Collector(plan)
+            async for batch in events(req, queue, arrived):
+                result.add(batch)
+            st.metrics.request(route, 200)
+            return JSONResponse(result.response())
+        except APIError as e:
+            st.engine.cancel(req)
+            return error_response(e, route)
+        except BaseException:
+            st.engine.cancel(req)
+            raise
+        finally:
+            watcher.cancel()
+
+    async def stream_body(req, queue, arrived, plan):
+        fmt = plan["format"]
+        try:
+            for chunk in fmt.start():
+                yield _sse(chunk)
+            async for batch in events(req, queue, arrived):
+                out = []
+                for ev in batch:
+                    for chunk in fmt.event(ev):
+                        out.append(_sse(chunk))
+                if out:
+                    yield "".join(out)
+            if plan["sampling"].include_usage:
+                yield _sse(fmt.usage_chunk())
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield _sse(e.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            st.engine.cancel(req)  # a no-op when finished; frees the rows of a client that went away
+
+    # -- routes
+    @app.get("/health")
+    async def health():
+        ok = st.engine is not None and st.engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(st.metrics.render(st.engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        try:
+            check_auth(request)
+        except APIError as e:
+            return error_response(e, "/v1/models")
+        st.metrics.request("/v1/models", 200)
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": st.created,
+                                            "owned_by": "fastlm", "max_model_len": st.max_len}]}
+
+    async def completion_plan(body):
+        _check_fields(body, _COMPLETION_FIELDS)
+        check_model(body)
+        max_tokens = _get_int(body, "max_tokens", 16, 0, cfg.max_tokens_cap)
+        s = _Sampling(body, cfg, max_tokens)
+        echo = _get_bool(body, "echo", False)
+        logprobs = _get_int(body, "logprobs", None, 0, 20)
+        if body.get("suffix") is not None:
+            raise _bad("'suffix' is not supported", "suffix", "unsupported_parameter")
+        best_of = _get_int(body, "best_of", None, 1, cfg.max_n)
+        if best_of is not None and best_of != s.n:
+            raise _bad("'best_of' must equal 'n' (no server-side ranking)", "best_of", "unsupported_parameter")
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            texts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            texts = prompt
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            texts = [list(prompt)]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+            if not all(p and all(_is_int(t) for t in p) for p in prompt):
+                raise _bad("'prompt' lists of token ids must be non-empty lists of integers", "prompt", "invalid_type")
+            texts = [list(p) for p in prompt]
+        else:
+            raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+                       "prompt", "invalid_type" if prompt is not None else "missing")
+        if len(texts) > cfg.max_prompts:
+            raise _bad(f"at most {cfg.max_prompts} prompts in one request", "prompt", "invalid_value")
+        if len(texts) * s.n > cfg.max_queue + cfg.max_batch:
+            raise _bad("too many sequences (prompts x n) in one request", "n", "invalid_value")
+        prompts = []
+        for t in texts:
+            prompts.append(await encode(t) if isinstance(t, str) else t)
+        if any(isinstance(t, str) and not t for t in texts) and not echo:
+            raise _bad("the prompt is empty", "prompt", "invalid_value")
+        check_lengths(prompts, max_tokens, "prompt")
+        opts = s.options(model, st.eos, [len(p) for p in prompts], tokenizer, logprobs is not None, logprobs or 0,
+                         max_tokens)
+        fmt = _CompletionFormat(st, s, prompts, texts, echo, logprobs)
+        return {"prompts": prompts, "opts": opts, "sampling": s, "format": fmt,
+                "prompt_logprobs": echo and logprobs is not None}
+
+    async def chat_plan(body):
+        _check_fields(body, _CHAT_FIELDS)
+        check_model(body)
+        if body.get("tools"):
+            raise _bad("'tools' are not supported", "tools", "unsupported_parameter")
+        rf = body.get("response_format")
+        if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+            raise _bad("only 'response_format' {'type': 'text'} is supported", "response_format",
+                       "unsupported_parameter")
+        messages = _messages(body.get("messages"))
+        text = st.chat.render(messages)
+        ids = await encode(text, special=st.chat.source is not None)
+        limit = st.max_len - len(ids)
+        mt = _get_int(body, "max_completion_tokens", None, 0, cfg.max_tokens_cap)
+        if mt is None:
+            mt = _get_int(body, "max_tokens", None, 0, cfg.max_tokens_cap)
+        if mt is None:
+            mt = max(1, min(cfg.max_tokens_cap, limit))
+        s = _Sampling(body, cfg, mt, extra_stop=st.chat.stop)
+        logprobs = _get_bool(body, "logprobs", False)
+        top = _get_int(body, "top_logprobs", None, 0, 20)
+        if top is not None and not logprobs:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+        check_lengths([ids], mt, "messages")
+        opts = s.options(model, st.eos, [len(ids)], tokenizer, logprobs, top or 0, mt)
+        fmt = _ChatFormat(st, s, [ids], logprobs)
+        return {"prompts": [ids], "opts": opts, "sampling": s, "format": fmt}
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        return await run_request(request, "/v1/completions", completion_plan)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        return await run_request(request, "/v1/chat/completions", chat_plan)
+
+    class Collector:
+        def __init__(self, plan):
+            self.fmt = plan["format"]
+
+        def add(self, batch):
+            for ev in batch:
+                self.fmt.event(ev)
+
+        def response(self):
+            return self.fmt.final()
+
+    return app
+
+
+async def _watch_disconnect(request, req, queue, engine):
+    """Cancel a non-streamed request whose client went away (and stop waiting for it)."""
+    try:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                engine.cancel(req)
+                queue.put_nowait(("disconnected",))
+                return
+    except asyncio.CancelledError:
+        pass
+
+
+def _encode_text(tokenizer, text, special):
+    if special:
+        return list(tokenizer.encode(text, allowed_special="all"))
+    try:
+        return list(tokenizer.encode(text, disallowed_special=()))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def _sse(obj) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def _messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages",
+                   "invalid_type" if messages is not None else "missing")
+    out = []
+    for i, m in enumerate(messages):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{p} must be an object", p, "invalid_type")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise _bad(f"{p}.role must be 'system', 'developer', 'user' or 'assistant', got {json.dumps(role)[:40]}",
+                       f"{p}.role", "invalid_value")
+        extra = set(m) - {"role", "content", "name"}
+        if extra:
+            raise _bad(f"{p} has unsupported fields {sorted(extra)}", p, "unknown_parameter")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise _bad(f"{p}.content parts must be {{'type': 'text', 'text': ...}}", f"{p}.content",
+                               "invalid_type")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise _bad(f"{p}.content must be a string or a list of text parts", f"{p}.content", "invalid_type")
+        out.append({"role": role, "content": content})
+    return out
+
+
+# ----------------------------------------------------------------------------- response shapes
+class _Format:
+    def __init__(self, st: _State, sampling: _Sampling, prompts):
+        self.st, self.s, self.prompts = st, sampling, prompts
+        self.id = self.prefix + secrets.token_hex(12)
+        self.created = int(time.time())
+        n = len(prompts) * sampling.n
+        self.texts = [[] for _ in range(n)]
+        self.tokens = [[] for _ in range(n)]
+        self.lps = [[] for _ in range(n)]
+        self.tops = [[] for _ in range(n)]
+        self.reasons = [None] * n
+        self.prompt_lp = [None] * n
+
+    def prompt_of(self, i):
+        return self.prompts[i // self.s.n]
+
+    def usage(self):
+        p = sum(len(q) for q in self.prompts)
+        c = sum(len(t) for t in self.tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def record(self, ev):
+        if ev[0] == "token":
+            _, i, t, delta, lp, top = ev
+            self.tokens[i].append(t)
+            self.texts[i].append(delta)
+            self.lps[i].append(lp)
+            self.tops[i].append(top)
+        elif ev[0] == "finish":
+            self.reasons[ev[1]] = ev[2]
+        elif ev[0] == "prompt_logprobs":
+            self.prompt_lp[ev[1]] = (ev[2], ev[3])
+
+    def tok_str(self, t):
+        return self.st.tokenizer.decode([t])
+
+    def start(self):
+        return []
+
+    def usage_chunk(self):
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.st.cfg.model_name,
+                "choices": [], "usage": self.usage()}
+
+
+class _CompletionFormat(_Format):
+    prefix = "cmpl-"
+    chunk_object = "text_completion"
+
+    def __init__(self, st, sampling, prompts, texts, echo, logprobs):
+        super().__init__(st, sampling, prompts)
+        self.echo, self.k = echo, logprobs
+        self.prompt_texts = [t if isinstance(t, str) else st.tokenizer.decode(t) for t in texts]
+        self.echoed = set()
+
+    def logprobs_obj(self, i, prompt_part: bool, tokens, lps, tops, offset0):
+        if self.k is None:
+            return None
+        toks, tlp, ttop, offs = [], [], [], []
+        off = offset0
+        seq = []
+        if prompt_part:
+            plp, ptop = self.prompt_lp[i] or ([None] * len(self.prompt_of(i)), None)
+            seq += [(t, plp[j], ptop[j] if ptop else None) for j, t in enumerate(self.prompt_of(i))]
+        seq += list(zip(tokens, lps, tops))
+        for t, lp, top in seq:
+            s = self.tok_str(t)
+            toks.append(s)
+            tlp.append(lp)
+            ttop.append(None if top is None else {self.tok_str(a): b for a, b in top} if self.k else None)
+            offs.append(off)
+            off += len(s)
+        return {"tokens": toks, "token_logprobs": tlp, "top_logprobs": ttop, "text_offset": offs}
+
+    def event(self, ev):
+        self.record(ev)
+        if not self.s.stream or ev[0] == "prompt_logprobs":
+            return []
+        i = ev[1]
+        chunks = []
+        text, lp_obj = "", None
+        if self.echo and i not in self.echoed:
+            self.echoed.add(i)
+            text = self.prompt_texts[i // self.s.n]
+            lp_obj = self.logprobs_obj(i, True, [], [], [], 0) if self.k is not None else None
+            if lp_obj is not None or text:
+                chunks.append(self.chunk(i, text, lp_obj, None))
+        if ev[0] == "token":
+            lp = self.logprobs_obj(i, False, [ev[2]], [ev[4]], [ev[5]], 0) if self.k is not None else None
+            chunks.append(self.chunk(i, ev[3], lp, None))
+        elif ev[0] == "finish":
+            chunks.append(self.chunk(i, "", None, ev[2]))
+        return chunks
+
+    def chunk(self, i, text, lp, reason):
+        c = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.st.cfg.model_name,
+             "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}]}
+        if self.s.include_usage:
+            c["usage"] = None
+        return c
+
+    def final(self):
+        choices = []
+        for i in range(len(self.texts)):
+            text = "".join(self.texts[i])
+            if self.echo:
+                text = self.prompt_texts[i // self.s.n] + text
+            choices.append({"index": i, "text": text, "finish_reason": self.reasons[i],
+                            "logprobs": self.logprobs_obj(i, self.echo, self.tokens[i], self.lps[i], self.tops[i], 0)})
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.st.cfg.model_name,
+                "system_fingerprint": None, "choices": choices, "usage": self.usage()}
+
+
+class _ChatFormat(_Format):
+    prefix = "chatcmpl-"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, st, sampling, prompts, logprobs):
+        super().__init__(st, sampling, prompts)
+        self.want_lp = logprobs
+
+    def lp_entries(self, tokens, lps, tops):
+        out = []
+        for t, lp, top in zip(tokens, lps, tops):
+            s = self.tok_str(t)
+            b = list(self.st.tokenizer.decode_bytes([t]))
+            out.append({"token": s, "logprob": lp, "bytes": b,
+                        "top_logprobs": [{"token": self.tok_str(a), "logprob": v,
+                                          "bytes": list(self.st.tokenizer.decode_bytes([a]))} for a, v in (top or [])]})
+        return out
+
+    def start(self):
+        return [self.chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(len(self.texts))]
+
+    def event(self, ev):
+        self.record(ev)
+        if not self.s.stream:
+            return []
+        i = ev[1]
+        if ev[0] == "token":
+            lp = {"content": self.lp_entries([ev[2]], [ev[4]], [ev[5]])} if self.want_lp else None
+            if not ev[3] and lp is None:
+                return []
+            return [self.chunk(i, {"content": ev[3]}, lp, None)]
+        if ev[0] == "finish":
+            return [self.chunk(i, {}, None, ev[2])]
+        return []
+
+    def chunk(self, i, delta, lp, reason):
+        c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+             "model": self.st.cfg.model_name, "system_fingerprint": None,
+             "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
+        if self.s.include_usage:
+            c["usage"] = None
+        return c
+
+    def final(self):
+        choices = []
+        for i in range(len(self.texts)):
+            lp = {"content": self.lp_entries(self.tokens[i], self.lps[i], self.tops[i])} if self.want_lp else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": "".join(self.texts[i])},
+                            "logprobs": lp, "finish_reason": self.reasons[i]})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.st.cfg.model_name,
+                "system_fingerprint": None, "choices": choices, "usage": self.usage()}
+
+
+# ----------------------------------------------------------------------------- running it
+def load(model_dir, tokenizer=None, dtype=None, device=None):
+    """(model, tokenizer, chat template) from a checkpoint directory."""
+    from .model import GPT
+    from .pipelines import load_tokenizer
+
+    model = GPT.from_pretrained(model_dir, dtype=dtype, device=device)
+    tok = load_tokenizer(tokenizer or model_dir)
+    eot = getattr(tok, "eot_token", None)
+    eos_text = tok.decode([eot]) if eot is not None else ""
+    return model, tok, ChatTemplate.from_dir(model_dir, eos_token=eos_text)
+
+
+def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, tokenizer=None, config: ServeConfig | None = None,
+          log_level: str = "info"):
+    """Load a checkpoint directory and serve it until interrupted."""
+    import uvicorn
+
+    model, tok, chat = load(model_dir, tokenizer)
+    cfg = config or ServeConfig(model_name=Path(model_dir).resolve().name)
+    app = create_app(model, tok, cfg, chat)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """Serve an app from a background thread on a loopback port (tests, benchmarks, notebooks):
+    ``with ServerThread(app) as s: openai.OpenAI(base_url=s.url + "/v1", ...)``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, timeout: float = 30.0):
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
