@@ -130,9 +130,11 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
     """Cross-entropy of (N, V) logits (or (..., V)) against integer targets (N,) (or (...)).
 
     Rows whose target equals ignore_index contribute nothing; "mean" divides by the number
-    of rows that count (NaN when none does, as torch does).
+    of rows that count (NaN when none does, as torch does); "none" returns the per-row losses
+    in the shape of targets. The loss of bf16/fp16 logits is float32.
     """
     cd = _compute_dtype(logits.dtype)
+    shape = targets.shape
     logits = logits.reshape(-1, logits.shape[-1]).to(cd)
     targets = targets.reshape(-1)
     keep = targets != ignore_index
@@ -141,7 +143,7 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
     picked = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
     loss = torch.where(keep, lse - picked, torch.zeros_like(lse))
     if reduction == "none":
-        return loss
+        return loss.view(shape)
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
