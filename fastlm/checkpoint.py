@@ -205,7 +205,15 @@ def _to_model_key(k: str) -> str | None:
     return "transformer." + k
 
 
+def load_model(path, dtype=None, device=None, **overrides):
+    """The model a checkpoint directory holds, whatever its architecture (GPT, LSTM, GRU)."""
+    from .model import build_model
+
+    return load_gpt(build_model, path, dtype=dtype, device=device, **overrides)
+
+
 def load_gpt(cls, path, dtype=None, device=None, **overrides):
+    """Load the checkpoint at ``path`` into ``cls(config)`` (a model class or factory)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(

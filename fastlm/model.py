@@ -26,6 +26,7 @@ from . import ops
 
 @dataclass
 class GPTConfig:
+    arch: str = "gpt"  # "gpt" (transformer) | "lstm" | "gru" (recurrent baselines, fastlm.recurrent)
     vocab_size: int = 50257
     block_size: int = 1024  # maximum context (GPT-2's n_positions)
     n_layer: int = 12
@@ -50,6 +51,7 @@ class GPTConfig:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         checks = [
+            (self.arch in ("gpt", "lstm", "gru"), f"arch must be 'gpt', 'lstm' or 'gru', got {self.arch!r}"),
             (self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}"),
             (self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}"),
             (self.n_layer >= 0, f"n_layer must be >= 0, got {self.n_layer}"),
@@ -82,7 +84,7 @@ class GPTConfig:
     @property
     def is_gpt2(self) -> bool:
         """True when transformers' GPT2LMHeadModel can hold this configuration exactly."""
-        return (self.norm == "layernorm" and self.pos == "learned" and self.mlp == "gelu" and self.bias
+        return (self.arch == "gpt" and self.norm == "layernorm" and self.pos == "learned" and self.mlp == "gelu" and self.bias
                 and self.n_kv_head == self.n_head and self.tie_word_embeddings)
 
     def to_dict(self) -> dict:
@@ -201,9 +203,20 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+def build_model(config: GPTConfig) -> nn.Module:
+    """The model a config describes: a GPT, or a recurrent baseline for arch "lstm"/"gru"."""
+    if config.arch == "gpt":
+        return GPT(config)
+    from .recurrent import RecurrentLM
+
+    return RecurrentLM(config)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.arch != "gpt":
+            raise ValueError(f"GPT needs arch='gpt', got {config.arch!r}; use fastlm.build_model(config)")
         self.config = cfg = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
