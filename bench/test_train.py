@@ -51,39 +51,63 @@ def _threads():
     torch.set_num_threads(old)
 
 
-class Step:
-    """One optimisation step of either path over a fixed rotation of random batches."""
+def _random_token_folder(path: Path, vocab: int, n_tokens: int = 400_000, seed: int = 0) -> Path:
+    """A prepared-data folder of random tokens (what the data are does not change a step's time)."""
+    from fastlm.checkpoint import atomic_write_json
 
-    def __init__(self, shape: str, path: str, seed: int = 0):
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    np.random.default_rng(seed).integers(0, vocab, n_tokens).astype(dtype).tofile(path / "train.bin")
+    atomic_write_json(path / "meta.json", {"format": "fastlm-tokens", "version": 1, "dtype": np.dtype(dtype).name,
+                                           "vocab_size": vocab, "eot_token": vocab - 1, "tokenizer": "tokenizer",
+                                           "counts": {"train": {"tokens": n_tokens, "bytes": n_tokens}}})
+    return path
+
+
+class Step:
+    """One optimisation step of either path. fastlm: ``Trainer.train_step`` itself (its batch
+    drawing from the memory map included). plain: nanoGPT's loop on the reference backend,
+    batches from the same memory map."""
+
+    def __init__(self, shape: str, path: str, data_root: Path, seed: int = 0):
+        from fastlm import Trainer
+        from fastlm.data import TokenData
+
         spec = SHAPES[shape]
         torch.manual_seed(seed)
         self.model = GPT(GPTConfig(dropout=0.0, **spec["model"]))
         self.path = path
-        cfg = TrainConfig()
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-        kw = dict(lr=1e-3, betas=(cfg.beta1, cfg.beta2))
-        self.opt = torch.optim.AdamW(groups, fused=True, **kw) if path == "fastlm" else torch.optim.AdamW(groups, **kw)
-        g = torch.Generator().manual_seed(seed + 1)
         B, T, V = spec["batch"], spec["model"]["block_size"], spec["model"]["vocab_size"]
-        self.batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g))
-                        for _ in range(4)]
-        self.i = 0
+        folder = data_root / f"{shape}"
+        self.data = TokenData(folder if (folder / "meta.json").is_file() else _random_token_folder(folder, V))
+        self.cfg = TrainConfig(out_dir=str(data_root / "run"), batch_size=B, block_size=T, grad_clip=1.0,
+                               progress=False, plot=False, device="cpu", seed=seed, lr=1e-3)
+        self.rng = np.random.default_rng(seed)
         self.tokens = B * T
+        if path == "fastlm":
+            self.trainer = Trainer(self.model, self.cfg, self.data)
+            self.opt = self.trainer.optimizer
+        else:
+            decay = [p for p in self.model.parameters() if p.dim() >= 2]
+            no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+            self.opt = torch.optim.AdamW(groups, lr=1e-3, betas=(self.cfg.beta1, self.cfg.beta2))
 
     def ctx(self):
         return ops.use_backend("reference") if self.path == "plain" else contextlib.nullcontext()
 
-    def __call__(self):
-        x, y = self.batches[self.i % len(self.batches)]
-        self.i += 1
+    def batch(self):
+        return self.data.batch("train", self.cfg.batch_size, self.cfg.block_size, self.rng)
+
+    def __call__(self, lr: float = 1e-3):
+        if self.path == "fastlm":
+            return self.trainer.train_step(lr)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x, y = self.batch()
         with self.ctx():
-            if self.path == "fastlm":
-                loss = self.model.loss(x, y)
-            else:
-                logits = self.model(x)
-                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -93,8 +117,8 @@ class Step:
 
 @pytest.mark.parametrize("path", ["plain", "fastlm"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_throughput(benchmark, shape, path):
-    step = Step(shape, path)
+def test_throughput(benchmark, shape, path, tmp_path_factory):
+    step = Step(shape, path, tmp_path_factory.mktemp("data"))
     benchmark.group = f"train-step {shape} threads={THREADS}"
     benchmark.extra_info["tokens_per_step"] = step.tokens
     rounds = 30 if shape.startswith("a") else 8
@@ -104,24 +128,22 @@ def test_throughput(benchmark, shape, path):
 
 
 # ----------------------------------------------------------------------------- time to quality
-def _shakespeare():
+def _shakespeare(root: Path) -> Path:
+    """tiny Shakespeare as bytes (vocabulary 256 + end-of-text), 90/10 split like nanoGPT."""
+    from fastlm.data import prepare
+
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} is absent")
-    data = np.frombuffer(SHAKESPEARE.read_bytes(), dtype=np.uint8).astype(np.int64)
-    n = int(0.9 * len(data))
-    return data[:n], data[n:]
+    from fastlm import Tokenizer
+
+    tok = Tokenizer.train([""], 256)
+    prepare([SHAKESPEARE], root / "a_shakespeare_char", tokenizer=tok, val_fraction=0.1, progress=False, verbose=False)
+    return root
 
 
-def _run_recipe(path: str, train, val, iters=2000, eval_interval=250, eval_iters=200, seed=1337):
-    step = Step("a_shakespeare_char", path, seed=seed)
+def _run_recipe(path: str, root: Path, iters=2000, eval_interval=250, eval_iters=200, seed=1337):
+    step = Step("a_shakespeare_char", path, root, seed=seed)
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=iters, lr_decay_iters=iters)
-    rng = np.random.default_rng(seed)
-    B, T = 12, 64
-
-    def batch(data, r):
-        ix = r.integers(0, len(data) - T - 1, size=B)
-        rows = torch.from_numpy(data[ix[:, None] + np.arange(T + 1)])
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def evaluate():
         r = np.random.default_rng(0)
@@ -129,7 +151,7 @@ def _run_recipe(path: str, train, val, iters=2000, eval_interval=250, eval_iters
         with torch.no_grad(), step.ctx():
             losses = []
             for _ in range(eval_iters):
-                x, y = batch(val, r)
+                x, y = step.data.batch("val", 12, 64, r)
                 losses.append((step.model.loss(x, y) if path == "fastlm" else
                                F.cross_entropy(step.model(x).view(-1, 257), y.view(-1))).item())
         step.model.train()
@@ -137,14 +159,10 @@ def _run_recipe(path: str, train, val, iters=2000, eval_interval=250, eval_iters
 
     t_train, curve, reached = 0.0, [], None
     for it in range(iters):
-        for g in step.opt.param_groups:
-            g["lr"] = lr_at(it, cfg)
-        step.batches = [batch(train, rng)]
-        step.i = 0
         t0 = time.perf_counter()
-        step()
+        step(lr_at(it, cfg))
         t_train += time.perf_counter() - t0
-        if (it + 1) % eval_interval == 0:
+        if (it + 1) % min(eval_interval, iters) == 0:
             v = evaluate()
             curve.append((it + 1, round(v, 4), round(t_train, 1)))
             if reached is None and v <= 1.88:
@@ -152,11 +170,11 @@ def _run_recipe(path: str, train, val, iters=2000, eval_interval=250, eval_iters
     return curve, reached, t_train
 
 
-def test_time_to_quality(benchmark):
-    train, val = _shakespeare()
+def test_time_to_quality(benchmark, tmp_path_factory):
+    root = _shakespeare(tmp_path_factory.mktemp("data"))
     results = {}
     for path in ("plain", "fastlm"):
-        curve, reached, total = _run_recipe(path, train, val)
+        curve, reached, total = _run_recipe(path, root, iters=int(os.environ.get("FASTLM_BENCH_ITERS", "2000")))
         results[path] = (curve, reached, total)
         print(f"\n{path}: val loss curve (step, val_loss, train seconds) {curve}; "
               f"reached 1.88 after {reached} s; total {total:.1f} s")

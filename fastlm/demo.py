@@ -113,6 +113,6 @@ Everything is in {out}/:
   loss.png         the loss curves
 
 Continue training:  fastlm train --data {data_dir} --out {out} --resume --max-iters {2 * iters}
-Generate:           fastlm generate {best} --prompt "def fibonacci(n):"
-Serve:              fastlm serve {best}""")
+Generate:           fastlm generate --model {best} --prompt "def fibonacci(n):" --do-sample
+Serve:              fastlm serve --model {best}""")
     return {"summary": summary, "completions": completions, "out": str(out), "best": str(best)}

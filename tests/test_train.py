@@ -222,7 +222,7 @@ def test_cli_train_with_config_file(data_dir, tmp_path):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [6]  # the flag won over the file
     assert json.loads((out / "best" / "config.json").read_text())["n_layer"] == 1
-    # raw text is prepared on the way, and --resume continues the run
+    # a missing --out and an unknown setting are errors; --resume continues the run
     assert main(["train", "--data", str(data_dir / "..")]) == 2
     (tmp_path / "bad.json").write_text('{"learning_rate": 1}')
     assert main(["train", "--config", str(tmp_path / "bad.json"), "--data", str(data_dir), "--out", str(out)]) == 2
