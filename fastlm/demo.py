@@ -15,27 +15,15 @@ import torch
 PROMPTS = ("def fibonacci(n):", "import os\n", "class Stack:")
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8, top_k: int = 40,
            seed: int = 0) -> str:
-    """Top-k sampling over ``model(idx)`` without a cache: enough for a demo's few
-    completions. (``model.generate`` with a KV cache is the general tool.)"""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    ids = tokenizer.encode(prompt)
-    idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-    eot = tokenizer.eot_token
-    model.eval()
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size:])[:, -1, :].float()
-        logits = logits[:, :tokenizer.n_vocab] / max(temperature, 1e-5)
-        if top_k:
-            v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-            logits[logits < v[:, [-1]]] = -float("inf")
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)
-        if eot is not None and nxt.item() == eot:
-            break
-        idx = torch.cat([idx, nxt], dim=1)
-    return tokenizer.decode(idx[0].tolist())
+    """The prompt and a top-k sampled continuation (KV-cache generation), as text."""
+    ids = model.generate(tokenizer.encode(prompt), max_new_tokens=max_new_tokens, do_sample=True,
+                         temperature=temperature, top_k=top_k, seed=seed, eos_token_id=tokenizer.eot_token,
+                         context_overflow="slide")
+    if ids and ids[-1] == tokenizer.eot_token:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
 
 
 def _calibrate(model, cfg, data, steps: int = 3) -> float:
