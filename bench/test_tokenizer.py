@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _stdlib_corpus import stdlib_texts  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from _tiktoken_local import tiktoken_encoding  # noqa: E402
+
+from fastlm.data import stdlib_corpus  # noqa: E402
 
 from fastlm import Tokenizer  # noqa: E402
 
@@ -36,7 +37,7 @@ def _need(path):
 @pytest.fixture(scope="module")
 def corpora():
     _need(DATA / "tinyshakespeare.txt")
-    files = stdlib_texts()
+    files = [d.text for d in stdlib_corpus()]
     return {"stdlib": "".join(files), "shakespeare": (DATA / "tinyshakespeare.txt").read_text(), "files": files}
 
 

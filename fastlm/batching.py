@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from . import ops
-from .generate import KVCache, _LayerCache, _Options, _TextStream, _process_logits, _token_bytes_fn
+from .generate import KVCache, _LayerCache, _Options, _TextStream, _process_logits
+from .tokenizer import token_bytes_fn
 
 __all__ = ["Engine", "Request", "QueueFull"]
 
@@ -93,7 +94,7 @@ class Engine:
         # view is cut to the longest running row (rounded up to 64); the native kernels read only
         # the valid prefix of a contiguous cache, so they get whole rows (a slice would be copied).
         self._cut_length = ops.resolve("decode_attention", p.device, p.dtype)[0] == "reference"
-        self._token_bytes = _token_bytes_fn(tokenizer) if tokenizer is not None else None
+        self._token_bytes = token_bytes_fn(tokenizer) if tokenizer is not None else None
         self.running: list[_Seq] = []  # running[i] owns cache row i
         self.logits: torch.Tensor | None = None  # (len(running), V): next-token logits of each row
         self.waiting: collections.deque = collections.deque()

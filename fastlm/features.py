@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .tokenizer import token_bytes_fn
+
 __all__ = ["CountVectorizer", "TfidfVectorizer", "TfidfIndex", "NotFittedError"]
 
 _CAPITAL_SIGMA = "\u03a3"
@@ -152,17 +154,6 @@ def _encode_all(tokenizer, docs):
         if callable(fn):
             return list(fn(docs))
     return [tokenizer.encode(d) for d in docs]
-
-
-def _token_bytes_fn(tokenizer):
-    for name in ("token_bytes", "decode_single_token_bytes"):
-        fn = getattr(tokenizer, name, None)
-        if callable(fn):
-            return fn
-    fn = getattr(tokenizer, "decode_bytes", None)
-    if callable(fn):
-        return lambda i: fn([i])
-    raise TypeError("the tokenizer analyzer needs token_bytes, decode_single_token_bytes or decode_bytes for feature names")
 
 
 # ----------------------------------------------------------------------------- vectorizers
@@ -441,7 +432,7 @@ class CountVectorizer:
         self._check_fitted()
         if self._names is None:
             if self._fitted_kind == "tokens":
-                token_bytes = _token_bytes_fn(self.analyzer)
+                token_bytes = token_bytes_fn(self.analyzer)
                 cache = {}
 
                 def piece(i):

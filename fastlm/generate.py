@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .model import apply_rope
+from .tokenizer import token_bytes_fn
 
 __all__ = ["KVCache", "GenerateOutput", "generate", "stream", "score", "loglikelihood"]
 
@@ -262,18 +263,6 @@ def _choose(logits, opts, generator):
 
 
 # ----------------------------------------------------------------------------- text
-def _token_bytes_fn(tokenizer):
-    """bytes of one token id, from any tiktoken-like tokenizer."""
-    for name in ("token_bytes", "decode_single_token_bytes"):
-        fn = getattr(tokenizer, name, None)
-        if callable(fn):
-            return fn
-    fn = getattr(tokenizer, "decode_bytes", None)
-    if callable(fn):
-        return lambda i: fn([i])
-    raise TypeError("the tokenizer must provide token_bytes(id), decode_single_token_bytes(id) or decode_bytes(ids)")
-
-
 class _TextStream:
     """Incremental detokenizer for one sequence: UTF-8 completed before emission, text that may
     start a stop string held back until decided. ``push`` returns the newly settled text."""
@@ -462,7 +451,7 @@ class _Generation:
             self.max_len = min(self.block, longest + max(opts.max_new_tokens, 1))
         else:
             self.max_len = self.block
-        tb = _token_bytes_fn(tokenizer) if tokenizer is not None else None
+        tb = token_bytes_fn(tokenizer) if tokenizer is not None else None
         self.rows = [_Row(list(p), text=_TextStream(tb, opts.stop_strings) if tb else None) for p in prompts]
         self.device = model.transformer.wte.weight.device
         self.generator = None

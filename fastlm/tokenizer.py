@@ -584,3 +584,16 @@ def _write_atomic(p: pathlib.Path, data: bytes) -> None:
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, p)
+
+
+def token_bytes_fn(tokenizer):
+    """A function id -> bytes of one token, for any tiktoken-like tokenizer (fastlm's
+    ``token_bytes``, tiktoken's ``decode_single_token_bytes``, or ``decode_bytes``)."""
+    for name in ("token_bytes", "decode_single_token_bytes"):
+        fn = getattr(tokenizer, name, None)
+        if callable(fn):
+            return fn
+    fn = getattr(tokenizer, "decode_bytes", None)
+    if callable(fn):
+        return lambda i: fn([i])
+    raise TypeError("the tokenizer must provide token_bytes(id), decode_single_token_bytes(id) or decode_bytes(ids)")
