@@ -29,8 +29,10 @@ def test_gelu_matches_reference(backend, n, dtype, scale, seed):
     yd = R.gelu(xd)
     (dxd,) = torch.autograd.grad(yd, xd, dy.double())
     assert y.dtype == dtype and dx.dtype == dtype
-    assert rel_error(y, yd) < TOL[dtype]
-    assert rel_error(dx, dxd) < 4 * TOL[dtype]
+    # Storing the exact result in the dtype already costs rel_error(ref.to(dtype), ref): large
+    # for fp16 subnormals (|y| < 6e-5). The kernel may be at most twice that, or the tolerance.
+    assert rel_error(y, yd) <= max(TOL[dtype], 2 * rel_error(yd.to(dtype), yd))
+    assert rel_error(dx, dxd) <= max(4 * TOL[dtype], 2 * rel_error(dxd.to(dtype), dxd))
 
 
 @pytest.mark.parametrize("backend", NATIVE)
