@@ -196,8 +196,8 @@ def _run_prepare(args):
 
 
 # ----------------------------------------------------------------------------- train
-_MODEL_FLAGS = {"n_layer": (int, 6), "n_head": (int, 6), "n_embd": (int, 384), "block_size": (int, 256),
-                "dropout": (float, 0.0)}
+_MODEL_FLAGS = {"arch": (str, "gpt"), "n_layer": (int, 6), "n_head": (int, 6), "n_embd": (int, 384),
+                "block_size": (int, 256), "dropout": (float, 0.0)}
 _TRAIN_FLAGS = {"batch_size": int, "grad_accum": int, "max_iters": int, "max_minutes": float, "lr": float,
                 "min_lr": float, "warmup_iters": int, "lr_decay_iters": int, "weight_decay": float, "grad_clip": float,
                 "eval_interval": int, "eval_iters": int, "log_interval": int, "patience": int, "keep_last": int,
@@ -221,7 +221,9 @@ def _add_train(sub):
 def _run_train(args):
     from pathlib import Path
 
-    from fastlm import GPT, GPTConfig
+    import torch
+
+    from fastlm import GPTConfig, build_model, distributed
     from fastlm.checkpoint import read_json
     from fastlm.data import TokenData, is_prepared, prepare
     from fastlm.train import Trainer, TrainConfig, find_checkpoints, load_config_file
@@ -244,6 +246,8 @@ def _run_train(args):
     sources = [opts["data"]] if isinstance(opts["data"], str) else list(opts["data"])
     if len(sources) == 1 and is_prepared(sources[0]):
         data_dir = Path(sources[0])
+    elif distributed.env_info().enabled:
+        raise ValueError("under torchrun, --data must be a prepared folder: run `fastlm prepare` first, once")
     else:
         data_dir = Path(out) / "data"
         if not (opts.get("resume") and is_prepared(data_dir)):
@@ -261,15 +265,22 @@ def _run_train(args):
             model_kw = {**{k: saved[k] for k in _MODEL_FLAGS if k in saved}, **model_kw}
     for k, (_, default) in _MODEL_FLAGS.items():
         model_kw.setdefault(k, default)
-    model = GPT(GPTConfig(vocab_size=data.vocab_size, eos_token_id=data.eot_token, bos_token_id=data.eot_token,
-                          **model_kw))
+    torch.manual_seed(opts.get("seed", 1337))  # the initial weights are part of a reproducible run
+    model = build_model(GPTConfig(vocab_size=data.vocab_size, eos_token_id=data.eot_token,
+                                  bos_token_id=data.eot_token, **model_kw))
     train_kw = {k: v for k, v in opts.items() if k in {f.name for f in __import__("dataclasses").fields(TrainConfig)}}
     train_kw.pop("block_size", None)
     train_kw["out_dir"] = str(out)
     cfg = TrainConfig(**train_kw)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model_kw}; data: {data_dir} "
           f"({data.num_tokens('train'):,} train tokens, vocabulary {data.vocab_size})", file=sys.stderr)
-    summary = Trainer(model, cfg, data).train()
+    trainer = Trainer(model, cfg, data)
+    try:
+        summary = trainer.train()
+    finally:
+        distributed.shutdown(trainer.dist)
+    if not trainer.dist.is_main:
+        return 0
     print(f"stopped at step {summary['step']} ({summary['stop_reason']}); best val loss "
           f"{summary['best_val_loss']} at step {summary['best_step']}; best model: {summary['best_dir']}")
     return 0

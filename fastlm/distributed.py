@@ -2,8 +2,7 @@
 
 ``torchrun --nproc_per_node=N -m fastlm train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK;
 ``init_from_env`` then joins the process group (NCCL on GPUs, gloo on CPUs) and the Trainer
-wraps its model in DistributedDataParallel (or shards it with FSDP2's ``fully_shard`` when
-asked). Every rank draws the same global batch from the shared data RNG and trains on its
+wraps its model in DistributedDataParallel. Every rank draws the same global batch from the shared data RNG and trains on its
 own slice of it, so N processes with batch B follow the same loss curve as one process with
 batch N x B. Rank 0 alone logs and writes checkpoints. Multi-node runs use torchrun's
 rendezvous options (``--nnodes``, ``--rdzv-backend c10d``, ``--rdzv-endpoint HOST:PORT``).
@@ -92,21 +91,22 @@ class LossModule(torch.nn.Module):
         return self.model.loss(x, y)
 
 
-def wrap(model, info: DistInfo, device: torch.device, fsdp: bool = False):
-    """The module that computes the loss on this rank: ``LossModule(model)``, under DDP or
-    FSDP2 when running distributed."""
+def wrap(model, info: DistInfo, device: torch.device):
+    """The module that computes the loss on this rank: ``LossModule(model)``, under DDP when
+    running distributed (DDP broadcasts rank 0's parameters, so every rank starts equal)."""
     loss_module = LossModule(model)
     if not info.enabled:
-        return loss_module
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        for block in getattr(getattr(model, "transformer", None), "h", []):
-            fully_shard(block)
-        fully_shard(model)
-        register_fsdp_forward_method(model, "loss")  # the root's parameters gather for loss() too
         return loss_module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(loss_module, device_ids=ids)
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any (collective decisions, e.g. a time budget)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

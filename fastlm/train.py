@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ops
+from . import distributed, ops
 from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
 
 STATE_NAME = "trainer_state.json"
@@ -218,6 +218,8 @@ def flops_per_token(model, block_size: int) -> float:
     """Training FLOPs per token: 6 N for the weights plus attention's 12 L H D T (PaLM)."""
     c = model.config
     n = model.num_parameters(exclude_embeddings=True)
+    if c.arch != "gpt":  # recurrent baselines: no attention term
+        return 6 * n
     return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * block_size
 
 
@@ -265,7 +267,8 @@ class Trainer:
         self.on_step = on_step
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = _resolve_device(cfg.device)
+        self.dist = distributed.init_from_env(_resolve_device(cfg.device).type)
+        self.device = distributed.device_for(self.dist, _resolve_device(cfg.device))
         self.model = model.to(self.device)
         mc = model.config
         if self.data.vocab_size > mc.vocab_size:
@@ -275,6 +278,8 @@ class Trainer:
             raise ValueError(f"block_size {self.block_size} exceeds the model's context {mc.block_size}")
         self.out = Path(cfg.out_dir)
         self.autocast_dtype = _autocast_dtype(cfg, self.device)
+        # Under torchrun the loss runs through DDP (gradients averaged across ranks).
+        self._ddp = distributed.wrap(self.model, self.dist, self.device) if self.dist.enabled else None
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.best_val = float("inf")
@@ -284,7 +289,10 @@ class Trainer:
         self.train_rng = np.random.default_rng(cfg.seed)
         self.stop_reason = None
         torch.manual_seed(cfg.seed)
-        self._loss_fn = self.model.loss if hasattr(self.model, "loss") else (lambda x, y: self.model(x, y)[1])
+        if self._ddp is not None:
+            self._loss_fn = self._ddp
+        else:
+            self._loss_fn = self.model.loss if hasattr(self.model, "loss") else (lambda x, y: self.model(x, y)[1])
         if cfg.compile:
             self._loss_fn = torch.compile(self._loss_fn)
         self._tb = None
@@ -302,7 +310,13 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _batch(self, split, rng):
-        x, y = self.data.batch(split, self.config.batch_size, self.block_size, rng)
+        """This rank's micro-batch: under torchrun every rank draws the same global batch of
+        batch_size x world_size rows and takes its own slice, so N ranks see exactly what one
+        process with N times the batch would."""
+        B, info = self.config.batch_size, self.dist
+        x, y = self.data.batch(split, B * info.world_size, self.block_size, rng)
+        if info.enabled:
+            x, y = x[info.rank * B:(info.rank + 1) * B], y[info.rank * B:(info.rank + 1) * B]
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -313,17 +327,21 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         total = None
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             x, y = self._batch("train", self.train_rng)
-            with self._autocast():
-                loss = self._loss_fn(x, y)
-            (loss / cfg.grad_accum).backward()
+            # DDP all-reduces gradients only on the last micro-batch.
+            last = i == cfg.grad_accum - 1
+            sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self._loss_fn(x, y)
+                (loss / cfg.grad_accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / cfg.grad_accum
+        return distributed.all_reduce_mean(total / cfg.grad_accum, self.dist)
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", iters: int | None = None) -> float:
@@ -341,7 +359,7 @@ class Trainer:
                 with self._autocast():
                     total += self._loss_fn(x, y).float()
         self.model.train(was_training)
-        return (total / iters).item()
+        return (distributed.all_reduce_mean(total, self.dist) / iters).item()
 
     # -- checkpoints
     def _state(self) -> dict:
@@ -372,8 +390,10 @@ class Trainer:
         return tensors
 
     def save_checkpoint(self, path) -> Path:
-        """Write a complete checkpoint folder at ``path`` atomically."""
+        """Write a complete checkpoint folder at ``path`` atomically (rank 0 alone under torchrun)."""
         final = Path(path)
+        if not self.dist.is_main:
+            return final
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         if tmp.exists():
@@ -395,7 +415,7 @@ class Trainer:
 
     def _save_step_checkpoint(self):
         path = self.save_checkpoint(self.out / "checkpoints" / f"step-{self.step:07d}")
-        for old in find_checkpoints(self.out)[:-self.config.keep_last]:
+        for old in (find_checkpoints(self.out)[:-self.config.keep_last] if self.dist.is_main else []):
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -480,17 +500,22 @@ class Trainer:
             f = self.out / name
             if f.is_file():
                 keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                atomic_write_bytes(f, "".join(ln + "\n" for ln in keep).encode())
+                if self.dist.is_main:
+                    atomic_write_bytes(f, "".join(ln + "\n" for ln in keep).encode())
                 if name == METRICS_NAME:
                     self.history = [json.loads(ln) for ln in keep]
         return found[-1]
 
     # -- output
     def _append(self, name, record):
+        if not self.dist.is_main:
+            return
         with open(self.out / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def _plot(self):
+        if not self.dist.is_main:
+            return
         try:
             import matplotlib
 
@@ -519,7 +544,7 @@ class Trainer:
         atomic_write_bytes(self.out / PLOT_NAME, buf.getvalue())
 
     def _tensorboard(self, record):
-        if not self.config.tensorboard:
+        if not self.config.tensorboard or not self.dist.is_main:
             return
         if self._tb is None:
             try:
@@ -553,11 +578,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
             path = self.resume()
-            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            if self.dist.is_main:
+                print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         elif find_checkpoints(self.out):
             raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to continue that run, "
                                   f"or choose another --out")
-        else:
+        elif self.dist.is_main:
             for name in (METRICS_NAME, TRAIN_LOG_NAME):
                 if (self.out / name).exists():
                     (self.out / name).unlink()
@@ -567,7 +593,8 @@ class Trainer:
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not cfg.progress or not self.dist.is_main,
+                   dynamic_ncols=True,
                    unit="step", desc="training")
         self.model.train()
         t_train = 0.0  # training time, evaluations excluded
@@ -588,7 +615,8 @@ class Trainer:
                         self.on_step(self)
                     at_eval = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
                     at_log = self.step % cfg.log_interval == 0
-                    out_of_time = cfg.max_minutes is not None and (time.perf_counter() - start_wall) >= 60 * cfg.max_minutes
+                    out_of_time = cfg.max_minutes is not None and distributed.any_rank(
+                        (time.perf_counter() - start_wall) >= 60 * cfg.max_minutes, self.dist)
                     if at_log or at_eval or out_of_time:
                         value = loss.item()
                         if not math.isfinite(value) or not math.isfinite(run_loss.item()):
@@ -659,7 +687,7 @@ class Trainer:
         record["best_val_loss"] = self.best_val
         self.history.append(record)
         self._append(METRICS_NAME, record)
-        if cfg.progress:
+        if cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
             tqdm.write(f"step {self.step}: train {train_loss:.4f}, val {val_loss:.4f} (ppl {record['val_perplexity']:.2f}, "
@@ -670,3 +698,4 @@ class Trainer:
         if cfg.plot:
             self._plot()
         self._tensorboard(record)
+        distributed.barrier(self.dist)  # the checkpoint is complete before any rank goes on
