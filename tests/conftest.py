@@ -2,6 +2,7 @@
 oracles, and helpers that compare a kernel with the reference."""
 import os
 import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels then run on the CPU interpreter (set before fastlm.kernels is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A Triton cache of this test session's own, not shared with other processes on the machine.
+os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="fastlm-triton-cache-"))
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
