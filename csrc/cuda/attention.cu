@@ -14,6 +14,7 @@
 // accumulates dQ = scale dS K (lane = key). No atomics.
 // Storage float32 / float16 / bfloat16, arithmetic float32.
 #include "cuda/attention.cuh"
+#include "cuda/common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,28 +33,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
-  return x;
-}
-
 template <typename T>
 __device__ __forceinline__ float ld(const T* p, Strides4 s, int b, int h, int t, int d) {
-  return to_f(p[b * s.b + h * s.h + (int64_t)t * s.t + d * s.d]);
+  return to_float(p[b * s.b + h * s.h + (int64_t)t * s.t + d * s.d]);
 }
 
 // ------------------------------------------------------------------ forward / decode
@@ -145,7 +127,7 @@ fwd_kernel(const T* __restrict__ q, Strides4 sq, const T* __restrict__ k, Stride
       const int d = lane + 32 * e;
       if (d >= D) continue;
       if (out_f32) static_cast<float*>(out)[row * D + d] = acc[r][e] * inv;
-      else static_cast<T*>(out)[row * D + d] = from_f<T>(acc[r][e] * inv);
+      else static_cast<T*>(out)[row * D + d] = from_float<T>(acc[r][e] * inv);
     }
     if (lane == 0) lse[row] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : INFINITY;
   }
