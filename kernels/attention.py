@@ -24,8 +24,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..ops import _autograd
-
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -259,7 +257,19 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out.to(q.dtype)
 
 
-_setup, _backward = _autograd.attention(attention_bwd)
+def _setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _backward(ctx, g_out, _g_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(g_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
 attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 

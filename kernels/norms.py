@@ -18,8 +18,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..ops import _autograd
-
 MAX_C = 65536
 
 
@@ -169,10 +167,39 @@ def rms_norm_bwd(grad_out: torch.Tensor, grad_h: Optional[torch.Tensor], h: torc
     return dx, dw
 
 
-_setup, _backward = _autograd.layer_norm(layer_norm_bwd)
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup)
-_setup, _backward = _autograd.rms_norm(rms_norm_bwd)
-rms_norm_fwd.register_autograd(_backward, setup_context=_setup)
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    _, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+
+
+def _ln_backward(ctx, g_out, g_h, _g_mean, _g_rstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    g_out = torch.zeros_like(h) if g_out is None else g_out
+    g_h = g_h if ctx.has_residual else None
+    dx, dw, db = layer_norm_bwd(g_out, g_h, h, weight, bias, mean, rstd)
+    return dx, dw, (db if ctx.has_bias else None), (dx if ctx.has_residual else None), None
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, residual, eps = inputs
+    _, h, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+
+
+def _rms_backward(ctx, g_out, g_h, _g_rstd):
+    h, weight, rstd = ctx.saved_tensors
+    g_out = torch.zeros_like(h) if g_out is None else g_out
+    g_h = g_h if ctx.has_residual else None
+    dx, dw = rms_norm_bwd(g_out, g_h, h, weight, rstd)
+    return dx, dw, (dx if ctx.has_residual else None), None
+
+
+layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
+rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):

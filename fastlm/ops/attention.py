@@ -11,8 +11,6 @@ import math
 
 import torch
 
-from . import _autograd
-
 _lib_ready = False
 
 
@@ -35,8 +33,19 @@ def _register() -> None:
     def _(q, k_cache, v_cache, cache_lens, scale):
         return q.new_empty(q.shape)
 
-    setup, backward = _autograd.attention(torch.ops.fastlm.attention_bwd)
-    torch.library.register_autograd("fastlm::attention_fwd", backward, setup_context=setup)
+    def _setup(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        out, lse = output
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+
+    def _backward(ctx, g_out, _g_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        g_out = torch.zeros_like(out) if g_out is None else g_out
+        dq, dk, dv = torch.ops.fastlm.attention_bwd(g_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup)
 
 
 def _scale(q, scale):

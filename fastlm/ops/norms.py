@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _autograd
-
 _lib_ready = False
 
 
@@ -44,11 +42,36 @@ def _register() -> None:
     def _(grad_out, grad_h, h, weight, rstd):
         return h.new_empty(h.shape), weight.new_empty(weight.shape)
 
-    setup, backward = _autograd.layer_norm(torch.ops.fastlm.layer_norm_bwd)
-    torch.library.register_autograd("fastlm::layer_norm_fwd", backward, setup_context=setup)
+    def _ln_setup(ctx, inputs, output):
+        x, weight, bias, residual, eps = inputs
+        _, h, mean, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
 
-    setup, backward = _autograd.rms_norm(torch.ops.fastlm.rms_norm_bwd)
-    torch.library.register_autograd("fastlm::rms_norm_fwd", backward, setup_context=setup)
+    def _ln_backward(ctx, g_out, g_h, _g_mean, _g_rstd):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        g_out = torch.zeros_like(h) if g_out is None else g_out
+        g_h = g_h if (ctx.has_residual and g_h is not None) else None
+        dx, dw, db = torch.ops.fastlm.layer_norm_bwd(g_out, g_h, h, weight, bias, mean, rstd)
+        return dx, dw, (db if ctx.has_bias else None), (dx if ctx.has_residual else None), None
+
+    torch.library.register_autograd("fastlm::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
+
+    def _rms_setup(ctx, inputs, output):
+        x, weight, residual, eps = inputs
+        _, h, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+
+    def _rms_backward(ctx, g_out, g_h, _g_rstd):
+        h, weight, rstd = ctx.saved_tensors
+        g_out = torch.zeros_like(h) if g_out is None else g_out
+        g_h = g_h if (ctx.has_residual and g_h is not None) else None
+        dx, dw = torch.ops.fastlm.rms_norm_bwd(g_out, g_h, h, weight, rstd)
+        return dx, dw, (dx if ctx.has_residual else None), None
+
+    torch.library.register_autograd("fastlm::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
