@@ -154,4 +154,8 @@ def test_op_matches_reference(backend, op, data, seed):
         g, gr = test_args[i].grad, ref_args[i].grad
         assert g is not None, f"{backend}.{op}: no gradient for argument {i}"
         allowed = max(4 * tol, 2 * rel_error(lp_args[i].grad, gr)) if low else 4 * tol
-        assert rel_error(g, gr) <= allowed, f"{backend}.{op} grad[{i}] rel err {rel_error(g, gr):.3g} > {allowed:.3g}"
+        # A gradient that cancels to almost nothing (a norm over C = 1) has no meaningful
+        # relative error: measure it against the size of the cotangent instead.
+        floor = 1e-3 * max(c.norm().item() for c in cot)
+        err = (g.double() - gr).norm().item() / max(gr.norm().item(), floor)
+        assert err <= allowed, f"{backend}.{op} grad[{i}] rel err {err:.3g} > {allowed:.3g}"
