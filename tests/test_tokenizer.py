@@ -209,6 +209,27 @@ def test_concurrent_python_threads(data_dir):
     assert tok.encode_batch(parts, 2, disallowed_special=()) == want
 
 
+def test_batch_cache_shared_by_threads_and_calls(data_dir):
+    # encode_batch's threads share one pre-token cache that fills up (40k distinct words
+    # in a batch it sizes for far fewer) and is replaced by the next call; Python threads
+    # run batches on it at the same time.
+    from concurrent.futures import ThreadPoolExecutor
+    import random
+
+    tok, enc = pair("r50k_base", data_dir)
+    rng = random.Random(7)
+    letters = "abcdefghijklmnopqrstuvwxyzéø"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 14))) for _ in range(40_000)]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 400))) for _ in range(300)]
+    want = [enc.encode_ordinary(t) for t in texts]
+    tok.clear_cache()
+    for threads in (1, 2, 4, 3):
+        assert tok.encode_batch(texts, threads, disallowed_special=()) == want
+    with ThreadPoolExecutor(3) as ex:
+        got = list(ex.map(lambda k: tok.encode_batch(texts[k::3], 2, disallowed_special=()), range(3)))
+    assert got == [want[k::3] for k in range(3)]
+
+
 def test_special_tokens_semantics(data_dir):
     tok, enc = pair("cl100k_base", data_dir)
     s = "hi <|endoftext|> there<|fim_prefix|>x<|endofprompt|>"

@@ -207,10 +207,20 @@ class PyTokenizer {
       nt = num_threads > 0 ? num_threads : omp_get_max_threads();
 #endif
       nt = std::max(1, std::min<int>(nt, int(k)));
+      // Longest texts first, so that the threads finish together; one pre-token cache for all.
+      std::vector<size_t> order(k);
+      size_t total = 0;
+      for (size_t i = 0; i < k; ++i) {
+        order[i] = i;
+        total += ts[i].n;
+      }
+      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ts[a].n > ts[b].n; });
+      const std::shared_ptr<SharedPieceCache> cache = bpe_->shared_cache(total);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t i = 0; i < int64_t(k); ++i) {
+      for (int64_t j = 0; j < int64_t(k); ++j) {
+        const size_t i = order[size_t(j)];
         try {
-          bpe_->encode(ts[i].p, ts[i].n, allowed, disallowed, outs[i]);
+          bpe_->encode(ts[i].p, ts[i].n, allowed, disallowed, outs[i], *cache);
         } catch (const DisallowedSpecial& e) {
 #pragma omp critical
           {

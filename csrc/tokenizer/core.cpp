@@ -362,7 +362,8 @@ void BPE::bpe_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const
 // character boundary), which bounds the memory of pathological inputs.
 static constexpr size_t kMaxPiece = size_t(1) << 20;
 
-inline void BPE::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
+template <class Cache>
+inline void BPE::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, Cache& cache) const {
   if (n == 1) {
     out.push_back(byte_id_[p[0]]);
     return;
@@ -399,8 +400,8 @@ inline void BPE::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>&
   bpe_long(p, n, out);
 }
 
-template <size_t (*Next)(const uint8_t*, size_t, size_t)>
-void BPE::encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
+template <size_t (*Next)(const uint8_t*, size_t, size_t), class Cache>
+void BPE::encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& out, Cache& cache) const {
   size_t i = 0;
   while (i < n) {
     const size_t j = Next(s, i, n);
@@ -409,7 +410,8 @@ void BPE::encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& o
   }
 }
 
-void BPE::encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
+template <class Cache>
+void BPE::encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>& out, Cache& cache) const {
   if (out.capacity() - out.size() < n / 3) out.reserve(out.size() + n / 3 + 16);
   if (pattern_ == Pattern::GPT2)
     encode_ordinary_t<next_gpt2>(s, n, out, cache);
@@ -433,12 +435,36 @@ void BPE::pretokenize(const uint8_t* s, size_t n, std::vector<std::pair<size_t, 
 
 void BPE::encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
                  std::vector<uint32_t>& out) const {
+  CacheGuard g(*this);
+  encode_with(s, n, allowed, disallowed, out, *g.c);
+}
+
+void BPE::encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
+                 std::vector<uint32_t>& out, SharedPieceCache& cache) const {
+  encode_with(s, n, allowed, disallowed, out, cache);
+}
+
+std::shared_ptr<SharedPieceCache> BPE::shared_cache(size_t text_bytes) const {
+  // Source text has about one distinct short pre-token per 250 bytes; the cache stops
+  // inserting at half full. From 2^15 entries (2 MB) up to 2^19 (32 MB).
+  constexpr size_t kMin = size_t(1) << 15, kMax = size_t(1) << 19;
+  size_t want = kMin;
+  while (want < kMax && want * 128 < text_bytes) want *= 2;
+  std::lock_guard<std::mutex> g(cache_mu_);
+  if (shared_ && !shared_->full() && shared_->capacity() >= want) return shared_;
+  if (shared_ && shared_->full()) want = std::max(want, std::min(kMax, 2 * shared_->capacity()));
+  shared_ = std::make_shared<SharedPieceCache>(want);
+  return shared_;
+}
+
+template <class Cache>
+void BPE::encode_with(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
+                      std::vector<uint32_t>& out, Cache& cache) const {
   const std::string_view text(reinterpret_cast<const char*>(s), n);
   for (int k : disallowed)
     if (text.find(specials_[k].first) != std::string_view::npos) throw DisallowedSpecial(specials_[k].first);
-  CacheGuard g(*this);
   if (allowed.empty()) {
-    encode_ordinary_cached(s, n, out, *g.c);
+    encode_ordinary_cached(s, n, out, cache);
     return;
   }
   // Next occurrence of each allowed special token at or after pos.
@@ -462,10 +488,10 @@ void BPE::encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, co
       }
     }
     if (best_k < 0) {
-      encode_ordinary_cached(s + pos, n - pos, out, *g.c);
+      encode_ordinary_cached(s + pos, n - pos, out, cache);
       return;
     }
-    encode_ordinary_cached(s + pos, best - pos, out, *g.c);
+    encode_ordinary_cached(s + pos, best - pos, out, cache);
     out.push_back(specials_[best_k].second);
     pos = best + best_len;
   }

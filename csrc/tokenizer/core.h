@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -292,6 +293,81 @@ class PieceCache {
   size_t mask_ = 0, count_ = 0;
 };
 
+// Pre-token -> token ids, shared by the threads of a batch: insert-only and lock-free, with a
+// fixed capacity (inserts stop at half full; a full cache is replaced by the next batch). A
+// slot is claimed by a compare-and-swap of its hash word from 0 to a busy mark (the hash with
+// its low bit cleared: real hashes are odd), filled, then published by storing the hash with
+// release order; a reader compares a slot's fields only after loading that hash with acquire
+// order, so it never sees a half-written entry, and a slot being written reads as a miss.
+// Sharing the cache means a pre-token is merged once per batch, not once per thread.
+class SharedPieceCache {
+ public:
+  explicit SharedPieceCache(size_t capacity) {  // capacity: a power of two
+    raw_ = static_cast<char*>(std::calloc(capacity * sizeof(Entry) + 64, 1));  // zero pages, lazily
+    if (!raw_) throw std::bad_alloc();
+    table_ = reinterpret_cast<Entry*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63));
+    mask_ = capacity - 1;
+    limit_ = capacity / 2;
+  }
+  ~SharedPieceCache() { std::free(raw_); }
+  SharedPieceCache(const SharedPieceCache&) = delete;
+  SharedPieceCache& operator=(const SharedPieceCache&) = delete;
+
+  size_t capacity() const { return mask_ + 1; }
+  bool full() const { return __atomic_load_n(&count_, __ATOMIC_RELAXED) >= limit_; }
+
+  inline bool get(const PieceCache::Key& k, std::vector<uint32_t>& out) const {
+    size_t i = k.hash & mask_;
+    while (true) {
+      const Entry& e = table_[i];
+      const uint64_t h = __atomic_load_n(&e.hash, __ATOMIC_ACQUIRE);
+      if (h == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) {
+        out.insert(out.end(), e.ids, e.ids + e.nids);
+        return true;
+      }
+      if (h == 0) return false;
+      i = (i + 1) & mask_;
+    }
+  }
+  void put(const PieceCache::Key& k, const uint32_t* ids, size_t nids) {
+    if (nids > PieceCache::kMaxIds || full()) return;
+    size_t i = k.hash & mask_;
+    for (size_t probes = 0; probes <= mask_; ++probes, i = (i + 1) & mask_) {
+      Entry& e = table_[i];
+      uint64_t h = __atomic_load_n(&e.hash, __ATOMIC_ACQUIRE);
+      if (h == 0) {
+        if (!__atomic_compare_exchange_n(&e.hash, &h, k.hash & ~uint64_t(1), false, __ATOMIC_ACQUIRE,
+                                         __ATOMIC_ACQUIRE)) {
+          if (h == k.hash) return;  // another thread stored this key (or one of the same hash) here
+          continue;
+        }
+        e.len = uint8_t(k.len);
+        e.nids = uint8_t(nids);
+        e.w[0] = k.w[0];
+        e.w[1] = k.w[1];
+        e.w[2] = k.w[2];
+        std::memcpy(e.ids, ids, nids * sizeof(uint32_t));
+        __atomic_store_n(&e.hash, k.hash, __ATOMIC_RELEASE);
+        __atomic_add_fetch(&count_, 1, __ATOMIC_RELAXED);
+        return;
+      }
+      if (h == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) return;
+    }
+  }
+
+ private:
+  struct alignas(64) Entry {
+    uint64_t hash;  // 0: empty; even: being written; odd: the key's hash, fields valid
+    uint8_t len, nids;
+    uint8_t pad[6];
+    uint64_t w[3];
+    uint32_t ids[6];
+  };
+  char* raw_ = nullptr;
+  Entry* table_ = nullptr;
+  size_t mask_ = 0, limit_ = 0, count_ = 0;
+};
+
 // ----------------------------------------------------------------------------- the BPE model
 class DisallowedSpecial : public std::runtime_error {
  public:
@@ -330,6 +406,9 @@ class BPE {
   void encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
               std::vector<uint32_t>& out) const;
   void encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>& out) const;
+  // The same, with a cache shared by the threads of a batch (see shared_cache()).
+  void encode(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
+              std::vector<uint32_t>& out, SharedPieceCache& cache) const;
   // Split into pre-tokens (for tests and training).
   void pretokenize(const uint8_t* s, size_t n, std::vector<std::pair<size_t, size_t>>& out) const;
 
@@ -351,16 +430,25 @@ class BPE {
   void clear_caches() const {
     std::lock_guard<std::mutex> g(cache_mu_);
     caches_.clear();
+    shared_.reset();
   }
   void release_cache(PieceCache* c) const;
+  // The batch cache, kept between batches; replaced by a larger one when it is full or
+  // smaller than a batch of text_bytes bytes wants.
+  std::shared_ptr<SharedPieceCache> shared_cache(size_t text_bytes) const;
 
  private:
-  template <size_t (*Next)(const uint8_t*, size_t, size_t)>
-  void encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
-  void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
+  template <size_t (*Next)(const uint8_t*, size_t, size_t), class Cache>
+  void encode_ordinary_t(const uint8_t* s, size_t n, std::vector<uint32_t>& out, Cache& cache) const;
+  template <class Cache>
+  void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, Cache& cache) const;
   void bpe_short(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
   void bpe_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
-  void encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
+  template <class Cache>
+  void encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_t>& out, Cache& cache) const;
+  template <class Cache>
+  void encode_with(const uint8_t* s, size_t n, const std::vector<int>& allowed, const std::vector<int>& disallowed,
+                   std::vector<uint32_t>& out, Cache& cache) const;
 
   Pattern pattern_;
   bool rank_by_id_;
@@ -375,6 +463,7 @@ class BPE {
   std::vector<std::pair<std::string, uint32_t>> specials_;
   mutable std::mutex cache_mu_;
   mutable std::vector<std::unique_ptr<PieceCache>> caches_;
+  mutable std::shared_ptr<SharedPieceCache> shared_;
 };
 
 // ----------------------------------------------------------------------------- training
