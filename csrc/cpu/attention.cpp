@@ -268,6 +268,14 @@ inline void bwd_row(float* s, float* dp, const float* lse2, const float* delta, 
 }
 #endif
 
+// Threads worth waking for a call of this many floating-point operations (or bytes moved):
+// below about 4 million a single core finishes in tens of microseconds, less than waking and
+// joining the others costs (far less than waiting for one that is descheduled on a busy
+// machine, which can take milliseconds).
+inline int64_t threads_for(double work) {
+  return work < 4e6 ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
 // Runs work(item, thread) for item in [0, n) on at::get_num_threads() threads, handing the
 // items out one at a time in order (so list the costliest first).
 template <typename F>
@@ -659,7 +667,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   FwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), kt.data_ptr<float>(), packed.data(),
             out.data_ptr<float>(), lse.data_ptr<float>(), B, H, Hkv, Tq, Tk, D, causal, (float)scale};
   FwdWork w{a};
-  run_dynamic(B * Hkv + B * H * cdiv(Tq, BQ), w);
+  run_dynamic(B * Hkv + B * H * cdiv(Tq, BQ), w, threads_for(2.0 * B * H * Tq * Tk * D));
   return {q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type()), lse};
 }
 
@@ -679,7 +687,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   at::Tensor lse2 = at::empty({B * H, Tqp}, q.options());
   at::Tensor delta = at::empty({B * H, Tqp}, q.options());
   const int64_t nkt = cdiv(Tk, BK), nitems = B * Hkv * nkt;
-  const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
+  const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(threads_for(5.0 * B * H * Tq * Tk * D), nitems));
   at::Tensor dqt = at::empty({nthr, B * H, D, Tqp}, q.options());
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   std::vector<std::atomic<int>> prepared(B * H);
@@ -697,7 +705,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
     float* dst = dq.data_ptr<float>();
     const int64_t per = B * H * D * Tqp;
     const float sc = (float)scale;
-    at::parallel_for(0, B * H, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B * H, nthr > 1 ? 1 : B * H, [&](int64_t b0, int64_t b1) {
       for (int64_t bh = b0; bh < b1; ++bh)
         for (int64_t d = 0; d < D; ++d)
           for (int64_t t = 0; t < Tq; ++t) {
@@ -730,7 +738,9 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   if (B * H * Tq == 0) return out.to(q_.scalar_type());
   const int64_t G = H / Hkv, rows = G * Tq, W = D + 2;
   // Enough slices to keep every thread busy, each at least 256 positions.
-  const int64_t nthr = at::get_num_threads();
+  int64_t visible = 0;
+  for (int64_t b = 0; b < B; ++b) visible += lp[b];
+  const int64_t nthr = threads_for(double(visible) * Hkv * D * 8);  // bytes of K and V read
   int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(cdiv(L, 256), cdiv(4 * nthr, B * Hkv)));
   const int64_t chunk = cdiv(cdiv(L, nsplit), BK) * BK;
   nsplit = std::max<int64_t>(1, cdiv(L, chunk));
@@ -740,7 +750,7 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   DecArgs a{q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), lp, part.data_ptr<float>(),
             out.data_ptr<float>(), done.data(), B, H, Hkv, Tq, L, D, nsplit, chunk, (float)scale};
   DecWork w{a};
-  run_dynamic(B * Hkv * nsplit, w);
+  run_dynamic(B * Hkv * nsplit, w, nthr);
   return q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type());
 }
 
