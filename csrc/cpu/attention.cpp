@@ -211,6 +211,53 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(s);
 }
 
+// Index vectors of the 16-to-1 transposing reduction below: level l combines pairs (x, y) of
+// vectors holding n = 2^l keys with p = 16 / n partial sums each (p consecutive lanes per key)
+// into one vector holding 2n keys with p / 2 partials each: out = A + B, where A takes the
+// first half of every key's lanes (x's keys, then y's) and B the second half.
+struct ReduceIndex {
+  alignas(64) int32_t a[4][16], b[4][16];
+  ReduceIndex() {
+    for (int l = 0; l < 4; ++l) {
+      const int n = 1 << l, p = 16 / n, h = p / 2;
+      for (int k = 0; k < 2 * n; ++k)
+        for (int i = 0; i < h; ++i) {
+          const int src = (k < n ? 0 : 16) + (k % n) * p + i;
+          a[l][k * h + i] = src;
+          b[l][k * h + i] = src + h;
+        }
+    }
+  }
+};
+
+// s[c] = q . K[c] for the m <= 16 keys K[0..m) (rows of D floats): one FMA accumulator per
+// key, then a transposing reduction (15 two-source permutes and adds for 16 keys) instead
+// of 16 horizontal sums.
+inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s) {
+  static const ReduceIndex ix;
+  const float* rows[16];
+  for (int c = 0; c < 16; ++c) rows[c] = K + std::min<int64_t>(c, m - 1) * D;  // past m: repeat a valid row
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int c = 0; c < 16; ++c) {  // key by key: K is read in address order
+    acc[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < D; j += 16) {
+      const __mmask16 k = tail_mask(D - j);
+      acc[c] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, q + j), _mm512_maskz_loadu_ps(k, rows[c] + j), acc[c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int l = 0; l < 4; ++l) {
+    const __m512i ia = _mm512_load_si512(ix.a[l]), ib = _mm512_load_si512(ix.b[l]);
+    const int pairs = 8 >> l;
+#pragma GCC unroll 8
+    for (int t = 0; t < pairs; ++t)
+      acc[t] = _mm512_add_ps(_mm512_permutex2var_ps(acc[2 * t], ia, acc[2 * t + 1]),
+                             _mm512_permutex2var_ps(acc[2 * t], ib, acc[2 * t + 1]));
+  }
+  _mm512_mask_storeu_ps(s, tail_mask(m), acc[0]);
+}
+
 // backward: P^T row r: p[c] = 2^(s[c] - lse2[c]); ds[c] = p[c] (dp[c] - delta[c]), c < 64
 inline void bwd_row(float* s, float* dp, const float* lse2, const float* delta, int64_t ncols) {
   for (int64_t c = 0; c < ncols; c += 16) {
@@ -258,6 +305,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
   return s;
+}
+inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s) {
+  for (int64_t c = 0; c < m; ++c) s[c] = dot(q, K + c * D, D);
 }
 inline void bwd_row(float* s, float* dp, const float* lse2, const float* delta, int64_t ncols) {
   for (int64_t c = 0; c < ncols; ++c) {
@@ -580,10 +630,8 @@ struct DecWork {
     float* S = st.s.data();
     for (int64_t k0 = s0; k0 < s1; k0 += BK) {
       const int64_t nk = std::min(BK, s1 - k0);
-      for (int64_t c = 0; c < nk; ++c) {
-        const float* kr = K + (k0 + c) * D;
-        for (int64_t r = 0; r < rows; ++r) S[r * BK + c] = dot(qs + r * D, kr, D);
-      }
+      for (int64_t c = 0; c < nk; c += 16)
+        for (int64_t r = 0; r < rows; ++r) dots(qs + r * D, K + (k0 + c) * D, D, std::min<int64_t>(16, nk - c), S + r * BK + c);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t t = r % a.Tq;
         const int64_t lim = len - a.Tq + 1 + t;  // query t sees positions j < lim
