@@ -338,6 +338,8 @@ def finetune(task: str, model, data, out_dir, *, tokenizer=None, vocab_size: int
         train_config = TrainConfig(**{**FINETUNE_DEFAULTS, **train_options, "out_dir": str(out_dir)})
     elif train_options:
         raise TypeError("pass either train_config or TrainConfig fields, not both")
+    if train_config.resume:
+        raise ValueError("finetune does not resume a run; start it again with another out_dir")
     torch.manual_seed(train_config.seed)
     if isinstance(model, GPTConfig):
         cfg = GPTConfig.from_dict({**model.to_dict(), "vocab_size": tok.n_vocab, "eos_token_id": tok.eot_token})
