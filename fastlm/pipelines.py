@@ -233,11 +233,12 @@ def _named_documents(documents) -> list[tuple[str, str]]:
 class QuestionAnsweringPipeline:
     """Answers questions from retrieved passages (see the module's doc).
 
-    The prompt is a header, the passages (``[n] NAME:`` then the text; NAME is the document's
-    name, its last component where it is a path) and
-    ``Question: ...\\nAnswer:``; ``max_new_tokens`` of the model's context stay free for the
-    answer. The question always fits whole: passages are added best first while they fit, the
-    last one cut to the room left, and a question that does not fit alone is an error."""
+    The prompt is a header, the passages (each as ``[n] NAME:`` and its text, NAME being the
+    document's name, or its file name where the name is a path) and ``Question: ...\\nAnswer:``.
+    ``max_new_tokens`` of the model's context stay free for the answer, and the question always
+    fits whole: passages go in best first while they fit, the last one cut to the room left
+    (``sources`` lists the passages that went in, each whole); a question that does not fit
+    alone is an error."""
 
     task = "question-answering"
 
