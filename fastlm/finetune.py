@@ -266,7 +266,8 @@ class SequenceClassifier(_TaskModel):
             raise CheckpointError(f"{path}: the head has {w.shape[0] if w.dim() else '?'} outputs but pipeline.json "
                                   f"lists {len(labels)} labels {labels}")
         if w.shape[1] != model.config.n_embd:
-            raise CheckpointError(f"{path}: the head takes {w.shape[1]} features, the model gives {model.config.n_embd}")
+            raise CheckpointError(f"{path}: the head takes {w.shape[1]} features, "
+                                  f"the model gives {model.config.n_embd}")
         with torch.no_grad():
             model.head.weight.copy_(w)
             model.head.bias.copy_(b)
@@ -347,9 +348,11 @@ def finetune(task: str, model, data, out_dir, *, tokenizer=None, vocab_size: int
     elif isinstance(model, (str, os.PathLike)):
         model = GPT.from_pretrained(model)
     elif not isinstance(model, GPT):
-        raise TypeError(f"model must be a fastlm.GPT, a checkpoint directory or a GPTConfig, got {type(model).__name__}")
+        raise TypeError(f"model must be a fastlm.GPT, a checkpoint directory or a GPTConfig, "
+                        f"got {type(model).__name__}")
     if tok.n_vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.n_vocab} ids, more than the model's vocabulary {model.config.vocab_size}")
+        raise ValueError(f"the tokenizer has {tok.n_vocab} ids, more than the model's vocabulary "
+                         f"{model.config.vocab_size}")
     block = model.config.block_size
     split = dict(val_fraction=val_fraction, seed=train_config.seed, path=data)
     if task == "classification":

@@ -349,7 +349,8 @@ class QuestionAnsweringPipeline:
         self.generator.save_pretrained(path)
         if self.index is not None:
             self.index.save(path / "index")
-        write_pipeline_config(path, {"task": self.task, "top_k": self.top_k, "max_passage_chars": self.max_passage_chars,
+        write_pipeline_config(path, {"task": self.task, "top_k": self.top_k,
+                                     "max_passage_chars": self.max_passage_chars,
                                      "max_new_tokens": self.max_new_tokens, "sources": self.sources})
 
 

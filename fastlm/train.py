@@ -376,7 +376,8 @@ class Trainer:
             "torch_rng": _rng_state_to_json(torch.get_rng_state()),
             "config": self.config.to_dict(),
             "model_config": self.model.config.to_dict(),
-            "data": {"path": str(self.data.path.resolve()) if self.data.path else None, "vocab_size": self.data.vocab_size,
+            "data": {"path": str(self.data.path.resolve()) if self.data.path else None,
+                     "vocab_size": self.data.vocab_size,
                      "train_tokens": self.data.num_tokens("train")},
             "stop_reason": self.stop_reason,
         }

@@ -264,7 +264,7 @@ def test_classification_save_load_round_trip(classifier_run, tmp_path):
     assert again(texts, top_k=None) == pipe(texts, top_k=None)
     model = again.model
     assert isinstance(model, SequenceClassifier) and model.pooling == "mean"
-    # the Trainer's in-memory model gives the same answers as the saved one
+    # the in-memory task model serves as well as a directory
     live = pipeline("text-classification", model=classifier_run["summary"]["task_model"], tokenizer=again.tokenizer)
     assert live.labels == again.labels
 
@@ -412,7 +412,8 @@ def test_builtin_bleu_equals_sacrebleu():
     ]
     for _ in range(5):
         hyps = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(8)]
-        refs = [[" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(8)] for _ in range(rng.randint(1, 3))]
+        refs = [[" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(8)]
+                for _ in range(rng.randint(1, 3))]
         corpora.append((hyps, refs))
     corpora.append(([h.split(" ", 1)[-1] for h in corpora[-1][0]], corpora[-1][1]))
     for hyps, refs in corpora:
