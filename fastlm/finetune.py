@@ -149,6 +149,9 @@ class ExampleData:
     def __len__(self):
         return len(self.splits["train"])
 
+    def has_batches(self, split: str, block_size: int) -> bool:
+        return bool(self.splits[split])
+
     def num_tokens(self, split: str = "train") -> int:
         return sum(len(r[0]) for r in self.splits[split])
 

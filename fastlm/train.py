@@ -257,7 +257,8 @@ class Trainer:
     path of a prepared folder) as ``config`` says. ``train()`` returns a summary dict.
 
     Any model with ``config``, ``loss(x, y)`` and ``save_pretrained`` trains, on any data with
-    TokenData's ``batch``, ``num_tokens``, ``vocab_size``, ``bytes_per_token`` and ``path``:
+    TokenData's ``batch``, ``has_batches``, ``num_tokens``, ``vocab_size``, ``bytes_per_token``
+    and ``path``:
     ``fastlm.finetune`` trains task models on labelled examples so."""
 
     def __init__(self, model, config: TrainConfig | None = None, data=None, tokenizer=None, on_step=None):
@@ -594,7 +595,7 @@ class Trainer:
                     (self.out / name).unlink()
         if self.data.num_tokens("val") == 0:
             print("fastlm: the data has no val split; evaluating on train batches", file=sys.stderr)
-        val_split = "val" if self.data.num_tokens("val") > self.block_size + 1 else "train"
+        val_split = "val" if self.data.has_batches("val", self.block_size) else "train"
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
         from tqdm.auto import tqdm
 

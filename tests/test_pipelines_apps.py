@@ -325,6 +325,9 @@ def test_translation_loss_is_on_target_tokens_only(translation_run):
     tok = load_pipeline(translation_run["summary"]["pipeline_dir"]).generator.tokenizer
     examples = [{"source": "ka lo", "target": "zux pix", "line": 1}, {"source": "ka", "target": "mux", "line": 2}]
     data = ExampleData.for_translation(examples, tok, "src", "tgt", block_size=48, val_fraction=0.0)
+    assert data.has_batches("train", 48) and not data.has_batches("val", 48)
+    # a few short examples are a val split, however few tokens they hold
+    assert ExampleData.for_translation(examples, tok, "src", "tgt", 48, val_fraction=0.5).has_batches("val", 48)
     x, y = data.batch("train", 8, 48, np.random.default_rng(0))
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         ex = examples[0] if tok.decode(row_x).startswith("src: ka lo") else examples[1]
