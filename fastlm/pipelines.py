@@ -434,7 +434,8 @@ class TranslationPipeline:
     task = "translation"
 
     def __init__(self, model, tokenizer=None, device=None, dtype=None, src_lang: str | None = None,
-                 tgt_lang: str | None = None, max_new_tokens: int | None = None, **generate_defaults):
+                 tgt_lang: str | None = None, max_new_tokens: int | None = None, batch_size: int = 32,
+                 **generate_defaults):
         from .finetune import PROMPT_TEMPLATE, TranslationLM
 
         saved = {}
@@ -454,6 +455,7 @@ class TranslationPipeline:
                              "src_lang= and tgt_lang=")
         self.template = saved.get("prompt", PROMPT_TEMPLATE)
         self.max_new_tokens = max_new_tokens or 128
+        self.batch_size = batch_size
         self.generator = TextGenerationPipeline(model, tokenizer=tokenizer, device=device, dtype=dtype,
                                                 **generate_defaults)
 
@@ -474,9 +476,13 @@ class TranslationPipeline:
                 raise ValueError(f"text {i}: the prompt is {len(ids)} tokens, which leaves no room for the translation "
                                  f"in the model's context of {block}")
             prompts.append(ids)
-        max_new = min(max_new_tokens or self.max_new_tokens, block - max(len(p) for p in prompts))
-        opts = {"stop": ["\n"], **generate_kwargs, "max_new_tokens": max_new}
-        return [{"translation_text": t.strip()} for t in self.generator.generate_ids(prompts, **opts)]
+        outputs = []
+        for k in range(0, len(prompts), self.batch_size):  # decoded together, batch_size at a time
+            chunk = prompts[k:k + self.batch_size]
+            max_new = min(max_new_tokens or self.max_new_tokens, block - max(len(p) for p in chunk))
+            opts = {"stop": ["\n"], **generate_kwargs, "max_new_tokens": max_new}
+            outputs += self.generator.generate_ids(chunk, **opts)
+        return [{"translation_text": t.strip()} for t in outputs]
 
     def save_pretrained(self, path) -> None:
         """Model, tokenizer and ``pipeline.json`` in one directory."""

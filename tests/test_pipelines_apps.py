@@ -348,6 +348,7 @@ def test_translation_save_load_and_errors(translation_run, tmp_path):
     again = pipeline("translation", model=tmp_path / "tr")
     assert again(sources) == pipe(sources)
     assert again(sources[0]) == pipe(sources[:1])
+    assert pipeline("translation", model=tmp_path / "tr", batch_size=2)(sources) == again(sources)
     with pytest.raises(ValueError, match="translates src to tgt"):
         pipeline("translation", model=tmp_path / "tr", tgt_lang="fr")
     with pytest.raises(ValueError, match="needs src_lang= and tgt_lang="):
