@@ -28,6 +28,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
+PIPELINE_CONFIG_NAME = "pipeline.json"  # a task pipeline's settings (fastlm.pipelines)
 
 # GPT-2 stores these projections as Conv1D, weight (in, out): transposed on load and save.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
@@ -76,6 +77,22 @@ def read_json(path) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def write_pipeline_config(directory, config: dict) -> None:
+    """Write a task pipeline's settings (``{"task": ..., ...}``) as ``pipeline.json``."""
+    atomic_write_json(Path(directory) / PIPELINE_CONFIG_NAME, {"format": "fastlm-pipeline", **config})
+
+
+def read_pipeline_config(directory) -> dict | None:
+    """The settings in ``directory/pipeline.json``, or None when there is none (a plain model)."""
+    path = Path(directory) / PIPELINE_CONFIG_NAME
+    if not path.is_file():
+        return None
+    cfg = read_json(path)
+    if not isinstance(cfg, dict) or cfg.get("format") != "fastlm-pipeline" or not isinstance(cfg.get("task"), str):
+        raise CheckpointError(f"{path} is not a fastlm pipeline config (format 'fastlm-pipeline' with a task)")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- reading

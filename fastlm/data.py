@@ -461,6 +461,10 @@ class TokenData:
     def tokenizer(self):
         return load_tokenizer(self.path / self.meta.get("tokenizer", TOKENIZER_DIR))
 
+    def has_batches(self, split: str, block_size: int) -> bool:
+        """Whether ``split`` is long enough for windows of ``block_size + 1`` tokens."""
+        return len(self.splits[split]) > block_size + 1
+
     def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator):
         import torch
 

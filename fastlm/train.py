@@ -254,7 +254,12 @@ def find_checkpoints(out_dir) -> list[Path]:
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
     """Train ``model`` (a ``fastlm.GPT``) on ``data`` (a ``fastlm.data.TokenData`` or the
-    path of a prepared folder) as ``config`` says. ``train()`` returns a summary dict."""
+    path of a prepared folder) as ``config`` says. ``train()`` returns a summary dict.
+
+    Any model with ``config``, ``loss(x, y)`` and ``save_pretrained`` trains, on any data with
+    TokenData's ``batch``, ``has_batches``, ``num_tokens``, ``vocab_size``, ``bytes_per_token``
+    and ``path``:
+    ``fastlm.finetune`` trains task models on labelled examples so."""
 
     def __init__(self, model, config: TrainConfig | None = None, data=None, tokenizer=None, on_step=None):
         from .data import TokenData
@@ -262,7 +267,7 @@ class Trainer:
         self.config = cfg = config or TrainConfig()
         if data is None:
             raise ValueError("Trainer needs data: a prepared folder (fastlm prepare) or a TokenData")
-        self.data = data if isinstance(data, TokenData) else TokenData(data)
+        self.data = data if isinstance(data, TokenData) or hasattr(data, "batch") else TokenData(data)
         self.tokenizer = tokenizer
         self.on_step = on_step
         if cfg.threads:
@@ -372,7 +377,8 @@ class Trainer:
             "torch_rng": _rng_state_to_json(torch.get_rng_state()),
             "config": self.config.to_dict(),
             "model_config": self.model.config.to_dict(),
-            "data": {"path": str(self.data.path.resolve()), "vocab_size": self.data.vocab_size,
+            "data": {"path": str(self.data.path.resolve()) if self.data.path else None,
+                     "vocab_size": self.data.vocab_size,
                      "train_tokens": self.data.num_tokens("train")},
             "stop_reason": self.stop_reason,
         }
@@ -589,7 +595,7 @@ class Trainer:
                     (self.out / name).unlink()
         if self.data.num_tokens("val") == 0:
             print("fastlm: the data has no val split; evaluating on train batches", file=sys.stderr)
-        val_split = "val" if self.data.num_tokens("val") > self.block_size + 1 else "train"
+        val_split = "val" if self.data.has_batches("val", self.block_size) else "train"
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
         from tqdm.auto import tqdm
 
