@@ -156,6 +156,7 @@ class _Decoder:
         self._norm = ops.resolve(norm, w.device, w.dtype)[1]
         self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
         self._attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
+        self._linear = ops.resolve("decode_linear", w.device, w.dtype)[1]
         self.key = _weights_key(model)
 
     def norm(self, args, x, residual=None):
@@ -164,10 +165,8 @@ class _Decoder:
             return self._norm(x, weight, bias, eps, residual)
         return self._norm(x, weight, eps, residual)
 
-    @staticmethod
-    def linear(x, wb):
-        w_t, b = wb
-        return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+    def linear(self, x, wb):
+        return self._linear(x, *wb)
 
     def step(self, tokens, positions, attend_lens, cache: KVCache):
         cfg = self.cfg
@@ -207,7 +206,7 @@ class _Decoder:
             y = self.norm(self.ln_f, h)
         else:
             y = self.norm(self.ln_f, delta, h)[0]
-        return torch.mm(y, self.head_t)
+        return self._linear(y, self.head_t, None)
 
 
 def _norm_args(norm):

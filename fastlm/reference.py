@@ -126,6 +126,12 @@ def gelu(x):
     return (0.5 * xc * (1.0 + torch.tanh(inner))).to(x.dtype)
 
 
+def decode_linear(x, weight_t, bias=None):
+    """The linear layer of a decode step: ``x @ weight_t + bias`` for x (M, K) with few rows
+    (one per sequence) and the weight stored transposed, weight_t (K, N)."""
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
 def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
     """Cross-entropy of (N, V) logits (or (..., V)) against integer targets (N,) (or (...)).
 

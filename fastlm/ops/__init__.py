@@ -33,6 +33,7 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "gelu",
+    "decode_linear",
     "cross_entropy",
     "linear_cross_entropy",
     "backends",
@@ -48,7 +49,7 @@ _ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 
 # ----------------------------------------------------------------------------- backends
 _reference = add_backend(Backend("reference", _ALL_DEVICES))
-for _name in ("attention", "decode_attention", "layer_norm", "rms_norm", "gelu", "cross_entropy",
+for _name in ("attention", "decode_attention", "layer_norm", "rms_norm", "gelu", "decode_linear", "cross_entropy",
               "linear_cross_entropy"):
     _reference.register(_name, getattr(_ref, _name), FLOATS)
 
@@ -72,6 +73,7 @@ if _native.cpu_ext is not None or _native.cuda_ext is not None:
             _b.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
     if _cpu.available:
         _cpu.register("gelu", _activation.gelu, FLOATS)
+        _cpu.register("decode_linear", _activation.decode_linear, (torch.float32,))
 
     from . import attention as _attention
 
@@ -218,6 +220,24 @@ def gelu(x):
     """GELU with the tanh approximation (GPT-2's ``gelu_new``)."""
     _check_float("x", x)
     return resolve("gelu", x.device, x.dtype)[1](x)
+
+
+def decode_linear(x, weight_t, bias=None):
+    """``x @ weight_t + bias`` for the few rows of a decode step: x (M, K), the weight stored
+    transposed, weight_t (K, N) (``linear.weight.t().contiguous()``), bias (N,) or None. The
+    CPU kernel reads the weight once for all rows (M <= 16); larger M goes to BLAS."""
+    _check_float("x", x)
+    _check_float("weight_t", weight_t)
+    _check_same("weight_t", weight_t, "x", x)
+    if x.dim() != 2 or weight_t.dim() != 2 or x.shape[1] != weight_t.shape[0]:
+        raise ValueError(f"decode_linear: x (M, K) and weight_t (K, N) must agree on K, got {tuple(x.shape)} "
+                         f"and {tuple(weight_t.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        _check_same("bias", bias, "x", x)
+        if bias.shape != (weight_t.shape[1],):
+            raise ValueError(f"decode_linear: bias must have shape ({weight_t.shape[1]},), got {tuple(bias.shape)}")
+    return resolve("decode_linear", x.device, x.dtype)[1](x, weight_t, bias)
 
 
 def _check_targets(targets, n_rows_shape, device):
