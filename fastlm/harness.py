@@ -47,6 +47,8 @@ class FastLM(LM):
         from .checkpoint import load_model
         from .pipelines import load_tokenizer
 
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's default is "cuda"
         if model is None:
             if pretrained is None:
                 raise ValueError("FastLM needs pretrained=CHECKPOINT_DIR or model=")
@@ -58,6 +60,7 @@ class FastLM(LM):
         elif isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
         self.model = model.eval()
+        self._device = next(model.parameters()).device
         self.tokenizer = tokenizer
         # lm-eval passes "auto" or "auto:N" for automatic batch sizes; a fixed size serves here.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16

@@ -3,9 +3,14 @@ lm-eval's own Hugging Face model on the same GPT-2 weights and tokenizer: the th
 kinds directly, then a whole evaluation of local task files (nothing downloaded)."""
 import json
 import math
+import os
 
 import pytest
 import torch
+
+# Local task files only: the datasets library must not look for anything online.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastlm[eval]')")
 transformers = pytest.importorskip("transformers")
@@ -105,3 +110,29 @@ metric_list:
     for task, metric in (("tiny_mc", "acc,none"), ("tiny_ppl", "word_perplexity,none"), ("tiny_ppl", "bits_per_byte,none")):
         a, b = res["ours"][task][metric], res["ref"][task][metric]
         assert math.isfinite(a) and abs(a - b) <= 1e-4 * abs(b), (task, metric, a, b)
+
+
+def test_lm_eval_command_line_finds_the_model(checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": TEXT[i:i + 200]}) + "\n" for i in (0, 300)))
+    (tmp_path / "cli_ppl.yaml").write_text(f"""task: cli_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'text.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+""")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "fastlm.harness", "--model", "fastlm", "--model_args",
+                        f"pretrained={checkpoint}", "--tasks", "cli_ppl", "--include_path", str(tmp_path),
+                        "--batch_size", "2", "--output_path", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "cli_ppl" in r.stdout and "bits_per_byte" in r.stdout
