@@ -214,6 +214,8 @@ def _add_train(sub):
     for name, typ in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model's loss")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 

@@ -87,6 +87,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA GPUs that support it) | "float32" | "bfloat16"
     backend: str | None = None  # fastlm.ops backend; None: the fastest available
     compile: bool = False  # torch.compile the loss function
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     threads: int | None = None  # torch.set_num_threads
     # output
     progress: bool = True
@@ -278,8 +279,10 @@ class Trainer:
             raise ValueError(f"block_size {self.block_size} exceeds the model's context {mc.block_size}")
         self.out = Path(cfg.out_dir)
         self.autocast_dtype = _autocast_dtype(cfg, self.device)
-        # Under torchrun the loss runs through DDP (gradients averaged across ranks).
-        self._ddp = distributed.wrap(self.model, self.dist, self.device) if self.dist.enabled else None
+        # Under torchrun the loss runs through DDP (gradients averaged across ranks), or through
+        # FSDP2 with fsdp=True (each rank holds a shard; the optimizer is built over the shards).
+        self.fsdp = cfg.fsdp and self.dist.enabled
+        self._ddp = distributed.wrap(self.model, self.dist, self.device, fsdp=self.fsdp) if self.dist.enabled else None
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.best_val = float("inf")
@@ -329,9 +332,13 @@ class Trainer:
         total = None
         for i in range(cfg.grad_accum):
             x, y = self._batch("train", self.train_rng)
-            # DDP all-reduces gradients only on the last micro-batch.
+            # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch.
             last = i == cfg.grad_accum - 1
-            sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if self.fsdp:
+                self._ddp.set_requires_gradient_sync(last)
+            elif self._ddp is not None and not last:
+                sync = self._ddp.no_sync()
             with sync:
                 with self._autocast():
                     loss = self._loss_fn(x, y)
@@ -380,25 +387,30 @@ class Trainer:
             state["cuda_rng"] = _rng_state_to_json(torch.cuda.get_rng_state(self.device))
         return state
 
-    def _optimizer_tensors(self) -> dict:
-        sd = self.optimizer.state_dict()
+    def _optimizer_tensors(self, state: dict | None = None) -> dict:
+        """The optimizer state as flat tensors ``"{param id}.{name}"`` (``state``: a whole state
+        ``{param id: {name: value}}``; default this optimizer's own)."""
         tensors = {}
-        for pid, st in sd["state"].items():
+        for pid, st in (self.optimizer.state_dict()["state"] if state is None else state).items():
             for k, v in st.items():
                 t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
                 tensors[f"{pid}.{k}"] = t
         return tensors
 
     def save_checkpoint(self, path) -> Path:
-        """Write a complete checkpoint folder at ``path`` atomically (rank 0 alone under torchrun)."""
+        """Write a complete checkpoint folder at ``path`` atomically (rank 0 alone under torchrun;
+        with FSDP every rank first helps gather the whole state to rank 0)."""
         final = Path(path)
+        model_sd = None
+        if self.fsdp:
+            model_sd, opt_state = distributed.full_state(self.model, self.optimizer)
         if not self.dist.is_main:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)
+        self.model.save_pretrained(tmp, state_dict=model_sd)
         tok = self.tokenizer
         if tok is None:
             tok_dir = self.data.path / self.data.meta.get("tokenizer", "tokenizer")
@@ -408,7 +420,7 @@ class Trainer:
                         shutil.copyfile(f, tmp / f.name)
         else:
             tok.save(str(tmp))
-        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(), {"format": "pt"})
+        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state if self.fsdp else None), {"format": "pt"})
         atomic_write_json(tmp / STATE_NAME, self._state())
         _atomic_replace_dir(tmp, final)
         return final
@@ -443,6 +455,7 @@ class Trainer:
             model_sd = self.model.state_dict()
             from .checkpoint import CONV1D_SUFFIXES
 
+            full = {}  # the checkpoint's tensors in the model's names and layout
             with torch.no_grad():
                 for k, p in model_sd.items():
                     key = k
@@ -456,7 +469,9 @@ class Trainer:
                     if v.shape != p.shape:
                         raise CheckpointError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, "
                                               f"the model needs {tuple(p.shape)}")
-                    p.copy_(v)
+                    full[k] = v
+                    if not self.fsdp:
+                        p.copy_(v)
             opt_t = load_tensors(path / OPTIMIZER_NAME)
             osd = self.optimizer.state_dict()
             new_state = {}
@@ -468,10 +483,15 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {path}: optimizer state does not fit the model")
             osd["state"] = new_state
             try:
-                self.optimizer.load_state_dict(osd)
+                if self.fsdp:  # every rank read the whole state; each keeps its shard
+                    if self.model.config.tie_word_embeddings:
+                        full.setdefault("lm_head.weight", full.get("transformer.wte.weight"))
+                    distributed.load_full_state(self.model, self.optimizer, full, new_state)
+                else:
+                    self.optimizer.load_state_dict(osd)
             except (ValueError, RuntimeError, KeyError) as e:
                 raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
-            for group in self.optimizer.state.values():
+            for group in ([] if self.fsdp else self.optimizer.state.values()):
                 for k, v in list(group.items()):
                     if isinstance(v, torch.Tensor) and k != "step":
                         group[k] = v.to(self.device)
