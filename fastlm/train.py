@@ -719,3 +719,55 @@ class Trainer:
             self._plot()
         self._tensorboard(record)
         distributed.barrier(self.dist)  # the checkpoint is complete before any rank goes on
+
+
+# ----------------------------------------------------------------------------- model selection
+def model_for_data(data, seed: int = 1337, **model_kw):
+    """A freshly initialised model for ``data`` (a ``TokenData``): its vocabulary and end-of-text
+    token, the other ``GPTConfig`` fields from ``model_kw``, the weights drawn from ``seed``."""
+    from .model import GPTConfig, build_model
+
+    torch.manual_seed(seed)
+    return build_model(GPTConfig(vocab_size=data.vocab_size, eos_token_id=data.eot_token,
+                                 bos_token_id=data.eot_token, **model_kw))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def cross_validate(config: TrainConfig, data, folds: int = 5, model: dict | None = None) -> dict:
+    """k-fold cross-validation by document: the documents of ``data`` (a prepared folder; its
+    train and val splits together) are dealt into ``folds`` disjoint folds
+    (``fastlm.data.assign_folds``); fold I trains a fresh model (``model``: ``GPTConfig``
+    fields, the same initial weights for every fold) on the other folds and validates on
+    fold I, in ``config.out_dir/fold-I`` (its data in ``config.out_dir/folds/fold-I``). Returns the per-fold
+    best val losses and their mean and sample standard deviation; also written to
+    ``config.out_dir/cross_validation.json``."""
+    from .data import TokenData, write_folds
+    from .report import write_json
+
+    data_path = data.path if isinstance(data, TokenData) else Path(data)
+    out = Path(config.out_dir)
+    fold_dirs = write_folds(data_path, folds, out / "folds")
+    rows = []
+    for i, fold_dir in enumerate(fold_dirs):
+        fd = TokenData(fold_dir)
+        m = model_for_data(fd, config.seed, **(model or {}))
+        block = config.block_size or m.config.block_size
+        if fd.num_tokens("val") <= block + 1:  # else the Trainer would validate on train batches
+            raise ValueError(f"fold {i} holds {fd.num_tokens('val')} val tokens, too few for windows of {block + 1}; "
+                             f"use fewer folds, more data or a smaller block size")
+        cfg = dataclasses.replace(config, out_dir=str(out / f"fold-{i}"))
+        summary = Trainer(m, cfg, fd).train()
+        rows.append({"fold": i, "val_loss": summary["best_val_loss"], "best_step": summary["best_step"],
+                     "train_documents": fd.meta["counts"]["train"]["documents"],
+                     "val_documents": fd.meta["counts"]["val"]["documents"],
+                     "val_tokens": fd.num_tokens("val"), "out_dir": cfg.out_dir})
+    mean, std = _mean_std([r["val_loss"] for r in rows])
+    result = {"folds": rows, "val_loss_mean": mean, "val_loss_std": std, "k": folds}
+    write_json(out / "cross_validation.json", result)
+    return result
