@@ -79,3 +79,38 @@ def bar_png(path, labels: list[str], values: list[float], ylabel: str, title: st
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def points_png(path, labels: list[str], values: list[float], ylabel: str, title: str = "") -> None:
+    """One point a label, the axis fitted to the values (small differences between close values
+    stay visible), the lowest value marked: for losses of several trials."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("a PNG report needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.2), dpi=100)
+    xs = list(range(len(values)))
+    ax.plot(xs, values, "o", color="tab:blue")
+    finite = [(v, i) for i, v in enumerate(values) if math.isfinite(v)]
+    if finite:
+        best, i = min(finite)
+        ax.plot([i], [best], "o", color="tab:red", markersize=9, label=f"lowest: {_cell(float(best))}")
+        ax.legend()
+    for x, v in zip(xs, values):
+        if math.isfinite(v):
+            ax.annotate(_cell(float(v)), (x, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(xs, labels, rotation=30 if len(labels) > 3 else 0, ha="right" if len(labels) > 3 else "center",
+                  fontsize=8)
+    ax.set_xlim(-0.5, len(values) - 0.5)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -771,3 +771,70 @@ def cross_validate(config: TrainConfig, data, folds: int = 5, model: dict | None
     result = {"folds": rows, "val_loss_mean": mean, "val_loss_std": std, "k": folds}
     write_json(out / "cross_validation.json", result)
     return result
+
+
+def sweep_trials(grid: dict, random: int | None = None, seed: int = 0) -> list[dict]:
+    """The settings of each trial: every combination of the ``grid``'s values (``{name: [values]}``,
+    in the grid's order), or ``random`` of them drawn without replacement (all when the grid
+    has no more)."""
+    import itertools
+    import random as _random
+
+    if not grid or any(not list(v) for v in grid.values()):
+        raise ValueError("a sweep needs at least one setting with at least one value")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*(list(v) for v in grid.values()))]
+    if random is not None:
+        if random < 1:
+            raise ValueError(f"random must be >= 1, got {random}")
+        if random < len(combos):
+            combos = [combos[i] for i in sorted(_random.Random(seed).sample(range(len(combos)), random))]
+    return combos
+
+
+SWEEP_NAME = "sweep"
+
+
+def sweep(config: TrainConfig, data, grid: dict, model: dict | None = None, random: int | None = None,
+          seed: int = 0) -> list[dict]:
+    """A grid (or, with ``random=N``, random) search: one training a trial, each in
+    ``config.out_dir/trial-NNN`` with its own checkpoints. Settings named in ``grid`` are
+    ``GPTConfig`` fields (``n_layer``, ``n_embd``, ``block_size``, ...) or ``TrainConfig`` fields
+    (``lr``, ``batch_size``, ``weight_decay``, ...) and override ``model`` and ``config``.
+    Returns the trials ranked by best val loss; ``sweep.json``, ``sweep.csv`` and ``sweep.png``
+    (best val loss per trial) are written into ``config.out_dir``."""
+    from .data import TokenData
+    from .model import GPTConfig
+    from .report import points_png, write_csv, write_json
+
+    model_keys = {f.name for f in fields(GPTConfig)} - {"vocab_size", "eos_token_id", "bos_token_id"}
+    train_keys = {f.name for f in fields(TrainConfig)} - {"out_dir", "resume"}
+    unknown = [k for k in grid if k not in model_keys | train_keys]
+    if unknown:
+        raise ValueError(f"sweep: unknown settings {unknown}; use GPTConfig or TrainConfig field names")
+    data = data if isinstance(data, TokenData) else TokenData(data)
+    out = Path(config.out_dir)
+    rows = []
+    for i, params in enumerate(sweep_trials(grid, random, seed)):
+        model_kw = {**(model or {}), **{k: v for k, v in params.items() if k in model_keys}}
+        train_kw = {k: v for k, v in params.items() if k in train_keys and k not in model_keys}
+        cfg = dataclasses.replace(config, out_dir=str(out / f"trial-{i:03d}"), **train_kw)
+        if cfg.progress:
+            print(f"trial {i}: {params}", file=sys.stderr)
+        summary = Trainer(model_for_data(data, cfg.seed, **model_kw), cfg, data).train()
+        rows.append({"trial": i, **params, "best_val_loss": summary["best_val_loss"], "best_step": summary["best_step"],
+                     "steps": summary["step"], "train_seconds": round(summary["train_seconds"], 2),
+                     "out_dir": cfg.out_dir})
+    ranked = sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0.0, r["trial"]))
+    ranked = [{"rank": n + 1, **r} for n, r in enumerate(ranked)]
+    write_json(out / f"{SWEEP_NAME}.json", {"grid": {k: list(v) for k, v in grid.items()}, "random": random,
+                                            "seed": seed, "trials": ranked})
+    write_csv(out / f"{SWEEP_NAME}.csv", ranked)
+    if config.plot:
+        try:
+            points_png(out / f"{SWEEP_NAME}.png",
+                    [", ".join(f"{k}={r[k]}" for k in grid) for r in rows],
+                    [r["best_val_loss"] if r["best_val_loss"] is not None else float("nan") for r in rows],
+                    "best val loss (nats/token)", f"sweep: {len(rows)} trials")
+        except ImportError as e:
+            print(f"fastlm: {e}; no {SWEEP_NAME}.png", file=sys.stderr)
+    return ranked
