@@ -18,7 +18,13 @@ tokenizer) plus ``optimizer.safetensors`` and ``trainer_state.json`` (step, data
 states, best loss, config): ``OUT/checkpoints/step-NNNNNNN`` (the last ``keep_last``) and
 ``OUT/best``. A checkpoint is written into a temporary folder and renamed into place, so
 a killed run leaves only whole checkpoints; ``resume=True`` continues from the newest one
-exactly (same batches, same dropout masks, same losses).
+exactly (same batches, same dropout masks, same losses). Under torchrun the model is
+replicated with DDP, or sharded with FSDP2 (``fsdp=True``; see ``fastlm.distributed``), and
+the checkpoints are the same whole folders either way.
+
+Model selection reuses the Trainer: ``cross_validate`` trains one model per fold of the
+documents and reports the mean and spread of the val loss; ``sweep`` trains one model per
+combination of settings and ranks them.
 """
 from __future__ import annotations
 
@@ -401,7 +407,7 @@ class Trainer:
         """Write a complete checkpoint folder at ``path`` atomically (rank 0 alone under torchrun;
         with FSDP every rank first helps gather the whole state to rank 0)."""
         final = Path(path)
-        model_sd = None
+        model_sd = opt_state = None  # None: the model's and optimizer's own
         if self.fsdp:
             model_sd, opt_state = distributed.full_state(self.model, self.optimizer)
         if not self.dist.is_main:
@@ -420,7 +426,7 @@ class Trainer:
                         shutil.copyfile(f, tmp / f.name)
         else:
             tok.save(str(tmp))
-        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state if self.fsdp else None), {"format": "pt"})
+        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state), {"format": "pt"})
         atomic_write_json(tmp / STATE_NAME, self._state())
         _atomic_replace_dir(tmp, final)
         return final
