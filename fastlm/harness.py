@@ -39,7 +39,8 @@ __all__ = ["FastLM"]
 class FastLM(LM):
     """A fastlm model for lm-eval. ``pretrained``: a checkpoint directory (its tokenizer is
     loaded from it unless ``tokenizer`` is given); or pass ``model=`` (a ``fastlm.GPT``) and
-    ``tokenizer=`` objects directly. ``batch_size``: requests scored per forward pass."""
+    ``tokenizer=`` objects directly. ``batch_size``: requests scored per forward pass.
+    lm-eval's other model options (``max_batch_size``, ...) are accepted and not used."""
 
     def __init__(self, pretrained=None, model=None, tokenizer=None, batch_size=16, device=None,
                  max_length=None, dtype=None, **kwargs):
