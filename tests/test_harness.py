@@ -133,6 +133,6 @@ metric_list:
     r = subprocess.run([sys.executable, "-m", "fastlm.harness", "--model", "fastlm", "--model_args",
                         f"pretrained={checkpoint}", "--tasks", "cli_ppl", "--include_path", str(tmp_path),
                         "--batch_size", "2", "--output_path", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=300, env=env)
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "cli_ppl" in r.stdout and "bits_per_byte" in r.stdout
