@@ -282,12 +282,13 @@ def load_gpt(cls, path, dtype=None, device=None, **overrides):
     return model.eval()
 
 
-def save_gpt(model, path, max_shard_size: int | None = None) -> None:
+def save_gpt(model, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
+    """Write ``model`` (its config, and ``state_dict`` or its own weights) to ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     tensors = {}
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state_dict is None else state_dict).items():
         if k == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied to transformer.wte.weight
         if k.endswith(CONV1D_SUFFIXES):

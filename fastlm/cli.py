@@ -214,8 +214,32 @@ def _add_train(sub):
     for name, typ in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model's loss")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _prepared_data(opts: dict, out):
+    """The prepared folder to train on: --data itself when it is one, else OUT/data, prepared
+    from the raw sources (kept when resuming)."""
+    from pathlib import Path
+
+    from fastlm import distributed
+    from fastlm.data import is_prepared, prepare
+
+    sources = [opts["data"]] if isinstance(opts["data"], str) else list(opts["data"])
+    if len(sources) == 1 and is_prepared(sources[0]):
+        return Path(sources[0])
+    if distributed.env_info().enabled:
+        raise ValueError("under torchrun, --data must be a prepared folder: run `fastlm prepare` first, once")
+    data_dir = Path(out) / "data"
+    if not (opts.get("resume") and is_prepared(data_dir)):
+        if opts.get("tokenizer") is None and opts.get("vocab_size") is None:
+            raise ValueError("give --tokenizer DIR or --vocab-size N to tokenize raw text")
+        prepare(sources, data_dir, tokenizer=opts.get("tokenizer"), vocab_size=opts.get("vocab_size"),
+                **_data_options(opts))
+    return data_dir
 
 
 def _run_train(args):
@@ -225,7 +249,7 @@ def _run_train(args):
 
     from fastlm import GPTConfig, build_model, distributed
     from fastlm.checkpoint import read_json
-    from fastlm.data import TokenData, is_prepared, prepare
+    from fastlm.data import TokenData
     from fastlm.train import Trainer, TrainConfig, find_checkpoints, load_config_file
 
     opts = load_config_file(args.config) if args.config else {}
@@ -243,18 +267,7 @@ def _run_train(args):
         raise ValueError("give --out DIR (or out = ... in the config file)")
     if not opts.get("data"):
         raise ValueError("give --data PATH... (text, folders, JSONL, 'stdlib', or a prepared folder)")
-    sources = [opts["data"]] if isinstance(opts["data"], str) else list(opts["data"])
-    if len(sources) == 1 and is_prepared(sources[0]):
-        data_dir = Path(sources[0])
-    elif distributed.env_info().enabled:
-        raise ValueError("under torchrun, --data must be a prepared folder: run `fastlm prepare` first, once")
-    else:
-        data_dir = Path(out) / "data"
-        if not (opts.get("resume") and is_prepared(data_dir)):
-            if opts.get("tokenizer") is None and opts.get("vocab_size") is None:
-                raise ValueError("give --tokenizer DIR or --vocab-size N to tokenize raw text")
-            prepare(sources, data_dir, tokenizer=opts.get("tokenizer"), vocab_size=opts.get("vocab_size"),
-                    **_data_options(opts))
+    data_dir = _prepared_data(opts, out)
     data = TokenData(data_dir)
 
     model_kw = {k: opts[k] for k in _MODEL_FLAGS if k in opts}
@@ -283,6 +296,117 @@ def _run_train(args):
         return 0
     print(f"stopped at step {summary['step']} ({summary['stop_reason']}); best val loss "
           f"{summary['best_val_loss']} at step {summary['best_step']}; best model: {summary['best_dir']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sweep
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="grid or random search over hyper-parameters; ranked table, JSON, CSV, PNG")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep folder: one trial-NNN run folder a trial")
+    p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="settings and their values, e.g. lr=1e-3,3e-3 n_layer=2,4 (model or training names)")
+    p.add_argument("--random", type=int, metavar="N", help="train N combinations drawn from the grid, not all")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps a trial (default 200)")
+    for name, (typ, default) in _MODEL_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"model: default {default}")
+    for name, typ in _TRAIN_FLAGS.items():
+        if name != "max_iters":
+            p.add_argument("--" + name.replace("_", "-"), type=typ)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+
+def _parse_grid(items) -> dict:
+    types = {**{k: t for k, (t, _) in _MODEL_FLAGS.items()}, **_TRAIN_FLAGS}
+    grid = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name or not values:
+            raise ValueError(f"--grid takes NAME=V1,V2,..., got {item!r}")
+        typ = types.get(name)
+        parsed = []
+        for v in values.split(","):
+            v = v.strip()
+            if typ is None:  # a setting without a flag: a number when it reads as one
+                for t in (int, float, str):
+                    try:
+                        parsed.append(t(v))
+                        break
+                    except ValueError:
+                        continue
+            else:
+                try:
+                    parsed.append(typ(v))
+                except ValueError:
+                    raise ValueError(f"--grid {name}: {v!r} is not a valid {typ.__name__}") from None
+        grid[name] = parsed
+    return grid
+
+
+def _run_sweep(args):
+    import dataclasses
+
+    from fastlm.data import TokenData
+    from fastlm.report import format_table
+    from fastlm.train import TrainConfig, sweep
+
+    opts = {k: v for k, v in vars(args).items() if v is not None}
+    grid = _parse_grid(args.grid)
+    data = TokenData(_prepared_data(opts, args.out))
+    model = {k: opts[k] for k in _MODEL_FLAGS if k in opts}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_kw = {k: v for k, v in opts.items() if k in train_names and k not in _MODEL_FLAGS}
+    cfg = TrainConfig(**{**train_kw, "out_dir": args.out, "max_iters": args.steps})
+    ranked = sweep(cfg, data, grid, model=model, random=args.random, seed=cfg.seed)
+    print(format_table(ranked, ["rank", "trial", *grid, "best_val_loss", "best_step", "train_seconds", "out_dir"]))
+    print(f"wrote {args.out}/sweep.json, sweep.csv and sweep.png; best: {ranked[0]['out_dir']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate checkpoints side by side (perplexity, or a task's metrics)")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint directories")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="text file, folder of texts, or prepared folder (its val documents); task data for other tasks")
+    p.add_argument("--task", choices=["lm", "classification", "translation"], default="lm",
+                   help="lm (default): perplexity, nll, bits per byte; the others need fastlm.metrics")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--png", metavar="OUT", help="write a chart of the results (needs matplotlib)")
+    p.add_argument("--stride", type=int, help="lm: tokens between window starts (default max-length / 2)")
+    p.add_argument("--max-length", type=int, help="lm: window length (default: each model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm: windows per forward pass (default 8)")
+
+
+def _run_eval(args):
+    if args.task != "lm":
+        try:
+            from fastlm.metrics import evaluate_task
+        except ModuleNotFoundError as e:
+            if e.name != "fastlm.metrics":
+                raise
+            raise RuntimeError(f"--task {args.task} needs fastlm.metrics, which this installation of fastlm "
+                               "does not have; --task lm works") from None
+        evaluate_task(args.task, args.checkpoints, args.data, json_out=args.json, png_out=args.png)
+        return 0
+    from pathlib import Path
+
+    from fastlm.evaluate import LM_COLUMNS, compare_checkpoints
+    from fastlm.report import bar_png, format_table, write_json
+
+    rows = compare_checkpoints(args.checkpoints, args.data, stride=args.stride, max_length=args.max_length,
+                               batch_size=args.batch_size)
+    print(format_table(rows, LM_COLUMNS))
+    if args.json:
+        write_json(args.json, {"task": "lm", "data": str(args.data), "stride": args.stride,
+                               "max_length": args.max_length, "results": rows})
+    if args.png:
+        names = [Path(r["model"]).name for r in rows]
+        if len(set(names)) < len(names):  # e.g. run1/best and run2/best
+            names = ["/".join(Path(r["model"]).parts[-2:]) for r in rows]
+        bar_png(args.png, names, [r["perplexity"] for r in rows],
+                "perplexity", f"perplexity on {Path(args.data).name}")
     return 0
 
 
@@ -488,8 +612,8 @@ def _run_qa(args):
 
 
 # ----------------------------------------------------------------------------- main
-COMMANDS = ["info", "tokenizer", "prepare", "train", "generate", "serve", "demo", "finetune", "classify", "translate",
-            "qa"]
+COMMANDS = ["info", "tokenizer", "prepare", "train", "sweep", "eval", "generate", "serve", "demo", "finetune",
+            "classify", "translate", "qa"]
 
 
 def build_parser() -> argparse.ArgumentParser:

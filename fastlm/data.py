@@ -477,3 +477,63 @@ class TokenData:
         rows = data[starts[:, None] + np.arange(block_size + 1)]
         t = torch.from_numpy(rows.astype(np.int64))
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+# ----------------------------------------------------------------------------- folds
+def token_documents(data: TokenData) -> list[np.ndarray]:
+    """The documents of a prepared folder, train then val: runs of tokens, each ending with
+    the end-of-text token that ``prepare`` writes after every document."""
+    docs = []
+    for split in ("train", "val"):
+        ids = np.asarray(data.splits[split])
+        ends = np.flatnonzero(ids == data.eot_token) + 1
+        starts = np.concatenate([[0], ends[:-1]]) if len(ends) else np.zeros(0, dtype=np.int64)
+        docs += [ids[s:e] for s, e in zip(starts, ends)]
+        tail = ends[-1] if len(ends) else 0
+        if tail < len(ids):  # a last document with no end-of-text token
+            docs.append(ids[tail:])
+    return docs
+
+
+def assign_folds(docs: list[np.ndarray], k: int) -> list[int]:
+    """The fold (0..k-1) of each document: documents ordered by the SHA-256 of their tokens and
+    dealt round-robin, so the folds are deterministic, disjoint, cover every document and
+    differ in size by one document at most."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    if len(docs) < k:
+        raise ValueError(f"{k} folds need at least {k} documents; the data has {len(docs)}")
+    order = sorted(range(len(docs)), key=lambda i: (hashlib.sha256(np.ascontiguousarray(docs[i]).tobytes()).digest(), i))
+    fold = [0] * len(docs)
+    for rank, i in enumerate(order):
+        fold[i] = rank % k
+    return fold
+
+
+def write_folds(path, k: int, out_dir) -> list[Path]:
+    """Write k prepared folders ``out_dir/fold-I`` from the prepared folder ``path``: fold I's
+    documents (``assign_folds``) are its val split, all the others its train split; the
+    tokenizer is the same. Returns the folders."""
+    from .checkpoint import atomic_write_bytes, atomic_write_json
+
+    data = TokenData(path)
+    tok = data.tokenizer()
+    docs = token_documents(data)
+    fold = assign_folds(docs, k)
+    nbytes = [len(tok.decode_bytes([int(t) for t in d if t != data.eot_token])) for d in docs]
+    little = data.dtype.newbyteorder("<")
+    outs = []
+    for f in range(k):
+        out = Path(out_dir) / f"fold-{f}"
+        tok.save(str(out / TOKENIZER_DIR))
+        counts = {}
+        for split, pick in (("train", lambda i: fold[i] != f), ("val", lambda i: fold[i] == f)):
+            chosen = [i for i in range(len(docs)) if pick(i)]
+            ids = np.concatenate([docs[i] for i in chosen]) if chosen else np.zeros(0, dtype=np.int64)
+            atomic_write_bytes(out / f"{split}.bin", ids.astype(little).tobytes())
+            counts[split] = {"documents": len(chosen), "tokens": int(ids.size), "bytes": sum(nbytes[i] for i in chosen)}
+        meta = {**data.meta, "tokenizer": TOKENIZER_DIR, "counts": counts,
+                "split": {"method": "fold", "fold": f, "folds": k, "source": str(data.path)}}
+        atomic_write_json(out / META_NAME, meta)
+        outs.append(out)
+    return outs

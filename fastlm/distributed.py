@@ -6,6 +6,13 @@ wraps its model in DistributedDataParallel. Every rank draws the same global bat
 own slice of it, so N processes with batch B follow the same loss curve as one process with
 batch N x B. Rank 0 alone logs and writes checkpoints. Multi-node runs use torchrun's
 rendezvous options (``--nnodes``, ``--rdzv-backend c10d``, ``--rdzv-endpoint HOST:PORT``).
+
+With ``fsdp=True`` the model is sharded instead of replicated (FSDP2, ``fully_shard``): each
+transformer block is one unit of parameters, gathered for its forward and backward and
+freed after, then the root (embeddings, final norm, output layer); every rank keeps only its
+shard of the parameters, gradients and AdamW state. Checkpoints stay whole: the full state
+dict is gathered to the CPU of rank 0 and written in the ordinary layout, and a resumed run
+loads that full state and shards it again.
 """
 from __future__ import annotations
 
@@ -91,12 +98,16 @@ class LossModule(torch.nn.Module):
         return self.model.loss(x, y)
 
 
-def wrap(model, info: DistInfo, device: torch.device):
+def wrap(model, info: DistInfo, device: torch.device, fsdp: bool = False):
     """The module that computes the loss on this rank: ``LossModule(model)``, under DDP when
-    running distributed (DDP broadcasts rank 0's parameters, so every rank starts equal)."""
+    running distributed (DDP broadcasts rank 0's parameters, so every rank starts equal), or
+    sharded with FSDP2 when ``fsdp`` (``model``'s parameters become DTensor shards; build the
+    optimizer after this)."""
     loss_module = LossModule(model)
     if not info.enabled:
         return loss_module
+    if fsdp:
+        return shard(loss_module)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
@@ -110,3 +121,66 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def shard(loss_module: LossModule) -> LossModule:
+    """``fully_shard`` each transformer block (``model.transformer.h``), then the root; the
+    parameters of every rank start equal because each rank built the model from the same seed
+    (or loads the same checkpoint afterwards)."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # A block returns views of its norm's outputs; the model never changes a block's outputs in
+    # place, so the pre-backward hook FSDP puts on them always runs (the loss curves match DDP's).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    blocks = getattr(getattr(loss_module.model, "transformer", None), "h", None)
+    for block in blocks or []:
+        fully_shard(block)
+    fully_shard(loss_module)
+    return loss_module
+
+
+def _full_options(cpu_offload: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's order (its state dict's ids 0, 1, ...)."""
+    names = {}
+    for n, p in model.named_parameters():
+        names.setdefault(id(p), n)
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """The whole model state dict and optimizer state (``{param id: {name: tensor}}``, ids in
+    the optimizer's order as ``optimizer.state_dict()`` numbers them) of a sharded model,
+    gathered to rank 0's CPU. A collective: every rank calls it; ranks but 0 get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_sd = get_model_state_dict(model, options=_full_options(True))
+    osd = get_optimizer_state_dict(model, optimizer, options=_full_options(True))
+    state = osd.get("state", {})
+    opt = {pid: state[name] for pid, name in enumerate(_param_names(model, optimizer)) if name in state}
+    return model_sd, opt
+
+
+def load_full_state(model, optimizer, model_sd: dict, opt_state: dict | None) -> None:
+    """Shard a whole model state dict and optimizer state (as ``full_state`` returns them)
+    into a sharded model and its optimizer; every rank passes the same full state."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, model_sd, options=_full_options(False))
+    if opt_state is None:
+        return
+    names = _param_names(model, optimizer)
+    groups, i = [], 0
+    for g in optimizer.state_dict()["param_groups"]:
+        groups.append({**g, "params": names[i:i + len(g["params"])]})
+        i += len(g["params"])
+    osd = {"state": {names[pid]: st for pid, st in opt_state.items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, osd, options=_full_options(False))

@@ -12,6 +12,12 @@ the first token of each window has no context and is not scored, as in Hugging F
 ``stride == max_length`` gives disjoint windows (fast, less context); a smaller stride gives
 each scored token more context. Bits per byte divides the total NLL (in bits) by the UTF-8
 bytes of the scored tokens, which compares models with different tokenizers.
+
+``loglikelihood`` and ``loglikelihood_rolling`` score lists of requests in batches, as
+EleutherAI's lm-evaluation-harness asks of a model (``fastlm.harness`` adapts them to it):
+the log-probability of a continuation given its context (and whether greedy decoding would
+produce it), and the total log-probability of whole texts, cut into windows that score
+every token once.
 """
 from __future__ import annotations
 
@@ -127,3 +133,163 @@ def perplexity(model, data, tokenizer=None, stride: int | None = None, max_lengt
     if nbytes:
         out["bits_per_byte"] = nll / math.log(2) / nbytes
     return out
+
+
+# ----------------------------------------------------------------------------- log-likelihood of requests
+def _request_ids(x, tokenizer) -> list[int]:
+    if isinstance(x, str):
+        if tokenizer is None:
+            raise ValueError("text requests need a tokenizer (tokenizer=...)")
+        return list(tokenizer.encode_ordinary(x) if hasattr(tokenizer, "encode_ordinary") else tokenizer.encode(x))
+    return [int(t) for t in x]
+
+
+def _start_token(model, tokenizer) -> int:
+    for t in (getattr(tokenizer, "eot_token", None), model.config.bos_token_id, model.config.eos_token_id):
+        if t is not None:
+            return int(t)
+    raise ValueError("an empty context needs a start token: the tokenizer's eot_token or the model's bos/eos id")
+
+
+@torch.inference_mode()
+def _score_pairs(model, pairs: list[tuple[list, list]], batch_size: int, max_length: int) -> list[tuple[float, bool]]:
+    """(sum log p, all greedy) of each (context ids, continuation ids); inputs cut from the
+    left to ``max_length`` tokens, sorted longest first and right-padded into batches (a
+    causal model's real tokens never see the padding after them)."""
+    device = next(model.parameters()).device
+    inputs = []
+    for ctx, cont in pairs:
+        if not cont:
+            raise ValueError("loglikelihood: a continuation is empty")
+        if len(cont) > max_length:
+            raise ValueError(f"loglikelihood: a continuation of {len(cont)} tokens exceeds max_length {max_length}")
+        inputs.append((ctx + cont)[:-1][-max_length:])
+    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    out: list = [None] * len(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = len(inputs[rows[0]])
+            x = torch.zeros(len(rows), width, dtype=torch.int64)
+            for r, i in enumerate(rows):
+                x[r, :len(inputs[i])] = torch.tensor(inputs[i])
+            logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
+            for r, i in enumerate(rows):
+                cont = pairs[i][1]
+                end = len(inputs[i])
+                lp = logp[r, end - len(cont):end]
+                tgt = torch.tensor(cont, device=lp.device)
+                out[i] = (lp.gather(-1, tgt[:, None]).double().sum().item(), bool((lp.argmax(-1) == tgt).all()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def loglikelihood(model, requests, tokenizer=None, batch_size: int = 16,
+                  max_length: int | None = None) -> list[tuple[float, bool]]:
+    """For each ``(context, continuation)`` in ``requests``: the sum of log p(continuation |
+    context) and whether greedy decoding would produce the continuation, as lm-evaluation-
+    harness defines them. Contexts and continuations are strings (encoded separately, with
+    ``tokenizer``) or lists of token ids; an empty context is the start token (the
+    tokenizer's ``eot_token``, else the model's BOS/EOS). Inputs longer than ``max_length``
+    (default: the model's context) keep their last tokens. Requests are scored in batches
+    of ``batch_size``, longest first; the results come back in the requests' order."""
+    max_length = _check_max_length(model, max_length)
+    pairs = []
+    for context, continuation in requests:
+        ctx, cont = _request_ids(context, tokenizer), _request_ids(continuation, tokenizer)
+        pairs.append((ctx or [_start_token(model, tokenizer)], cont))
+    return _score_pairs(model, pairs, batch_size, max_length)
+
+
+def rolling_windows(n: int, max_length: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """The windows that score tokens 1..n of ``[start] + ids`` (``n = len(ids)``) with no
+    token scored twice: ``(begin, first, end)`` means the window's input is positions
+    ``begin .. end - 2`` and it scores positions ``first .. end - 1``. Each window scores
+    ``stride`` new tokens (default ``max_length``: disjoint windows, lm-evaluation-harness's
+    scheme) and gives them up to ``max_length`` tokens of input; a smaller stride gives
+    every scored token more context at the cost of more windows."""
+    stride = max_length if stride is None else int(stride)
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    windows = []
+    for first in range(1, n + 1, stride):
+        end = min(first + stride, n + 1)
+        windows.append((max(0, end - 1 - max_length), first, end))
+    return windows
+
+
+def loglikelihood_rolling(model, texts, tokenizer=None, batch_size: int = 16, max_length: int | None = None,
+                          stride: int | None = None) -> list[float]:
+    """For each text (a string with ``tokenizer``, or token ids): the total log-probability of
+    all its tokens, the first conditioned on the start token, the text cut into the windows of
+    ``rolling_windows`` (each token scored exactly once) and the windows of all texts scored
+    together in batches. lm-evaluation-harness's ``loglikelihood_rolling`` is ``stride=None``."""
+    max_length = _check_max_length(model, max_length)
+    pairs, owner = [], []
+    for k, text in enumerate(texts):
+        seq = [_start_token(model, tokenizer)] + _request_ids(text, tokenizer)
+        for begin, first, end in rolling_windows(len(seq) - 1, max_length, stride):
+            pairs.append((seq[begin:first], seq[first:end]))
+            owner.append(k)
+    totals = [0.0] * len(texts)
+    for k, (lp, _) in zip(owner, _score_pairs(model, pairs, batch_size, max_length)):
+        totals[k] += lp
+    return totals
+
+
+def _check_max_length(model, max_length):
+    ctx = model.config.block_size
+    max_length = ctx if max_length is None else int(max_length)
+    if not 1 <= max_length <= ctx:
+        raise ValueError(f"max_length must be between 1 and the model's context ({ctx}), got {max_length}")
+    return max_length
+
+
+# ----------------------------------------------------------------------------- comparing checkpoints
+LM_COLUMNS = ["model", "perplexity", "nll", "bits_per_byte", "tokens"]
+
+
+def _eval_texts(data) -> list[str]:
+    """Texts to evaluate: a prepared folder's val documents (train's when it has no val),
+    decoded with its tokenizer, or what ``perplexity`` reads (texts, files, folders)."""
+    from .data import TokenData, is_prepared
+
+    if isinstance(data, (str, Path)) and is_prepared(data):
+        td = TokenData(data)
+        split = "val" if td.num_tokens("val") else "train"
+        ids = td.splits[split].astype("int64").tolist()
+        tok, eot = td.tokenizer(), td.eot_token
+        docs, cur = [], []
+        for t in ids:
+            if t == eot:
+                docs.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        docs.append(cur)
+        return [tok.decode(d) for d in docs if d]
+    return _read_texts(data)
+
+
+def compare_checkpoints(model_dirs, data, stride: int | None = None, max_length: int | None = None,
+                        batch_size: int = 8, device=None) -> list[dict]:
+    """Perplexity, NLL per token, bits per byte and scored tokens of each checkpoint on the same
+    text, each model with its own tokenizer (bits per byte compares across tokenizers). Rows in
+    the order given, with the columns of ``LM_COLUMNS``."""
+    from .checkpoint import load_model
+    from .pipelines import load_tokenizer
+
+    texts = _eval_texts(data)
+    if not texts:
+        raise ValueError(f"no text to evaluate in {data}")
+    rows = []
+    for d in model_dirs:
+        model = load_model(d, device=device)
+        r = perplexity(model, texts, tokenizer=load_tokenizer(d), stride=stride, max_length=max_length,
+                       batch_size=batch_size)
+        rows.append({"model": str(d), "perplexity": r["perplexity"], "nll": r["nll"],
+                     "bits_per_byte": r.get("bits_per_byte"), "tokens": r["tokens"]})
+    return rows

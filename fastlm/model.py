@@ -332,7 +332,7 @@ class GPT(nn.Module):
 
         return load_gpt(cls, path, dtype=dtype, device=device, **overrides)
 
-    def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
+    def save_pretrained(self, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
         from .checkpoint import save_gpt
 
-        save_gpt(self, path, max_shard_size=max_shard_size)
+        save_gpt(self, path, max_shard_size=max_shard_size, state_dict=state_dict)

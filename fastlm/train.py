@@ -18,7 +18,13 @@ tokenizer) plus ``optimizer.safetensors`` and ``trainer_state.json`` (step, data
 states, best loss, config): ``OUT/checkpoints/step-NNNNNNN`` (the last ``keep_last``) and
 ``OUT/best``. A checkpoint is written into a temporary folder and renamed into place, so
 a killed run leaves only whole checkpoints; ``resume=True`` continues from the newest one
-exactly (same batches, same dropout masks, same losses).
+exactly (same batches, same dropout masks, same losses). Under torchrun the model is
+replicated with DDP, or sharded with FSDP2 (``fsdp=True``; see ``fastlm.distributed``), and
+the checkpoints are the same whole folders either way.
+
+Model selection reuses the Trainer: ``cross_validate`` trains one model per fold of the
+documents and reports the mean and spread of the val loss; ``sweep`` trains one model per
+combination of settings and ranks them.
 """
 from __future__ import annotations
 
@@ -87,6 +93,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA GPUs that support it) | "float32" | "bfloat16"
     backend: str | None = None  # fastlm.ops backend; None: the fastest available
     compile: bool = False  # torch.compile the loss function
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     threads: int | None = None  # torch.set_num_threads
     # output
     progress: bool = True
@@ -283,8 +290,10 @@ class Trainer:
             raise ValueError(f"block_size {self.block_size} exceeds the model's context {mc.block_size}")
         self.out = Path(cfg.out_dir)
         self.autocast_dtype = _autocast_dtype(cfg, self.device)
-        # Under torchrun the loss runs through DDP (gradients averaged across ranks).
-        self._ddp = distributed.wrap(self.model, self.dist, self.device) if self.dist.enabled else None
+        # Under torchrun the loss runs through DDP (gradients averaged across ranks), or through
+        # FSDP2 with fsdp=True (each rank holds a shard; the optimizer is built over the shards).
+        self.fsdp = cfg.fsdp and self.dist.enabled
+        self._ddp = distributed.wrap(self.model, self.dist, self.device, fsdp=self.fsdp) if self.dist.enabled else None
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.step = 0
         self.best_val = float("inf")
@@ -334,9 +343,13 @@ class Trainer:
         total = None
         for i in range(cfg.grad_accum):
             x, y = self._batch("train", self.train_rng)
-            # DDP all-reduces gradients only on the last micro-batch.
+            # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch.
             last = i == cfg.grad_accum - 1
-            sync = self._ddp.no_sync() if (self._ddp is not None and not last) else contextlib.nullcontext()
+            sync = contextlib.nullcontext()
+            if self.fsdp:
+                self._ddp.set_requires_gradient_sync(last)
+            elif self._ddp is not None and not last:
+                sync = self._ddp.no_sync()
             with sync:
                 with self._autocast():
                     loss = self._loss_fn(x, y)
@@ -386,25 +399,30 @@ class Trainer:
             state["cuda_rng"] = _rng_state_to_json(torch.cuda.get_rng_state(self.device))
         return state
 
-    def _optimizer_tensors(self) -> dict:
-        sd = self.optimizer.state_dict()
+    def _optimizer_tensors(self, state: dict | None = None) -> dict:
+        """The optimizer state as flat tensors ``"{param id}.{name}"`` (``state``: a whole state
+        ``{param id: {name: value}}``; default this optimizer's own)."""
         tensors = {}
-        for pid, st in sd["state"].items():
+        for pid, st in (self.optimizer.state_dict()["state"] if state is None else state).items():
             for k, v in st.items():
                 t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
                 tensors[f"{pid}.{k}"] = t
         return tensors
 
     def save_checkpoint(self, path) -> Path:
-        """Write a complete checkpoint folder at ``path`` atomically (rank 0 alone under torchrun)."""
+        """Write a complete checkpoint folder at ``path`` atomically (rank 0 alone under torchrun;
+        with FSDP every rank first helps gather the whole state to rank 0)."""
         final = Path(path)
+        model_sd = opt_state = None  # None: the model's and optimizer's own
+        if self.fsdp:
+            model_sd, opt_state = distributed.full_state(self.model, self.optimizer)
         if not self.dist.is_main:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)
+        self.model.save_pretrained(tmp, state_dict=model_sd)
         tok = self.tokenizer
         if tok is None:
             tok_dir = self.data.path / self.data.meta.get("tokenizer", "tokenizer")
@@ -414,7 +432,7 @@ class Trainer:
                         shutil.copyfile(f, tmp / f.name)
         else:
             tok.save(str(tmp))
-        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(), {"format": "pt"})
+        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state), {"format": "pt"})
         atomic_write_json(tmp / STATE_NAME, self._state())
         _atomic_replace_dir(tmp, final)
         return final
@@ -449,6 +467,7 @@ class Trainer:
             model_sd = self.model.state_dict()
             from .checkpoint import CONV1D_SUFFIXES
 
+            full = {}  # the checkpoint's tensors in the model's names and layout
             with torch.no_grad():
                 for k, p in model_sd.items():
                     key = k
@@ -462,7 +481,9 @@ class Trainer:
                     if v.shape != p.shape:
                         raise CheckpointError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, "
                                               f"the model needs {tuple(p.shape)}")
-                    p.copy_(v)
+                    full[k] = v
+                    if not self.fsdp:
+                        p.copy_(v)
             opt_t = load_tensors(path / OPTIMIZER_NAME)
             osd = self.optimizer.state_dict()
             new_state = {}
@@ -474,10 +495,15 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {path}: optimizer state does not fit the model")
             osd["state"] = new_state
             try:
-                self.optimizer.load_state_dict(osd)
+                if self.fsdp:  # every rank read the whole state; each keeps its shard
+                    if self.model.config.tie_word_embeddings:
+                        full.setdefault("lm_head.weight", full.get("transformer.wte.weight"))
+                    distributed.load_full_state(self.model, self.optimizer, full, new_state)
+                else:
+                    self.optimizer.load_state_dict(osd)
             except (ValueError, RuntimeError, KeyError) as e:
                 raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {e}") from None
-            for group in self.optimizer.state.values():
+            for group in ([] if self.fsdp else self.optimizer.state.values()):
                 for k, v in list(group.items()):
                     if isinstance(v, torch.Tensor) and k != "step":
                         group[k] = v.to(self.device)
@@ -705,3 +731,122 @@ class Trainer:
             self._plot()
         self._tensorboard(record)
         distributed.barrier(self.dist)  # the checkpoint is complete before any rank goes on
+
+
+# ----------------------------------------------------------------------------- model selection
+def model_for_data(data, seed: int = 1337, **model_kw):
+    """A freshly initialised model for ``data`` (a ``TokenData``): its vocabulary and end-of-text
+    token, the other ``GPTConfig`` fields from ``model_kw``, the weights drawn from ``seed``."""
+    from .model import GPTConfig, build_model
+
+    torch.manual_seed(seed)
+    return build_model(GPTConfig(vocab_size=data.vocab_size, eos_token_id=data.eot_token,
+                                 bos_token_id=data.eot_token, **model_kw))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def cross_validate(config: TrainConfig, data, folds: int = 5, model: dict | None = None) -> dict:
+    """k-fold cross-validation by document: the documents of ``data`` (a prepared folder; its
+    train and val splits together) are dealt into ``folds`` disjoint folds
+    (``fastlm.data.assign_folds``); fold I trains a fresh model (``model``: ``GPTConfig``
+    fields, the same initial weights for every fold) on the other folds and validates on
+    fold I, in ``config.out_dir/fold-I`` (its data in ``config.out_dir/folds/fold-I``). Returns the per-fold
+    best val losses and their mean and sample standard deviation; also written to
+    ``config.out_dir/cross_validation.json``."""
+    from .data import TokenData, write_folds
+    from .report import write_json
+
+    data_path = data.path if isinstance(data, TokenData) else Path(data)
+    out = Path(config.out_dir)
+    fold_dirs = write_folds(data_path, folds, out / "folds")
+    rows = []
+    for i, fold_dir in enumerate(fold_dirs):
+        fd = TokenData(fold_dir)
+        m = model_for_data(fd, config.seed, **(model or {}))
+        block = config.block_size or m.config.block_size
+        if fd.num_tokens("val") <= block + 1:  # else the Trainer would validate on train batches
+            raise ValueError(f"fold {i} holds {fd.num_tokens('val')} val tokens, too few for windows of {block + 1}; "
+                             f"use fewer folds, more data or a smaller block size")
+        cfg = dataclasses.replace(config, out_dir=str(out / f"fold-{i}"))
+        summary = Trainer(m, cfg, fd).train()
+        rows.append({"fold": i, "val_loss": summary["best_val_loss"], "best_step": summary["best_step"],
+                     "train_documents": fd.meta["counts"]["train"]["documents"],
+                     "val_documents": fd.meta["counts"]["val"]["documents"],
+                     "val_tokens": fd.num_tokens("val"), "out_dir": cfg.out_dir})
+    mean, std = _mean_std([r["val_loss"] for r in rows])
+    result = {"folds": rows, "val_loss_mean": mean, "val_loss_std": std, "k": folds}
+    write_json(out / "cross_validation.json", result)
+    return result
+
+
+def sweep_trials(grid: dict, random: int | None = None, seed: int = 0) -> list[dict]:
+    """The settings of each trial: every combination of the ``grid``'s values (``{name: [values]}``,
+    in the grid's order), or ``random`` of them drawn without replacement (all when the grid
+    has no more)."""
+    import itertools
+    import random as _random
+
+    if not grid or any(not list(v) for v in grid.values()):
+        raise ValueError("a sweep needs at least one setting with at least one value")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*(list(v) for v in grid.values()))]
+    if random is not None:
+        if random < 1:
+            raise ValueError(f"random must be >= 1, got {random}")
+        if random < len(combos):
+            combos = [combos[i] for i in sorted(_random.Random(seed).sample(range(len(combos)), random))]
+    return combos
+
+
+SWEEP_NAME = "sweep"
+
+
+def sweep(config: TrainConfig, data, grid: dict, model: dict | None = None, random: int | None = None,
+          seed: int = 0) -> list[dict]:
+    """A grid (or, with ``random=N``, random) search: one training a trial, each in
+    ``config.out_dir/trial-NNN`` with its own checkpoints. Settings named in ``grid`` are
+    ``GPTConfig`` fields (``n_layer``, ``n_embd``, ``block_size``, ...) or ``TrainConfig`` fields
+    (``lr``, ``batch_size``, ``weight_decay``, ...) and override ``model`` and ``config``.
+    Returns the trials ranked by best val loss; ``sweep.json``, ``sweep.csv`` and ``sweep.png``
+    (best val loss per trial) are written into ``config.out_dir``."""
+    from .data import TokenData
+    from .model import GPTConfig
+    from .report import points_png, write_csv, write_json
+
+    model_keys = {f.name for f in fields(GPTConfig)} - {"vocab_size", "eos_token_id", "bos_token_id"}
+    train_keys = {f.name for f in fields(TrainConfig)} - {"out_dir", "resume"}
+    unknown = [k for k in grid if k not in model_keys | train_keys]
+    if unknown:
+        raise ValueError(f"sweep: unknown settings {unknown}; use GPTConfig or TrainConfig field names")
+    data = data if isinstance(data, TokenData) else TokenData(data)
+    out = Path(config.out_dir)
+    rows = []
+    for i, params in enumerate(sweep_trials(grid, random, seed)):
+        model_kw = {**(model or {}), **{k: v for k, v in params.items() if k in model_keys}}
+        train_kw = {k: v for k, v in params.items() if k in train_keys and k not in model_keys}
+        cfg = dataclasses.replace(config, out_dir=str(out / f"trial-{i:03d}"), **train_kw)
+        if cfg.progress:
+            print(f"trial {i}: {params}", file=sys.stderr)
+        summary = Trainer(model_for_data(data, cfg.seed, **model_kw), cfg, data).train()
+        rows.append({"trial": i, **params, "best_val_loss": summary["best_val_loss"], "best_step": summary["best_step"],
+                     "steps": summary["step"], "train_seconds": round(summary["train_seconds"], 2),
+                     "out_dir": cfg.out_dir})
+    ranked = sorted(rows, key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] or 0.0, r["trial"]))
+    ranked = [{"rank": n + 1, **r} for n, r in enumerate(ranked)]
+    write_json(out / f"{SWEEP_NAME}.json", {"grid": {k: list(v) for k, v in grid.items()}, "random": random,
+                                            "seed": seed, "trials": ranked})
+    write_csv(out / f"{SWEEP_NAME}.csv", ranked)
+    if config.plot:
+        try:
+            points_png(out / f"{SWEEP_NAME}.png",
+                    [", ".join(f"{k}={r[k]}" for k in grid) for r in rows],
+                    [r["best_val_loss"] if r["best_val_loss"] is not None else float("nan") for r in rows],
+                    "best val loss (nats/token)", f"sweep: {len(rows)} trials")
+        except ImportError as e:
+            print(f"fastlm: {e}; no {SWEEP_NAME}.png", file=sys.stderr)
+    return ranked
