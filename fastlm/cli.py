@@ -381,13 +381,8 @@ def _add_eval(sub):
 
 def _run_eval(args):
     if args.task != "lm":
-        try:
-            from fastlm.metrics import evaluate_task
-        except ModuleNotFoundError as e:
-            if e.name != "fastlm.metrics":
-                raise
-            raise RuntimeError(f"--task {args.task} needs fastlm.metrics, which this installation of fastlm "
-                               "does not have; --task lm works") from None
+        from fastlm.metrics import evaluate_task
+
         evaluate_task(args.task, args.checkpoints, args.data, json_out=args.json, png_out=args.png)
         return 0
     from pathlib import Path

@@ -201,10 +201,18 @@ class _TaskModel(nn.Module):
     def task_config(self) -> dict:
         raise NotImplementedError
 
-    def save_pretrained(self, path) -> None:
-        """The GPT (Hugging Face layout), the task's own tensors and ``pipeline.json``."""
-        self.gpt.save_pretrained(path)
+    def save_pretrained(self, path, state_dict: dict | None = None) -> None:
+        """The GPT (Hugging Face layout), the task's own tensors and ``pipeline.json``.
+        ``state_dict``: this model's whole state gathered elsewhere (sharded training)."""
+        self.gpt.save_pretrained(path, state_dict=_part(state_dict, "gpt."))
         write_pipeline_config(path, self.task_config())
+
+
+def _part(state_dict: dict | None, prefix: str) -> dict | None:
+    """The entries of ``state_dict`` under ``prefix``, the prefix removed (None for None)."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 class SequenceClassifier(_TaskModel):
@@ -244,9 +252,10 @@ class SequenceClassifier(_TaskModel):
     def task_config(self) -> dict:
         return {"task": "text-classification", "labels": self.labels, "pooling": self.pooling}
 
-    def save_pretrained(self, path) -> None:
-        super().save_pretrained(path)
-        save_tensors(Path(path) / HEAD_NAME, {"weight": self.head.weight, "bias": self.head.bias}, {"format": "pt"})
+    def save_pretrained(self, path, state_dict: dict | None = None) -> None:
+        super().save_pretrained(path, state_dict=state_dict)
+        head = _part(state_dict, "head.") or {"weight": self.head.weight, "bias": self.head.bias}
+        save_tensors(Path(path) / HEAD_NAME, head, {"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "SequenceClassifier":

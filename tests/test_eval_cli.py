@@ -65,12 +65,9 @@ def test_eval_on_a_prepared_folder_uses_its_val_documents(checkpoints, tmp_path)
     assert rows[0]["tokens"] > 0 and rows[0]["perplexity"] > 1
 
 
-def test_other_tasks_need_fastlm_metrics(checkpoints):
+def test_task_eval_of_a_language_model_is_a_clear_error(checkpoints, tmp_path):
     root, _, dirs = checkpoints
-    try:
-        import fastlm.metrics  # noqa: F401
-        pytest.skip("fastlm.metrics is present; its own tests cover the other tasks")
-    except ModuleNotFoundError:
-        pass
-    r = _eval(dirs[0], "--data", root / "text.txt", "--task", "classification")
-    assert r.returncode == 2 and "needs fastlm.metrics" in r.stderr
+    data = tmp_path / "labeled.jsonl"
+    data.write_text('{"text": "a fine day", "label": "pos"}\n')
+    r = _eval(dirs[0], "--data", data, "--task", "classification")
+    assert r.returncode == 2 and "not a classification model" in r.stderr, r.stderr

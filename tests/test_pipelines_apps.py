@@ -444,6 +444,12 @@ def test_evaluate_task_classification(classifier_run, tmp_path, capsys):
         evaluate_task("classification", best, bad)
     with pytest.raises(ValueError, match="not a translation model"):
         evaluate_task("translation", best, bad)
+    # the same through `fastlm eval --task classification`
+    capsys.readouterr()
+    assert main(["eval", str(best), "--data", str(classifier_run["test"]), "--task", "classification",
+                 "--json", str(tmp_path / "cli.json"), "--png", str(tmp_path / "cli.png")]) == 0
+    assert json.loads((tmp_path / "cli.json").read_text())["models"][0]["accuracy"] == first["accuracy"]
+    assert "confusion matrix" in capsys.readouterr().out
 
 
 def test_evaluate_task_translation(translation_run, tmp_path, capsys):
