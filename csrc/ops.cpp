@@ -36,9 +36,9 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal,"
         " float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
-  // ---- the linear layer of a decode step (csrc/cpu/linear.cpp): x (M, K) @ weight_t (K, N) + bias,
-  // few rows, the weight stored transposed ----
-  m.def("decode_linear(Tensor x, Tensor weight_t, Tensor? bias) -> Tensor");
+  // ---- the linear layer of a decode step (csrc/cpu/linear.cpp): x (M, K) times a weight (N, K)
+  // packed into 64-column panels, weight_p (ceil(N / 64), K, 64), plus bias (N,) ----
+  m.def("decode_linear(Tensor x, Tensor weight_p, Tensor? bias, int n) -> Tensor");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");

@@ -129,10 +129,11 @@ class KVCache:
 # ----------------------------------------------------------------------------- the decode step
 class _Decoder:
     """One decode step (one token per sequence) written out with the model's weights, lean for
-    the per-token loop: projection weights kept transposed, (in, out), the layout in which a
-    one-row matrix product streams the weights fastest on CPUs (x @ W rather than x @ W.T);
-    the op implementations chosen once. It computes exactly the model's forward (checked in
-    tests against the full forward). Built lazily per model, rebuilt when its weights change."""
+    the per-token loop, the op implementations chosen once. The projection weights are kept in
+    the layout their product reads fastest: packed into 64-column panels for the CPU kernel
+    of ``ops.decode_linear`` (one sequential read of each weight for all rows), else
+    transposed, (in, out), for BLAS. It computes exactly the model's forward (checked in tests
+    against the full forward). Built lazily per model, rebuilt when its weights change."""
 
     def __init__(self, model):
         cfg = model.config
@@ -140,24 +141,34 @@ class _Decoder:
         t = model.transformer
         w = t.wte.weight
         self.dtype, self.device = w.dtype, w.device
+        backend, self._linear = ops.resolve("decode_linear", w.device, w.dtype)
+        self.packed = backend != "reference"
         self.wte = w
         self.wpe = t["wpe"].weight if "wpe" in t else None
         self.rope = (model.rope_cos, model.rope_sin) if cfg.pos == "rope" else None
-        self.head_t = model.lm_head.weight.detach().t().contiguous()
+        self.head = self._weights(model.lm_head)
         self.layers = []
         for blk in t.h:
             a, m = blk.attn, blk.mlp
+            lin = self._weights
             self.layers.append((
-                _norm_args(blk.ln_1), _lin(a.c_attn), _lin(a.c_proj), _norm_args(blk.ln_2),
-                _lin(m.c_fc), _lin(m.c_gate) if cfg.mlp == "swiglu" else None, _lin(m.c_proj),
+                _norm_args(blk.ln_1), lin(a.c_attn), lin(a.c_proj), _norm_args(blk.ln_2),
+                lin(m.c_fc), lin(m.c_gate) if cfg.mlp == "swiglu" else None, lin(m.c_proj),
             ))
         self.ln_f = _norm_args(t.ln_f)
         norm = "layer_norm" if cfg.norm == "layernorm" else "rms_norm"
         self._norm = ops.resolve(norm, w.device, w.dtype)[1]
         self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
         self._attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
-        self._linear = ops.resolve("decode_linear", w.device, w.dtype)[1]
         self.key = _weights_key(model)
+
+    def _weights(self, linear):
+        """(weight in the layout ``linear`` reads, bias or None, out features)."""
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        if self.packed:
+            return ops.pack_decode_weight(weight), bias, weight.shape[0]
+        return weight.t().contiguous(), bias, weight.shape[0]
 
     def norm(self, args, x, residual=None):
         weight, bias, eps = args
@@ -166,7 +177,10 @@ class _Decoder:
         return self._norm(x, weight, eps, residual)
 
     def linear(self, x, wb):
-        return self._linear(x, *wb)
+        w, b, n = wb
+        if self.packed:
+            return self._linear(x, w, b, n)
+        return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
 
     def step(self, tokens, positions, attend_lens, cache: KVCache):
         cfg = self.cfg
@@ -206,15 +220,11 @@ class _Decoder:
             y = self.norm(self.ln_f, h)
         else:
             y = self.norm(self.ln_f, delta, h)[0]
-        return self._linear(y, self.head_t, None)
+        return self.linear(y, self.head)
 
 
 def _norm_args(norm):
     return (norm.weight.detach(), None if norm.bias is None else norm.bias.detach(), norm.eps)
-
-
-def _lin(linear):
-    return linear.weight.detach().t().contiguous(), None if linear.bias is None else linear.bias.detach()
 
 
 def _weights_key(model):

@@ -126,10 +126,24 @@ def gelu(x):
     return (0.5 * xc * (1.0 + torch.tanh(inner))).to(x.dtype)
 
 
-def decode_linear(x, weight_t, bias=None):
-    """The linear layer of a decode step: ``x @ weight_t + bias`` for x (M, K) with few rows
-    (one per sequence) and the weight stored transposed, weight_t (K, N)."""
-    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+def pack_decode_weight(weight):
+    """A linear layer's weight (N, K) packed for ``decode_linear``: 64-column panels,
+    weight_p[p, k, c] = weight[64 p + c, k], zero past N; shape (ceil(N / 64), K, 64)."""
+    N, K = weight.shape
+    P = -(-N // 64)
+    w = torch.zeros(P * 64, K, dtype=weight.dtype, device=weight.device)
+    w[:N] = weight
+    return w.view(P, 64, K).transpose(1, 2).contiguous()
+
+
+def decode_linear(x, weight_p, bias=None, n: int | None = None):
+    """The linear layer of a decode step: ``x @ weight.T + bias`` for x (M, K), few rows (one
+    per sequence), the weight (N, K) given packed by ``pack_decode_weight`` (n = N, by default
+    every packed column)."""
+    P, K, W = weight_p.shape
+    n = P * W if n is None else n
+    w_t = weight_p.transpose(0, 1).reshape(K, P * W)[:, :n]
+    return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
 
 
 def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):

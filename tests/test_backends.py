@@ -88,13 +88,13 @@ def _inputs(op, data, dtype, gen):
         vc = _rand([B, hkv, L, D], dtype, nc, gen)
         return [q, kc, vc, lens], {}, []
     if op == "decode_linear":
-        M = data.draw(st.integers(1, 20), label="M")  # the CPU kernel takes M <= 16, BLAS the rest
+        M = data.draw(st.integers(1, 20), label="M")
         K = data.draw(st.sampled_from([1, 3, 16, 64, 100, 257]), label="K")
         N = data.draw(st.sampled_from([1, 5, 16, 64, 65, 130]), label="N")
         x = _rand([M, K], dtype, nc, gen)
-        w_t = _rand([K, N], dtype, data.draw(st.booleans(), label="noncontiguous weight"), gen)
+        w_p = ops.pack_decode_weight(_rand([N, K], dtype, data.draw(st.booleans(), label="noncontiguous w"), gen))
         b = _rand([N], dtype, False, gen) if data.draw(st.booleans(), label="bias") else None
-        return [x, w_t, b], {}, [0, 1] + ([2] if b is not None else [])
+        return [x, w_p, b, N], {}, [0, 1] + ([2] if b is not None else [])
     if op in ("cross_entropy", "linear_cross_entropy"):
         N = data.draw(st.integers(1, 40), label="N")
         V = data.draw(st.integers(1, 300), label="V")
@@ -171,21 +171,26 @@ def test_op_matches_reference(backend, op, data, seed):
 
 @pytest.mark.skipif("decode_linear" not in _dispatch._BACKENDS["cpu"].ops if "cpu" in ops.backends() else True,
                     reason="the CPU backend is not built")
-@pytest.mark.parametrize("M", [1, 2, 7, 16, 17])
+@pytest.mark.parametrize("M", [1, 2, 7, 16, 33])
 @pytest.mark.parametrize("K,N", [(256, 768), (1024, 256), (768, 2311)])
 def test_decode_linear_threaded_sizes(M, K, N):
     # weights large enough for the threaded path, N not a multiple of the 64-column panels
     g = torch.Generator().manual_seed(M * 1000 + N)
     x = torch.randn(M, K, generator=g, dtype=torch.float64)
-    w_t = torch.randn(K, N, generator=g, dtype=torch.float64) / math.sqrt(K)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64) / math.sqrt(K)
     b = torch.randn(N, generator=g, dtype=torch.float64)
-    want = torch.addmm(b, x, w_t)
+    want = torch.addmm(b, x, w.t())
+    w_p = ops.pack_decode_weight(w.float())
+    assert w_p.shape == ((N + 63) // 64, K, 64)
     with ops.use_backend("cpu"):
-        got = ops.decode_linear(x.float(), w_t.float(), b.float())
-        got_nb = ops.decode_linear(x.float(), w_t.float())
+        got = ops.decode_linear(x.float(), w_p, b.float(), N)
+        got_nb = ops.decode_linear(x.float(), w_p, None, N)
+    assert got.shape == (M, N)
     assert rel_error(got.double(), want) < 2e-6
-    assert rel_error(got_nb.double(), x @ w_t) < 2e-6
-    with pytest.raises(ValueError, match="agree on K"):
-        ops.decode_linear(x.float(), w_t.float()[:-1])
+    assert rel_error(got_nb.double(), x @ w.t()) < 2e-6
+    with pytest.raises(ValueError, match="same K"):
+        ops.decode_linear(x.float()[:, :-1], w_p, None, N)
+    with pytest.raises(ValueError, match="does not match"):
+        ops.decode_linear(x.float(), w_p, None, N + 64)
     with pytest.raises(ValueError, match="bias must have shape"):
-        ops.decode_linear(x.float(), w_t.float(), b.float()[:-1])
+        ops.decode_linear(x.float(), w_p, b.float()[:-1], N)

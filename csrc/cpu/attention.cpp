@@ -696,7 +696,8 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   // Enough slices to keep every thread busy, each at least 256 positions.
   int64_t visible = 0;
   for (int64_t b = 0; b < B; ++b) visible += lp[b];
-  const int64_t nthr = threads_for(double(visible) * Hkv * D * 8);  // bytes of K and V read
+  // bytes of K and V read: from 1 MB (tens of microseconds for one core) on, two threads pay
+  const int64_t nthr = threads_for(double(visible) * Hkv * D * 8 * 4);
   int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(cdiv(L, 256), cdiv(4 * nthr, B * Hkv)));
   const int64_t chunk = cdiv(cdiv(L, nsplit), BK) * BK;
   nsplit = std::max<int64_t>(1, cdiv(L, chunk));

@@ -34,6 +34,7 @@ __all__ = [
     "rms_norm",
     "gelu",
     "decode_linear",
+    "pack_decode_weight",
     "cross_entropy",
     "linear_cross_entropy",
     "backends",
@@ -222,22 +223,36 @@ def gelu(x):
     return resolve("gelu", x.device, x.dtype)[1](x)
 
 
-def decode_linear(x, weight_t, bias=None):
-    """``x @ weight_t + bias`` for the few rows of a decode step: x (M, K), the weight stored
-    transposed, weight_t (K, N) (``linear.weight.t().contiguous()``), bias (N,) or None. The
-    CPU kernel reads the weight once for all rows (M <= 16); larger M goes to BLAS."""
+def pack_decode_weight(weight):
+    """Pack a linear layer's weight (N, K) (``nn.Linear.weight``) once for ``decode_linear``:
+    64-column panels, each K x 64 contiguous, shape (ceil(N / 64), K, 64)."""
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"pack_decode_weight: weight must be (N, K), got shape {tuple(weight.shape)}")
+    return _ref.pack_decode_weight(weight.detach())
+
+
+def decode_linear(x, weight_p, bias=None, n: int | None = None):
+    """``x @ weight.T + bias`` for the few rows of a decode step: x (M, K), the weight (N, K)
+    packed by ``pack_decode_weight`` (shape (ceil(N / 64), K, 64)), bias (N,) or None, n = N
+    (default: every packed column). The CPU kernel reads the packed weight once for all rows,
+    in address order."""
     _check_float("x", x)
-    _check_float("weight_t", weight_t)
-    _check_same("weight_t", weight_t, "x", x)
-    if x.dim() != 2 or weight_t.dim() != 2 or x.shape[1] != weight_t.shape[0]:
-        raise ValueError(f"decode_linear: x (M, K) and weight_t (K, N) must agree on K, got {tuple(x.shape)} "
-                         f"and {tuple(weight_t.shape)}")
+    _check_float("weight_p", weight_p)
+    _check_same("weight_p", weight_p, "x", x)
+    if x.dim() != 2 or weight_p.dim() != 3 or weight_p.shape[2] != 64 or x.shape[1] != weight_p.shape[1]:
+        raise ValueError(f"decode_linear: x must be (M, K) and weight_p (ceil(N / 64), K, 64) with the same K, "
+                         f"got {tuple(x.shape)} and {tuple(weight_p.shape)}")
+    P = weight_p.shape[0]
+    n = P * 64 if n is None else int(n)
+    if not (P - 1) * 64 < n <= P * 64 and not (n == 0 and P == 0):
+        raise ValueError(f"decode_linear: n = {n} does not match the {P} panels of weight_p")
     if bias is not None:
         _check_float("bias", bias)
         _check_same("bias", bias, "x", x)
-        if bias.shape != (weight_t.shape[1],):
-            raise ValueError(f"decode_linear: bias must have shape ({weight_t.shape[1]},), got {tuple(bias.shape)}")
-    return resolve("decode_linear", x.device, x.dtype)[1](x, weight_t, bias)
+        if bias.shape != (n,):
+            raise ValueError(f"decode_linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    return resolve("decode_linear", x.device, x.dtype)[1](x, weight_p, bias, n)
 
 
 def _check_targets(targets, n_rows_shape, device):

@@ -31,17 +31,21 @@ def _register() -> None:
     torch.library.register_autograd("fastlm::gelu_fwd", _backward, setup_context=_setup)
 
     @torch.library.register_fake("fastlm::decode_linear")
-    def _(x, weight_t, bias):
-        return x.new_empty((x.shape[0], weight_t.shape[1]))
+    def _(x, weight_p, bias, n):
+        return x.new_empty((x.shape[0], n))
 
     def _setup_linear(ctx, inputs, output):
-        x, weight_t, bias = inputs
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight_t)
+        x, weight_p, bias, n = inputs
+        ctx.has_bias, ctx.n = bias is not None, n
+        ctx.save_for_backward(x, weight_p)
 
     def _backward_linear(ctx, g):
-        x, weight_t = ctx.saved_tensors
-        return g @ weight_t.t(), x.t() @ g, g.sum(0) if ctx.has_bias else None
+        x, weight_p = ctx.saved_tensors
+        P, K, W = weight_p.shape
+        g_pad = torch.nn.functional.pad(g, (0, P * W - ctx.n))  # (M, P*64)
+        w_t = weight_p.transpose(0, 1).reshape(K, P * W)
+        grad_wp = (x.t() @ g_pad).view(K, P, W).transpose(0, 1)
+        return g_pad @ w_t.t(), grad_wp, g.sum(0) if ctx.has_bias else None, None
 
     torch.library.register_autograd("fastlm::decode_linear", _backward_linear, setup_context=_setup_linear)
 
@@ -50,5 +54,5 @@ def gelu(x):
     return torch.ops.fastlm.gelu_fwd(x)
 
 
-def decode_linear(x, weight_t, bias=None):
-    return torch.ops.fastlm.decode_linear(x, weight_t, bias)
+def decode_linear(x, weight_p, bias=None, n=None):
+    return torch.ops.fastlm.decode_linear(x, weight_p, bias, weight_p.shape[0] * weight_p.shape[2] if n is None else n)
