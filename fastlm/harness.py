@@ -18,7 +18,6 @@ what follows the context's own tokens.
 """
 from __future__ import annotations
 
-import os
 
 try:
     from lm_eval.api.model import LM
@@ -46,7 +45,7 @@ class FastLM(LM):
                  max_length=None, dtype=None, **kwargs):
         super().__init__()
         from .checkpoint import load_model
-        from .pipelines import load_tokenizer
+        from .pipelines import resolve_tokenizer
 
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's default is "cuda"
@@ -54,12 +53,7 @@ class FastLM(LM):
             if pretrained is None:
                 raise ValueError("FastLM needs pretrained=CHECKPOINT_DIR or model=")
             model = load_model(pretrained, dtype=_dtype(dtype), device=device)
-        if tokenizer is None:
-            if pretrained is None:
-                raise ValueError("FastLM: pass tokenizer= with model=")
-            tokenizer = load_tokenizer(pretrained)
-        elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer)
+        tokenizer = resolve_tokenizer(tokenizer, pretrained, "FastLM")
         self.model = model.eval()
         self._device = next(model.parameters()).device
         self.tokenizer = tokenizer

@@ -78,6 +78,18 @@ def load_tokenizer(path):
         raise ValueError(f"could not load a tokenizer from {path}: {e}; pass tokenizer=...") from None
 
 
+def resolve_tokenizer(tokenizer, path, who: str):
+    """The tokenizer to use: ``tokenizer`` (an object, or a directory/file to load), else the
+    one saved beside the model at ``path``; ``who`` names the caller in the error."""
+    if tokenizer is None:
+        if path is None:
+            raise ValueError(f"{who}: pass tokenizer= when the model is an object, not a checkpoint directory")
+        return load_tokenizer(path)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
 def _save_tokenizer(tokenizer, path) -> None:
     save = getattr(tokenizer, "save", None)
     if not callable(save):
@@ -97,13 +109,7 @@ class TextGenerationPipeline:
         elif not isinstance(model, GPT):
             raise TypeError(f"model must be a fastlm.GPT or a checkpoint directory, got {type(model).__name__}")
         self.model = model
-        if tokenizer is None:
-            if path is None:
-                raise ValueError("pipeline: pass tokenizer= when model is a GPT object")
-            tokenizer = load_tokenizer(path)
-        elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer)
-        self.tokenizer = tokenizer
+        self.tokenizer = resolve_tokenizer(tokenizer, path, "pipeline")
         self.defaults = {}
         if path is not None and (path / "generation_config.json").is_file():
             import json

@@ -20,6 +20,22 @@ from lm_eval.api.instance import Instance  # noqa: E402
 TEXT = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\nThe cat sat on mat {i}.\n" for i in range(60))
 
 
+def _rolling_task(folder, name, metrics):
+    """A local lm-eval task file: rolling log-likelihood of the texts in folder/text.jsonl."""
+    listed = "".join(f"  - metric: {m}\n" for m in metrics)
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'text.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+{listed}""")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from fastlm import Tokenizer
@@ -88,19 +104,7 @@ doc_to_target: label
 metric_list:
   - metric: acc
 """)
-    (tmp_path / "tiny_ppl.yaml").write_text(f"""task: tiny_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'text.jsonl'}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: bits_per_byte
-""")
+    _rolling_task(tmp_path, "tiny_ppl", ["word_perplexity", "bits_per_byte"])
     tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
     ours, ref = models
     res = {}
@@ -117,18 +121,7 @@ def test_lm_eval_command_line_finds_the_model(checkpoint, tmp_path):
     import sys
 
     (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": TEXT[i:i + 200]}) + "\n" for i in (0, 300)))
-    (tmp_path / "cli_ppl.yaml").write_text(f"""task: cli_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'text.jsonl'}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: bits_per_byte
-""")
+    _rolling_task(tmp_path, "cli_ppl", ["bits_per_byte"])
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "fastlm.harness", "--model", "fastlm", "--model_args",
                         f"pretrained={checkpoint}", "--tasks", "cli_ppl", "--include_path", str(tmp_path),

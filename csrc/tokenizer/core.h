@@ -203,6 +203,21 @@ class BytesMap {
   size_t mask_ = 0, count_ = 0;
 };
 
+// A cache entry (PieceCache's or SharedPieceCache's): does it hold key k, and store k and its ids.
+template <class Entry, class Key>
+inline bool entry_holds(const Entry& e, const Key& k) {
+  return e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2];
+}
+template <class Entry, class Key>
+inline void entry_fill(Entry& e, const Key& k, const uint32_t* ids, size_t nids) {
+  e.len = uint8_t(k.len);
+  e.nids = uint8_t(nids);
+  e.w[0] = k.w[0];
+  e.w[1] = k.w[1];
+  e.w[2] = k.w[2];
+  std::memcpy(e.ids, ids, nids * sizeof(uint32_t));
+}
+
 // Pre-token -> token ids, bounded (cleared when full). One 64-byte entry per pre-token of at
 // most 24 bytes and 6 ids, key and ids inline, so a hit touches one cache line.
 class PieceCache {
@@ -234,7 +249,7 @@ class PieceCache {
     size_t i = k.hash & mask_;
     while (true) {
       const Entry& e = table_[i];
-      if (e.hash == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) {
+      if (e.hash == k.hash && entry_holds(e, k)) {
         out.insert(out.end(), e.ids, e.ids + e.nids);
         return true;
       }
@@ -255,17 +270,12 @@ class PieceCache {
     size_t i = k.hash & mask_;
     while (table_[i].hash != 0) {
       const Entry& e = table_[i];
-      if (e.hash == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) return;
+      if (e.hash == k.hash && entry_holds(e, k)) return;
       i = (i + 1) & mask_;
     }
     Entry& e = table_[i];
     e.hash = k.hash;
-    e.len = uint8_t(k.len);
-    e.nids = uint8_t(nids);
-    e.w[0] = k.w[0];
-    e.w[1] = k.w[1];
-    e.w[2] = k.w[2];
-    std::memcpy(e.ids, ids, nids * sizeof(uint32_t));
+    entry_fill(e, k, ids, nids);
     ++count_;
   }
 
@@ -321,7 +331,7 @@ class SharedPieceCache {
     while (true) {
       const Entry& e = table_[i];
       const uint64_t h = __atomic_load_n(&e.hash, __ATOMIC_ACQUIRE);
-      if (h == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) {
+      if (h == k.hash && entry_holds(e, k)) {
         out.insert(out.end(), e.ids, e.ids + e.nids);
         return true;
       }
@@ -341,17 +351,12 @@ class SharedPieceCache {
           if (h == k.hash) return;  // another thread stored this key (or one of the same hash) here
           continue;
         }
-        e.len = uint8_t(k.len);
-        e.nids = uint8_t(nids);
-        e.w[0] = k.w[0];
-        e.w[1] = k.w[1];
-        e.w[2] = k.w[2];
-        std::memcpy(e.ids, ids, nids * sizeof(uint32_t));
+        entry_fill(e, k, ids, nids);
         __atomic_store_n(&e.hash, k.hash, __ATOMIC_RELEASE);
         __atomic_add_fetch(&count_, 1, __ATOMIC_RELAXED);
         return;
       }
-      if (h == k.hash && e.len == k.len && e.w[0] == k.w[0] && e.w[1] == k.w[1] && e.w[2] == k.w[2]) return;
+      if (h == k.hash && entry_holds(e, k)) return;
     }
   }
 
