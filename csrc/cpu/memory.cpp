@@ -3,7 +3,7 @@
 // glibc's malloc serves every block of 32 MiB or more with a fresh mmap and returns it to
 // the kernel on free, so an op that allocates a 64 MiB output on each call pays 16,385 page
 // faults (one per 4 KiB page, each zeroing its page) on every call: at (16384, 1024) fp32
-// that costs several times the kernel itself. fastlm's kernels allocate outputs of 4 MiB
+// that costs several times the kernel itself. fastlm's kernels allocate outputs of 1 MiB
 // or more here instead:
 //   * a freed block is kept (keyed by its size, rounded up to 2 MiB) and handed to the next
 //     request of that size, so steady-state calls fault nothing at all, as with the CUDA
@@ -20,6 +20,7 @@
 #include <ATen/EmptyTensor.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -62,12 +63,17 @@ class OutputPool final : public c10::Allocator {
     cap_ = static_cast<size_t>(e ? std::max(0LL, std::atoll(e)) : 1024LL) << 20;
   }
 
+  // The data starts at a rotating offset into its block (0 to 15 steps of 4 KiB + 64 B):
+  // blocks all start on 2 MiB boundaries, and buffers that a kernel walks in step (K^T and
+  // V, dK and dV, ...) would otherwise map to the same cache sets and 4 KiB-aliasing slots.
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = round_up(std::max<size_t>(n, 1), kHugePage);
+    const size_t bytes = round_up(std::max<size_t>(n, 1) + kColors * kColorStep, kHugePage);
     void* p = take(bytes);
     if (!p) p = map_block(bytes);
     TORCH_CHECK(p != nullptr, "fastlm: out of memory allocating ", n, " bytes");
-    return {p, new Block{p, bytes}, &OutputPool::release, c10::Device(c10::DeviceType::CPU)};
+    const size_t offset = (color_.fetch_add(1, std::memory_order_relaxed) % kColors) * kColorStep;
+    return {static_cast<char*>(p) + offset, new Block{p, bytes}, &OutputPool::release,
+            c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
@@ -106,6 +112,8 @@ class OutputPool final : public c10::Allocator {
     munmap(p, bytes);
   }
 
+  static constexpr size_t kColors = 16, kColorStep = 4096 + 64;
+  std::atomic<size_t> color_{0};
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
