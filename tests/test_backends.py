@@ -194,3 +194,19 @@ def test_decode_linear_threaded_sizes(M, K, N):
         ops.decode_linear(x.float(), w_p, None, N + 64)
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.decode_linear(x.float(), w_p, b.float()[:-1], N)
+
+
+@pytest.mark.skipif("decode_linear" not in _dispatch._BACKENDS["cpu"].ops if "cpu" in ops.backends() else True,
+                    reason="the CPU backend is not built")
+def test_decode_linear_opcheck_and_compile():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, generator=g, requires_grad=True)
+    w_p = ops.pack_decode_weight(torch.randn(70, 40, generator=g)).requires_grad_()
+    b = torch.randn(70, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastlm.decode_linear.default, (x, w_p, b, 70))
+    torch.library.opcheck(torch.ops.fastlm.decode_linear.default, (x.detach(), w_p.detach(), None, 70))
+    with ops.use_backend("cpu"):
+        want = ops.decode_linear(x.detach(), w_p.detach(), b.detach(), 70)
+        f = torch.compile(lambda x, w, b: ops.decode_linear(x, w, b, 70), fullgraph=True)
+        got = f(x.detach(), w_p.detach(), b.detach())
+    assert torch.allclose(got, want)
