@@ -162,9 +162,12 @@ def test_op_matches_reference(backend, op, data, seed):
         g, gr = test_args[i].grad, ref_args[i].grad
         assert g is not None, f"{backend}.{op}: no gradient for argument {i}"
         allowed = max(4 * tol, 2 * rel_error(lp_args[i].grad, gr)) if low else 4 * tol
-        # A gradient that cancels to almost nothing (a norm over C = 1) has no meaningful
-        # relative error: measure it against the size of the cotangent instead.
-        floor = 1e-3 * max(c.norm().item() for c in cot)
+        # A gradient that cancels to almost nothing has no meaningful relative error: a norm
+        # over C = 1 has dx = 0, over C = 2 dx = rstd w (g0 - g1)/2 (1 - a^2) with
+        # a^2 = d^2 / (d^2 + eps), which float32 forms from terms ~1e5 times larger (0.2%
+        # off at eps / d^2 = 1e-5). Measure such a gradient against a tenth of the cotangent's
+        # size: a wrong formula still misses by the size of the terms.
+        floor = 0.1 * max(c.norm().item() for c in cot)
         err = (g.double() - gr).norm().item() / max(gr.norm().item(), floor)
         assert err <= allowed, f"{backend}.{op} grad[{i}] rel err {err:.3g} > {allowed:.3g}"
 
