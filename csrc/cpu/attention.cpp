@@ -32,10 +32,6 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace fastlm {
 namespace {
 
@@ -46,7 +42,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ------------------------------------------------------------------ tiles and rows (gemm.h: C (+)= A B)
-#if defined(__AVX512F__)
+#ifdef FASTLM_AVX512
 // Diagonal tiles of causal attention, where row i sees only columns c < i + 1 + delta:
 // S[M x 64] = A B over the columns some row of each row block sees (the rest is left unwritten),
 // and C[M x N] += P V over the keys some row of each row block sees (P is 0 past them).
@@ -79,22 +75,6 @@ void gemm_diag_pv(int64_t M, int64_t N, int64_t nk, const float* P, const float*
   }
 }
 
-// 2^x for x <= 0 (or -inf): round to nearest, a degree-7 polynomial on [-1/2, 1/2], scalef.
-inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // max of x[0:n]
 inline float row_max(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(-kInf);
@@ -109,7 +89,7 @@ inline float exp2_rows(float* x, int64_t n, int64_t ntot, float m) {
   int64_t j = 0;
   for (; j < n; j += 16) {
     const __mmask16 k = tail_mask(n - j);
-    const __m512 p = _mm512_maskz_mov_ps(k, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mv)));
+    const __m512 p = _mm512_maskz_mov_ps(k, simd::exp2(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mv)));
     s = _mm512_add_ps(s, p);
     _mm512_storeu_ps(x + j, p);  // lanes past n become 0 (x has room up to a multiple of 16)
   }
@@ -184,7 +164,7 @@ inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s)
 // backward: P^T row r: p[c] = 2^(s[c] - lse2[c]); ds[c] = p[c] (dp[c] - delta[c]), c < 64
 inline void bwd_row(float* s, float* dp, const float* lse2, const float* delta, int64_t ncols) {
   for (int64_t c = 0; c < ncols; c += 16) {
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), _mm512_loadu_ps(lse2 + c)));
+    const __m512 p = simd::exp2(_mm512_sub_ps(_mm512_loadu_ps(s + c), _mm512_loadu_ps(lse2 + c)));
     _mm512_storeu_ps(s + c, p);
     _mm512_storeu_ps(dp + c, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + c), _mm512_loadu_ps(delta + c))));
   }

@@ -7,16 +7,14 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace fastlm {
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-#if defined(__AVX512F__)
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+#ifdef FASTLM_AVX512
+using simd::tail_mask;
 
 // C[R x 16 NV] (+)= A[R x K] B[K x 16 NV]; the last vector of each row is masked by `last`.
 template <int R, int NV>
