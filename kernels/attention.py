@@ -87,6 +87,20 @@ def _fwd_kernel(Q, K, V, O, LSE, LENS,
 
 
 @triton.jit
+def _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, rmask, kmask, off, qk_scale,
+                       CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """The backward's recomputation for one (query block, key block) tile: P = 2^(S - lse)
+    (0 where masked) and dS = P (dP - delta), with S = Q K^T scaled and dP = dO V^T."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    valid = rmask[:, None] & kmask[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sdb, sdh, sdt, sdd,
                      H, G, Tq, Tk, qk_scale, scale,
@@ -120,14 +134,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         lse2 = tl.load(LSE + bh * Tq + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + bh * Tq + offs_m, mask=rmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = rmask[:, None] & kmask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, rmask, kmask, off, qk_scale,
+                                   CAUSAL, PREC)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     base = bh * Tk * D
     omask = kmask[:, None] & dmask[None, :]
@@ -168,13 +177,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                     mask=kmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd,
                     mask=kmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = rmask[:, None] & kmask[None, :]
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_dscores(q, k, v, do, lse2, delta, offs_m, offs_n, rmask, kmask, off, qk_scale,
+                                   CAUSAL, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + bh * Tq * D + offs_m[:, None] * D + offs_d[None, :], dq * scale,
              mask=rmask[:, None] & dmask[None, :])
