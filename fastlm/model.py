@@ -139,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def split_heads(self, x, rope=None, positions=None):
+    def split_heads(self, x, rope=None):
         """(B, T, C_qkv) -> q (B, H, T, D), k and v (B, Hkv, T, D); rotary positions applied."""
         B, T, _ = x.shape
         D = self.head_dim
@@ -149,8 +149,6 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, D).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
-            if positions is not None:
-                cos, sin = cos[positions], sin[positions]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
@@ -158,10 +156,8 @@ class CausalSelfAttention(nn.Module):
         B, H, T, D = y.shape
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, H * D)))
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None):
         q, k, v = self.split_heads(self.c_attn(x), rope)
-        if cache is not None:  # generation: the cache stores k, v and attends (fastlm.generate)
-            return self.merge_heads(cache.attend(q, k, v))
         return self.merge_heads(ops.attention(q, k, v, causal=True))
 
 
@@ -193,14 +189,14 @@ class Block(nn.Module):
         self.ln_2 = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, delta, rope=None, cache=None):
+    def forward(self, h, delta, rope=None):
         """Takes the residual stream h and the pending branch output delta (None at the first
         block); returns the new (h, delta). The stream after the block is h + delta."""
         if delta is None:
             y = self.ln_1(h)
         else:
             y, h = self.ln_1(delta, residual=h)
-        y, h = self.ln_2(self.attn(y, rope, cache), residual=h)
+        y, h = self.ln_2(self.attn(y, rope), residual=h)
         return h, self.mlp(y)
 
 
@@ -280,25 +276,18 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} exceeds the model's context of {self.config.block_size}")
 
     # -- forward
-    def hidden_states(self, idx, cache=None):
-        """Final normalised hidden states (B, T, n_embd) for token ids idx (B, T).
-
-        With ``cache`` (a ``fastlm.generate.KVCache`` step), idx holds each sequence's next
-        tokens, placed at ``cache.positions`` (B, T); keys and values go through the cache."""
-        if cache is None:
-            self._check_idx(idx)
-            positions = torch.arange(idx.shape[1], device=idx.device)
-            rope = self._rope(idx.shape[1])
-        else:
-            positions = cache.positions
-            rope = None if self.config.pos != "rope" else (
-                self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+    def hidden_states(self, idx):
+        """Final normalised hidden states (B, T, n_embd) for token ids idx (B, T). (Generation
+        runs its own lean forward over a KV cache: ``fastlm.generate``.)"""
+        self._check_idx(idx)
+        T = idx.shape[1]
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(positions)
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        rope = self._rope(T)
         h, delta = self.transformer.drop(x), None
-        for i, block in enumerate(self.transformer.h):
-            h, delta = block(h, delta, rope, None if cache is None else cache.layer(i))
+        for block in self.transformer.h:
+            h, delta = block(h, delta, rope)
         if delta is None:
             return self.transformer.ln_f(h)
         return self.transformer.ln_f(delta, residual=h)[0]

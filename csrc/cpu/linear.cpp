@@ -15,7 +15,11 @@ namespace fastlm {
 namespace {
 
 constexpr int64_t kPanel = 64;
-constexpr int64_t kParallelBytes = int64_t(512) << 10;  // smaller weights: one thread
+// Below both limits one thread finishes sooner than waking a second one pays back: weights
+// under 512 KB, and products under 0.5 MFLOP (M = 8 rows of a 256 x 256 weight take ~16 us
+// on one core, ~10 on two).
+constexpr int64_t kParallelBytes = int64_t(512) << 10;
+constexpr double kParallelFlops = 0.5e6;
 
 at::Tensor decode_linear(const at::Tensor& x_, const at::Tensor& wp, const c10::optional<at::Tensor>& bias_,
                          int64_t n) {
@@ -42,7 +46,8 @@ at::Tensor decode_linear(const at::Tensor& x_, const at::Tensor& wp, const c10::
   const float* B = w.data_ptr<float>();
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* C = out.data_ptr<float>();
-  const int64_t grain = K * N * 4 < kParallelBytes ? P : 1;
+  const bool one = K * N * 4 < kParallelBytes && 2.0 * M * K * N < kParallelFlops;
+  const int64_t grain = one ? P : 1;
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kPanel, nc = std::min(kPanel, N - c0);
