@@ -65,7 +65,8 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     written at the end of each sequence's valid cache prefix. k_cache, v_cache:
     (B, Hkv, L_max, D). cache_lens: int tensor (B,), valid length of each sequence's cache
     (>= Tq). Query i of sequence b sees cache positions j < cache_lens[b] - Tq + 1 + i:
-    causal attention, bottom-right aligned, over the valid prefix only.
+    causal attention, bottom-right aligned, over the valid prefix only. Whatever the cache
+    holds past cache_lens[b] (uninitialised memory, NaN) has no effect.
     """
     out_dtype = q.dtype
     cd = _compute_dtype(q.dtype)
@@ -81,6 +82,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     j = torch.arange(L, device=q.device).view(1, 1, 1, L)
     scores = scores.masked_fill(j >= lens - Tq + 1 + i, float("-inf"))
     probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    v = v.masked_fill((j >= lens).transpose(-1, -2), 0.0)  # 0 * NaN would still be NaN
     return torch.matmul(probs, v).to(out_dtype)
 
 

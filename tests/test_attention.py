@@ -184,6 +184,20 @@ def test_decode_matches_reference(backend, B, H, Hkv, Tq, L, D, lens):
             assert rel_error(out[b:b + 1], full) < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+def test_decode_ignores_what_lies_past_the_lengths(backend):
+    """The cache past cache_lens may be uninitialised memory: NaN and inf there change nothing."""
+    q, kc, vc, cl = _decode_case(3, 4, 2, 2, 40, 16, [40, 7, 2], torch.float32, seed=11)
+    ref = R.decode_attention(q, kc, vc, cl)
+    kd, vd = kc.float().clone(), vc.float().clone()
+    for b, n in enumerate(cl.tolist()):
+        kd[b, :, n:] = float("nan")
+        vd[b, :, n:] = float("inf") if b % 2 else float("nan")
+    with fastlm.ops.use_backend(backend):
+        out = fastlm.ops.decode_attention(q.float(), kd, vd, cl)
+    assert torch.isfinite(out).all() and rel_error(out, ref) < 1e-4
+
+
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="fastlm._C not built")
 def test_decode_bf16_and_int64_lens():
     q, kc, vc, cl = _decode_case(2, 4, 1, 1, 500, 64, [500, 33], torch.bfloat16, seed=5)

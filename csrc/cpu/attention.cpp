@@ -474,6 +474,12 @@ struct BwdWork {
 };
 
 // ------------------------------------------------------------------ decode
+// Prefetch n floats from p into the caches, a cache line at a time.
+inline void prefetch_rows(const float* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * 4; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 struct DecArgs {
   const float *q, *k, *v;
   const int64_t* lens;
@@ -518,8 +524,14 @@ struct DecWork {
     const float* K = a.k + bhk * a.L * D;
     const float* V = a.v + bhk * a.L * D;
     float* S = st.s.data();
+    prefetch_rows(K + s0 * D, std::min(BK, s1 - s0) * D);
     for (int64_t k0 = s0; k0 < s1; k0 += BK) {
       const int64_t nk = std::min(BK, s1 - k0);
+      // The slice is a short stream (a few tens of kilobytes) that the hardware prefetchers
+      // would barely ramp up on: ask for this tile's V rows and the next tile's K rows now,
+      // to arrive while the scores are computed.
+      prefetch_rows(V + k0 * D, nk * D);
+      if (k0 + BK < s1) prefetch_rows(K + (k0 + BK) * D, std::min(BK, s1 - k0 - BK) * D);
       for (int64_t c = 0; c < nk; c += 16)
         for (int64_t r = 0; r < rows; ++r) dots(qs + r * D, K + (k0 + c) * D, D, std::min<int64_t>(16, nk - c), S + r * BK + c);
       for (int64_t r = 0; r < rows; ++r) {
