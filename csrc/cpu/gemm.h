@@ -17,9 +17,11 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 using simd::tail_mask;
 
 // C[R x 16 NV] (+)= A[R x K] B[K x 16 NV]; the last vector of each row is masked by `last`.
+// With `pf`, step k also prefetches the 16 NV floats at pf + k ldb (for a caller that knows
+// which bytes it reads next).
 template <int R, int NV>
 inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
-                  __mmask16 last, bool accumulate) {
+                  __mmask16 last, bool accumulate, const float* pf = nullptr) {
   __m512 c[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -30,6 +32,10 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
       else c[r][v] = _mm512_loadu_ps(C + r * ldc + 16 * v);
     }
   for (int64_t k = 0; k < K; ++k) {
+    if (pf) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + 16 * v), _MM_HINT_T0);
+    }
     __m512 b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
@@ -52,12 +58,12 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
 
 template <int R>
 inline void micro_nv(int nv, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                     int64_t K, __mmask16 last, bool acc) {
+                     int64_t K, __mmask16 last, bool acc, const float* pf = nullptr) {
   switch (nv) {
-    case 1: micro<R, 1>(A, lda, B, ldb, C, ldc, K, last, acc); break;
-    case 2: micro<R, 2>(A, lda, B, ldb, C, ldc, K, last, acc); break;
-    case 3: micro<R, 3>(A, lda, B, ldb, C, ldc, K, last, acc); break;
-    default: micro<R, 4>(A, lda, B, ldb, C, ldc, K, last, acc); break;
+    case 1: micro<R, 1>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 2: micro<R, 2>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 3: micro<R, 3>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    default: micro<R, 4>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
   }
 }
 
