@@ -13,7 +13,9 @@ Shapes:
       the matmuls dominate.
 
 Throughput: ``pytest bench/test_train.py --benchmark-only -k throughput``; the ratio is
-median(plain) / median(fastlm) in each group. Time to quality (recipe (a), 2000 steps,
+median(plain) / median(fastlm) in each group. Each group also times "matmul floor": the
+step's fp32 matrix products alone (torch.mm, MKL, warm operands), a lower bound on any step
+of that shape; median(plain) / median(floor) is the most any implementation could reach. Time to quality (recipe (a), 2000 steps,
 lr 1e-3 cosine to 2000, dropout 0, target val loss <= 1.88):
 ``pytest bench/test_train.py -k quality -s`` (several minutes per path).
 Threads: FASTLM_BENCH_THREADS (default 2); fp32.
@@ -125,6 +127,37 @@ def test_throughput(benchmark, shape, path, tmp_path_factory):
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=3, iterations=1)
     loss = step().item()
     assert math.isfinite(loss)
+
+
+class MatmulFloor:
+    """The fp32 matrix products of one training step of a shape, alone: for each linear layer
+    (i -> o) over N = batch x block tokens, the forward N x i x o, the input gradient
+    N x o x i and the weight gradient o x N x i; the output layer likewise (attention's own
+    products not counted). torch.mm (MKL) into preallocated outputs, operands warm: a lower
+    bound on any step of that shape, whatever else it fuses."""
+
+    def __init__(self, shape: str):
+        spec = SHAPES[shape]
+        m = spec["model"]
+        N, C, V = spec["batch"] * m["block_size"], m["n_embd"], m["vocab_size"]
+        dims = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * m["n_layer"] + [(C, V)]
+        shapes = [s for i, o in dims for s in ((N, i, o), (N, o, i), (o, N, i))]
+        g = torch.Generator().manual_seed(0)
+        self.ops = [(torch.randn(a, k, generator=g), torch.randn(k, b, generator=g), torch.empty(a, b))
+                    for a, k, b in shapes]
+        self.flops = sum(2 * a * k * b for a, k, b in shapes)
+
+    def __call__(self):
+        for a, b, c in self.ops:
+            torch.mm(a, b, out=c)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_throughput_matmul_floor(benchmark, shape):
+    floor = MatmulFloor(shape)
+    benchmark.group = f"train-step {shape} threads={THREADS}"
+    benchmark.extra_info.update(gflop=floor.flops / 1e9, products=len(floor.ops))
+    benchmark.pedantic(floor, rounds=30 if shape.startswith("a") else 8, warmup_rounds=3, iterations=1)
 
 
 # ----------------------------------------------------------------------------- time to quality
