@@ -464,7 +464,7 @@ def test_disconnect_frees_the_slot(one_slot):
     # a plain (not streamed) request whose client gives up
     steps = eng.steps
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(one_slot.url + "/v1/completions", timeout=0.3,
+        httpx.post(one_slot.url + "/v1/completions", timeout=0.1,
                    json={"model": NAME, "prompt": "a", "max_tokens": 1000, "ignore_eos": True})
     assert wait_until(lambda: eng.n_running == 0, 5.0)
     assert eng.steps - steps < 900
