@@ -3,9 +3,11 @@
 // glibc's malloc serves every block of 32 MiB or more with a fresh mmap and returns it to
 // the kernel on free, so an op that allocates a 64 MiB output on each call pays 16,385 page
 // faults (one per 4 KiB page, each zeroing its page) on every call: at (16384, 1024) fp32
-// that costs several times the kernel itself. fastlm's kernels allocate outputs of 1 MiB
-// or more here instead:
-//   * a freed block is kept (keyed by its size, rounded up to 2 MiB) and handed to the next
+// that costs several times the kernel itself (and below 32 MiB glibc's choice between its
+// heap and a fresh mapping depends on the process's history). fastlm's kernels allocate
+// outputs of 128 KiB or more here instead:
+//   * a freed block is kept (keyed by its size, rounded up to 2 MiB, or to 64 KiB below
+//     2 MiB) and handed to the next
 //     request of that size, so steady-state calls fault nothing at all, as with the CUDA
 //     caching allocator. At most FASTLM_CPU_CACHE_MB MiB (default 1024; 0 disables the
 //     cache) of free blocks are kept; beyond that a freed block is unmapped.
@@ -30,6 +32,7 @@ namespace fastlm {
 namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kSmallStep = size_t(64) << 10;
 
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
@@ -67,7 +70,8 @@ class OutputPool final : public c10::Allocator {
   // blocks all start on 2 MiB boundaries, and buffers that a kernel walks in step (K^T and
   // V, dK and dV, ...) would otherwise map to the same cache sets and 4 KiB-aliasing slots.
   c10::DataPtr allocate(size_t n) override {
-    const size_t bytes = round_up(std::max<size_t>(n, 1) + kColors * kColorStep, kHugePage);
+    const size_t need = std::max<size_t>(n, 1) + kColors * kColorStep;
+    const size_t bytes = round_up(need, need < kHugePage ? kSmallStep : kHugePage);
     void* p = take(bytes);
     if (!p) p = map_block(bytes);
     TORCH_CHECK(p != nullptr, "fastlm: out of memory allocating ", n, " bytes");
