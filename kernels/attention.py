@@ -24,6 +24,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._name import require_package_name
+
+require_package_name(__name__)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 

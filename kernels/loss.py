@@ -16,6 +16,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._name import require_package_name
+
+require_package_name(__name__)
+
 
 @triton.jit
 def _ce_rows_kernel(Z, T, Loss, RowScale, V, stride, ignore_index, scale, GRAD: tl.constexpr,

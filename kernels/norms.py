@@ -18,6 +18,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._name import require_package_name
+
+require_package_name(__name__)
+
 MAX_C = 65536
 
 

@@ -1,7 +1,9 @@
 """fastlm.ops: backend choice, input validation, custom-op registration, torch.compile,
 and the reference itself checked against torch's own functions."""
+import importlib
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -21,6 +23,39 @@ def test_backends_lists_reference_and_cpu():
     b = ops.backends()
     assert b[0] == "reference"
     assert "cpu" in b, "the C++ extension must be built and loadable"
+
+
+@pytest.mark.skipif("triton" not in ops.backends(), reason="triton backend unavailable")
+def test_kernels_folder_under_another_name_leaves_the_triton_ops_alone(monkeypatch):
+    """A checkout's kernels/ folder is importable as a top-level ``kernels`` when the checkout's
+    root is on sys.path, and transformers imports that name to probe for Hugging Face's package.
+    That import must neither define the Triton ops a second time (torch would drop the ones
+    fastlm.kernels holds, leaving dangling handles) nor load any kernel module."""
+    import torch._library.custom_ops as custom_ops
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / "kernels" / "__init__.py").is_file():
+        pytest.skip("not a source checkout")
+    libs = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm::")}
+    assert "fastlm::triton_layer_norm_fwd" in libs
+    monkeypatch.syspath_prepend(str(root))
+    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    top = importlib.import_module("kernels")
+    try:
+        assert top.OPS == {}
+        for mod in ("norms", "loss", "attention"):
+            with pytest.raises(ImportError, match=f"fastlm.kernels.{mod}"):
+                importlib.import_module(f"kernels.{mod}")
+        now = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm::")}
+        assert now.keys() == libs.keys() and all(now[k] is libs[k] for k in libs)
+        x, w, b = torch.randn(3, 7, dtype=torch.float64), torch.rand(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+        with ops.use_backend("triton"):
+            got = ops.layer_norm(x.float(), w.float(), b.float())
+        assert rel_error(got, reference.layer_norm(x, w, b)) < 1e-5
+    finally:
+        for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+            del sys.modules[name]
 
 
 def test_unknown_backend_is_refused():
