@@ -158,6 +158,13 @@ class _Decoder:
             return self._norm(x, weight, bias, eps, residual)
         return self._norm(x, weight, eps, residual)
 
+    def block_input(self, args, h, delta):
+        """The norm that opens a block (or the final one) over the residual stream h + delta
+        (delta None before the first block): (normed input, the new stream)."""
+        if delta is None:
+            return self.norm(args, h), h
+        return self.norm(args, delta, h)
+
     def linear(self, x, wb):
         w, b, n, _ = wb
         if self.packed:
@@ -189,10 +196,7 @@ class _Decoder:
         segments = list(zip(rows, starts, lengths))
         h, delta = x, None
         for i, (ln1, qkv_w, proj_w, ln2, fc_w, gate_w, out_w) in enumerate(self.layers):
-            if delta is None:
-                y = self.norm(ln1, h)
-            else:
-                y, h = self.norm(ln1, delta, h)
+            y, h = self.block_input(ln1, h, delta)
             qkv = self.wide_linear(y, qkv_w)
             att = torch.empty(qkv.shape[0], nq, dtype=qkv.dtype, device=device)
             lc = cache._layers[i]
@@ -214,10 +218,7 @@ class _Decoder:
                 hid = self._gelu(self.wide_linear(y, fc_w))
             delta = self.wide_linear(hid, out_w)
         last = torch.tensor([s0 + n - 1 for _, s0, n in segments], device=device)
-        if delta is None:
-            y = self.norm(self.ln_f, h[last])
-        else:
-            y = self.norm(self.ln_f, delta[last], h[last])[0]
+        y = self.block_input(self.ln_f, h[last], None if delta is None else delta[last])[0]
         return self.linear(y, self.head)
 
     def step(self, tokens, positions, attend_lens, cache: KVCache):
@@ -233,10 +234,7 @@ class _Decoder:
         write = (cache._batch, positions)
         h, delta = x, None
         for i, (ln1, qkv_w, proj_w, ln2, fc_w, gate_w, out_w) in enumerate(self.layers):
-            if delta is None:
-                y = self.norm(ln1, h)
-            else:
-                y, h = self.norm(ln1, delta, h)
+            y, h = self.block_input(ln1, h, delta)
             qkv = self.linear(y, qkv_w)
             q = qkv[:, :nq].view(B, H, 1, D)
             k = qkv[:, nq:nq + nk].view(B, Hkv, D)
@@ -254,11 +252,7 @@ class _Decoder:
             else:
                 hid = self._gelu(self.linear(y, fc_w))
             delta = self.linear(hid, out_w)
-        if delta is None:
-            y = self.norm(self.ln_f, h)
-        else:
-            y = self.norm(self.ln_f, delta, h)[0]
-        return self.linear(y, self.head)
+        return self.linear(self.block_input(self.ln_f, h, delta)[0], self.head)
 
 
 def _norm_args(norm):

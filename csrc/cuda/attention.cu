@@ -365,6 +365,32 @@ __device__ __forceinline__ void load_rows(T* __restrict__ dst, int ld, const T* 
   }
 }
 
+// The backward's two score-shaped products for one 16 x 16 block, on tensor cores:
+// C1 = A1 B1^T and C2 = A2 B2^T over D = 16 ND, where A1, B1, A2, B2 are row-major 16 x D tiles
+// in shared memory (leading dimension lt); C1, C2 stored float32, row-major (leading dimension lc).
+// Called only from the sm_80+ bodies.
+template <typename T, int ND>
+__device__ __forceinline__ void two_products_abt(const T* a1, const T* b1, const T* a2, const T* b2, int lt,
+                                                 float* c1, float* c2, int lc) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f1, f2;
+  wmma::fill_fragment(f1, 0.f);
+  wmma::fill_fragment(f2, 0.f);
+#pragma unroll
+  for (int kd = 0; kd < ND; ++kd) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> x1, x2;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> y1, y2;  // X^T of a row-major X
+    wmma::load_matrix_sync(x1, a1 + kd * 16, lt);
+    wmma::load_matrix_sync(x2, a2 + kd * 16, lt);
+    wmma::load_matrix_sync(y1, b1 + kd * 16, lt);
+    wmma::load_matrix_sync(y2, b2 + kd * 16, lt);
+    wmma::mma_sync(f1, x1, y1, f1);
+    wmma::mma_sync(f2, x2, y2, f2);
+  }
+  wmma::store_matrix_sync(c1, f1, lc, wmma::mem_row_major);
+  wmma::store_matrix_sync(c2, f2, lc, wmma::mem_row_major);
+}
+
 // Forward / decode on tensor cores; arguments as fwd_kernel's, vec: bit 0 Q, 1 K, 2 V take 16-byte loads.
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads)
@@ -567,24 +593,9 @@ bwd_dkdv_mma_kernel(const T* __restrict__ q, Strides4 sq, const T* __restrict__ 
     const int cb0 = causal ? max(0, j0 - off - m0) / 16 : 0;
     const int cb1 = min(NB, (Tq - m0 + 15) / 16);
     if (cb0 >= cb1) continue;
-    for (int cb = cb0; cb < cb1; ++cb) {  // S^T = K_w Q^T, dP^T = V_w dO^T
-      FragC s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kd = 0; kd < ND; ++kd) {
-        FragA ka, va;
-        FragBT qf, dof;
-        wmma::load_matrix_sync(ka, k_s + warp * 16 * LT + kd * 16, LT);
-        wmma::load_matrix_sync(va, v_s + warp * 16 * LT + kd * 16, LT);
-        wmma::load_matrix_sync(qf, q_s + cb * 16 * LT + kd * 16, LT);
-        wmma::load_matrix_sync(dof, do_s + cb * 16 * LT + kd * 16, LT);
-        wmma::mma_sync(s, ka, qf, s);
-        wmma::mma_sync(dp, va, dof, dp);
-      }
-      wmma::store_matrix_sync(st_w + cb * 16, s, LA, wmma::mem_row_major);
-      wmma::store_matrix_sync(dpt_w + cb * 16, dp, LA, wmma::mem_row_major);
-    }
+    for (int cb = cb0; cb < cb1; ++cb)  // S^T = K_w Q^T, dP^T = V_w dO^T
+      two_products_abt<T, ND>(k_s + warp * 16 * LT, q_s + cb * 16 * LT, v_s + warp * 16 * LT, do_s + cb * 16 * LT,
+                              LT, st_w + cb * 16, dpt_w + cb * 16, LA);
     __syncwarp();
     const int i = m0 + lane;  // lane = query
     const bool col = lane >= 16 * cb0 && lane < 16 * cb1 && i < Tq;
@@ -680,24 +691,9 @@ bwd_dq_mma_kernel(const T* __restrict__ q, Strides4 sq, const T* __restrict__ k,
     __syncthreads();
     if (i0 >= Tq || n0 >= whi) continue;
     const int nn = min(NB, (whi - n0 + 15) / 16);
-    for (int nb = 0; nb < nn; ++nb) {  // S = Q_w K^T, dP = dO_w V^T
-      FragC s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kd = 0; kd < ND; ++kd) {
-        FragA qa, doa;
-        FragBT kf, vf;
-        wmma::load_matrix_sync(qa, q_s + warp * 16 * LT + kd * 16, LT);
-        wmma::load_matrix_sync(doa, do_s + warp * 16 * LT + kd * 16, LT);
-        wmma::load_matrix_sync(kf, k_s + nb * 16 * LT + kd * 16, LT);
-        wmma::load_matrix_sync(vf, v_s + nb * 16 * LT + kd * 16, LT);
-        wmma::mma_sync(s, qa, kf, s);
-        wmma::mma_sync(dp, doa, vf, dp);
-      }
-      wmma::store_matrix_sync(s_w + nb * 16, s, LA, wmma::mem_row_major);
-      wmma::store_matrix_sync(dp_w + nb * 16, dp, LA, wmma::mem_row_major);
-    }
+    for (int nb = 0; nb < nn; ++nb)  // S = Q_w K^T, dP = dO_w V^T
+      two_products_abt<T, ND>(q_s + warp * 16 * LT, k_s + nb * 16 * LT, do_s + warp * 16 * LT, v_s + nb * 16 * LT,
+                              LT, s_w + nb * 16, dp_w + nb * 16, LA);
     __syncwarp();
     const int j = n0 + lane;  // lane = key
     for (int r = 0; r < 16; ++r) {
