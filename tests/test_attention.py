@@ -184,6 +184,23 @@ def test_decode_matches_reference(backend, B, H, Hkv, Tq, L, D, lens):
             assert rel_error(out[b:b + 1], full) < 1e-4
 
 
+@pytest.mark.skipif(not _serves("cpu"), reason="the C++ extension is not built")
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(B=st.integers(1, 3), Hkv=st.integers(1, 3), G=st.sampled_from([1, 1, 2]), Tq=st.sampled_from([1, 1, 2]),
+       D=st.sampled_from([16, 32, 40, 48, 64, 80, 96, 112, 128, 256]), L=st.integers(1, 700),
+       data=st.data())
+def test_decode_cpu_on_drawn_shapes(B, Hkv, G, Tq, D, L, data):
+    """The CPU decode kernel's paths (one query row per head with D = 16, 32, ..., 128; grouped
+    or several query rows; other head sizes; cache splits) on drawn lengths, zero included."""
+    lens = data.draw(st.lists(st.integers(0, L), min_size=B, max_size=B), label="lens")
+    q, kc, vc, cl = _decode_case(B, G * Hkv, Hkv, Tq, L, D, lens, torch.float32, seed=data.draw(st.integers(0, 2**31)))
+    ref = R.decode_attention(q, kc, vc, cl)
+    with fastlm.ops.use_backend("cpu"):
+        out = fastlm.ops.decode_attention(q.float(), kc.float(), vc.float(), cl)
+    assert out.shape == ref.shape and not torch.isnan(out).any()
+    assert rel_error(out, ref) < 1e-4
+
+
 @pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
 def test_decode_ignores_what_lies_past_the_lengths(backend):
     """The cache past cache_lens may be uninitialised memory: NaN and inf there change nothing."""

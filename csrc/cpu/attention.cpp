@@ -133,11 +133,26 @@ struct ReduceIndex {
   }
 };
 
-// s[c] = q . K[c] for the m <= 16 keys K[0..m) (rows of D floats): one FMA accumulator per
-// key, then a transposing reduction (15 two-source permutes and adds for 16 keys) instead
-// of 16 horizontal sums.
-inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s) {
+// Lane c of the result is the sum of acc[c]'s lanes, for the 16 vectors acc[0..16): a
+// transposing reduction (15 two-source permutes and adds) instead of 16 horizontal sums.
+// Overwrites acc.
+inline __m512 transpose_sum(__m512* acc) {
   static const ReduceIndex ix;
+#pragma GCC unroll 4
+  for (int l = 0; l < 4; ++l) {
+    const __m512i ia = _mm512_load_si512(ix.a[l]), ib = _mm512_load_si512(ix.b[l]);
+    const int pairs = 8 >> l;
+#pragma GCC unroll 8
+    for (int t = 0; t < pairs; ++t)
+      acc[t] = _mm512_add_ps(_mm512_permutex2var_ps(acc[2 * t], ia, acc[2 * t + 1]),
+                             _mm512_permutex2var_ps(acc[2 * t], ib, acc[2 * t + 1]));
+  }
+  return acc[0];
+}
+
+// s[c] = q . K[c] for the m <= 16 keys K[0..m) (rows of D floats): one FMA accumulator per
+// key, then transpose_sum.
+inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s) {
   const float* rows[16];
   for (int c = 0; c < 16; ++c) rows[c] = K + std::min<int64_t>(c, m - 1) * D;  // past m: repeat a valid row
   __m512 acc[16];
@@ -149,16 +164,75 @@ inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s)
       acc[c] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, q + j), _mm512_maskz_loadu_ps(k, rows[c] + j), acc[c]);
     }
   }
-#pragma GCC unroll 4
-  for (int l = 0; l < 4; ++l) {
-    const __m512i ia = _mm512_load_si512(ix.a[l]), ib = _mm512_load_si512(ix.b[l]);
-    const int pairs = 8 >> l;
+  _mm512_mask_storeu_ps(s, tail_mask(m), transpose_sum(acc));
+}
+
+// One query row against n >= 1 keys, all visible, for D = 16 NV: the decode step of plain
+// multi-head attention. q is pre-scaled (scale * log2 e). Sixteen keys at a time, their
+// scores stay in one register through the online softmax and into P V; out gets the
+// unnormalised sum (D floats), then the running max (log2 units) and the sum of weights,
+// the layout of a decode slice's partial result.
+template <int NV>
+void decode_row(const float* q, const float* K, const float* V, int64_t n, float* out) {
+  constexpr int64_t D = 16 * NV;
+  __m512 qv[NV], o[NV];
 #pragma GCC unroll 8
-    for (int t = 0; t < pairs; ++t)
-      acc[t] = _mm512_add_ps(_mm512_permutex2var_ps(acc[2 * t], ia, acc[2 * t + 1]),
-                             _mm512_permutex2var_ps(acc[2 * t], ib, acc[2 * t + 1]));
+  for (int v = 0; v < NV; ++v) {
+    qv[v] = _mm512_loadu_ps(q + 16 * v);
+    o[v] = _mm512_setzero_ps();
   }
-  _mm512_mask_storeu_ps(s, tail_mask(m), acc[0]);
+  float m = -kInf, l = 0.f;
+  alignas(64) float p[16];
+  for (int64_t c0 = 0; c0 < n; c0 += 16) {
+    const int64_t nc = std::min<int64_t>(16, n - c0);
+    const float* Kc = K + c0 * D;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) {
+      const float* row = Kc + std::min<int64_t>(c, nc - 1) * D;  // past nc: repeat a valid row
+      acc[c] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+#pragma GCC unroll 8
+      for (int v = 1; v < NV; ++v) acc[c] = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(row + 16 * v), acc[c]);
+    }
+    const __mmask16 valid = tail_mask(nc);
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-kInf), valid, transpose_sum(acc));
+    const float mnew = std::max(m, _mm512_reduce_max_ps(s));
+    if (mnew > m) {
+      const float alpha = std::exp2(m - mnew);  // 0 on the first block
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) o[v] = _mm512_mul_ps(o[v], _mm512_set1_ps(alpha));
+      l *= alpha;
+      m = mnew;
+    }
+    const __m512 pv = _mm512_maskz_mov_ps(valid, simd::exp2(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+    l += _mm512_reduce_add_ps(pv);
+    _mm512_store_ps(p, pv);
+    const float* Vc = V + c0 * D;
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m512 pc = _mm512_set1_ps(p[c]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) o[v] = _mm512_fmadd_ps(pc, _mm512_loadu_ps(Vc + c * D + 16 * v), o[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, o[v]);
+  out[D] = m;
+  out[D + 1] = l;
+}
+
+// decode_row for the D it was compiled for; false when D is not 16, 32, ..., 128.
+inline bool decode_row_fixed(const float* q, const float* K, const float* V, int64_t n, int64_t D, float* out) {
+  switch (D) {
+    case 16: decode_row<1>(q, K, V, n, out); return true;
+    case 32: decode_row<2>(q, K, V, n, out); return true;
+    case 48: decode_row<3>(q, K, V, n, out); return true;
+    case 64: decode_row<4>(q, K, V, n, out); return true;
+    case 80: decode_row<5>(q, K, V, n, out); return true;
+    case 96: decode_row<6>(q, K, V, n, out); return true;
+    case 112: decode_row<7>(q, K, V, n, out); return true;
+    case 128: decode_row<8>(q, K, V, n, out); return true;
+    default: return false;
+  }
 }
 
 // backward: P^T row r: p[c] = 2^(s[c] - lse2[c]); ds[c] = p[c] (dp[c] - delta[c]), c < 64
@@ -199,6 +273,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s) {
   for (int64_t c = 0; c < m; ++c) s[c] = dot(q, K + c * D, D);
 }
+inline bool decode_row_fixed(const float*, const float*, const float*, int64_t, int64_t, float*) { return false; }
 inline void bwd_row(float* s, float* dp, const float* lse2, const float* delta, int64_t ncols) {
   for (int64_t c = 0; c < ncols; ++c) {
     const float p = std::exp2(s[c] - lse2[c]);
@@ -222,6 +297,11 @@ template <typename F>
 void run_dynamic(int64_t n, F&& work, int64_t max_threads = 0) {
   int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   if (max_threads > 0) nthr = std::min(nthr, max_threads);
+  if (nthr == 1) {  // at::parallel_for would still wake every thread of the pool
+    auto state = work.make_state();
+    for (int64_t i = 0; i < n; ++i) work(i, 0, state);
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthr, 1, [&](int64_t tb, int64_t te) {
     for (int64_t tid = tb; tid < te; ++tid) {
@@ -523,6 +603,8 @@ struct DecWork {
     }
     const float* K = a.k + bhk * a.L * D;
     const float* V = a.v + bhk * a.L * D;
+    // One query row (Tq = 1, no GQA group): every position of the slice is visible.
+    if (rows == 1 && decode_row_fixed(qs, K + s0 * D, V + s0 * D, s1 - s0, D, part)) return;
     float* S = st.s.data();
     prefetch_rows(K + s0 * D, std::min(BK, s1 - s0) * D);
     for (int64_t k0 = s0; k0 < s1; k0 += BK) {
