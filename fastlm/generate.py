@@ -110,7 +110,7 @@ class KVCache:
 class _Decoder:
     """One decode step (one token per sequence) written out with the model's weights, lean for
     the per-token loop, the op implementations chosen once. The projection weights are kept in
-    the layout their product reads fastest: packed into 64-column panels for the CPU kernel
+    the layout their product reads fastest: packed into column panels for the CPU kernel
     of ``ops.decode_linear`` (one sequential read of each weight for all rows), else
     transposed, (in, out), for BLAS. It computes exactly the model's forward (checked in tests
     against the full forward). Built lazily per model, rebuilt when its weights change."""

@@ -128,14 +128,22 @@ def gelu(x):
     return (0.5 * xc * (1.0 + torch.tanh(inner))).to(x.dtype)
 
 
+# Column panel width of ``decode_linear``'s packed weight: 48 columns are three AVX-512
+# vectors, so eight rows (a batch of 8 decode steps) fit one pass of the CPU micro-kernel
+# (8 x 3 accumulators), which then reads each weight byte once, from memory.
+DECODE_PANEL = 48
+
+
 def pack_decode_weight(weight):
-    """A linear layer's weight (N, K) packed for ``decode_linear``: 64-column panels,
-    weight_p[p, k, c] = weight[64 p + c, k], zero past N; shape (ceil(N / 64), K, 64)."""
+    """A linear layer's weight (N, K) packed for ``decode_linear``: DECODE_PANEL-column panels,
+    weight_p[p, k, c] = weight[DECODE_PANEL p + c, k], zero past N; shape
+    (ceil(N / DECODE_PANEL), K, DECODE_PANEL)."""
     N, K = weight.shape
-    P = -(-N // 64)
-    w = torch.zeros(P * 64, K, dtype=weight.dtype, device=weight.device)
+    W = DECODE_PANEL
+    P = -(-N // W)
+    w = torch.zeros(P * W, K, dtype=weight.dtype, device=weight.device)
     w[:N] = weight
-    return w.view(P, 64, K).transpose(1, 2).contiguous()
+    return w.view(P, W, K).transpose(1, 2).contiguous()
 
 
 def decode_linear(x, weight_p, bias=None, n: int | None = None):

@@ -90,7 +90,7 @@ def _inputs(op, data, dtype, gen):
     if op == "decode_linear":
         M = data.draw(st.integers(1, 20), label="M")
         K = data.draw(st.sampled_from([1, 3, 16, 64, 100, 257]), label="K")
-        N = data.draw(st.sampled_from([1, 5, 16, 64, 65, 130]), label="N")
+        N = data.draw(st.sampled_from([1, 5, 16, 47, 48, 49, 64, 65, 130]), label="N")
         x = _rand([M, K], dtype, nc, gen)
         w_p = ops.pack_decode_weight(_rand([N, K], dtype, data.draw(st.booleans(), label="noncontiguous w"), gen))
         b = _rand([N], dtype, False, gen) if data.draw(st.booleans(), label="bias") else None
@@ -174,17 +174,19 @@ def test_op_matches_reference(backend, op, data, seed):
 
 @pytest.mark.skipif("decode_linear" not in _dispatch._BACKENDS["cpu"].ops if "cpu" in ops.backends() else True,
                     reason="the CPU backend is not built")
-@pytest.mark.parametrize("M", [1, 2, 7, 16, 33])
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 33])
 @pytest.mark.parametrize("K,N", [(256, 768), (1024, 256), (768, 2311)])
 def test_decode_linear_threaded_sizes(M, K, N):
-    # weights large enough for the threaded path, N not a multiple of the 64-column panels
+    # weights large enough for the threaded path, N not a multiple of the panel width; M up to
+    # 8 rows takes one pass over each panel, more take several
     g = torch.Generator().manual_seed(M * 1000 + N)
     x = torch.randn(M, K, generator=g, dtype=torch.float64)
     w = torch.randn(N, K, generator=g, dtype=torch.float64) / math.sqrt(K)
     b = torch.randn(N, generator=g, dtype=torch.float64)
     want = torch.addmm(b, x, w.t())
     w_p = ops.pack_decode_weight(w.float())
-    assert w_p.shape == ((N + 63) // 64, K, 64)
+    W = reference.DECODE_PANEL
+    assert w_p.shape == ((N + W - 1) // W, K, W)
     with ops.use_backend("cpu"):
         got = ops.decode_linear(x.float(), w_p, b.float(), N)
         got_nb = ops.decode_linear(x.float(), w_p, None, N)
@@ -194,7 +196,7 @@ def test_decode_linear_threaded_sizes(M, K, N):
     with pytest.raises(ValueError, match="same K"):
         ops.decode_linear(x.float()[:, :-1], w_p, None, N)
     with pytest.raises(ValueError, match="does not match"):
-        ops.decode_linear(x.float(), w_p, None, N + 64)
+        ops.decode_linear(x.float(), w_p, None, N + W)
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.decode_linear(x.float(), w_p, b.float()[:-1], N)
 

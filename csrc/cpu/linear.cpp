@@ -1,11 +1,13 @@
 // The linear layer of a decode step, out[M x N] = x[M x K] W^T + bias, for the few rows of a
-// decode step (one per sequence), with the weight packed once into 64-column panels:
-// weight_p[p, k, c] = W[64 p + c, k] (zero past N), each panel K x 64 contiguous. Reading
+// decode step (one per sequence), with the weight packed once into 48-column panels:
+// weight_p[p, k, c] = W[48 p + c, k] (zero past N), each panel K x 48 contiguous. Reading
 // the weight is what bounds a decode step, and this layout lets it be read once for all M
 // rows, in address order: a thread takes whole panels and runs gemm.h's register-blocked
 // micro-kernel down each one, so the hardware prefetchers see long sequential streams (a
 // plain (K, N) layout read panel by panel jumps 4 N bytes per row, which for GPT-2's
-// 50257-column output layer falls to a third of the read bandwidth). BLAS treats M = 1 as a
+// 50257-column output layer falls to a third of the read bandwidth). 48 columns are three
+// AVX-512 vectors, so up to 8 rows take one pass (8 x 3 accumulators): a batch of 8 decode
+// steps reads each weight byte once, from memory, while it computes. BLAS treats M = 1 as a
 // matrix-vector product but pays for every further row (M = 8 costs 3-4x M = 1 here); here
 // M rows cost about what one does while the weight's bytes dominate. float32.
 #include "common.h"
@@ -14,7 +16,7 @@
 namespace fastlm {
 namespace {
 
-constexpr int64_t kPanel = 64;
+constexpr int64_t kPanel = 48;  // fastlm.reference.DECODE_PANEL
 // Below both limits one thread finishes sooner than waking a second one pays back: weights
 // under 512 KB, and products under 0.5 MFLOP (M = 8 rows of a 256 x 256 weight take ~16 us
 // on one core, ~10 on two).
@@ -23,29 +25,40 @@ constexpr double kParallelFlops = 0.5e6;
 
 #ifdef FASTLM_AVX512
 constexpr int64_t kAhead = 32;  // rows of the panel prefetched ahead of the first pass
+constexpr int64_t kRows = 8;    // rows per pass: 8 x 3 accumulators of the 32 registers
 
-// C[M x nc] += A[M x K] Bp over one K x 64 panel, in passes of up to 6 rows (the micro-kernel's
-// widest). The first pass streams the panel from memory and prefetches kAhead rows ahead of
-// itself (the packed weight is one array, panels back to back, so near a panel's end this
-// reaches into the next one); later passes re-read the panel from L2. For M = 1 this takes the
-// small config's 8.4 MB output layer from ~156 to ~101 us a token (54 -> 83 GB/s); asking for
-// the next panel during the later passes too was slower at M = 8 (the prefetches queue up
-// behind the loads from L2).
+template <int R>
+inline void panel_pass(int nv, const float* A, int64_t K, const float* Bp, float* C, int64_t ldc, __mmask16 last,
+                       const float* pf) {
+  switch (nv) {
+    case 1: micro<R, 1>(A, K, Bp, kPanel, C, ldc, K, last, true, pf); break;
+    case 2: micro<R, 2>(A, K, Bp, kPanel, C, ldc, K, last, true, pf); break;
+    default: micro<R, 3>(A, K, Bp, kPanel, C, ldc, K, last, true, pf); break;
+  }
+}
+
+// C[M x nc] += A[M x K] Bp over one K x 48 panel, in passes of up to 8 rows. The first pass
+// streams the panel from memory and prefetches kAhead rows ahead of itself (the packed
+// weight is one array, panels back to back, so near a panel's end this reaches into the next
+// one); later passes (M > 8) re-read the panel from L2. For M = 1 the prefetch takes the
+// small config's 8.4 MB output layer from ~156 to ~101 us a token (54 -> 83 GB/s).
 void panel_product(int64_t M, int64_t nc, int64_t K, const float* A, const float* Bp, float* C, int64_t ldc) {
   const int nv = (int)cdiv(nc, 16);
   const __mmask16 last = tail_mask(nc - 16 * (nv - 1));
   for (int64_t m = 0; m < M;) {
-    const int64_t r = std::min<int64_t>(MR, M - m);
+    const int64_t r = std::min<int64_t>(kRows, M - m);
     const float* pf = m == 0 ? Bp + kAhead * kPanel : nullptr;
     const float* Am = A + m * K;
     float* Cm = C + m * ldc;
     switch (r) {
-      case 6: micro_nv<6>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
-      case 5: micro_nv<5>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
-      case 4: micro_nv<4>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
-      case 3: micro_nv<3>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
-      case 2: micro_nv<2>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
-      default: micro_nv<1>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 8: panel_pass<8>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 7: panel_pass<7>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 6: panel_pass<6>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 5: panel_pass<5>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 4: panel_pass<4>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 3: panel_pass<3>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 2: panel_pass<2>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      default: panel_pass<1>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
     }
     m += r;
   }
@@ -61,7 +74,7 @@ at::Tensor decode_linear(const at::Tensor& x_, const at::Tensor& wp, const c10::
   FASTLM_CHECK_CPU(x_);
   FASTLM_CHECK_CPU(wp);
   TORCH_CHECK(x_.dim() == 2 && wp.dim() == 3 && wp.size(2) == kPanel && x_.size(1) == wp.size(1),
-              "decode_linear: x must be (M, K) and weight_p (ceil(N / 64), K, 64), got ", x_.sizes(), " and ",
+              "decode_linear: x must be (M, K) and weight_p (ceil(N / 48), K, 48), got ", x_.sizes(), " and ",
               wp.sizes());
   TORCH_CHECK(n >= 0 && cdiv(n, kPanel) == wp.size(0), "decode_linear: n = ", n, " does not match the ",
               wp.size(0), " panels of weight_p");

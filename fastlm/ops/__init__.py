@@ -225,7 +225,8 @@ def gelu(x):
 
 def pack_decode_weight(weight):
     """Pack a linear layer's weight (N, K) (``nn.Linear.weight``) once for ``decode_linear``:
-    64-column panels, each K x 64 contiguous, shape (ceil(N / 64), K, 64)."""
+    panels of W = ``reference.DECODE_PANEL`` (48) columns, each K x W contiguous, shape
+    (ceil(N / W), K, W)."""
     _check_float("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"pack_decode_weight: weight must be (N, K), got shape {tuple(weight.shape)}")
@@ -234,18 +235,19 @@ def pack_decode_weight(weight):
 
 def decode_linear(x, weight_p, bias=None, n: int | None = None):
     """``x @ weight.T + bias`` for the few rows of a decode step: x (M, K), the weight (N, K)
-    packed by ``pack_decode_weight`` (shape (ceil(N / 64), K, 64)), bias (N,) or None, n = N
+    packed by ``pack_decode_weight`` (shape (ceil(N / W), K, W), W = 48), bias (N,) or None, n = N
     (default: every packed column). The CPU kernel reads the packed weight once for all rows,
     in address order."""
     _check_float("x", x)
     _check_float("weight_p", weight_p)
     _check_same("weight_p", weight_p, "x", x)
-    if x.dim() != 2 or weight_p.dim() != 3 or weight_p.shape[2] != 64 or x.shape[1] != weight_p.shape[1]:
-        raise ValueError(f"decode_linear: x must be (M, K) and weight_p (ceil(N / 64), K, 64) with the same K, "
+    W = _ref.DECODE_PANEL
+    if x.dim() != 2 or weight_p.dim() != 3 or weight_p.shape[2] != W or x.shape[1] != weight_p.shape[1]:
+        raise ValueError(f"decode_linear: x must be (M, K) and weight_p (ceil(N / {W}), K, {W}) with the same K, "
                          f"got {tuple(x.shape)} and {tuple(weight_p.shape)}")
     P = weight_p.shape[0]
-    n = P * 64 if n is None else int(n)
-    if not (P - 1) * 64 < n <= P * 64 and not (n == 0 and P == 0):
+    n = P * W if n is None else int(n)
+    if not (P - 1) * W < n <= P * W and not (n == 0 and P == 0):
         raise ValueError(f"decode_linear: n = {n} does not match the {P} panels of weight_p")
     if bias is not None:
         _check_float("bias", bias)

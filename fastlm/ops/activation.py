@@ -42,7 +42,7 @@ def _register() -> None:
     def _backward_linear(ctx, g):
         x, weight_p = ctx.saved_tensors
         P, K, W = weight_p.shape
-        g_pad = torch.nn.functional.pad(g, (0, P * W - ctx.n))  # (M, P*64)
+        g_pad = torch.nn.functional.pad(g, (0, P * W - ctx.n))  # (M, P*W)
         w_t = weight_p.transpose(0, 1).reshape(K, P * W)
         grad_wp = (x.t() @ g_pad).view(K, P, W).transpose(0, 1)
         return g_pad @ w_t.t(), grad_wp, g.sum(0) if ctx.has_bias else None, None
