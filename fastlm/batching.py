@@ -378,7 +378,6 @@ def _rows_view(cache: KVCache, n: int, length: int) -> KVCache:
         v.kv = cache.kv[:, :, :n, :, :length]
         v.lens = [0] * n
         v._layers = [_LayerCache(v, i) for i in range(cache.kv.shape[0])]
-        v._batch = cache._batch[:n]
         v.decoder = None
         views[(n, length)] = v
     return v

@@ -43,14 +43,12 @@ __all__ = ["KVCache", "GenerateOutput", "generate", "stream", "score", "loglikel
 
 # ----------------------------------------------------------------------------- the cache
 class _LayerCache:
-    """One layer's keys and values: ``k``, ``v`` (B, Hkv, L, D) and the same storage viewed as
-    ``k_rows``, ``v_rows`` (B, L, Hkv, D), where a decode step writes each row's new entry."""
+    """One layer's keys and values: ``k``, ``v`` (B, Hkv, L, D), views of the cache's storage."""
 
-    __slots__ = ("k", "v", "k_rows", "v_rows")
+    __slots__ = ("k", "v")
 
     def __init__(self, cache: "KVCache", i: int):
         self.k, self.v = cache.kv[i, 0], cache.kv[i, 1]  # (B, Hkv, L, D), contiguous views
-        self.k_rows, self.v_rows = self.k.transpose(1, 2), self.v.transpose(1, 2)  # (B, L, Hkv, D) views
 
 
 class KVCache:
@@ -70,7 +68,6 @@ class KVCache:
                               dtype=dtype or p.dtype, device=device or p.device)
         self.lens = [0] * batch_size
         self._layers = [_LayerCache(self, i) for i in range(cfg.n_layer)]
-        self._batch = torch.arange(batch_size, device=self.kv.device)
         self.decoder = None
 
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -140,6 +137,7 @@ class _Decoder:
         self._norm = ops.resolve(norm, w.device, w.dtype)[1]
         self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
         self._attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
+        self._write_kv = ops.resolve("kv_cache_write", w.device, w.dtype)[1]
         self.key = _weights_key(model)
 
     def _weights(self, linear):
@@ -231,7 +229,6 @@ class _Decoder:
             x = x + F.embedding(positions, self.wpe)
         if self.rope is not None:
             cos, sin = self.rope[0][positions].unsqueeze(1), self.rope[1][positions].unsqueeze(1)
-        write = (cache._batch, positions)
         h, delta = x, None
         for i, (ln1, qkv_w, proj_w, ln2, fc_w, gate_w, out_w) in enumerate(self.layers):
             y, h = self.block_input(ln1, h, delta)
@@ -243,8 +240,7 @@ class _Decoder:
                 q = apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))
                 k = apply_rope(k, cos, sin)
             lc = cache._layers[i]
-            lc.k_rows.index_put_(write, k)
-            lc.v_rows.index_put_(write, v)
+            self._write_kv(lc.k, lc.v, k, v, positions)
             att = self._attend(q, lc.k, lc.v, attend_lens)
             y, h = self.norm(ln2, self.linear(att.view(B, nq), proj_w), h)
             if gate_w is not None:

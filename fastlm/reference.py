@@ -128,6 +128,16 @@ def gelu(x):
     return (0.5 * xc * (1.0 + torch.tanh(inner))).to(x.dtype)
 
 
+def kv_cache_write(k_cache, v_cache, k, v, positions) -> None:
+    """Write a decode step's new keys and values into the cache, in place: for each sequence b,
+    ``k_cache[b, :, positions[b]] = k[b]`` and ``v_cache[b, :, positions[b]] = v[b]``.
+    Caches (B, Hkv, L, D); k, v (B, Hkv, D); positions int (B,), each in [0, L)."""
+    b = torch.arange(k.shape[0], device=k.device)
+    pos = positions.to(device=k.device, dtype=torch.long)
+    k_cache.transpose(1, 2).index_put_((b, pos), k)
+    v_cache.transpose(1, 2).index_put_((b, pos), v)
+
+
 # Column panel width of ``decode_linear``'s packed weight: 48 columns are three AVX-512
 # vectors, so eight rows (a batch of 8 decode steps) fit one pass of the CPU micro-kernel
 # (8 x 3 accumulators), which then reads each weight byte once, from memory.

@@ -105,7 +105,19 @@ def _inputs(op, data, dtype, gen):
             return [_rand([N, V], dtype, nc, gen) * 2, t], {}, [0]
         C = data.draw(st.integers(1, 70), label="C")
         return [_rand([N, C], dtype, nc, gen), _rand([V, C], dtype, False, gen) / math.sqrt(C), t], {}, [0, 1]
+    if op == "kv_cache_write":  # in place: the caches it writes are its outputs (IN_PLACE)
+        B = data.draw(st.integers(1, 5), label="B")
+        Hkv = data.draw(st.integers(1, 4), label="Hkv")
+        L = data.draw(st.integers(1, 40), label="L")
+        D = data.draw(st.sampled_from([1, 8, 16, 40, 64]), label="D")
+        pos = torch.randint(0, L, (B,), generator=gen)
+        return [_rand([B, Hkv, L, D], dtype, False, gen), _rand([B, Hkv, L, D], dtype, False, gen),
+                _rand([B, Hkv, D], dtype, nc, gen), _rand([B, Hkv, D], dtype, nc, gen), pos], {}, []
     raise AssertionError(f"no input generator for op {op!r}: add one")
+
+
+# Ops that write into some of their arguments and return nothing: those arguments are compared.
+IN_PLACE = {"kv_cache_write": (0, 1)}
 
 
 def _outputs(o):
@@ -127,11 +139,16 @@ def test_op_matches_reference(backend, op, data, seed):
     args, kwargs, grad_idx = _inputs(op, data, dtype, gen)
     args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in args]
     # The oracle: the same inputs, in float64, through the reference.
-    ref_args = [a.detach().double().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
+    # (an op that writes in place gets copies, so that it cannot write into the oracle's inputs;
+    # the others get the arguments themselves, non-contiguous views kept as they are)
+    own = (lambda t: t.clone()) if op in IN_PLACE else (lambda t: t)
+    ref_args = [own(a.detach().double()).requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
                 else a for i, a in enumerate(args)]
-    test_args = [a.detach().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
+    test_args = [own(a.detach()).requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
                  else a for i, a in enumerate(args)]
     ref_out = _outputs(getattr(reference, op)(*ref_args, **kwargs))
+    if op in IN_PLACE:
+        ref_out = [ref_args[i] for i in IN_PLACE[op]]
     # In bf16/fp16 the spec itself rounds (e.g. h = x + residual is stored in bf16), so a
     # kernel is held to the larger of the dtype's tolerance and twice the error of the
     # reference computed in that same dtype (FlashAttention's criterion).
@@ -139,9 +156,14 @@ def test_op_matches_reference(backend, op, data, seed):
     lp_args = [a.detach().clone().requires_grad_(i in grad_idx) if isinstance(a, torch.Tensor) and a.is_floating_point()
                else a for i, a in enumerate(args)]
     lp_out = _outputs(getattr(reference, op)(*lp_args, **kwargs)) if low else None
+    if low and op in IN_PLACE:
+        lp_out = [lp_args[i] for i in IN_PLACE[op]]
     with ops.use_backend(backend):
         assert ops.implementation(op, test_args[0]) == backend
         out = _outputs(getattr(ops, op)(*test_args, **kwargs))
+    if op in IN_PLACE:
+        assert out == [None]
+        out = [test_args[i] for i in IN_PLACE[op]]
     tol = (ATTN_TOL if "attention" in op else TOL)[dtype]
     assert len(out) == len(ref_out)
     # Losses of bf16/fp16 inputs are float32 (as the reference computes them).

@@ -30,6 +30,7 @@ from ._dispatch import Backend, add_backend, backends, get_backend, requested_ba
 __all__ = [
     "attention",
     "decode_attention",
+    "kv_cache_write",
     "layer_norm",
     "rms_norm",
     "gelu",
@@ -50,8 +51,8 @@ _ALL_DEVICES = ("cpu", "cuda", "mps", "xpu", "meta")
 
 # ----------------------------------------------------------------------------- backends
 _reference = add_backend(Backend("reference", _ALL_DEVICES))
-for _name in ("attention", "decode_attention", "layer_norm", "rms_norm", "gelu", "decode_linear", "cross_entropy",
-              "linear_cross_entropy"):
+for _name in ("attention", "decode_attention", "kv_cache_write", "layer_norm", "rms_norm", "gelu", "decode_linear",
+              "cross_entropy", "linear_cross_entropy"):
     _reference.register(_name, getattr(_ref, _name), FLOATS)
 
 _cpu = add_backend(Backend("cpu", ("cpu",), available=_native.cpu_ext is not None,
@@ -61,6 +62,7 @@ _cuda = add_backend(Backend("cuda", ("cuda",), available=_native.cuda_ext is not
 
 if _native.cpu_ext is not None or _native.cuda_ext is not None:
     from . import activation as _activation
+    from . import attention as _attention
     from . import loss as _loss
     from . import norms as _norms
 
@@ -74,9 +76,8 @@ if _native.cpu_ext is not None or _native.cuda_ext is not None:
             _b.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
     if _cpu.available:
         _cpu.register("gelu", _activation.gelu, FLOATS)
+        _cpu.register("kv_cache_write", _attention.kv_cache_write, FLOATS)
         _cpu.register("decode_linear", _activation.decode_linear, (torch.float32,))
-
-    from . import attention as _attention
 
     _attention._register()
     _ATTN_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
@@ -180,6 +181,30 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     if cache_lens.device != q.device:
         raise ValueError(f"decode_attention: cache_lens is on {cache_lens.device} but q is on {q.device}")
     return resolve("decode_attention", q.device, q.dtype)[1](q, k_cache, v_cache, cache_lens, scale=scale)
+
+
+def kv_cache_write(k_cache, v_cache, k, v, positions) -> None:
+    """Write a decode step's new keys and values (k, v: (B, Hkv, D)) into the caches
+    ((B, Hkv, L, D)) in place, at position ``positions[b]`` of each sequence b."""
+    for name, cache, x in (("k", k_cache, k), ("v", v_cache, v)):
+        _check_float(f"{name}_cache", cache)
+        _check_float(name, x)
+        _check_same(name, x, f"{name}_cache", cache)
+        if cache.dim() != 4 or x.dim() != 3 or x.shape != (cache.shape[0], cache.shape[1], cache.shape[3]):
+            raise ValueError(f"kv_cache_write: {name}_cache must be (B, Hkv, L, D) and {name} (B, Hkv, D), "
+                             f"got {tuple(cache.shape)} and {tuple(x.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"kv_cache_write: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _is_tensor("positions", positions)
+    B, L = k_cache.shape[0], k_cache.shape[2]
+    if positions.dtype not in (torch.int32, torch.int64) or positions.shape != (B,):
+        raise ValueError(f"kv_cache_write: positions must be an int32/int64 tensor of shape ({B},), "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
+    if positions.device != k_cache.device:
+        raise ValueError(f"kv_cache_write: positions is on {positions.device} but the cache is on {k_cache.device}")
+    if B and (int(positions.min()) < 0 or int(positions.max()) >= L):
+        raise ValueError(f"kv_cache_write: positions must lie in [0, L = {L}), got {positions.tolist()}")
+    resolve("kv_cache_write", k_cache.device, k_cache.dtype)[1](k_cache, v_cache, k, v, positions)
 
 
 # ----------------------------------------------------------------------------- norms

@@ -1,5 +1,5 @@
 """Python side of the fused attention ops (torch.ops.fastlm.attention_{fwd,bwd},
-torch.ops.fastlm.decode_attention).
+torch.ops.fastlm.decode_attention) and of the KV-cache write (torch.ops.fastlm.kv_cache_write).
 
 The kernels (csrc/cpu/attention.cpp, csrc/cuda/attention.cu) register per device; here we
 register, once for all devices, the fake (meta) kernels that give output shapes under
@@ -33,6 +33,10 @@ def _register() -> None:
     def _(q, k_cache, v_cache, cache_lens, scale):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("fastlm::kv_cache_write")
+    def _(k_cache, v_cache, k, v, positions):
+        return None
+
     def _setup(ctx, inputs, output):
         q, k, v, causal, scale = inputs
         out, lse = output
@@ -59,3 +63,7 @@ def attention(q, k, v, causal: bool = True, scale: float | None = None):
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
     return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_lens, _scale(q, scale))
+
+
+def kv_cache_write(k_cache, v_cache, k, v, positions):
+    torch.ops.fastlm.kv_cache_write(k_cache, v_cache, k, v, positions)
