@@ -56,14 +56,17 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
     }
 }
 
-template <int R>
+// micro<R, nv> for a run-time nv in [1, MaxNV]. A caller whose panels are narrower than 64
+// columns passes its MaxNV, so no wider (register-spilling) variant is compiled for it.
+template <int R, int MaxNV = 4>
 inline void micro_nv(int nv, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                      int64_t K, __mmask16 last, bool acc, const float* pf = nullptr) {
+  static_assert(MaxNV >= 1 && MaxNV <= 4, "micro_nv: 1 to 4 vectors of 16 columns");
   switch (nv) {
     case 1: micro<R, 1>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
-    case 2: micro<R, 2>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
-    case 3: micro<R, 3>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
-    default: micro<R, 4>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 2: micro<R, std::min(2, MaxNV)>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 3: micro<R, std::min(3, MaxNV)>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    default: micro<R, MaxNV>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
   }
 }
 

@@ -26,16 +26,7 @@ constexpr double kParallelFlops = 0.5e6;
 #ifdef FASTLM_AVX512
 constexpr int64_t kAhead = 32;  // rows of the panel prefetched ahead of the first pass
 constexpr int64_t kRows = 8;    // rows per pass: 8 x 3 accumulators of the 32 registers
-
-template <int R>
-inline void panel_pass(int nv, const float* A, int64_t K, const float* Bp, float* C, int64_t ldc, __mmask16 last,
-                       const float* pf) {
-  switch (nv) {
-    case 1: micro<R, 1>(A, K, Bp, kPanel, C, ldc, K, last, true, pf); break;
-    case 2: micro<R, 2>(A, K, Bp, kPanel, C, ldc, K, last, true, pf); break;
-    default: micro<R, 3>(A, K, Bp, kPanel, C, ldc, K, last, true, pf); break;
-  }
-}
+constexpr int kPanelVectors = kPanel / 16;
 
 // C[M x nc] += A[M x K] Bp over one K x 48 panel, in passes of up to 8 rows. The first pass
 // streams the panel from memory and prefetches kAhead rows ahead of itself (the packed
@@ -51,14 +42,14 @@ void panel_product(int64_t M, int64_t nc, int64_t K, const float* A, const float
     const float* Am = A + m * K;
     float* Cm = C + m * ldc;
     switch (r) {
-      case 8: panel_pass<8>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      case 7: panel_pass<7>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      case 6: panel_pass<6>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      case 5: panel_pass<5>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      case 4: panel_pass<4>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      case 3: panel_pass<3>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      case 2: panel_pass<2>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
-      default: panel_pass<1>(nv, Am, K, Bp, Cm, ldc, last, pf); break;
+      case 8: micro_nv<8, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 7: micro_nv<7, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 6: micro_nv<6, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 5: micro_nv<5, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 4: micro_nv<4, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 3: micro_nv<3, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      case 2: micro_nv<2, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
+      default: micro_nv<1, kPanelVectors>(nv, Am, K, Bp, kPanel, Cm, ldc, K, last, true, pf); break;
     }
     m += r;
   }
