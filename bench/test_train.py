@@ -15,8 +15,9 @@ Shapes:
 Throughput: ``pytest bench/test_train.py --benchmark-only -k throughput``; the ratio is
 median(plain) / median(fastlm) in each group. Each group also times "matmul floor": the
 step's fp32 matrix products alone (torch.mm, MKL, warm operands), a lower bound on any step
-of that shape; median(plain) / median(floor) is the most any implementation could reach. Time to quality (recipe (a), 2000 steps,
-lr 1e-3 cosine to 2000, dropout 0, target val loss <= 1.88):
+of that shape; median(plain) / median(floor) is the most any implementation could reach.
+Time to quality (recipe (a), 2000 steps, lr 1e-3 cosine to 2000, dropout 0, target val
+loss <= 1.88):
 ``pytest bench/test_train.py -k quality -s`` (several minutes per path).
 Threads: FASTLM_BENCH_THREADS (default 2); fp32.
 """

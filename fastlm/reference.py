@@ -86,6 +86,16 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     return torch.matmul(probs, v).to(out_dtype)
 
 
+def kv_cache_write(k_cache, v_cache, k, v, positions) -> None:
+    """Write a decode step's new keys and values into the cache, in place: for each sequence b,
+    ``k_cache[b, :, positions[b]] = k[b]`` and ``v_cache[b, :, positions[b]] = v[b]``.
+    Caches (B, Hkv, L, D); k, v (B, Hkv, D); positions int (B,), each in [0, L)."""
+    b = torch.arange(k.shape[0], device=k.device)
+    pos = positions.to(device=k.device, dtype=torch.long)
+    k_cache.transpose(1, 2).index_put_((b, pos), k)
+    v_cache.transpose(1, 2).index_put_((b, pos), v)
+
+
 def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
     """LayerNorm over the last dimension: (h - mean) / sqrt(var + eps) * weight + bias.
 
@@ -126,16 +136,6 @@ def gelu(x):
     xc = x.to(cd)
     inner = math.sqrt(2.0 / math.pi) * (xc + 0.044715 * xc.pow(3))
     return (0.5 * xc * (1.0 + torch.tanh(inner))).to(x.dtype)
-
-
-def kv_cache_write(k_cache, v_cache, k, v, positions) -> None:
-    """Write a decode step's new keys and values into the cache, in place: for each sequence b,
-    ``k_cache[b, :, positions[b]] = k[b]`` and ``v_cache[b, :, positions[b]] = v[b]``.
-    Caches (B, Hkv, L, D); k, v (B, Hkv, D); positions int (B,), each in [0, L)."""
-    b = torch.arange(k.shape[0], device=k.device)
-    pos = positions.to(device=k.device, dtype=torch.long)
-    k_cache.transpose(1, 2).index_put_((b, pos), k)
-    v_cache.transpose(1, 2).index_put_((b, pos), v)
 
 
 # Column panel width of ``decode_linear``'s packed weight: 48 columns are three AVX-512
