@@ -8,6 +8,8 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
   "decode 124M"       GPT-2 124M shape; 32-token prompt, 64 new tokens
   "ttft 124M"         time to the first token for a 512-token prompt (prefill)
   "batch small"       fastlm, batch 8 of prompts of 8..64 tokens, 128 new tokens each, vs batch 1
+  "kv write"          one decode step's K/V writes into the small config's batch-8 cache (4
+                      layers): fastlm.ops.kv_cache_write against two index_put_ calls a layer
   "ceiling copy"      a 256 MB copy: the memory bandwidth that bounds a weight-streaming decode
 The floor of a batch-1 decode step is reading every weight once (fp32): 22 MB (small) and
 498 MB (124M) per token. At the end the ratios (median time of the competitor / fastlm, so
@@ -18,6 +20,7 @@ import sys
 import pytest
 import torch
 
+import fastlm.ops
 from fastlm import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -108,6 +111,33 @@ def test_batch_small(benchmark, small, batch):
            5, 128 * batch)
 
 
+@pytest.mark.parametrize("impl", ["fastlm", "index_put"])
+def test_kv_write(benchmark, impl):
+    B, Hkv, D, L, layers = 8, SMALL["n_head"], SMALL["n_embd"] // SMALL["n_head"], 192, SMALL["n_layer"]
+    g = torch.Generator().manual_seed(4)
+    kv = torch.randn(layers, 2, B, Hkv, L, D, generator=g)
+    qkv = torch.randn(B, 3 * Hkv * D, generator=g)  # k and v as a step makes them: slices of one row
+    k, v = qkv[:, Hkv * D:2 * Hkv * D].view(B, Hkv, D), qkv[:, 2 * Hkv * D:].view(B, Hkv, D)
+    pos = torch.randint(64, L, (B,), generator=g)
+    if impl == "fastlm":
+        write = fastlm.ops.resolve("kv_cache_write", k.device, k.dtype)[1]
+
+        def run():
+            for i in range(layers):
+                write(kv[i, 0], kv[i, 1], k, v, pos)
+    else:
+        rows = torch.arange(B)
+
+        def run():
+            for i in range(layers):
+                kv[i, 0].transpose(1, 2).index_put_((rows, pos), k)
+                kv[i, 1].transpose(1, 2).index_put_((rows, pos), v)
+    benchmark.group = "kv write"
+    benchmark.extra_info.update(impl=impl)
+    benchmark.pedantic(run, rounds=200, warmup_rounds=10)
+    MEDIANS[("kv write", impl)] = (benchmark.stats.stats.median, 0)
+
+
 def test_ceiling_copy(benchmark):
     a = torch.randn(64 * 1024 * 1024)
     b = torch.empty_like(a)
@@ -146,3 +176,7 @@ def _report():
     if b1 and b8:
         print(f"  batch small: batch 8 {b8[1] / b8[0]:.0f} tok/s vs batch 1 {b1[1] / b1[0]:.0f} tok/s, "
               f"ratio {(b8[1] / b8[0]) / (b1[1] / b1[0]):.2f}x", file=out)
+    kf, ki = MEDIANS.get(("kv write", "fastlm")), MEDIANS.get(("kv write", "index_put"))
+    if kf and ki:
+        print(f"  kv write (batch 8, 4 layers): fastlm {kf[0] * 1e6:.1f} us, index_put {ki[0] * 1e6:.1f} us, "
+              f"ratio {ki[0] / kf[0]:.2f}x", file=out)
