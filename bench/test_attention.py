@@ -20,7 +20,7 @@ import fastlm
 from fastlm import reference as R
 
 SHAPES = [(1, 12, 1024, 64), (4, 12, 512, 64), (8, 12, 256, 64), (1, 16, 2048, 128)]
-DECODE = [(1, 12, 2048, 64), (8, 12, 2048, 64)]
+DECODE = [(1, 12, 2048, 64), (8, 12, 2048, 64), (8, 4, 192, 64)]  # the last: a batch-8 step of the small config
 
 
 def _qkv(shape, seed, grad=False):
