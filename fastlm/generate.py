@@ -141,14 +141,12 @@ class _Decoder:
         self.key = _weights_key(model)
 
     def _weights(self, linear):
-        """(weight in the layout ``linear`` reads, bias or None, out features, the weight
-        itself (out, in) for the many-row products of ``prefill``)."""
+        """(weight in the layout ``linear`` reads, bias or None, out features)."""
         weight = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
         if self.packed:
-            return ops.pack_decode_weight(weight), bias, weight.shape[0], weight
-        wt = weight.t().contiguous()
-        return wt, bias, weight.shape[0], wt.t()
+            return ops.pack_decode_weight(weight), bias, weight.shape[0]
+        return weight.t().contiguous(), bias, weight.shape[0]
 
     def norm(self, args, x, residual=None):
         weight, bias, eps = args
@@ -164,15 +162,10 @@ class _Decoder:
         return self.norm(args, delta, h)
 
     def linear(self, x, wb):
-        w, b, n, _ = wb
+        w, b, n = wb
         if self.packed:
             return self._linear(x, w, b, n)
         return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
-
-    @staticmethod
-    def wide_linear(x, wb):
-        """x W^T + b for many rows (BLAS)."""
-        return F.linear(x, wb[3], wb[1])
 
     def prefill(self, prompts, rows, cache: KVCache):
         """Prompts of any lengths in one pass, without padding: the per-token work runs on all
@@ -195,7 +188,7 @@ class _Decoder:
         h, delta = x, None
         for i, (ln1, qkv_w, proj_w, ln2, fc_w, gate_w, out_w) in enumerate(self.layers):
             y, h = self.block_input(ln1, h, delta)
-            qkv = self.wide_linear(y, qkv_w)
+            qkv = self.linear(y, qkv_w)
             att = torch.empty(qkv.shape[0], nq, dtype=qkv.dtype, device=device)
             lc = cache._layers[i]
             for row, s0, n in segments:
@@ -209,12 +202,12 @@ class _Decoder:
                 lc.k[row, :, :n] = k[0]
                 lc.v[row, :, :n] = v[0]
                 att[s0:s0 + n].view(n, H, D).copy_(ops.attention(q, k, v, causal=True)[0].transpose(0, 1))
-            y, h = self.norm(ln2, self.wide_linear(att, proj_w), h)
+            y, h = self.norm(ln2, self.linear(att, proj_w), h)
             if gate_w is not None:
-                hid = F.silu(self.wide_linear(y, gate_w)) * self.wide_linear(y, fc_w)
+                hid = F.silu(self.linear(y, gate_w)) * self.linear(y, fc_w)
             else:
-                hid = self._gelu(self.wide_linear(y, fc_w))
-            delta = self.wide_linear(hid, out_w)
+                hid = self._gelu(self.linear(y, fc_w))
+            delta = self.linear(hid, out_w)
         last = torch.tensor([s0 + n - 1 for _, s0, n in segments], device=device)
         y = self.block_input(self.ln_f, h[last], None if delta is None else delta[last])[0]
         return self.linear(y, self.head)
