@@ -18,8 +18,8 @@ using simd::tail_mask;
 
 // C[R x 16 NV] (+)= A[R x K] B[K x 16 NV]; the last vector of each row is masked by `last`.
 // With `pf`, step k also prefetches the 16 NV floats at pf + k ldb (for a caller that knows
-// which bytes it reads next).
-template <int R, int NV>
+// which bytes it reads next), into the cache level that Hint names.
+template <int R, int NV, _mm_hint Hint = _MM_HINT_T0>
 inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
                   __mmask16 last, bool accumulate, const float* pf = nullptr) {
   __m512 c[R][NV];
@@ -34,7 +34,7 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
   for (int64_t k = 0; k < K; ++k) {
     if (pf) {
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + 16 * v), _MM_HINT_T0);
+      for (int v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + k * ldb + 16 * v), Hint);
     }
     __m512 b[NV];
 #pragma GCC unroll 4
@@ -58,15 +58,15 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
 
 // micro<R, nv> for a run-time nv in [1, MaxNV]. A caller whose panels are narrower than 64
 // columns passes its MaxNV, so no wider (register-spilling) variant is compiled for it.
-template <int R, int MaxNV = 4>
+template <int R, int MaxNV = 4, _mm_hint Hint = _MM_HINT_T0>
 inline void micro_nv(int nv, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                      int64_t K, __mmask16 last, bool acc, const float* pf = nullptr) {
   static_assert(MaxNV >= 1 && MaxNV <= 4, "micro_nv: 1 to 4 vectors of 16 columns");
   switch (nv) {
-    case 1: micro<R, 1>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
-    case 2: micro<R, std::min(2, MaxNV)>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
-    case 3: micro<R, std::min(3, MaxNV)>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
-    default: micro<R, MaxNV>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 1: micro<R, 1, Hint>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 2: micro<R, std::min(2, MaxNV), Hint>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    case 3: micro<R, std::min(3, MaxNV), Hint>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
+    default: micro<R, MaxNV, Hint>(A, lda, B, ldb, C, ldc, K, last, acc, pf); break;
   }
 }
 
