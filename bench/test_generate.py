@@ -8,6 +8,12 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
   "decode 124M"       GPT-2 124M shape; 32-token prompt, 64 new tokens
   "ttft 124M"         time to the first token for a 512-token prompt (prefill)
   "batch small"       fastlm, batch 8 of prompts of 8..64 tokens, 128 new tokens each, vs batch 1
+  "batch pairs"       the same 8 prompts served one at a time (8 batch-1 generations) and then
+                      as one batch of 8, alternated over 7 rounds: the median of the per-round
+                      throughput ratios (each round takes under a second, so a shift in the
+                      shared machine's load between two separately timed benchmarks does not
+                      enter the ratio, and both sides do the same work: "batch small" runs
+                      batch 1 on the shortest prompt alone)
   "kv write"          one decode step's K/V writes into the small config's batch-8 cache (4
                       layers): fastlm.ops.kv_cache_write against two index_put_ calls a layer
   "ceiling copy"      a 256 MB copy: the memory bandwidth that bounds a weight-streaming decode
@@ -111,6 +117,37 @@ def test_batch_small(benchmark, small, batch):
            5, 128 * batch)
 
 
+PAIRS = {}
+
+
+def test_batch_pairs(benchmark, small):
+    import time
+
+    model, _ = small
+    g = torch.Generator().manual_seed(3)
+    lengths = [8, 64, 20, 33, 47, 12, 58, 27]
+    prompts = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    times = {1: [], 8: []}
+
+    def round_():
+        t = time.perf_counter()
+        for p in prompts:
+            model.generate([p], max_new_tokens=128)
+        times[1].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        model.generate(prompts, max_new_tokens=128)
+        times[8].append(time.perf_counter() - t)
+
+    benchmark.group = "batch pairs"
+    round_()  # warm-up, not recorded
+    times[1].clear(), times[8].clear()
+    benchmark.pedantic(round_, rounds=7, warmup_rounds=0)
+    ratios = sorted(t1 / t8 for t1, t8 in zip(times[1], times[8]))  # same 1024 tokens on both sides
+    PAIRS.update(ratios=ratios, b1=sorted(times[1]), b8=sorted(times[8]))
+    benchmark.extra_info.update(impl="fastlm 8 prompts one at a time, then as one batch", ratios=ratios,
+                                one_at_a_time_s=times[1], batch8_s=times[8])
+
+
 @pytest.mark.parametrize("impl", ["fastlm", "index_put"])
 def test_kv_write(benchmark, impl):
     B, Hkv, D, L, layers = 8, SMALL["n_head"], SMALL["n_embd"] // SMALL["n_head"], 192, SMALL["n_layer"]
@@ -176,6 +213,12 @@ def _report():
     if b1 and b8:
         print(f"  batch small: batch 8 {b8[1] / b8[0]:.0f} tok/s vs batch 1 {b1[1] / b1[0]:.0f} tok/s, "
               f"ratio {(b8[1] / b8[0]) / (b1[1] / b1[0]):.2f}x", file=out)
+    if PAIRS:
+        r, n = PAIRS["ratios"], len(PAIRS["ratios"])
+        t1, t8 = PAIRS["b1"][n // 2], PAIRS["b8"][n // 2]
+        print(f"  batch pairs (8 prompts one at a time vs one batch of 8): median of {n} per-round ratios "
+              f"{r[n // 2]:.2f}x (range {r[0]:.2f}-{r[-1]:.2f}); batch 8 {1024 / t8:.0f} tok/s, "
+              f"one at a time {1024 / t1:.0f} tok/s (medians)", file=out)
     kf, ki = MEDIANS.get(("kv write", "fastlm")), MEDIANS.get(("kv write", "index_put"))
     if kf and ki:
         print(f"  kv write (batch 8, 4 layers): fastlm {kf[0] * 1e6:.1f} us, index_put {ki[0] * 1e6:.1f} us, "
