@@ -196,11 +196,11 @@ def test_op_matches_reference(backend, op, data, seed):
 
 @pytest.mark.skipif("decode_linear" not in _dispatch._BACKENDS["cpu"].ops if "cpu" in ops.backends() else True,
                     reason="the CPU backend is not built")
-@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 9, 16, 33, 269])
 @pytest.mark.parametrize("K,N", [(256, 768), (1024, 256), (768, 2311)])
 def test_decode_linear_threaded_sizes(M, K, N):
     # weights large enough for the threaded path, N not a multiple of the panel width; M up to
-    # 8 rows takes one pass over each panel, more take several
+    # 8 rows takes one pass over each panel, more take several (a prefill: hundreds)
     g = torch.Generator().manual_seed(M * 1000 + N)
     x = torch.randn(M, K, generator=g, dtype=torch.float64)
     w = torch.randn(N, K, generator=g, dtype=torch.float64) / math.sqrt(K)
