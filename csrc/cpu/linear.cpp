@@ -1,5 +1,6 @@
-// The linear layer of a decode step, out[M x N] = x[M x K] W^T + bias, for the few rows of a
-// decode step (one per sequence), with the weight packed once into 48-column panels:
+// The linear layers of generation, out[M x N] = x[M x K] W^T + bias, for the few rows of a
+// decode step (one per sequence) and the many of a prefill (every prompt token), with the
+// weight packed once into 48-column panels:
 // weight_p[p, k, c] = W[48 p + c, k] (zero past N), each panel K x 48 contiguous. Reading
 // the weight is what bounds a decode step, and this layout lets it be read once for all M
 // rows, in address order: a thread takes whole panels and runs gemm.h's register-blocked

@@ -8,8 +8,9 @@
 // outputs of 128 KiB or more here instead:
 //   * a freed block is kept (keyed by its size, rounded up to 2 MiB, or to 64 KiB below
 //     2 MiB) and handed to the next request of that size, so steady-state calls fault
-//     nothing at all, as with the CUDA caching allocator. At most FASTLM_CPU_CACHE_MB MiB (default 1024; 0 disables the
-//     cache) of free blocks are kept; beyond that a freed block is unmapped.
+//     nothing at all, as with the CUDA caching allocator. At most FASTLM_CPU_CACHE_MB MiB
+//     (default 1024; 0 disables the cache) of free blocks are kept; beyond that a freed
+//     block is unmapped.
 //   * a new block is pre-faulted with one madvise(MADV_POPULATE_WRITE) call (Linux 5.14+;
 //     ignored elsewhere), which measured ~1.4x cheaper than taking each 4 KiB fault on
 //     first touch. Transparent huge pages (MADV_HUGEPAGE) were measured too and rejected:
