@@ -14,6 +14,9 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
                       shared machine's load between two separately timed benchmarks does not
                       enter the ratio, and both sides do the same work: "batch small" runs
                       batch 1 on the shortest prompt alone)
+  "prefill product"   one prefill product, x (M, K) W^T + b: fastlm.ops.decode_linear on the
+                      packed weight against F.linear (MKL) on the plain one; the small config's
+                      fc layer at M = 269 (the batch-8 prompts) and the 124M config's at M = 512
   "kv write"          one decode step's K/V writes into the small config's batch-8 cache (4
                       layers): fastlm.ops.kv_cache_write against two index_put_ calls a layer
   "ceiling copy"      a 256 MB copy: the memory bandwidth that bounds a weight-streaming decode
@@ -22,6 +25,7 @@ The floor of a batch-1 decode step is reading every weight once (fp32): 22 MB (s
 > 1 is faster) and the fraction of the copy-bandwidth bound are printed.
 """
 import sys
+import time
 
 import pytest
 import torch
@@ -121,8 +125,6 @@ PAIRS = {}
 
 
 def test_batch_pairs(benchmark, small):
-    import time
-
     model, _ = small
     g = torch.Generator().manual_seed(3)
     lengths = [8, 64, 20, 33, 47, 12, 58, 27]
@@ -140,12 +142,34 @@ def test_batch_pairs(benchmark, small):
 
     benchmark.group = "batch pairs"
     round_()  # warm-up, not recorded
-    times[1].clear(), times[8].clear()
+    times[1].clear()
+    times[8].clear()
     benchmark.pedantic(round_, rounds=7, warmup_rounds=0)
     ratios = sorted(t1 / t8 for t1, t8 in zip(times[1], times[8]))  # same 1024 tokens on both sides
     PAIRS.update(ratios=ratios, b1=sorted(times[1]), b8=sorted(times[8]))
     benchmark.extra_info.update(impl="fastlm 8 prompts one at a time, then as one batch", ratios=ratios,
                                 one_at_a_time_s=times[1], batch8_s=times[8])
+
+
+PREFILL_SHAPES = {"small fc, M 269": (269, 256, 1024), "124M fc, M 512": (512, 768, 3072)}
+
+
+@pytest.mark.parametrize("shape", list(PREFILL_SHAPES))
+@pytest.mark.parametrize("impl", ["fastlm", "F.linear"])
+def test_prefill_product(benchmark, shape, impl):
+    M, K, N = PREFILL_SHAPES[shape]
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    if impl == "fastlm":
+        wp = fastlm.ops.pack_decode_weight(w)
+        fn = lambda: fastlm.ops.decode_linear(x, wp, b, N)  # noqa: E731
+    else:
+        fn = lambda: torch.nn.functional.linear(x, w, b)  # noqa: E731
+    benchmark.group = f"prefill product {shape}"
+    benchmark.extra_info.update(impl=impl, gflop=2 * M * K * N / 1e9)
+    with torch.inference_mode():
+        benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
+    MEDIANS[(f"prefill product {shape}", impl)] = (benchmark.stats.stats.median, 2 * M * K * N)
 
 
 @pytest.mark.parametrize("impl", ["fastlm", "index_put"])
@@ -219,6 +243,11 @@ def _report():
         print(f"  batch pairs (8 prompts one at a time vs one batch of 8): median of {n} per-round ratios "
               f"{r[n // 2]:.2f}x (range {r[0]:.2f}-{r[-1]:.2f}); batch 8 {1024 / t8:.0f} tok/s, "
               f"one at a time {1024 / t1:.0f} tok/s (medians)", file=out)
+    for shape in PREFILL_SHAPES:
+        pf, pm = MEDIANS.get((f"prefill product {shape}", "fastlm")), MEDIANS.get((f"prefill product {shape}", "F.linear"))
+        if pf and pm:
+            print(f"  prefill product {shape}: fastlm {pf[1] / pf[0] / 1e9:.0f} GFLOP/s, F.linear "
+                  f"{pm[1] / pm[0] / 1e9:.0f} GFLOP/s, ratio {pm[0] / pf[0]:.2f}x", file=out)
     kf, ki = MEDIANS.get(("kv write", "fastlm")), MEDIANS.get(("kv write", "index_put"))
     if kf and ki:
         print(f"  kv write (batch 8, 4 layers): fastlm {kf[0] * 1e6:.1f} us, index_put {ki[0] * 1e6:.1f} us, "
