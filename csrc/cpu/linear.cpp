@@ -76,7 +76,19 @@ void panel_product(int64_t M, int64_t nc, int64_t K, const float* A, const float
     m += r;
   }
 }
+// C[r, 0..nc) = bias[0..nc) (or 0) for the M rows: the passes accumulate onto it.
+void init_rows(int64_t M, int64_t nc, const float* bias, float* C, int64_t ldc) {
+  for (int64_t c = 0; c < nc; c += 16) {
+    const __mmask16 k = tail_mask(nc - c);
+    const __m512 v = bias ? _mm512_maskz_loadu_ps(k, bias + c) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < M; ++r) _mm512_mask_storeu_ps(C + r * ldc + c, k, v);
+  }
+}
 #else
+void init_rows(int64_t M, int64_t nc, const float* bias, float* C, int64_t ldc) {
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t c = 0; c < nc; ++c) C[r * ldc + c] = bias ? bias[c] : 0.f;
+}
 void panel_product(int64_t M, int64_t nc, int64_t K, const float* A, const float* Bp, float* C, int64_t ldc) {
   gemm(M, nc, K, A, K, Bp, kPanel, C, ldc, true);
 }
@@ -112,8 +124,7 @@ at::Tensor decode_linear(const at::Tensor& x_, const at::Tensor& wp, const c10::
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kPanel, nc = std::min(kPanel, N - c0);
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t c = 0; c < nc; ++c) C[r * N + c0 + c] = b ? b[c0 + c] : 0.f;
+      init_rows(M, nc, b ? b + c0 : nullptr, C + c0, N);
       panel_product(M, nc, K, A, B + p * K * kPanel, C + c0, N);
     }
   });
