@@ -137,8 +137,8 @@ constexpr ReduceIndex kReduceIndex{};
 
 // Lane c of the result is the sum of acc[c]'s lanes, for the 16 vectors acc[0..16): a
 // transposing reduction (15 two-source permutes and adds) instead of 16 horizontal sums.
-// Overwrites acc. Always inlined: a call per 16 keys costs the decode loop ~5% of its time.
-
+// Overwrites acc. Always inlined: as a call per 16 keys it took 4.6% of a batch-8 decode
+// call's samples, beside the decode loop's 38%.
 __attribute__((always_inline)) inline __m512 transpose_sum(__m512* acc) {
   const ReduceIndex& ix = kReduceIndex;
 #pragma GCC unroll 4
