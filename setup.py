@@ -9,8 +9,12 @@ Extensions:
 
 Environment knobs:
   MAX_JOBS               parallel compile jobs (ninja), honoured by torch's BuildExtension.
-  FASTLM_MARCH           -march value for CPU code (default "native"; "x86-64-v3" etc.).
-  FASTLM_PORTABLE=1      no -march flag at all: a binary that runs on any CPU of the arch.
+  FASTLM_MARCH           -march value for all C++ code (default: none, the architecture's
+                         baseline). The CPU kernels need none: they are compiled once per SIMD
+                         level (csrc/cpu/isa/: baseline, AVX2, AVX-512 on x86-64; baseline, NEON
+                         on aarch64) and the level is chosen at import from what the CPU
+                         reports, so a wheel built on any machine runs on every other of its
+                         architecture. FASTLM_MARCH=native ties the whole build to this CPU.
   FASTLM_CUDA=0|1        force the CUDA extension off / on.
   TORCH_CUDA_ARCH_LIST   CUDA architectures (torch's convention).
   FASTLM_DEBUG=1         -O0 -g builds.
@@ -31,8 +35,9 @@ def _rel(pattern):
 def _cpu_flags():
     debug = os.environ.get("FASTLM_DEBUG") == "1"
     flags = ["-std=c++17", "-fopenmp"] + (["-O0", "-g"] if debug else ["-O3"])
-    if os.environ.get("FASTLM_PORTABLE") != "1":
-        flags.append("-march=" + os.environ.get("FASTLM_MARCH", "native"))
+    march = os.environ.get("FASTLM_MARCH", "").strip()
+    if march:
+        flags.append("-march=" + march)
     return flags
 
 
@@ -56,7 +61,8 @@ def extensions():
     exts = [
         CppExtension(
             "fastlm._C",
-            sources=["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp"),
+            # the glue, dispatch and pool (baseline), and one kernel build per SIMD level
+            sources=["csrc/ops.cpp"] + _rel("csrc/cpu/*.cpp") + _rel("csrc/cpu/isa/*.cpp"),
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],

@@ -47,9 +47,10 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");
 }
 
-// ---- the Python module fastlm._C: only build facts; the ops live in torch.ops.fastlm ----
+// ---- the Python module fastlm._C: build facts and the CPU kernels' SIMD level; the ops live
+// in torch.ops.fastlm ----
 static PyObject* fastlm_build_info(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:i,s:s}", "simd", fastlm::simd_level(), "openmp",
+  return Py_BuildValue("{s:s,s:i,s:s}", "cpu_isa", fastlm::cpu_kernels().name, "openmp",
 #ifdef _OPENMP
                        (int)_OPENMP,
 #else
@@ -58,8 +59,37 @@ static PyObject* fastlm_build_info(PyObject*, PyObject*) {
                        "compiler", __VERSION__);
 }
 
+// [(name, supported by this CPU)] for every level compiled in, ascending.
+static PyObject* fastlm_cpu_isa_levels(PyObject*, PyObject*) {
+  const fastlm::IsaLevel* levels = nullptr;
+  const int n = fastlm::isa_levels(&levels);
+  PyObject* out = PyList_New(n);
+  if (!out) return nullptr;
+  for (int i = 0; i < n; ++i) {
+    PyObject* item = Py_BuildValue("(sO)", levels[i].name, levels[i].supported ? Py_True : Py_False);
+    if (!item) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, i, item);
+  }
+  return out;
+}
+
+static PyObject* fastlm_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastlm::cpu_kernels().name); }
+
+// Switch the level in use; False when it is unknown or this CPU lacks it.
+static PyObject* fastlm_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  return PyBool_FromLong(fastlm::set_cpu_isa(name));
+}
+
 static PyMethodDef fastlm_methods[] = {
-    {"build_info", fastlm_build_info, METH_NOARGS, "SIMD level, OpenMP version and compiler of this build."},
+    {"build_info", fastlm_build_info, METH_NOARGS, "CPU SIMD level in use, OpenMP version and compiler of this build."},
+    {"cpu_isa_levels", fastlm_cpu_isa_levels, METH_NOARGS, "[(level, supported)] for the SIMD levels built, ascending."},
+    {"cpu_isa", fastlm_cpu_isa, METH_NOARGS, "The SIMD level the CPU kernels run at."},
+    {"set_cpu_isa", fastlm_set_cpu_isa, METH_O, "Run the CPU kernels at this SIMD level; False if unavailable."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef fastlm_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -20,7 +20,7 @@ def _run_info(args):
     import torch
 
     import fastlm
-    from fastlm.ops import _dispatch, _native
+    from fastlm.ops import _cpu_choice, _dispatch, _native
 
     info = {
         "fastlm": fastlm.__version__,
@@ -33,6 +33,9 @@ def _run_info(args):
             n: b.why_unavailable for n, b in _dispatch._BACKENDS.items() if not b.available
         },
         "extension_cpu": _native.build_info() or f"not loaded ({_native.cpu_error})",
+        "cpu_isa": fastlm.ops.cpu_isa() or "-",
+        "cpu_isas_supported": fastlm.ops.cpu_isas(),
+        "cpu_native_ops": sorted(op for op in _cpu_choice.NATIVE_WINS if fastlm.ops.cpu_isa() in _cpu_choice.NATIVE_WINS[op]),
         "cpu_capability_torch": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "requested_backend": fastlm.ops.requested_backend() or "auto",

@@ -4,7 +4,8 @@
 // Rows are processed in chunks of R rows (R * V floats, at most 256 MiB by default: every
 // chunk reads and writes the whole dW once more, so fewer, larger chunks save memory traffic):
 //   1. Z = h[chunk] @ weight^T into one reused (R, V) buffer (at::mm_out, the BLAS);
-//   2. per row, in parallel and vectorised, in place over Z's row (which sits in L2):
+//   2. per row, in parallel and vectorised, in place over Z's row (which sits in L2), by the
+//      kernel core of the SIMD level in use (csrc/cpu/kernels/loss.h):
 //        m = max z, e_j = exp(z_j - m) (stored back), s = sum e_j, lse = m + log s,
 //        loss = lse - z_t;  and, when gradients are wanted,
 //        z_j <- scale_row * e_j / s  minus scale_row at j = t   (= scale * (softmax - onehot)),
@@ -17,10 +18,7 @@
 // (the incoming grad_output).
 // bf16/fp16 inputs are computed in float32 (h chunks and weight converted), as the reference.
 #include "common.h"
-#include "simd.h"
 
-#include <cmath>
-#include <limits>
 #include <string>
 
 namespace fastlm {
@@ -39,69 +37,6 @@ int64_t pick_chunk(int64_t N, int64_t V, int64_t elt, int64_t chunk_size) {
   return std::max<int64_t>(1, std::min(r, N));
 }
 
-// One row of logits z (length V) -> loss; if grad, z becomes scale * (softmax(z) - onehot(t)).
-template <typename acc>
-acc softmax_row(acc* z, int64_t V, int64_t t, bool grad, acc scale) {
-#ifdef FASTLM_AVX512
-  if constexpr (std::is_same_v<acc, float>) {
-    using namespace simd;
-    const int64_t Vv = V / kLanes * kLanes;
-    const __mmask16 mt = tail_mask(V - Vv);
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j < Vv; j += kLanes) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(z + j));
-    if (j < V) vmax = _mm512_mask_max_ps(vmax, mt, vmax, _mm512_maskz_loadu_ps(mt, z + j));
-    const float m = _mm512_reduce_max_ps(vmax);
-    const float zt = z[t];
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    for (j = 0; j + 2 * kLanes <= Vv; j += 2 * kLanes) {
-      __m512 e0 = simd::exp(_mm512_sub_ps(_mm512_loadu_ps(z + j), vm));
-      __m512 e1 = simd::exp(_mm512_sub_ps(_mm512_loadu_ps(z + j + kLanes), vm));
-      s0 = _mm512_add_ps(s0, e0);
-      s1 = _mm512_add_ps(s1, e1);
-      if (grad) {
-        _mm512_storeu_ps(z + j, e0);
-        _mm512_storeu_ps(z + j + kLanes, e1);
-      }
-    }
-    for (; j < Vv; j += kLanes) {
-      __m512 e0 = simd::exp(_mm512_sub_ps(_mm512_loadu_ps(z + j), vm));
-      s0 = _mm512_add_ps(s0, e0);
-      if (grad) _mm512_storeu_ps(z + j, e0);
-    }
-    if (j < V) {
-      __m512 e0 = _mm512_maskz_mov_ps(mt, simd::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mt, z + j), vm)));
-      s0 = _mm512_add_ps(s0, e0);
-      if (grad) _mm512_mask_storeu_ps(z + j, mt, e0);
-    }
-    const float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    if (grad) {
-      const __m512 k = _mm512_set1_ps(scale / s);
-      for (j = 0; j < Vv; j += kLanes) _mm512_storeu_ps(z + j, _mm512_mul_ps(_mm512_loadu_ps(z + j), k));
-      if (j < V) _mm512_mask_storeu_ps(z + j, mt, _mm512_mul_ps(_mm512_maskz_loadu_ps(mt, z + j), k));
-      z[t] -= scale;
-    }
-    return m + std::log(s) - zt;
-  }
-#endif
-  acc m = -std::numeric_limits<acc>::infinity();
-  for (int64_t j = 0; j < V; ++j) m = std::max(m, z[j]);
-  const acc zt = z[t];
-  acc s = 0;
-  for (int64_t j = 0; j < V; ++j) {
-    const acc e = std::exp(z[j] - m);
-    s += e;
-    if (grad) z[j] = e;
-  }
-  if (grad) {
-    const acc k = scale / s;
-    for (int64_t j = 0; j < V; ++j) z[j] *= k;
-    z[t] -= scale;
-  }
-  return m + std::log(s) - zt;
-}
-
 // The chunked core. row_scale: per-row gradient scale (nullptr: every row `scale`).
 // Writes per-row losses into loss_rows (acc dtype, (N,)); when grad, fills dh (N, C) and
 // dw (V, C) in the acc dtype.
@@ -118,24 +53,12 @@ void run_chunks(const at::Tensor& h, const at::Tensor& w, const int64_t* tg, int
     at::Tensor z = buf.narrow(0, 0, R);
     at::Tensor hc = h.narrow(0, r0, R);
     at::mm_out(z, hc, w.t());
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "fastlm_linear_ce_rows", [&] {
-      scalar_t* zp = z.data_ptr<scalar_t>();
-      scalar_t* lp = loss_rows.data_ptr<scalar_t>() + r0;
-      const scalar_t* rs = row_scale.defined() ? row_scale.data_ptr<scalar_t>() + r0 : nullptr;
-      at::parallel_for(0, R, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const int64_t t = tg[r0 + i];
-          scalar_t* zr = zp + i * V;
-          if (t == ignore_index) {
-            lp[i] = 0;
-            if (grad) std::fill(zr, zr + V, scalar_t(0));
-            continue;
-          }
-          const scalar_t sc = rs ? rs[i] : static_cast<scalar_t>(scale);
-          lp[i] = softmax_row<scalar_t>(zr, V, t, grad, sc);
-        }
-      });
-    });
+    // this chunk's rows of the per-row losses and scales
+    char* lp = static_cast<char*>(loss_rows.data_ptr()) + r0 * loss_rows.element_size();
+    const char* rs =
+        row_scale.defined() ? static_cast<const char*>(row_scale.data_ptr()) + r0 * row_scale.element_size() : nullptr;
+    cpu_kernels().loss_rows(
+        LossRowsArgs{kernel_dtype(h.scalar_type()), z.data_ptr(), lp, tg + r0, rs, R, V, ignore_index, grad, scale});
     if (!grad) continue;
     at::Tensor dhc = dh.narrow(0, r0, R);
     at::mm_out(dhc, z, w);

@@ -1,93 +1,416 @@
-// AVX-512 helpers for fastlm's CPU kernels: 16 lanes of float32 loaded from / stored to
-// float, bfloat16 or float16 storage, with masked forms for row tails. Only compiled where
-// the compiler targets AVX-512 (guard uses with FASTLM_AVX512); every kernel keeps a
-// portable scalar path beside it.
+// The vector layer of fastlm's CPU kernels: W lanes of float32, one section per SIMD level
+// with the same functions, so that a kernel is written once and compiled for each level.
+//
+//   level      W   registers  notes
+//   avx512    16   32         masked loads/stores, scalef, two-source permutes
+//   avx2       8   16         FMA, F16C; tails through maskload/maskstore or a stack copy
+//   neon       4   32         aarch64 Advanced SIMD (FMA, fp16 conversion, pairwise adds)
+//   generic    4   -          GCC/Clang vector extensions: SSE2 on x86-64, any other CPU
+//
+// Functions (vf: a vector of W floats; T: float, bf16 or f16 storage, converted to float32):
+//   zero(), set1(x), load(const T* p), load(p, n) (first n lanes, the rest 0), store(T* p, v),
+//   store(p, v, n) (first n lanes), add/sub/mul/div/max/min, fma(a, b, c) = a b + c,
+//   fnma(a, b, c) = c - a b, first_n(n, yes, no) (lanes < n from yes, others from no),
+//   select_ge(a, b, yes, no) (yes where a >= b, else no),
+//   reduce_add, reduce_max, round_trip(v, T*) (v as stored in T and read back),
+//   transpose_sum(acc[W]) (lane c = the sum of acc[c]'s lanes), exp, exp2.
+// A tail count n is in [0, W]. Included by csrc/cpu/isa/kernels.inc inside the level's
+// namespace, after every system header, with exactly one FASTLM_SIMD_* defined.
 #pragma once
 
-#include "common.h"
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define FASTLM_AVX512 1
-#include <immintrin.h>
-
-namespace fastlm {
 namespace simd {
 
-constexpr int64_t kLanes = 16;
+// ===================================================================== AVX-512
+#if defined(FASTLM_SIMD_AVX512)
+constexpr int W = 16;
+using vf = __m512;
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+inline __mmask16 mask_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+inline vf zero() { return _mm512_setzero_ps(); }
+inline vf set1(float x) { return _mm512_set1_ps(x); }
+inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+inline vf first_n(int64_t n, vf yes, vf no) { return _mm512_mask_blend_ps(mask_n(n), no, yes); }
+inline vf select_ge(vf a, vf b, vf yes, vf no) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GE_OQ), no, yes); }
+inline float reduce_add(vf v) { return _mm512_reduce_add_ps(v); }
+inline float reduce_max(vf v) { return _mm512_reduce_max_ps(v); }
+inline vf round_nearest(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p 2^n for integer-valued n (any range: scalef saturates and flushes as the value requires)
+inline vf scale_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); }
 
-// ---- loads (inactive lanes of a masked load are 0) ----
-inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+inline vf load(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(mask_n(n), p); }
+inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline void store(float* p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, mask_n(n), v); }
 
-inline __m512 bf16_to_f32(__m256i v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline __m512 load(const c10::BFloat16* p) { return bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load(const c10::BFloat16* p, __mmask16 m) { return bf16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
-
-inline __m512 load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-
-// ---- float32 -> storage, round to nearest even (NaN stays NaN) ----
-inline __m256i f32_to_bf16(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+inline vf bf16_bits_to_f32(__m256i u) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16)); }
+inline __m256i f32_to_bf16_bits(vf v) {  // round to nearest even; NaN stays a quiet NaN
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7fc0));
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(r);
 }
-inline __m256i f32_to_f16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline __m256i f32_to_f16_bits(vf v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf load(const bf16* p) { return bf16_bits_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline vf load(const bf16* p, int64_t n) { return bf16_bits_to_f32(_mm256_maskz_loadu_epi16(mask_n(n), p)); }
+inline vf load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline vf load(const f16* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask_n(n), p)); }
+inline void store(bf16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), f32_to_bf16_bits(v)); }
+inline void store(bf16* p, vf v, int64_t n) { _mm256_mask_storeu_epi16(p, mask_n(n), f32_to_bf16_bits(v)); }
+inline void store(f16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), f32_to_f16_bits(v)); }
+inline void store(f16* p, vf v, int64_t n) { _mm256_mask_storeu_epi16(p, mask_n(n), f32_to_f16_bits(v)); }
+inline vf round_trip(vf v, const bf16*) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
+inline vf round_trip(vf v, const f16*) { return _mm512_cvtph_ps(f32_to_f16_bits(v)); }
 
-inline void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store(c10::BFloat16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), f32_to_bf16(v)); }
-inline void store(c10::BFloat16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, f32_to_bf16(v)); }
-inline void store(c10::Half* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), f32_to_f16(v)); }
-inline void store(c10::Half* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, f32_to_f16(v)); }
+// Index vectors of the 16-to-1 transposing reduction: level l combines pairs (x, y) of
+// vectors holding n = 2^l keys with p = 16 / n partial sums each (p consecutive lanes per
+// key) into one vector holding 2n keys with p / 2 partials each: out = A + B, where A takes
+// the first half of every key's lanes (x's keys, then y's) and B the second half.
+struct ReduceIndex {
+  alignas(64) int32_t a[4][16]{}, b[4][16]{};
+  constexpr ReduceIndex() {
+    for (int l = 0; l < 4; ++l) {
+      const int n = 1 << l, p = 16 / n, h = p / 2;
+      for (int k = 0; k < 2 * n; ++k)
+        for (int i = 0; i < h; ++i) {
+          const int src = (k < n ? 0 : 16) + (k % n) * p + i;
+          a[l][k * h + i] = src;
+          b[l][k * h + i] = src + h;
+        }
+    }
+  }
+};
+constexpr ReduceIndex kReduceIndex{};
 
-// The value a float32 takes once stored as T and read back (identity for float).
-inline __m512 round_trip(__m512 v, const float*) { return v; }
-inline __m512 round_trip(__m512 v, const c10::BFloat16*) { return bf16_to_f32(f32_to_bf16(v)); }
-inline __m512 round_trip(__m512 v, const c10::Half*) { return _mm512_cvtph_ps(f32_to_f16(v)); }
-
-// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial
-// (relative error ~2 ulp), scaled by 2^n. Inputs are clamped to [-87.3, 88.7], so large
-// positive x saturates near FLT_MAX and large negative x gives ~1e-38 rather than 0.
-inline __m512 exp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+// 15 two-source permutes and adds instead of 16 horizontal sums; overwrites acc.
+__attribute__((always_inline)) inline vf transpose_sum(vf* acc) {
+#pragma GCC unroll 4
+  for (int l = 0; l < 4; ++l) {
+    const __m512i ia = _mm512_load_si512(kReduceIndex.a[l]), ib = _mm512_load_si512(kReduceIndex.b[l]);
+    const int pairs = 8 >> l;
+#pragma GCC unroll 8
+    for (int t = 0; t < pairs; ++t)
+      acc[t] = _mm512_add_ps(_mm512_permutex2var_ps(acc[2 * t], ia, acc[2 * t + 1]),
+                             _mm512_permutex2var_ps(acc[2 * t], ib, acc[2 * t + 1]));
+  }
+  return acc[0];
 }
 
-// 2^x for x <= 0 (or -inf): round to nearest, a degree-7 polynomial on [-1/2, 1/2], scalef.
-inline __m512 exp2(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+// ===================================================================== AVX2 + FMA + F16C
+#elif defined(FASTLM_SIMD_AVX2)
+constexpr int W = 8;
+using vf = __m256;
+
+alignas(64) constexpr int32_t kMaskTable[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+inline __m256i mask_n(int64_t n) {
+  n = n < 0 ? 0 : (n > 8 ? 8 : n);
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMaskTable + 8 - n));
+}
+inline vf zero() { return _mm256_setzero_ps(); }
+inline vf set1(float x) { return _mm256_set1_ps(x); }
+inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vf first_n(int64_t n, vf yes, vf no) { return _mm256_blendv_ps(no, yes, _mm256_castsi256_ps(mask_n(n))); }
+inline vf select_ge(vf a, vf b, vf yes, vf no) { return _mm256_blendv_ps(no, yes, _mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
+inline float reduce_add(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float reduce_max(vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline vf round_nearest(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf pow2i(vf n) {  // 2^n for integer-valued n in [-126, 127]
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
+inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+inline vf load(const float* p, int64_t n) { return _mm256_maskload_ps(p, mask_n(n)); }
+inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline void store(float* p, vf v, int64_t n) { _mm256_maskstore_ps(p, mask_n(n), v); }
+
+inline vf bf16_bits_to_f32(__m128i u) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(u), 16)); }
+inline __m128i f32_to_bf16_bits(vf v) {  // round to nearest even; NaN stays a quiet NaN
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  // 32 -> 16 bits (values fit, so the unsigned saturation is exact), then the two 64-bit
+  // halves that hold lanes 0-3 and 4-7 side by side
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(packed);
+}
+inline __m128i f32_to_f16_bits(vf v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf load(const bf16* p) { return bf16_bits_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vf load(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store(bf16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_bf16_bits(v)); }
+inline void store(f16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_f16_bits(v)); }
+inline vf round_trip(vf v, const bf16*) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
+inline vf round_trip(vf v, const f16*) { return _mm256_cvtph_ps(f32_to_f16_bits(v)); }
+#define FASTLM_SIMD_COPY_TAILS_16BIT 1
+
+// Lane c of the result is the sum of acc[c]'s lanes, for the 8 vectors acc[0..8).
+__attribute__((always_inline)) inline vf transpose_sum(vf* acc) {
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: keys 0-3, 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// ===================================================================== NEON (aarch64)
+#elif defined(FASTLM_SIMD_NEON)
+constexpr int W = 4;
+using vf = float32x4_t;
+
+inline uint32x4_t mask_n(int64_t n) {
+  const uint32_t idx[4] = {0, 1, 2, 3};
+  return vcltq_u32(vld1q_u32(idx), vdupq_n_u32(static_cast<uint32_t>(n < 0 ? 0 : n)));
+}
+inline vf zero() { return vdupq_n_f32(0.f); }
+inline vf set1(float x) { return vdupq_n_f32(x); }
+inline vf add(vf a, vf b) { return vaddq_f32(a, b); }
+inline vf sub(vf a, vf b) { return vsubq_f32(a, b); }
+inline vf mul(vf a, vf b) { return vmulq_f32(a, b); }
+inline vf div(vf a, vf b) { return vdivq_f32(a, b); }
+inline vf max(vf a, vf b) { return vmaxq_f32(a, b); }
+inline vf min(vf a, vf b) { return vminq_f32(a, b); }
+inline vf fma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+inline vf fnma(vf a, vf b, vf c) { return vfmsq_f32(c, a, b); }
+inline vf first_n(int64_t n, vf yes, vf no) { return vbslq_f32(mask_n(n), yes, no); }
+inline vf select_ge(vf a, vf b, vf yes, vf no) { return vbslq_f32(vcgeq_f32(a, b), yes, no); }
+inline float reduce_add(vf v) { return vaddvq_f32(v); }
+inline float reduce_max(vf v) { return vmaxvq_f32(v); }
+inline vf round_nearest(vf x) { return vrndnq_f32(x); }
+inline vf pow2i(vf n) {
+  return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+
+inline vf load(const float* p) { return vld1q_f32(p); }
+inline void store(float* p, vf v) { vst1q_f32(p, v); }
+inline vf load(const bf16* p) {
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16));
+}
+inline uint16x4_t f32_to_bf16_bits(vf v) {
+  const uint32x4_t u = vreinterpretq_u32_f32(v);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+  uint32x4_t r = vshrq_n_u32(vaddq_u32(u, vaddq_u32(lsb, vdupq_n_u32(0x7fff))), 16);
+  r = vbslq_u32(vceqq_f32(v, v), r, vdupq_n_u32(0x7fc0));  // NaN (v != v): a quiet NaN
+  return vmovn_u32(r);
+}
+inline void store(bf16* p, vf v) { vst1_u16(reinterpret_cast<uint16_t*>(p), f32_to_bf16_bits(v)); }
+inline vf load(const f16* p) { return vcvt_f32_f16(vld1_f16(reinterpret_cast<const float16_t*>(p))); }
+inline void store(f16* p, vf v) { vst1_f16(reinterpret_cast<float16_t*>(p), vcvt_f16_f32(v)); }
+inline vf round_trip(vf v, const bf16*) { return vreinterpretq_f32_u32(vshll_n_u16(f32_to_bf16_bits(v), 16)); }
+inline vf round_trip(vf v, const f16*) { return vcvt_f32_f16(vcvt_f16_f32(v)); }
+#define FASTLM_SIMD_COPY_TAILS 1
+
+__attribute__((always_inline)) inline vf transpose_sum(vf* acc) {
+  return vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3]));
+}
+
+// ===================================================================== generic (vector extensions)
+#elif defined(FASTLM_SIMD_GENERIC)
+constexpr int W = 4;
+typedef float vf __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(16)));
+
+inline vi lane_index() { return vi{0, 1, 2, 3}; }
+inline vf zero() { return vf{0.f, 0.f, 0.f, 0.f}; }
+inline vf set1(float x) { return vf{x, x, x, x}; }
+inline vf add(vf a, vf b) { return a + b; }
+inline vf sub(vf a, vf b) { return a - b; }
+inline vf mul(vf a, vf b) { return a * b; }
+inline vf div(vf a, vf b) { return a / b; }
+inline vf max(vf a, vf b) { return a > b ? a : b; }
+inline vf min(vf a, vf b) { return a < b ? a : b; }
+inline vf fma(vf a, vf b, vf c) { return a * b + c; }
+inline vf fnma(vf a, vf b, vf c) { return c - a * b; }
+inline vf first_n(int64_t n, vf yes, vf no) {
+  const vi k = lane_index() < static_cast<int32_t>(n < 0 ? 0 : (n > 4 ? 4 : n));
+  return k ? yes : no;
+}
+inline vf select_ge(vf a, vf b, vf yes, vf no) { return a >= b ? yes : no; }
+inline float reduce_add(vf v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+inline float reduce_max(vf v) {
+  const float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
+  return a > b ? a : b;
+}
+inline vf round_nearest(vf x) {  // for |x| < 2^22: adding 1.5 2^23 leaves no fraction bits
+  const vf magic = set1(12582912.f);
+  return (x + magic) - magic;
+}
+inline vf pow2i(vf n) {
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf r;
+  __builtin_memcpy(&r, &e, sizeof r);
+  return r;
+}
+
+inline vf load(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if (f != f) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+// IEEE half <-> float, round to nearest even (subnormals, infinities and NaN included).
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: man 2^-24
+    float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_f16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return sign | 0x7c00 | (a > 0x7f800000u ? 0x200 : 0);  // inf, NaN
+  if (a >= 0x477ff000u) return sign | 0x7c00;                                    // rounds past 65504
+  if (a >= 0x38800000u) {                                                         // normal half
+    const uint32_t r = a + 0xfff + ((a >> 13) & 1) - (112u << 23);
+    return sign | static_cast<uint16_t>(r >> 13);
+  }
+  // subnormal half (or zero): round a / 2^-24 to an integer, nearest even
+  float v;
+  __builtin_memcpy(&v, &a, 4);
+  v *= 16777216.f;
+  const float fl = static_cast<float>(static_cast<int32_t>(v));
+  float diff = v - fl;
+  int32_t m = static_cast<int32_t>(fl);
+  if (diff > 0.5f || (diff == 0.5f && (m & 1))) ++m;
+  return sign | static_cast<uint16_t>(m);
+}
+inline vf load(const bf16* p) { return vf{bf16_to_float(p[0].bits), bf16_to_float(p[1].bits), bf16_to_float(p[2].bits), bf16_to_float(p[3].bits)}; }
+inline vf load(const f16* p) { return vf{f16_to_float(p[0].bits), f16_to_float(p[1].bits), f16_to_float(p[2].bits), f16_to_float(p[3].bits)}; }
+inline void store(bf16* p, vf v) {
+  for (int i = 0; i < 4; ++i) p[i].bits = float_to_bf16(v[i]);
+}
+inline void store(f16* p, vf v) {
+  for (int i = 0; i < 4; ++i) p[i].bits = float_to_f16(v[i]);
+}
+inline vf round_trip(vf v, const bf16*) {
+  for (int i = 0; i < 4; ++i) v[i] = bf16_to_float(float_to_bf16(v[i]));
+  return v;
+}
+inline vf round_trip(vf v, const f16*) {
+  for (int i = 0; i < 4; ++i) v[i] = f16_to_float(float_to_f16(v[i]));
+  return v;
+}
+#define FASTLM_SIMD_COPY_TAILS 1
+
+inline vf transpose_sum(vf* acc) {
+  return vf{reduce_add(acc[0]), reduce_add(acc[1]), reduce_add(acc[2]), reduce_add(acc[3])};
+}
+#else
+#error "simd.h: define one of FASTLM_SIMD_AVX512, FASTLM_SIMD_AVX2, FASTLM_SIMD_NEON, FASTLM_SIMD_GENERIC"
+#endif
+
+// ===================================================================== common to every level
+inline vf round_trip(vf v, const float*) { return v; }
+
+#if defined(FASTLM_SIMD_COPY_TAILS) || defined(FASTLM_SIMD_COPY_TAILS_16BIT)
+// Tails without masked memory access: through a zeroed stack copy of the n valid elements.
+template <typename T>
+inline vf load_tail(const T* p, int64_t n) {
+  alignas(64) T buf[W] = {};
+  __builtin_memcpy(buf, p, sizeof(T) * static_cast<size_t>(n));
+  return load(static_cast<const T*>(buf));
+}
+template <typename T>
+inline void store_tail(T* p, vf v, int64_t n) {
+  alignas(64) T buf[W];
+  store(buf, v);
+  __builtin_memcpy(p, buf, sizeof(T) * static_cast<size_t>(n));
+}
+inline vf load(const bf16* p, int64_t n) { return load_tail(p, n); }
+inline vf load(const f16* p, int64_t n) { return load_tail(p, n); }
+inline void store(bf16* p, vf v, int64_t n) { store_tail(p, v, n); }
+inline void store(f16* p, vf v, int64_t n) { store_tail(p, v, n); }
+#endif
+#if defined(FASTLM_SIMD_COPY_TAILS)
+inline vf load(const float* p, int64_t n) { return load_tail(p, n); }
+inline void store(float* p, vf v, int64_t n) { store_tail(p, v, n); }
+#endif
+
+#if !defined(FASTLM_SIMD_AVX512)
+inline vf scale_pow2(vf p, vf n) {  // p 2^n for integer-valued n in [-126, 127]
+  return mul(p, pow2i(n));
+}
+#endif
+
+// exp(x): x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial (relative error
+// ~2 ulp), scaled by 2^n. Inputs are clamped to [-87.3, 88.3], so large positive x
+// saturates near 2e38 and large negative x gives ~1e-38 rather than 0.
+inline vf exp(vf x) {
+  x = min(max(x, set1(-87.3f)), set1(88.3f));
+  const vf n = round_nearest(mul(x, set1(1.44269504088896341f)));
+  vf r = fnma(n, set1(0.693359375f), x);
+  r = fnma(n, set1(-2.12194440e-4f), r);
+  vf p = set1(1.9875691500e-4f);
+  p = fma(p, r, set1(1.3981999507e-3f));
+  p = fma(p, r, set1(8.3334519073e-3f));
+  p = fma(p, r, set1(4.1665795894e-2f));
+  p = fma(p, r, set1(1.6666665459e-1f));
+  p = fma(p, r, set1(5.0000001201e-1f));
+  p = fma(p, mul(r, r), add(r, set1(1.0f)));
+  return scale_pow2(p, n);
+}
+
+// 2^x for x <= 0 (or -inf): round to nearest, a degree-7 polynomial on [-1/2, 1/2], 2^n.
+// Below -126 the result is 0 (as the exact value flushed), -inf included.
+inline vf exp2(vf x) {
+  const vf xc = max(x, set1(-126.f));
+  const vf n = round_nearest(xc);
+  const vf f = sub(xc, n);
+  vf p = set1(1.525273380405984e-05f);
+  p = fma(p, f, set1(1.5403530393381606e-04f));
+  p = fma(p, f, set1(1.3333558146428443e-03f));
+  p = fma(p, f, set1(9.618129107628477e-03f));
+  p = fma(p, f, set1(5.550410866482158e-02f));
+  p = fma(p, f, set1(2.402265069591007e-01f));
+  p = fma(p, f, set1(6.931471805599453e-01f));
+  p = fma(p, f, set1(1.0f));
+  return select_ge(x, set1(-126.f), scale_pow2(p, n), zero());
 }
 
 }  // namespace simd
-}  // namespace fastlm
-#endif

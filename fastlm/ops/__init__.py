@@ -24,8 +24,9 @@ import os
 import torch
 
 from .. import reference as _ref
-from . import _native
+from . import _cpu_choice, _native
 from ._dispatch import Backend, add_backend, backends, get_backend, requested_backend, resolve, use_backend
+from ._native import cpu_isa, cpu_isas, use_cpu_isa
 
 __all__ = [
     "attention",
@@ -44,6 +45,9 @@ __all__ = [
     "implementation",
     "requested_backend",
     "build_info",
+    "cpu_isa",
+    "cpu_isas",
+    "use_cpu_isa",
 ]
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -69,23 +73,24 @@ if _native.cpu_ext is not None or _native.cuda_ext is not None:
     _norms._register()
     _activation._register()
     _loss._register()
-    for _b in (_cpu, _cuda):
-        if _b.available:
-            _b.register("layer_norm", _norms.layer_norm, FLOATS)
-            _b.register("rms_norm", _norms.rms_norm, FLOATS)
-            _b.register("linear_cross_entropy", _loss.linear_cross_entropy, FLOATS)
-    if _cpu.available:
-        _cpu.register("gelu", _activation.gelu, FLOATS)
-        _cpu.register("kv_cache_write", _attention.kv_cache_write, FLOATS)
-        _cpu.register("decode_linear", _activation.decode_linear, (torch.float32,))
-
     _attention._register()
-    _ATTN_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
-                    "cuda": (torch.float32, torch.bfloat16, torch.float16)}
-    for _b in (_cpu, _cuda):
-        if _b.available:
-            _b.register("attention", _attention.attention, _ATTN_DTYPES[_b.name])
-            _b.register("decode_attention", _attention.decode_attention, _ATTN_DTYPES[_b.name])
+    _ATTN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    _GLUE = {  # op: (its glue, shared by the C++ and CUDA kernels; the dtypes they take)
+        "layer_norm": (_norms.layer_norm, FLOATS),
+        "rms_norm": (_norms.rms_norm, FLOATS),
+        "linear_cross_entropy": (_loss.linear_cross_entropy, FLOATS),
+        "attention": (_attention.attention, _ATTN_DTYPES),
+        "decode_attention": (_attention.decode_attention, _ATTN_DTYPES),
+        "gelu": (_activation.gelu, FLOATS),
+        "kv_cache_write": (_attention.kv_cache_write, FLOATS),
+        "decode_linear": (_activation.decode_linear, (torch.float32,)),
+    }
+    if _cpu.available:
+        for _name, (_fn, _dtypes) in _GLUE.items():
+            _cpu.register(_name, _fn, _dtypes, preferred=_cpu_choice.preferred(_name))
+    if _cuda.available:
+        for _name in ("layer_norm", "rms_norm", "linear_cross_entropy", "attention", "decode_attention"):
+            _cuda.register(_name, *_GLUE[_name])  # gelu, kv_cache_write, decode_linear: CPU only
 
 
 def _triton_status():
@@ -180,6 +185,10 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
                          f"got {cache_lens.dtype} {tuple(cache_lens.shape)}")
     if cache_lens.device != q.device:
         raise ValueError(f"decode_attention: cache_lens is on {cache_lens.device} but q is on {q.device}")
+    L = k_cache.shape[2]
+    if q.device.type == "cpu" and cache_lens.numel() and (int(cache_lens.min()) < 0 or int(cache_lens.max()) > L):
+        # (on a GPU this check would wait for the device on every decode step; its kernels check)
+        raise ValueError(f"decode_attention: cache_lens must lie in [0, L_max = {L}], got {cache_lens.tolist()}")
     return resolve("decode_attention", q.device, q.dtype)[1](q, k_cache, v_cache, cache_lens, scale=scale)
 
 

@@ -8,7 +8,9 @@ serves. The choice, per call:
    and must serve the input's device, or a clear error is raised. An op the chosen backend
    does not implement, or a dtype it does not take, is served by the reference;
 2. otherwise the first backend in the device's preference order that implements the op for
-   that dtype (CPU: cpu, reference; CUDA: cuda, triton, reference);
+   that dtype and is preferred for it (CPU: cpu, reference; CUDA: cuda, triton, reference).
+   A CPU kernel is preferred only at the SIMD levels where it is measured ahead of PyTorch's
+   own op (``fastlm.ops._cpu_choice``); elsewhere the reference (torch) serves;
 3. the reference serves everything else.
 
 The state is a plain module-level stack so that ``torch.compile`` traces through it.
@@ -35,6 +37,7 @@ class Impl:
     fn: Callable
     devices: frozenset
     dtypes: frozenset
+    preferred: Callable[[], bool] | None = None  # for the automatic choice; None: always
 
     def serves(self, device_type: str, dtype: torch.dtype) -> bool:
         return device_type in self.devices and dtype in self.dtypes
@@ -48,8 +51,9 @@ class Backend:
     available: bool = True
     why_unavailable: str = ""
 
-    def register(self, op: str, fn: Callable, dtypes: Iterable[torch.dtype], devices: Iterable[str] | None = None):
-        self.ops[op] = Impl(fn, frozenset(devices or self.devices), frozenset(dtypes))
+    def register(self, op: str, fn: Callable, dtypes: Iterable[torch.dtype], devices: Iterable[str] | None = None,
+                 preferred: Callable[[], bool] | None = None):
+        self.ops[op] = Impl(fn, frozenset(devices or self.devices), frozenset(dtypes), preferred)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -121,6 +125,6 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Cal
         if b is None or not b.available:
             continue
         impl = b.ops.get(op)
-        if impl is not None and impl.serves(dev, dtype):
+        if impl is not None and impl.serves(dev, dtype) and (impl.preferred is None or impl.preferred()):
             return name, impl.fn
     return "reference", _BACKENDS["reference"].ops[op].fn

@@ -1,0 +1,106 @@
+// Which SIMD level serves the CPU kernels: what the CPU reports, the levels this build
+// compiled (csrc/cpu/isa/), and the one in use (the best supported by default; tests,
+// benchmarks and FASTLM_CPU_ISA switch it through set_cpu_isa). Torch-free.
+#include <atomic>
+#include <cstring>
+
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+namespace fastlm {
+namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+struct X86Features {
+  bool avx2 = false, avx512 = false;
+};
+
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+// What the avx2 and avx512 levels need: the instructions (CPUID) and the operating system's
+// saving of the wider registers (XCR0).
+X86Features detect_x86() {
+  X86Features f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12), f16c = c & (1u << 29);
+  const bool popcnt = c & (1u << 23);
+  if (!osxsave || !avx) return f;
+  const uint64_t xcr0 = xgetbv0();
+  const bool ymm_state = (xcr0 & 0x6) == 0x6, zmm_state = (xcr0 & 0xe6) == 0xe6;
+  unsigned a7, b7, c7, d7;
+  if (!__get_cpuid_count(7, 0, &a7, &b7, &c7, &d7)) return f;
+  const bool avx2 = b7 & (1u << 5), bmi1 = b7 & (1u << 3), bmi2 = b7 & (1u << 8);
+  unsigned ae, be, ce, de;
+  const bool lzcnt = __get_cpuid(0x80000001, &ae, &be, &ce, &de) && (ce & (1u << 5));
+  f.avx2 = ymm_state && avx2 && fma && f16c && bmi1 && bmi2 && lzcnt && popcnt;
+  const bool f512 = b7 & (1u << 16), dq = b7 & (1u << 17), bw = b7 & (1u << 30), vl = b7 & (1u << 31);
+  f.avx512 = f.avx2 && zmm_state && f512 && dq && bw && vl;
+  return f;
+}
+#endif
+
+struct Levels {
+  IsaLevel list[4];
+  int n = 0;
+  Levels() {
+    list[n++] = {"baseline", baseline::kernel_table(), true};
+#if defined(__x86_64__) || defined(_M_X64)
+    const X86Features f = detect_x86();
+    list[n++] = {"avx2", avx2::kernel_table(), f.avx2};
+    list[n++] = {"avx512", avx512::kernel_table(), f.avx512};
+#elif defined(__aarch64__)
+    list[n++] = {"neon", neon::kernel_table(), true};
+#endif
+  }
+};
+
+const Levels& levels() {
+  static const Levels l;
+  return l;
+}
+
+const KernelTable* best() {
+  const Levels& l = levels();
+  const KernelTable* t = l.list[0].table;
+  for (int i = 0; i < l.n; ++i)
+    if (l.list[i].supported) t = l.list[i].table;
+  return t;
+}
+
+std::atomic<const KernelTable*>& current() {
+  static std::atomic<const KernelTable*> c{best()};
+  return c;
+}
+
+}  // namespace
+
+int isa_levels(const IsaLevel** out) {
+  *out = levels().list;
+  return levels().n;
+}
+
+const KernelTable& cpu_kernels() { return *current().load(std::memory_order_relaxed); }
+
+bool set_cpu_isa(const char* name) {
+  const Levels& l = levels();
+  for (int i = 0; i < l.n; ++i)
+    if (std::strcmp(l.list[i].name, name) == 0) {
+      if (!l.list[i].supported) return false;
+      current().store(l.list[i].table, std::memory_order_relaxed);
+      return true;
+    }
+  return false;
+}
+
+int64_t threads_for(double work) { return work < 4e6 ? 1 : (num_threads() > 1 ? num_threads() : 1); }
+
+}  // namespace fastlm

@@ -1,0 +1,159 @@
+// The CPU kernels' torch-free interface: the arguments of each kernel core, the table of
+// entry points that every SIMD level fills in, and the choice of level at run time.
+//
+// Each kernel core (csrc/cpu/kernels/*.h) is written once over the vector layer (simd.h) and
+// compiled once per SIMD level (csrc/cpu/isa/*.cpp), each level in its own namespace
+// (fastlm::baseline, fastlm::avx2, fastlm::avx512, fastlm::neon), as PyTorch compiles its
+// CPU_CAPABILITY kernels. The torch glue (csrc/cpu/<op>.cpp) checks and allocates, then
+// calls cpu_kernels().<entry>: the table of the level chosen at load time (the best one the
+// CPU runs, or FASTLM_CPU_ISA), switchable for tests and benchmarks. Nothing here includes
+// torch, so the same cores build into a plain C++ test driver (tests/cpu_kernels/) that
+// checks every level, NEON included under qemu.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+namespace fastlm {
+
+// Storage types of bf16 / fp16 tensors: the bits only (layout-compatible with c10's).
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+enum class Dtype : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+
+// ---- attention (kernels/attention.h); every pointer float32, contiguous (B, H, T, D) ----
+constexpr int64_t kAttnBQ = 64;  // query rows per tile
+constexpr int64_t kAttnBK = 64;  // keys per tile
+
+struct AttnFwdArgs {
+  const float *q, *k, *v;
+  float* kt;         // scratch: K^T panels, B * Hkv * ceil(Tk / BK) * D * BK floats
+  float *out, *lse;  // (B, H, Tq, D), (B, H, Tq)
+  int64_t B, H, Hkv, Tq, Tk, D;
+  bool causal;
+  float scale;
+};
+
+struct AttnBwdArgs {
+  const float *q, *k, *v, *dout, *out, *lse;
+  float *qt, *dot, *lse2, *delta;  // scratch: (B H, D, Tqp) twice, (B H, Tqp) twice
+  float* dqt;                      // scratch: (nthr, B H, D, Tqp), one dQ^T per thread
+  float *dq, *dk, *dv;             // outputs
+  int64_t nthr;
+  int64_t B, H, Hkv, Tq, Tqp, Tk, D;
+  bool causal;
+  float scale;
+};
+
+struct AttnDecodeArgs {
+  const float *q, *k, *v;  // q (B, H, Tq, D); k, v (B, Hkv, L, D)
+  const int64_t* lens;     // (B,)
+  float* part;             // scratch: (B, Hkv, nsplit, G Tq, D + 2)
+  float* out;              // (B, H, Tq, D)
+  int64_t B, H, Hkv, Tq, L, D, nsplit, chunk, nthr;
+  float scale;
+};
+
+// ---- normalization (kernels/norms.h); pointers of the storage dtype, statistics in float32
+// (float64 for float64 inputs) ----
+struct NormFwdArgs {
+  Dtype dtype;
+  bool rms;
+  const void *x, *res, *w, *b;  // res, b may be null
+  void *out, *h;                // h: x + res (only with res)
+  void *mean, *rstd;            // mean: null for RMSNorm
+  int64_t rows, C;
+  double eps;
+};
+
+struct NormBwdArgs {
+  Dtype dtype;
+  bool rms;
+  const void *dy, *dh, *h, *w, *mean, *rstd;  // dh, mean may be null
+  void* dx;
+  void *dw_part, *db_part;  // (nchunks, C) statistics dtype, zeroed; db_part may be null
+  int64_t rows, C, nchunks;
+};
+
+// ---- GELU (kernels/gelu.h): y = gelu(x), or dx = dy gelu'(x) when dy is given ----
+struct GeluArgs {
+  Dtype dtype;
+  const void *x, *dy;
+  void* out;
+  int64_t n;
+};
+
+// ---- generation's linear layer (kernels/linear.h): out[M, N] = x[M, K] W^T + bias with W
+// packed as (ceil(N / 48), K, 48) panels; float32 ----
+constexpr int64_t kDecodePanel = 48;  // fastlm.reference.DECODE_PANEL
+
+struct LinearArgs {
+  const float *x, *wp, *bias;  // bias may be null
+  float* out;
+  int64_t M, K, N;
+};
+
+// ---- the rows of the fused linear + cross-entropy (kernels/loss.h): for each row i of z
+// (R, V), loss[i] = logsumexp(z_i) - z_i[t_i]; with grad, z_i becomes
+// s_i (softmax(z_i) - onehot(t_i)), s_i = row_scale[i] or scale; an ignored row: loss 0, zero
+// gradient. float32 or float64 (dtype) ----
+struct LossRowsArgs {
+  Dtype dtype;
+  void* z;
+  void* loss;  // (R,)
+  const int64_t* targets;
+  const void* row_scale;  // may be null
+  int64_t R, V, ignore_index;
+  bool grad;
+  double scale;
+};
+
+struct KernelTable {
+  const char* name;
+  void (*attention_fwd)(const AttnFwdArgs&);
+  void (*attention_bwd)(const AttnBwdArgs&);
+  void (*decode_attention)(const AttnDecodeArgs&);
+  void (*norm_fwd)(const NormFwdArgs&);
+  void (*norm_bwd)(const NormBwdArgs&);
+  void (*gelu)(const GeluArgs&);
+  void (*decode_linear)(const LinearArgs&);
+  void (*loss_rows)(const LossRowsArgs&);
+};
+
+// One table per level compiled into this build (csrc/cpu/isa/*.cpp).
+namespace baseline { const KernelTable* kernel_table(); }
+#if defined(__x86_64__) || defined(_M_X64)
+namespace avx2 { const KernelTable* kernel_table(); }
+namespace avx512 { const KernelTable* kernel_table(); }
+#endif
+#if defined(__aarch64__)
+namespace neon { const KernelTable* kernel_table(); }
+#endif
+
+// The levels in ascending order, as (name, table, whether this CPU runs it) (dispatch.cpp).
+struct IsaLevel {
+  const char* name;
+  const KernelTable* table;
+  bool supported;
+};
+int isa_levels(const IsaLevel** levels);
+
+// The table in use, and switching it (by name; false when the level is unknown, not built,
+// or not supported by this CPU).
+const KernelTable& cpu_kernels();
+bool set_cpu_isa(const char* name);
+
+// ---- planning helpers shared by the glue and the cores ----
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Threads worth waking for a call of this much work (floating-point operations or bytes
+// moved): below about 4 million a single core finishes in tens of microseconds, less than
+// waking and joining the others costs.
+int64_t threads_for(double work);
+
+}  // namespace fastlm
