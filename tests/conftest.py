@@ -1,5 +1,6 @@
 """Shared test setup: Triton runs on the CPU interpreter when no GPU is present, float64
 oracles, and helpers that compare a kernel with the reference."""
+import contextlib
 import os
 import pathlib
 import tempfile
@@ -33,3 +34,32 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+# ----------------------------------------------------------------------------- CPU SIMD levels
+# The CPU kernel tests run at every SIMD level this machine executes: "cpu" at the level in
+# use (the best one), "cpu@<level>" at each lower one (forced with ops.use_cpu_isa).
+def _cpu_level_backends():
+    from fastlm import ops
+
+    if "cpu" not in ops.backends():
+        return []
+    return ["cpu"] + [f"cpu@{level}" for level in ops.cpu_isas() if level != ops.cpu_isa()]
+
+
+CPU_LEVEL_BACKENDS = _cpu_level_backends()
+
+
+def backend_name(name: str) -> str:
+    """The backend of a test parameter ("cpu@baseline" -> "cpu")."""
+    return name.partition("@")[0]
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """Run the block on backend ``name``, at the SIMD level it names ("cpu@avx2"), if any."""
+    from fastlm import ops
+
+    base, _, level = name.partition("@")
+    with ops.use_backend(base), (ops.use_cpu_isa(level) if level else contextlib.nullcontext()):
+        yield

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import fastlm
 from fastlm import reference as R
 from fastlm.ops import _cpu_choice
-from conftest import rel_error
+from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -27,7 +27,7 @@ def _serves(backend):
     return "attention" in fastlm.ops.get_backend(backend).ops
 
 
-KERNEL_BACKENDS = [b for b in ("cpu", "triton") if _serves(b)]
+KERNEL_BACKENDS = (CPU_LEVEL_BACKENDS if _serves("cpu") else []) + (["triton"] if _serves("triton") else [])
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
@@ -59,8 +59,8 @@ def _ref_with_grads(q, k, v, do, causal, scale=None):
 
 def _run(backend, q, k, v, do, causal, scale=None, dtype=torch.float32):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    with fastlm.ops.use_backend(backend):
-        assert fastlm.ops.implementation("attention", q) == backend
+    with on_backend(backend):
+        assert fastlm.ops.implementation("attention", q) == backend_name(backend)
         out = fastlm.ops.attention(q, k, v, causal=causal, scale=scale)
     grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
     return out.detach(), grads
@@ -175,7 +175,7 @@ def test_decode_matches_reference(backend, B, H, Hkv, Tq, L, D, lens):
         pytest.skip("the Triton interpreter is slow: small shapes only")
     q, kc, vc, cl = _decode_case(B, H, Hkv, Tq, L, D, lens, torch.float32, seed=L + Tq)
     ref = R.decode_attention(q, kc, vc, cl)
-    with fastlm.ops.use_backend(backend):
+    with on_backend(backend):
         out = fastlm.ops.decode_attention(q.float(), kc.float(), vc.float(), cl)
     assert rel_error(out, ref) < 1e-4
     # and against full attention over each sequence's valid prefix
@@ -212,7 +212,7 @@ def test_decode_ignores_what_lies_past_the_lengths(backend):
     for b, n in enumerate(cl.tolist()):
         kd[b, :, n:] = float("nan")
         vd[b, :, n:] = float("inf") if b % 2 else float("nan")
-    with fastlm.ops.use_backend(backend):
+    with on_backend(backend):
         out = fastlm.ops.decode_attention(q.float(), kd, vd, cl)
     assert torch.isfinite(out).all() and rel_error(out, ref) < 1e-4
 
@@ -249,7 +249,7 @@ def test_kv_cache_write(backend, dtype, B, Hkv, L, D):
     for b in range(B):
         want_k[b, :, int(pos[b])] = k[b]
         want_v[b, :, int(pos[b])] = v[b]
-    with fastlm.ops.use_backend(backend):
+    with on_backend(backend):
         fastlm.ops.kv_cache_write(kc, vc, k, v, pos.to(torch.int32))
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # a copy: bit for bit, nothing else touched
 

@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 from fastlm import ops
 from fastlm import reference as R
 
-from conftest import rel_error
+from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-NATIVE = [b for b in ("cpu",) if b in ops.backends()]
+NATIVE = CPU_LEVEL_BACKENDS
 
 
 @pytest.mark.parametrize("backend", NATIVE)
@@ -22,7 +22,7 @@ def test_gelu_matches_reference(backend, n, dtype, scale, seed):
     x = (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(dtype)
     dy = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
     xx = x.clone().requires_grad_()
-    with ops.use_backend(backend):
+    with on_backend(backend):
         y = ops.gelu(xx)
         (dx,) = torch.autograd.grad(y, xx, dy)
     xd = x.double().requires_grad_()
@@ -38,7 +38,7 @@ def test_gelu_matches_reference(backend, n, dtype, scale, seed):
 @pytest.mark.parametrize("backend", NATIVE)
 def test_gelu_extremes_and_noncontiguous(backend):
     x = torch.tensor([0.0, -1e4, 1e4, -50.0, 50.0, 1e-30, float("inf"), float("-inf")])
-    with ops.use_backend(backend):
+    with on_backend(backend):
         y = ops.gelu(x)
         big = torch.randn(64, 33)[:, ::2]
         assert rel_error(ops.gelu(big), R.gelu(big.double())) < 1e-6
@@ -50,7 +50,7 @@ def test_gelu_extremes_and_noncontiguous(backend):
 def test_gelu_opcheck_and_compile(backend):
     x = torch.randn(5, 19, requires_grad=True)
     torch.library.opcheck(torch.ops.fastlm.gelu_fwd.default, (x,))
-    with ops.use_backend(backend):
+    with on_backend(backend):
         f = torch.compile(lambda t: ops.gelu(t).sum(), fullgraph=True, backend="aot_eager")
         (g,) = torch.autograd.grad(f(x), x)
     xd = x.detach().double().requires_grad_()

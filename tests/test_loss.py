@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from fastlm import ops
 from fastlm import reference as R
 
-from conftest import rel_error
+from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2}
-NATIVE = [b for b in ("cpu",) if b in ops.backends()]
+NATIVE = CPU_LEVEL_BACKENDS
 TRITON = "triton" in ops.backends()
 
 
@@ -31,8 +31,8 @@ def _check(backend, N, C, V, dtype, reduction, chunk, ignore_frac, seed, lead=No
     if lead is not None:
         h, t = h.reshape(*lead, C), t.reshape(lead)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    with ops.use_backend(backend):
-        assert ops.implementation("linear_cross_entropy", h) == backend
+    with on_backend(backend):
+        assert ops.implementation("linear_cross_entropy", h) == backend_name(backend)
         loss = ops.linear_cross_entropy(hh, ww, t, reduction=reduction, chunk_size=chunk)
     gl = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
     gh, gw = torch.autograd.grad(loss, (hh, ww), gl)
@@ -69,7 +69,7 @@ def test_gpt2_vocabulary_matches_torch(backend):
     w = (torch.randn(V, C, generator=g) * 0.2).requires_grad_()
     t = torch.randint(0, V, (N,), generator=g)
     t[::5] = -100
-    with ops.use_backend(backend):
+    with on_backend(backend):
         loss = ops.linear_cross_entropy(h, w, t, chunk_size=7)
     gh, gw = torch.autograd.grad(loss, (h, w))
     ref = F.cross_entropy(h.double() @ w.double().T, t)
@@ -104,7 +104,7 @@ def test_opcheck_and_compile(backend):
         torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_fwd.default, (h, w, t, -100, red, 4, True))
     torch.library.opcheck(torch.ops.fastlm.linear_cross_entropy_bwd.default,
                           (torch.randn(6), h.detach(), w.detach(), t, -100, 0))
-    with ops.use_backend(backend):
+    with on_backend(backend):
         f = torch.compile(lambda a, b: ops.linear_cross_entropy(a, b, t) * 2, fullgraph=True, backend="aot_eager")
         gh, gw = torch.autograd.grad(f(h, w), (h, w))
     ref = F.cross_entropy(h @ w.T, t) * 2
@@ -125,7 +125,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="chunk_size"):
         ops.linear_cross_entropy(h, w, t, chunk_size=0)
     if NATIVE:
-        with ops.use_backend(NATIVE[0]), pytest.raises(RuntimeError, match="out of range"):
+        with on_backend(NATIVE[0]), pytest.raises(RuntimeError, match="out of range"):
             ops.linear_cross_entropy(h, w, torch.tensor([0, 1, 10, 2]))
 
 

@@ -11,10 +11,10 @@ import fastlm
 from fastlm import ops
 from fastlm import reference as R
 
-from conftest import rel_error
+from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-NATIVE = [b for b in ("cpu",) if b in ops.backends()]
+NATIVE = CPU_LEVEL_BACKENDS
 TRITON = "triton" in ops.backends()
 
 
@@ -60,8 +60,8 @@ def _check(backend, kind, shape, dtype, bias, residual, noncontig, seed):
     x, r, w, b, dy, dh = _inputs(shape, dtype, bias, residual, noncontig, seed)
     fn = ops.layer_norm if kind == "ln" else ops.rms_norm
     reff = R.layer_norm if kind == "ln" else R.rms_norm
-    with ops.use_backend(backend):
-        assert ops.implementation("layer_norm" if kind == "ln" else "rms_norm", x) == backend
+    with on_backend(backend):
+        assert ops.implementation("layer_norm" if kind == "ln" else "rms_norm", x) == backend_name(backend)
         got = _run(fn, kind, x, r, w, b, dy, dh)
     want = _run(reff, kind, x, r, w, b, dy, dh, dtype=torch.float64)
     # dx = rstd * (g - mean(g) - xhat * mean(g xhat)) cancels almost entirely for tiny C
@@ -125,7 +125,7 @@ def test_every_output_element_is_written(backend, kind):
     b = b if kind == "ln" else None
     args = (w, b) if kind == "ln" else (w,)
     fn = ops.layer_norm if kind == "ln" else ops.rms_norm
-    with ops.use_backend(backend):
+    with on_backend(backend):
         for _ in range(2):
             xx = x.clone().requires_grad_()
             out, h = fn(xx, *args, residual=r)
@@ -183,7 +183,7 @@ def test_torch_compile_fullgraph(backend):
 
     x = torch.randn(4, 7, 48, requires_grad=True)
     r = torch.randn(4, 7, 48, requires_grad=True)
-    with ops.use_backend(backend):
+    with on_backend(backend):
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         got = compiled(x, r)
         gx, gr = torch.autograd.grad(got, (x, r))

@@ -4,7 +4,7 @@
 // forward and backward. It builds with a plain C++17 compiler, so the NEON forms are checked
 // on x86-64 under qemu (tests/test_cpu_levels.py builds and runs it):
 //   g++ -O2 -std=c++17 -fopenmp -Icsrc csrc/cpu/isa/*.cpp csrc/cpu/dispatch.cpp \
-//       tests/cpu_kernels/check.cpp -o check && ./check [level ...]
+//       tests/cpu_kernels/check.cpp -o check && ./check [level ...] [--emulated]
 // Prints one line per failed check and ends with "N passed, N failed"; exit status 1 on any
 // failure.
 #include <cmath>
@@ -450,14 +450,22 @@ static void run_level(const KernelTable& kt) {
   std::printf("level %s: %d checks failed\n", kt.name, g_failed - before);
 }
 
+// Arguments: the levels to run (default: all this CPU supports); --emulated runs the named
+// levels even where the CPU lacks them (a build whose AVX-512 level was compiled through an
+// emulation of its intrinsics, tests/cpu_kernels/avx512_emulated.cpp).
 int main(int argc, char** argv) {
   const IsaLevel* levels = nullptr;
   const int n = isa_levels(&levels);
+  bool emulated = false, named = false;
+  for (int a = 1; a < argc; ++a) {
+    if (std::strcmp(argv[a], "--emulated") == 0) emulated = true;
+    else named = true;
+  }
   for (int i = 0; i < n; ++i) {
-    bool wanted = argc <= 1;
+    bool wanted = !named;
     for (int a = 1; a < argc; ++a) wanted |= std::strcmp(argv[a], levels[i].name) == 0;
     if (!wanted) continue;
-    if (!levels[i].supported) {
+    if (!levels[i].supported && !emulated) {
       std::printf("level %s: not supported by this CPU, not run\n", levels[i].name);
       continue;
     }

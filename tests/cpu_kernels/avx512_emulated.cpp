@@ -1,0 +1,81 @@
+#include <immintrin.h>
+#define SIMDE_ENABLE_NATIVE_ALIASES 1
+#include <simde/x86/avx512.h>
+static inline float emu_reduce_add_ps(simde__m512 v) {
+  float t[16];
+  simde_mm512_storeu_ps(t, v);
+  float s = 0.f;
+  for (float x : t) s += x;
+  return s;
+}
+static inline float emu_reduce_max_ps(simde__m512 v) {
+  float t[16];
+  simde_mm512_storeu_ps(t, v);
+  float m = t[0];
+  for (float x : t) m = x > m ? x : m;
+  return m;
+}
+static inline simde__m512 emu_maskz_loadu_ps(simde__mmask16 k, const void* p) {
+  float t[16] = {0};
+  for (int i = 0; i < 16; ++i) if ((k >> i) & 1) t[i] = static_cast<const float*>(p)[i];
+  return simde_mm512_loadu_ps(t);
+}
+static inline void emu_mask_storeu_ps(void* p, simde__mmask16 k, simde__m512 v) {
+  float t[16];
+  simde_mm512_storeu_ps(t, v);
+  for (int i = 0; i < 16; ++i) if ((k >> i) & 1) static_cast<float*>(p)[i] = t[i];
+}
+static inline simde__m256i emu_maskz_loadu_epi16(simde__mmask16 k, const void* p) {
+  unsigned short t[16] = {0};
+  for (int i = 0; i < 16; ++i) if ((k >> i) & 1) t[i] = static_cast<const unsigned short*>(p)[i];
+  return simde_mm256_loadu_si256(t);
+}
+static inline void emu_mask_storeu_epi16(void* p, simde__mmask16 k, simde__m256i v) {
+  unsigned short t[16];
+  simde_mm256_storeu_si256(t, v);
+  for (int i = 0; i < 16; ++i) if ((k >> i) & 1) static_cast<unsigned short*>(p)[i] = t[i];
+}
+static inline simde__m512i emu_cvtepu16_epi32(simde__m256i v) {
+  unsigned short t[16];
+  int r[16];
+  simde_mm256_storeu_si256(t, v);
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+  return simde_mm512_loadu_si512(r);
+}
+static inline simde__m256i emu_cvtepi32_epi16(simde__m512i v) {
+  int t[16];
+  unsigned short r[16];
+  simde_mm512_storeu_si512(t, v);
+  for (int i = 0; i < 16; ++i) r[i] = static_cast<unsigned short>(t[i]);
+  return simde_mm256_loadu_si256(r);
+}
+static inline simde__m512 emu_cvtph_ps(simde__m256i v) {
+  __m128i t[2];
+  simde_mm256_storeu_si256(t, v);
+  float r[16];
+  _mm256_storeu_ps(r, _mm256_cvtph_ps(t[0]));
+  _mm256_storeu_ps(r + 8, _mm256_cvtph_ps(t[1]));
+  return simde_mm512_loadu_ps(r);
+}
+#define emu_cvtps_ph(v, mode)                                  \
+  ([&] {                                                       \
+    float t_[16];                                              \
+    simde_mm512_storeu_ps(t_, v);                              \
+    __m128i r_[2] = {_mm256_cvtps_ph(_mm256_loadu_ps(t_), mode), \
+                     _mm256_cvtps_ph(_mm256_loadu_ps(t_ + 8), mode)}; \
+    return simde_mm256_loadu_si256(r_);                        \
+  }())
+#define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32
+#define _mm512_cvtepi32_epi16 emu_cvtepi32_epi16
+#define _mm512_cvtph_ps emu_cvtph_ps
+#define _mm512_cvtps_ph emu_cvtps_ph
+#define _mm512_maskz_loadu_ps emu_maskz_loadu_ps
+#define _mm512_mask_storeu_ps emu_mask_storeu_ps
+#define _mm256_maskz_loadu_epi16 emu_maskz_loadu_epi16
+#define _mm256_mask_storeu_epi16 emu_mask_storeu_epi16
+#define _mm512_reduce_add_ps emu_reduce_add_ps
+#define _mm512_reduce_max_ps emu_reduce_max_ps
+#define FASTLM_ISA avx512
+#define FASTLM_ISA_NAME "avx512"
+#define FASTLM_SIMD_AVX512 1
+#include "cpu/isa/kernels.inc"
