@@ -139,8 +139,9 @@ def gelu(x):
 
 
 # Column panel width of ``decode_linear``'s packed weight: 48 columns are three AVX-512
-# vectors, so eight rows (a batch of 8 decode steps) fit one pass of the CPU micro-kernel
-# (8 x 3 accumulators), which then reads each weight byte once, from memory.
+# vectors (six AVX2, twelve NEON), so eight rows (a batch of 8 decode steps) fit one AVX-512
+# pass of the CPU micro-kernel (8 x 3 accumulators), which then reads each weight byte once,
+# from memory; narrower levels take the panel in passes of fewer rows (csrc/cpu/kernels/linear.h).
 DECODE_PANEL = 48
 
 

@@ -4,6 +4,8 @@
 #include <atomic>
 #include <cstring>
 
+#include <unistd.h>
+
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
 
@@ -99,6 +101,17 @@ bool set_cpu_isa(const char* name) {
       return true;
     }
   return false;
+}
+
+int64_t stream_threshold_bytes() {
+  static const int64_t bytes = [] {
+    long l3 = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return int64_t(l3 > 0 ? l3 : 32L << 20) / 2;
+  }();
+  return bytes;
 }
 
 int64_t threads_for(double work) { return work < 4e6 ? 1 : (num_threads() > 1 ? num_threads() : 1); }

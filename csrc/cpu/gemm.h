@@ -30,9 +30,9 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
                   int64_t last, bool accumulate, const float* pf = nullptr) {
   using namespace simd;
   vf c[R][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) {
       if (!accumulate) c[r][v] = zero();
       else if (Tail && v == NV - 1) c[r][v] = load(C + r * ldc + W * v, last);
@@ -40,23 +40,23 @@ inline void micro(const float* A, int64_t lda, const float* B, int64_t ldb, floa
     }
   for (int64_t k = 0; k < K; ++k) {
     if (pf) {
-#pragma GCC unroll 4
+#pragma GCC unroll 32
       for (int v = 0; v < NV; v += kLineVectors)  // a cache line at a time
         __builtin_prefetch(pf + k * ldb + W * v, 0, Locality);
     }
     vf b[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) b[v] = (Tail && v == NV - 1) ? load(B + k * ldb + W * v, last) : load(B + k * ldb + W * v);
-#pragma GCC unroll 8
+#pragma GCC unroll 32
     for (int r = 0; r < R; ++r) {
       const vf a = set1(A[r * lda + k]);
-#pragma GCC unroll 4
+#pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) c[r][v] = fma(a, b[v], c[r][v]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 32
   for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 32
     for (int v = 0; v < NV; ++v) {
       if (Tail && v == NV - 1) store(C + r * ldc + W * v, c[r][v], last);
       else store(C + r * ldc + W * v, c[r][v]);

@@ -156,4 +156,8 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // waking and joining the others costs.
 int64_t threads_for(double work);
 
+// Outputs larger than this many bytes are written past the caches (non-temporal stores):
+// half the last-level cache, as glibc's memcpy does for copies that would only evict it.
+int64_t stream_threshold_bytes();
+
 }  // namespace fastlm

@@ -13,7 +13,9 @@
 //   fnma(a, b, c) = c - a b, first_n(n, yes, no) (lanes < n from yes, others from no),
 //   select_ge(a, b, yes, no) (yes where a >= b, else no),
 //   reduce_add, reduce_max, round_trip(v, T*) (v as stored in T and read back),
-//   transpose_sum(acc[W]) (lane c = the sum of acc[c]'s lanes), exp, exp2.
+//   transpose_sum(acc[W]) (lane c = the sum of acc[c]'s lanes), exp, exp2, stream(p, v)
+//   (a non-temporal store to a vector-aligned p; an ordinary store where the level has none)
+//   and stream_fence() after a run of them.
 // A tail count n is in [0, W]. Included by csrc/cpu/isa/kernels.inc inside the level's
 // namespace, after every system header, with exactly one FASTLM_SIMD_* defined.
 #pragma once
@@ -68,6 +70,10 @@ inline void store(f16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>
 inline void store(f16* p, vf v, int64_t n) { _mm256_mask_storeu_epi16(p, mask_n(n), f32_to_f16_bits(v)); }
 inline vf round_trip(vf v, const bf16*) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
 inline vf round_trip(vf v, const f16*) { return _mm512_cvtph_ps(f32_to_f16_bits(v)); }
+inline void stream(float* p, vf v) { _mm512_stream_ps(p, v); }
+inline void stream(bf16* p, vf v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32_to_bf16_bits(v)); }
+inline void stream(f16* p, vf v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32_to_f16_bits(v)); }
+inline void stream_fence() { _mm_sfence(); }
 
 // Index vectors of the 16-to-1 transposing reduction: level l combines pairs (x, y) of
 // vectors holding n = 2^l keys with p = 16 / n partial sums each (p consecutive lanes per
@@ -164,6 +170,10 @@ inline void store(bf16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p
 inline void store(f16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_f16_bits(v)); }
 inline vf round_trip(vf v, const bf16*) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
 inline vf round_trip(vf v, const f16*) { return _mm256_cvtph_ps(f32_to_f16_bits(v)); }
+inline void stream(float* p, vf v) { _mm256_stream_ps(p, v); }
+inline void stream(bf16* p, vf v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32_to_bf16_bits(v)); }
+inline void stream(f16* p, vf v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32_to_f16_bits(v)); }
+inline void stream_fence() { _mm_sfence(); }
 #define FASTLM_SIMD_COPY_TAILS_16BIT 1
 
 // Lane c of the result is the sum of acc[c]'s lanes, for the 8 vectors acc[0..8).
@@ -347,6 +357,26 @@ inline vf transpose_sum(vf* acc) {
 
 // ===================================================================== common to every level
 inline vf round_trip(vf v, const float*) { return v; }
+
+#if !defined(FASTLM_SIMD_AVX512) && !defined(FASTLM_SIMD_AVX2)
+// No non-temporal stores here: plain ones.
+template <typename T>
+inline void stream(T* p, vf v) { store(p, v); }
+inline void stream_fence() {}
+#endif
+
+// A full-vector store of an output that is written once and not read back soon: past the
+// caches (non-temporal) when `nt` (the caller checked p's alignment to a whole vector), so
+// that the store does not first read the line it overwrites; else an ordinary store.
+template <typename T>
+inline void put(T* p, vf v, bool nt) {
+  if (nt) stream(p, v);
+  else store(p, v);
+}
+template <typename T>
+inline bool vector_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * W) == 0;
+}
 
 #if defined(FASTLM_SIMD_COPY_TAILS) || defined(FASTLM_SIMD_COPY_TAILS_16BIT)
 // Tails without masked memory access: through a zeroed stack copy of the n valid elements.

@@ -86,7 +86,7 @@ inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s)
   using namespace simd;
   vf acc[W];
   const int64_t Dv = D / W * W;
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int c = 0; c < W; ++c) {  // key by key: K is read in address order
     const float* row = K + std::min<int64_t>(c, m - 1) * D;  // past m: repeat a valid row
     acc[c] = zero();
@@ -128,7 +128,7 @@ void decode_row(const float* q, const float* K, const float* V, int64_t n, float
   using namespace simd;
   constexpr int64_t D = int64_t(W) * NV;
   vf qv[NV], o[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 32
   for (int v = 0; v < NV; ++v) {
     qv[v] = load(q + W * v);
     o[v] = zero();
@@ -139,18 +139,18 @@ void decode_row(const float* q, const float* K, const float* V, int64_t n, float
     const int64_t nc = std::min<int64_t>(W, n - c0);
     const float* Kc = K + c0 * D;
     vf acc[W];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int c = 0; c < W; ++c) {
       const float* row = Kc + std::min<int64_t>(c, nc - 1) * D;  // past nc: repeat a valid row
       acc[c] = mul(qv[0], load(row));
-#pragma GCC unroll 8
+#pragma GCC unroll 32
       for (int v = 1; v < NV; ++v) acc[c] = fma(qv[v], load(row + W * v), acc[c]);
     }
     const vf s = first_n(nc, transpose_sum(acc), set1(-kInf));
     const float mnew = std::max(m, reduce_max(s));
     if (mnew > m) {
       const float alpha = std::exp2(m - mnew);  // 0 on the first block
-#pragma GCC unroll 8
+#pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) o[v] = mul(o[v], set1(alpha));
       l *= alpha;
       m = mnew;
@@ -161,11 +161,11 @@ void decode_row(const float* q, const float* K, const float* V, int64_t n, float
     const float* Vc = V + c0 * D;
     for (int64_t c = 0; c < nc; ++c) {
       const vf pc = set1(p[c]);
-#pragma GCC unroll 8
+#pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) o[v] = fma(pc, load(Vc + c * D + W * v), o[v]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 32
   for (int v = 0; v < NV; ++v) store(out + W * v, o[v]);
   out[D] = m;
   out[D + 1] = l;

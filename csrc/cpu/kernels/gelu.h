@@ -13,6 +13,23 @@ constexpr double kSqrt2OverPi = 0.7978845608028654;
 constexpr double kCoeff = 0.044715;
 constexpr int64_t kGrain = 16384;
 
+// Applies f to [b, e): a head of ordinary stores up to the vector-aligned point of `out`
+// when streaming (nt), then whole vectors, then the tail.
+template <typename T, typename Body, typename Tail>
+inline void blocks(T* out, int64_t b, int64_t e, bool nt, const Body& body, const Tail& tail) {
+  using simd::W;
+  int64_t i = b;
+  if (nt) {
+    const int64_t mis = (reinterpret_cast<uintptr_t>(out + i) / sizeof(T)) % W;
+    const int64_t head = std::min<int64_t>(e - i, mis ? W - mis : 0);
+    if (head) tail(i, head);
+    i += head;
+  }
+  for (; i + W <= e; i += W) body(i);
+  if (i < e) tail(i, e - i);
+  if (nt) simd::stream_fence();
+}
+
 template <typename T>
 void fwd_vec(const T* x, T* y, int64_t n) {
   using namespace simd;
@@ -21,10 +38,10 @@ void fwd_vec(const T* x, T* y, int64_t n) {
     const vf u2 = mul(mul(k0, v), fma(mul(k1, v), v, one));  // -2u
     return div(v, add(one, exp(u2)));
   };
+  const bool nt = n * int64_t(sizeof(T)) > stream_threshold_bytes();
   parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    int64_t i = b;
-    for (; i + W <= e; i += W) store(y + i, f(load(x + i)));
-    if (i < e) store(y + i, f(load(x + i, e - i)), e - i);
+    blocks(y, b, e, nt, [&](int64_t i) { put(y + i, f(load(x + i)), nt); },
+           [&](int64_t i, int64_t m) { store(y + i, f(load(x + i, m)), m); });
   });
 }
 
@@ -40,10 +57,10 @@ void bwd_vec(const T* dy, const T* x, T* dx, int64_t n) {
     const vf du2 = mul(kd, fma(k3, v2, one));  // 2 du/dx
     return mul(g, fma(mul(mul(v, s), mul(s, e)), du2, s));
   };
+  const bool nt = n * int64_t(sizeof(T)) > stream_threshold_bytes();
   parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    int64_t i = b;
-    for (; i + W <= e; i += W) store(dx + i, f(load(dy + i), load(x + i)));
-    if (i < e) store(dx + i, f(load(dy + i, e - i), load(x + i, e - i)), e - i);
+    blocks(dx, b, e, nt, [&](int64_t i) { put(dx + i, f(load(dy + i), load(x + i)), nt); },
+           [&](int64_t i, int64_t m) { store(dx + i, f(load(dy + i, m), load(x + i, m)), m); });
   });
 }
 

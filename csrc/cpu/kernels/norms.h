@@ -93,11 +93,14 @@ void fwd_vec(const NormFwdArgs& a) {
   const int64_t C = a.C, Cv = C / W * W, nt = C - Cv;
   const float inv_c = 1.0f / static_cast<float>(C), eps = static_cast<float>(a.eps);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  const bool nts = a.rows * C * int64_t(sizeof(T)) * (res ? 2 : 1) > stream_threshold_bytes();
   parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> bufv(C + W);
     float* buf = bufv.data();
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * C;
+      T* orow = out + r * C;
+      const bool nto = nts && vector_aligned(orow), nth = nts && res && vector_aligned(h + r * C);
       vf s0 = zero(), s1 = zero();
       int64_t j = 0;
       if (res) {
@@ -106,8 +109,8 @@ void fwd_vec(const NormFwdArgs& a) {
         for (; j + 2 * W <= Cv; j += 2 * W) {
           const vf v0 = round_trip(add(load(xr + j), load(rr + j)), xr);
           const vf v1 = round_trip(add(load(xr + j + W), load(rr + j + W)), xr);
-          store(hr + j, v0);
-          store(hr + j + W, v1);
+          put(hr + j, v0, nth);
+          put(hr + j + W, v1, nth);
           store(buf + j, v0);
           store(buf + j + W, v1);
           s0 = add(s0, v0);
@@ -115,7 +118,7 @@ void fwd_vec(const NormFwdArgs& a) {
         }
         for (; j < Cv; j += W) {
           const vf v = round_trip(add(load(xr + j), load(rr + j)), xr);
-          store(hr + j, v);
+          put(hr + j, v, nth);
           store(buf + j, v);
           s0 = add(s0, v);
         }
@@ -162,10 +165,9 @@ void fwd_vec(const NormFwdArgs& a) {
       }
       const float rstd = 1.0f / std::sqrt(reduce_add(add(q0, q1)) * inv_c + eps);
       const vf vr = set1(rstd);
-      T* orow = out + r * C;
       for (j = 0; j < Cv; j += W) {
         const vf xh = mul(sub(load(buf + j), vm), vr);
-        store(orow + j, b ? fma(xh, load(w + j), load(b + j)) : mul(xh, load(w + j)));
+        put(orow + j, b ? fma(xh, load(w + j), load(b + j)) : mul(xh, load(w + j)), nto);
       }
       if (nt) {
         const vf xh = mul(sub(load(buf + j), vm), vr);
@@ -174,6 +176,7 @@ void fwd_vec(const NormFwdArgs& a) {
       if (!kRms) mean_out[r] = mean;
       rstd_out[r] = rstd;
     }
+    if (nts) stream_fence();
   });
 }
 
@@ -189,11 +192,13 @@ void bwd_vec(const NormBwdArgs& a) {
   float *dw_part = static_cast<float*>(a.dw_part), *db_part = static_cast<float*>(a.db_part);
   const int64_t C = a.C, Cv = C / W * W, nt = C - Cv, rows = a.rows, nchunks = a.nchunks;
   const float inv_c = 1.0f / static_cast<float>(C);
+  const bool nts = rows * C * int64_t(sizeof(T)) > stream_threshold_bytes();
   parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       float* dwp = dw_part + c * C;
       float* dbp = db_part ? db_part + c * C : nullptr;
       for (int64_t r = rows * c / nchunks; r < rows * (c + 1) / nchunks; ++r) {
+        const bool ntx = nts && vector_aligned(dx + r * C);
         const T* dyr = dy + r * C;
         const T* hr = h + r * C;
         const vf vm = set1(kRms ? 0.0f : mean[r]);
@@ -229,7 +234,7 @@ void bwd_vec(const NormBwdArgs& a) {
           const vf g = mul(load(dyr + j), load(w + j));
           vf v = mul(vr, fnma(xh, vmgx, sub(g, vmg)));
           if (dhr) v = add(v, load(dhr + j));
-          store(dxr + j, v);
+          put(dxr + j, v, ntx);
         }
         if (nt) {
           const vf xh = mul(sub(load(hr + j, nt), vm), vr);
@@ -243,6 +248,7 @@ void bwd_vec(const NormBwdArgs& a) {
         }
       }
     }
+    if (nts) stream_fence();
   });
 }
 
