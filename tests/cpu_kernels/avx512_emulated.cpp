@@ -1,3 +1,8 @@
+// The AVX-512 level of the CPU kernels compiled on a machine without AVX-512, for the kernel
+// check (tests/test_cpu_levels.py): SIMDe implements the AVX-512 intrinsics over AVX2
+// (compile with -mavx2 -mfma -mf16c), and the few that SIMDe 0.7 lacks are written below
+// element by element. It checks the level's logic (masks, permutes, conversions, tails), not
+// the compiler's AVX-512 code generation.
 #include <immintrin.h>
 #define SIMDE_ENABLE_NATIVE_ALIASES 1
 #include <simde/x86/avx512.h>
@@ -65,6 +70,7 @@ static inline simde__m512 emu_cvtph_ps(simde__m256i v) {
                      _mm256_cvtps_ph(_mm256_loadu_ps(t_ + 8), mode)}; \
     return simde_mm256_loadu_si256(r_);                        \
   }())
+#define _mm512_stream_ps(p, v) simde_mm512_storeu_ps(p, v)
 #define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32
 #define _mm512_cvtepi32_epi16 emu_cvtepi32_epi16
 #define _mm512_cvtph_ps emu_cvtph_ps
