@@ -63,6 +63,9 @@ MAX_VOCAB = 1 << 21  # every id, ordinary or special, is below this
 MAX_TOKEN_BYTES = 1024  # bytes of one token (a special token's text included)
 MAX_FILE_BYTES = 64 << 20  # bytes of a tokenizer file, after gzip decompression
 
+# The files Tokenizer.save writes into a folder.
+SAVED_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
 
 def _core():
     from fastlm import _tokenizer  # noqa: PLC0415  (import the extension lazily)

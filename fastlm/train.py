@@ -234,6 +234,21 @@ def _rng_state_to_json(state: torch.Tensor) -> list:
     return state.tolist()
 
 
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy a data folder's tokenizer into a checkpoint: only the files ``Tokenizer.save``
+    writes, each a regular file (not a link) of at most ``MAX_FILE_BYTES``; anything else in
+    ``src`` stays out of the checkpoint."""
+    from .tokenizer import MAX_FILE_BYTES, SAVED_FILES
+
+    for name in SAVED_FILES:
+        f = src / name
+        if f.is_symlink() or not f.is_file():
+            continue
+        if f.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{f} is larger than a tokenizer file may be ({MAX_FILE_BYTES} bytes)")
+        shutil.copyfile(f, dst / name, follow_symlinks=False)
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished folder tmp to final, replacing an older final folder."""
     old = None
@@ -425,11 +440,9 @@ class Trainer:
         self.model.save_pretrained(tmp, state_dict=model_sd)
         tok = self.tokenizer
         if tok is None:
-            tok_dir = self.data.path / self.data.meta.get("tokenizer", "tokenizer")
-            if tok_dir.is_dir():
-                for f in tok_dir.iterdir():
-                    if f.is_file():
-                        shutil.copyfile(f, tmp / f.name)
+            tok_dir = getattr(self.data, "tokenizer_dir", None)
+            if tok_dir is not None and tok_dir.is_dir():
+                _copy_tokenizer_files(tok_dir, tmp)
         else:
             tok.save(str(tmp))
         save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state), {"format": "pt"})

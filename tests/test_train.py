@@ -209,6 +209,34 @@ def test_damaged_and_mismatched_checkpoints(data_dir, tmp_path):
     assert summary["step"] == 20
 
 
+def test_data_folder_metadata_stays_inside_the_folder(data_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    outside = tmp_path / "outside"
+    shutil.copytree(data_dir / "tokenizer", outside)
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    (d / "link").symlink_to(outside)
+    meta = json.loads((d / "meta.json").read_text())
+    for bad in (str(outside), "../outside", "link", "tokenizer/../../outside", "", 3):
+        (d / "meta.json").write_text(json.dumps({**meta, "tokenizer": bad}))
+        with pytest.raises(ValueError, match="tokenizer path"):
+            TokenData(d)
+    (d / "meta.json").write_text(json.dumps(meta))
+    # Files planted beside the tokenizer's own never reach a checkpoint, nor what a link names.
+    (d / "tokenizer" / "id_rsa").write_text("PRIVATE KEY")
+    (d / "tokenizer" / "merges.txt").unlink()
+    (d / "tokenizer" / "merges.txt").symlink_to(outside / "id_rsa")
+    out = tmp_path / "run"
+    Trainer(tiny_model(), tiny_config(out, max_iters=2, eval_interval=2, eval_iters=1), d).train()
+    ckpt = find_checkpoints(out)[-1]
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "id_rsa" not in names and "merges.txt" not in names
+    assert {"tokenizer.json", "vocab.json", "tokenizer_config.json"} <= set(names)
+    assert all("PRIVATE KEY" not in p.read_text(errors="replace") for p in ckpt.iterdir() if p.is_file())
+
+
 # ----------------------------------------------------------------------------- commands
 def test_cli_train_with_config_file(data_dir, tmp_path):
     from fastlm.cli import main
