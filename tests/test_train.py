@@ -237,6 +237,48 @@ def test_data_folder_metadata_stays_inside_the_folder(data_dir, tmp_path):
     assert all("PRIVATE KEY" not in p.read_text(errors="replace") for p in ckpt.iterdir() if p.is_file())
 
 
+def test_resume_skips_a_torn_log_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(tiny_model(), tiny_config(out, max_iters=10, eval_interval=10), data_dir).train()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "train_lo')  # a run killed while writing its next line
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write("\x00\x00\x00")
+    summary = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10, resume=True), data_dir).train()
+    assert summary["step"] == 20
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [10, 20]
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == list(range(5, 21, 5))
+    assert "skipped 1 damaged line" in capsys.readouterr().err
+
+
+def test_failed_save_leaves_no_temporary_folder(data_dir, tmp_path, monkeypatch):
+    from fastlm import train as train_mod
+
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10), data_dir)
+    real = train_mod.save_tensors
+
+    def full_disk(path, *a, **k):
+        if trainer.step >= 20:
+            raise OSError(28, "No space left on device")
+        real(path, *a, **k)
+
+    monkeypatch.setattr(train_mod, "save_tensors", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        trainer.train()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(train_mod, "save_tensors", real)
+    # What a killed save leaves (a temporary folder; a checkpoint set aside and never replaced)
+    # is cleared, or put back, when the next run starts.
+    (out / "checkpoints" / ".step-0000020.tmp-999999").mkdir()
+    os.replace(out / "best", out / ".best.old-999999")
+    summary = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10, resume=True), data_dir).train()
+    assert summary["step"] == 20
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+    assert (out / "best" / "config.json").is_file() and not list(out.glob(".best.*"))
+
+
 # ----------------------------------------------------------------------------- commands
 def test_cli_train_with_config_file(data_dir, tmp_path):
     from fastlm.cli import main
