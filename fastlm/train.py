@@ -190,7 +190,7 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
     return torch.optim.AdamW(groups, **kw)
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -336,8 +336,8 @@ class Trainer:
         self.on_step = on_step
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.dist = distributed.init_from_env(_resolve_device(cfg.device).type)
-        self.device = distributed.device_for(self.dist, _resolve_device(cfg.device))
+        self.dist = distributed.init_from_env(resolve_device(cfg.device).type)
+        self.device = distributed.device_for(self.dist, resolve_device(cfg.device))
         self.model = model.to(self.device)
         mc = model.config
         if self.data.vocab_size > mc.vocab_size:
