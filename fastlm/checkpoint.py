@@ -9,7 +9,8 @@ same layout back, so ``transformers.GPT2LMHeadModel.from_pretrained`` loads a GP
 fastlm model. Variants that GPT-2 cannot express (RMSNorm, rotary positions, SwiGLU, GQA,
 no biases) are written with ``model_type: "fastlm"`` and the same tensor names.
 
-Nothing is ever unpickled: ``.bin`` files are read only with ``torch.load(weights_only=True)``.
+Nothing is ever unpickled: ``.bin`` files are read only with ``torch.load(weights_only=True)``,
+and only on torch 2.6 or later (earlier, a crafted file can get past it: CVE-2025-32434).
 Every write goes to a temporary file in the target directory, is flushed to disk, then
 renamed over the target, so a crash never leaves a half-written file under the final name.
 """
@@ -119,7 +120,18 @@ def load_tensors(path) -> dict:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
 
 
+# torch.load(weights_only=True) can be made to run code by a crafted file before torch 2.6
+# (CVE-2025-32434).
+SAFE_TORCH_LOAD = "2.6"
+
+
 def _load_bin(path) -> dict:
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < SAFE_TORCH_LOAD:
+        raise CheckpointError(f"refusing to read {path}: torch {torch.__version__}'s torch.load(weights_only=True) "
+                              f"can run code from a crafted file (CVE-2025-32434); install torch>={SAFE_TORCH_LOAD} "
+                              "or convert the checkpoint to safetensors")
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, refused globals, truncated files

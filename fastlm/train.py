@@ -143,7 +143,10 @@ def load_config_file(path) -> dict:
         if p.suffix == ".json":
             d = json.loads(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, as the tomli package
+                import tomli as tomllib
 
             d = tomllib.loads(text)
     except (json.JSONDecodeError, ValueError) as e:

@@ -272,3 +272,11 @@ def test_metadata_json_bounded(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"pad": "x" * 2000}))
     with pytest.raises(CheckpointError, match="longer than a metadata file"):
         GPT.from_pretrained(tmp_path)
+
+
+def test_bin_checkpoints_refused_where_torch_load_is_unsafe(tmp_path, monkeypatch):
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    assert torch.equal(load_state_dict(tmp_path)["w"], torch.ones(2))
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        load_state_dict(tmp_path)

@@ -73,6 +73,16 @@ def test_config_files(tmp_path):
         load_config_file(tmp_path / "none.toml")
 
 
+def test_config_files_on_python_3_10(tmp_path, monkeypatch):
+    """Without the standard library's tomllib (Python 3.10) the tomli package parses TOML."""
+    import tomllib
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib now fails
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # the same parser, as tomli provides it
+    (tmp_path / "a.toml").write_text('lr = 2e-3\n[model]\nn_embd = 48\n')
+    assert load_config_file(tmp_path / "a.toml") == {"lr": 2e-3, "n_embd": 48}
+
+
 def test_optimizer_decays_matrices_only(data_dir, tmp_path):
     t = Trainer(tiny_model(), tiny_config(tmp_path), data_dir)
     decay, no_decay = t.optimizer.param_groups
