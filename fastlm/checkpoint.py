@@ -9,7 +9,8 @@ same layout back, so ``transformers.GPT2LMHeadModel.from_pretrained`` loads a GP
 fastlm model. Variants that GPT-2 cannot express (RMSNorm, rotary positions, SwiGLU, GQA,
 no biases) are written with ``model_type: "fastlm"`` and the same tensor names.
 
-Nothing is ever unpickled: ``.bin`` files are read only with ``torch.load(weights_only=True)``.
+Nothing is ever unpickled: ``.bin`` files are read only with ``torch.load(weights_only=True)``,
+and only on torch 2.6 or later (earlier, a crafted file can get past it: CVE-2025-32434).
 Every write goes to a temporary file in the target directory, is flushed to disk, then
 renamed over the target, so a crash never leaves a half-written file under the final name.
 """
@@ -35,6 +36,11 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
                    "mlp.c_gate.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# A metadata file (config.json, an index, trainer_state.json) is read up to this many bytes.
+MAX_JSON_BYTES = 64 << 20
+# Memory a config may ask for beyond what its weights hold (rotary tables, sized by
+# block_size, which no weight pins): at most the weights' own size or this, the larger.
+MAX_EXTRA_BYTES = 256 << 20
 
 
 class CheckpointError(ValueError):
@@ -71,12 +77,19 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
 
 
 def read_json(path) -> dict:
+    """A JSON metadata file, at most ``MAX_JSON_BYTES`` long; ``CheckpointError`` when it is
+    longer, not JSON, or nested deeper than the parser goes."""
     path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is longer than a metadata file may be ({MAX_JSON_BYTES} bytes)")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid metadata: JSON nested too deep") from None
 
 
 def write_pipeline_config(directory, config: dict) -> None:
@@ -107,7 +120,18 @@ def load_tensors(path) -> dict:
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
 
 
+# torch.load(weights_only=True) can be made to run code by a crafted file before torch 2.6
+# (CVE-2025-32434).
+SAFE_TORCH_LOAD = "2.6"
+
+
 def _load_bin(path) -> dict:
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) < SAFE_TORCH_LOAD:
+        raise CheckpointError(f"refusing to read {path}: torch {torch.__version__}'s torch.load(weights_only=True) "
+                              f"can run code from a crafted file (CVE-2025-32434); install torch>={SAFE_TORCH_LOAD} "
+                              "or convert the checkpoint to safetensors")
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, refused globals, truncated files
@@ -154,8 +178,15 @@ def config_from_hf(hf: dict):
     """GPTConfig from a config.json written by transformers (GPT-2) or by fastlm."""
     from .model import GPTConfig
 
+    if not isinstance(hf, dict):
+        raise CheckpointError("config.json must hold a JSON object")
     if hf.get("model_type") == "fastlm":
-        return GPTConfig.from_dict(hf["fastlm"])
+        if not isinstance(hf.get("fastlm"), dict):
+            raise CheckpointError("config.json has model_type 'fastlm' but no 'fastlm' object")
+        try:
+            return GPTConfig.from_dict(hf["fastlm"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json holds a bad fastlm config: {e}") from None
     if hf.get("model_type") not in (None, "gpt2"):
         raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}; fastlm reads 'gpt2' and 'fastlm'")
     act = hf.get("activation_function", "gelu_new")
@@ -183,6 +214,8 @@ def config_from_hf(hf: dict):
         )
     except KeyError as e:
         raise CheckpointError(f"config.json lacks the GPT-2 key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json holds a bad GPT-2 config: {e}") from None
 
 
 def config_to_hf(cfg) -> dict:
@@ -245,8 +278,6 @@ def load_gpt(cls, path, dtype=None, device=None, **overrides):
             raise ValueError(f"unknown GPTConfig override {k!r}")
         setattr(cfg, k, v)
     raw = load_state_dict(path)
-    model = cls(cfg)
-    expected = model.state_dict()
     sd = {}
     for k, v in raw.items():
         mk = _to_model_key(k)
@@ -257,6 +288,34 @@ def load_gpt(cls, path, dtype=None, device=None, **overrides):
         sd[mk] = v
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    model = _build_fitting(cls, cfg, sd, path)
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            if k in sd:
+                p.copy_(sd[k].to(p.dtype))
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _build_fitting(cls, cfg, sd: dict, path):
+    """``cls(cfg)``, built only once the config is known to fit the weights ``sd``: the model is
+    first built on the meta device (no memory), its tensors' names and shapes compared with
+    the weights', and the memory it needs beyond them (buffers no weight backs) bounded, so a
+    config.json cannot make fastlm allocate a model its weights do not back."""
+    # Building takes time in the number of layers; every layer has weights.
+    if cfg.n_layer > len(sd):
+        raise CheckpointError(f"checkpoint {path}: config.json asks for {cfg.n_layer} layers and the weights "
+                              f"hold only {len(sd)} tensors")
+    try:
+        with torch.device("meta"):
+            shell = cls(cfg)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"checkpoint {path}: config.json describes no buildable model: {e}") from None
+    expected = shell.state_dict()
+    if cfg.tie_word_embeddings:
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -271,19 +330,60 @@ def load_gpt(cls, path, dtype=None, device=None, **overrides):
         problems.append(f"wrongly shaped tensors: {'; '.join(wrong[:8])}")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit the model in its config.json: " + " | ".join(problems))
-    with torch.no_grad():
-        for k, p in model.state_dict().items():
-            if k in sd:
-                p.copy_(sd[k].to(p.dtype))
-    if dtype is not None:
-        model = model.to(dtype)
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    weight_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+    named = shell.state_dict(keep_vars=True)
+    extra = sum(b.numel() * b.element_size() for n, b in shell.named_buffers() if n not in named)
+    if extra > max(weight_bytes, MAX_EXTRA_BYTES):
+        raise CheckpointError(f"checkpoint {path}: config.json asks for {extra} bytes of buffers beyond the weights' "
+                              f"{weight_bytes} (block_size {cfg.block_size}); at most "
+                              f"max(the weights' size, {MAX_EXTRA_BYTES}) is allowed")
+    return cls(cfg)
+
+
+def _weight_files(path: Path) -> set[str]:
+    """The names of the weight files ``path`` holds now: ``model.safetensors`` and the shards
+    its index lists (plain names in ``path`` only), plus shards a save left staged there."""
+    names = set()
+    if (path / WEIGHTS_NAME).is_file():
+        names.add(WEIGHTS_NAME)
+    if (path / WEIGHTS_INDEX_NAME).is_file():
+        try:
+            weight_map = read_json(path / WEIGHTS_INDEX_NAME).get("weight_map")
+        except (CheckpointError, AttributeError, UnicodeDecodeError):
+            weight_map = None
+        if isinstance(weight_map, dict):
+            names |= {v for v in weight_map.values() if isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..")}
+    names |= {p.name for p in path.glob(".model-*.safetensors.new-*")}
+    return names
+
+
+def _write_index(path: Path, names: list[str], shards: list[dict], total: int) -> None:
+    weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+    atomic_write_json(path / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes (a hard link, or a copy where links are not
+    supported), replacing ``dst`` in one rename."""
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def save_gpt(model, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
-    """Write ``model`` (its config, and ``state_dict`` or its own weights) to ``path``."""
+    """Write ``model`` (its config, and ``state_dict`` or its own weights) to ``path``.
+
+    Weights already in ``path`` are replaced so that a crash at any moment leaves a folder
+    that loads either the old weights or the new ones, never a mix: the new files are written
+    beside the old ones under names of their own; one atomic write (``model.safetensors``, or
+    the index naming the new shards) switches the folder to them; then the old files are
+    removed, and new shards get their usual names by a second index write."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -295,10 +395,14 @@ def save_gpt(model, path, max_shard_size: int | None = None, state_dict: dict | 
             v = v.t()
         tensors[k] = v.detach().cpu().contiguous()
     meta = {"format": "pt"}
-    if max_shard_size is None or sum(t.numel() * t.element_size() for t in tensors.values()) <= max_shard_size:
+    old = _weight_files(path)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_size is None or total <= max_shard_size:
+        # Loaders prefer model.safetensors to an index: writing it is the switch.
         save_tensors(path / WEIGHTS_NAME, tensors, meta)
-        if (path / WEIGHTS_INDEX_NAME).exists():
-            (path / WEIGHTS_INDEX_NAME).unlink()
+        for name in old - {WEIGHTS_NAME}:
+            (path / name).unlink(missing_ok=True)
+        (path / WEIGHTS_INDEX_NAME).unlink(missing_ok=True)
     else:
         shards, cur, size = [], {}, 0
         for k, t in tensors.items():
@@ -308,15 +412,27 @@ def save_gpt(model, path, max_shard_size: int | None = None, state_dict: dict | 
                 cur, size = {}, 0
             cur[k], size = t, size + n
         shards.append(cur)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_tensors(path / name, shard, meta)
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_json(path / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if (path / WEIGHTS_NAME).exists():
-            (path / WEIGHTS_NAME).unlink()
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        staged = [f".{name}.new-{os.getpid()}" for name in names]
+        switched = False
+        try:
+            for name, shard in zip(staged, shards):
+                save_tensors(path / name, shard, meta)
+            _write_index(path, staged, shards, total)
+            (path / WEIGHTS_NAME).unlink(missing_ok=True)
+            switched = True  # from here the folder loads the new shards
+            for name in old - set(staged):
+                (path / name).unlink(missing_ok=True)
+            for name, final in zip(staged, names):
+                _link_or_copy(path / name, path / final)
+            _write_index(path, names, shards, total)
+        except BaseException:
+            if not switched:
+                for name in staged:
+                    (path / name).unlink(missing_ok=True)
+            raise
+        for name in staged:
+            (path / name).unlink(missing_ok=True)
     atomic_write_json(path / CONFIG_NAME, config_to_hf(cfg))
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
     atomic_write_json(path / GENERATION_CONFIG_NAME, gen)

@@ -225,23 +225,32 @@ def _add_train(sub):
 
 def _prepared_data(opts: dict, out):
     """The prepared folder to train on: --data itself when it is one, else OUT/data, prepared
-    from the raw sources (kept when resuming)."""
+    from the raw sources (kept when resuming). Under torchrun rank 0 prepares it while the
+    other ranks wait, then they read what it wrote (OUT must be on a file system all of
+    them share, as for checkpoints)."""
     from pathlib import Path
 
     from fastlm import distributed
     from fastlm.data import is_prepared, prepare
+    from fastlm.train import resolve_device
 
     sources = [opts["data"]] if isinstance(opts["data"], str) else list(opts["data"])
     if len(sources) == 1 and is_prepared(sources[0]):
         return Path(sources[0])
-    if distributed.env_info().enabled:
-        raise ValueError("under torchrun, --data must be a prepared folder: run `fastlm prepare` first, once")
     data_dir = Path(out) / "data"
-    if not (opts.get("resume") and is_prepared(data_dir)):
-        if opts.get("tokenizer") is None and opts.get("vocab_size") is None:
-            raise ValueError("give --tokenizer DIR or --vocab-size N to tokenize raw text")
-        prepare(sources, data_dir, tokenizer=opts.get("tokenizer"), vocab_size=opts.get("vocab_size"),
-                **_data_options(opts))
+    reuse = bool(opts.get("resume")) and is_prepared(data_dir)
+    if not reuse and opts.get("tokenizer") is None and opts.get("vocab_size") is None:
+        raise ValueError("give --tokenizer DIR or --vocab-size N to tokenize raw text")
+    # Join the process group now (the Trainer finds it joined), so that ranks can wait.
+    info = distributed.init_from_env(resolve_device(opts.get("device") or "auto").type)
+    with distributed.main_process_first(info):
+        if info.is_main and not reuse:
+            prepare(sources, data_dir, tokenizer=opts.get("tokenizer"), vocab_size=opts.get("vocab_size"),
+                    **_data_options(opts))
+    if not is_prepared(data_dir):
+        raise FileNotFoundError(f"rank {info.rank} finds no prepared folder at {data_dir} after rank 0 prepared it: "
+                                "--out must be on a file system every node shares (or run `fastlm prepare` "
+                                "once and pass the prepared folder as --data)")
     return data_dir
 
 

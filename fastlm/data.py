@@ -307,6 +307,20 @@ def load_tokenizer(path):
     return _tokenizer_class().load(str(path))
 
 
+def inside(folder, name, what: str) -> Path:
+    """``folder / name`` for a path ``name`` that the folder's own metadata names, with links
+    resolved; ``ValueError`` unless it is a relative path that stays inside ``folder`` (no
+    absolute path, no ``..`` out, no link out), so a folder's metadata cannot make fastlm read
+    or copy files from elsewhere."""
+    base = Path(folder).resolve()
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+        raise ValueError(f"{what} must be a relative path inside {folder}, got {name!r}")
+    p = (base / name).resolve()
+    if p != base and base not in p.parents:
+        raise ValueError(f"{what} {name!r} leads outside {folder}; refused")
+    return p
+
+
 def train_tokenizer(texts, vocab_size: int, max_bytes: int | None = 20_000_000):
     """A byte-level BPE tokenizer with ``<|endoftext|>`` trained on ``texts`` (at most the
     first ``max_bytes`` bytes of them). ``vocab_size=256`` means plain bytes, no merges."""
@@ -429,8 +443,13 @@ class TokenData:
                                     f"run `fastlm prepare --data ... --out {self.path}`")
         with open(self.path / META_NAME, encoding="utf-8") as f:
             self.meta = json.load(f)
-        if self.meta.get("format") != "fastlm-tokens":
+        if not isinstance(self.meta, dict) or self.meta.get("format") != "fastlm-tokens":
             raise ValueError(f"{self.path / META_NAME} is not a fastlm token folder")
+        if self.meta.get("dtype") not in ("uint16", "uint32"):
+            raise ValueError(f"{self.path / META_NAME}: dtype must be uint16 or uint32, got {self.meta.get('dtype')!r}")
+        # The tokenizer's folder, as meta.json names it; it must lie inside this folder.
+        self.tokenizer_dir = inside(self.path, self.meta.get("tokenizer", TOKENIZER_DIR),
+                                    f"{self.path / META_NAME}: the tokenizer path")
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.vocab_size = int(self.meta["vocab_size"])
         self.eot_token = self.meta.get("eot_token")
@@ -459,7 +478,7 @@ class TokenData:
         return c["bytes"] / max(c["tokens"], 1)
 
     def tokenizer(self):
-        return load_tokenizer(self.path / self.meta.get("tokenizer", TOKENIZER_DIR))
+        return load_tokenizer(self.tokenizer_dir)
 
     def has_batches(self, split: str, block_size: int) -> bool:
         """Whether ``split`` is long enough for windows of ``block_size + 1`` tokens."""

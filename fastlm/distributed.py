@@ -16,6 +16,8 @@ loads that full state and shards it again.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -121,6 +123,41 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@contextlib.contextmanager
+def main_process_first(info: DistInfo, timeout_s: float = 24 * 3600):
+    """Run the block on rank 0 first and on the other ranks once rank 0's block has ended
+    (transformers' ``main_process_first``): for work one process does whose result the others
+    then read, such as preparing a data folder. The other ranks wait on a CPU (gloo) group of
+    their own with a timeout of ``timeout_s``, not the training group's (which may be NCCL's,
+    with a shorter one), since the work may take long. When rank 0's block raises, the others
+    raise ``RuntimeError`` instead of waiting on. One process: the block runs, nothing waits."""
+    if not info.enabled:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+    def rank0_failed(failed: bool) -> bool:
+        t = torch.tensor([1 if failed else 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return bool(t.item())
+
+    try:
+        if info.is_main:
+            try:
+                yield
+            except BaseException:
+                rank0_failed(True)
+                raise
+            rank0_failed(False)
+        else:
+            if rank0_failed(False):
+                raise RuntimeError(f"rank 0 failed in the work it does before the other ranks (its error says "
+                                   f"why); rank {info.rank} stops too")
+            yield
+    finally:
+        dist.destroy_process_group(group)
 
 
 # ----------------------------------------------------------------------------- FSDP2

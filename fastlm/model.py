@@ -200,6 +200,20 @@ class Block(nn.Module):
         return h, self.mlp(y)
 
 
+def next_token_targets(idx, targets, labels, ignore_index: int = -100):
+    """The targets a loss scores position t of ``idx`` on: ``targets`` as given (already
+    shifted), or ``labels`` (aligned with ``idx``) shifted left by one, the last position
+    given ``ignore_index``; None when neither is given."""
+    if labels is None:
+        return targets
+    if targets is not None:
+        raise ValueError("give labels (aligned with idx, shifted inside) or targets (already shifted), not both")
+    if not isinstance(labels, torch.Tensor) or labels.shape != getattr(idx, "shape", None):
+        raise ValueError(f"labels must be a tensor shaped like idx {tuple(getattr(idx, 'shape', ()))}, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
 # ----------------------------------------------------------------------------- the model
 def build_model(config: GPTConfig) -> nn.Module:
     """The model a config describes: a GPT, or a recurrent baseline for arch "lstm"/"gru"."""
@@ -292,8 +306,14 @@ class GPT(nn.Module):
             return self.transformer.ln_f(h)
         return self.transformer.ln_f(delta, residual=h)[0]
 
-    def forward(self, idx, targets=None, ignore_index: int = -100):
-        """Logits (B, T, vocab); with targets (B, T): (logits, mean cross-entropy loss)."""
+    def forward(self, idx, targets=None, ignore_index: int = -100, *, labels=None):
+        """Logits (B, T, vocab); with a loss: (logits, mean cross-entropy).
+
+        ``labels`` (B, T) are aligned with ``idx``, as in transformers' causal LMs: position t
+        is scored on ``labels[:, t + 1]``, so ``labels=idx`` trains next-token prediction.
+        ``targets`` (B, T) are already shifted: position t is scored on ``targets[:, t]``.
+        Positions whose label is ``ignore_index`` do not count."""
+        targets = next_token_targets(idx, targets, labels, ignore_index)
         y = self.hidden_states(idx)
         logits = self.lm_head(y)
         if targets is None:
@@ -301,9 +321,13 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits, targets, ignore_index=ignore_index)
         return logits, loss
 
-    def loss(self, idx, targets, ignore_index: int = -100):
-        """Mean cross-entropy of next-token targets without materialising every logit: the
-        output layer and the loss are fused (``fastlm.ops.linear_cross_entropy``)."""
+    def loss(self, idx, targets=None, ignore_index: int = -100, *, labels=None):
+        """Mean cross-entropy of next-token targets (``targets``, already shifted, or
+        ``labels`` aligned with ``idx``, as in ``forward``) without materialising every logit:
+        the output layer and the loss are fused (``fastlm.ops.linear_cross_entropy``)."""
+        targets = next_token_targets(idx, targets, labels, ignore_index)
+        if targets is None:
+            raise TypeError("loss() needs targets (already shifted) or labels (aligned with idx)")
         y = self.hidden_states(idx)
         return ops.linear_cross_entropy(y, self.lm_head.weight, targets, ignore_index=ignore_index)
 

@@ -112,16 +112,19 @@ class TextGenerationPipeline:
         self.tokenizer = resolve_tokenizer(tokenizer, path, "pipeline")
         self.defaults = {}
         if path is not None and (path / "generation_config.json").is_file():
-            import json
+            from .checkpoint import CheckpointError, read_json
 
-            cfg = json.loads((path / "generation_config.json").read_text())
+            cfg = read_json(path / "generation_config.json")
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{path / 'generation_config.json'} must hold a JSON object")
             self.defaults = {k: cfg[k] for k in _GEN_KEYS if cfg.get(k) is not None}
         unknown = set(defaults) - set(_GEN_KEYS) - {"stop", "seed"}
         if unknown:
             raise TypeError(f"pipeline got unexpected keyword arguments {sorted(unknown)}")
         self.defaults.update(defaults)
         if self.defaults.get("eos_token_id") is None and model.config.eos_token_id is None:
-            eot = getattr(tokenizer, "eot_token", None)
+            # the tokenizer in use (loaded from the model's directory when none was given)
+            eot = getattr(self.tokenizer, "eot_token", None)
             if eot is not None:
                 self.defaults["eos_token_id"] = eot
 

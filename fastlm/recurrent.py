@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .model import GPTConfig, Norm
+from .model import GPTConfig, Norm, next_token_targets
 
 
 class RecurrentLM(nn.Module):
@@ -55,13 +55,18 @@ class RecurrentLM(nn.Module):
         y = self.transformer.ln_f(self.transformer.drop(y))
         return (y, state) if return_state else y
 
-    def forward(self, idx, targets=None, ignore_index: int = -100):
+    def forward(self, idx, targets=None, ignore_index: int = -100, *, labels=None):
+        """As ``GPT.forward``: ``targets`` already shifted, or ``labels`` aligned with ``idx``."""
+        targets = next_token_targets(idx, targets, labels, ignore_index)
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits
         return logits, ops.cross_entropy(logits, targets, ignore_index=ignore_index)
 
-    def loss(self, idx, targets, ignore_index: int = -100):
+    def loss(self, idx, targets=None, ignore_index: int = -100, *, labels=None):
+        targets = next_token_targets(idx, targets, labels, ignore_index)
+        if targets is None:
+            raise TypeError("loss() needs targets (already shifted) or labels (aligned with idx)")
         return ops.linear_cross_entropy(self.hidden_states(idx), self.lm_head.weight, targets,
                                         ignore_index=ignore_index)
 

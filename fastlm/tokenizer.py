@@ -16,7 +16,11 @@ tiktoken rank files (``.tiktoken``, optionally gzipped).
 
 Limits: a single pre-token longer than 1 MiB (e.g. a megabyte of letters without a space) is
 merged in 1 MiB pieces, which bounds memory and time; tiktoken merges it whole (quadratic
-time), so ids can differ for such inputs only. Character classes follow Python's Unicode
+time), so ids can differ for such inputs only. A tokenizer holds ids below ``MAX_VOCAB``
+(2,097,152) and tokens of at most ``MAX_TOKEN_BYTES`` (1024) bytes, and a tokenizer file is
+read only up to ``MAX_FILE_BYTES`` (64 MiB, after gzip decompression): past any of them
+loading or building raises ``ValueError`` before the memory is allocated (training leaves out
+merges that would make a longer token). Character classes follow Python's Unicode
 database, completed with tiktoken's classes for code points that are newer
 (``scripts/gen_unicode_tables.py``).
 """
@@ -24,13 +28,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import json
 import os
 import pathlib
+import zlib
 from typing import AbstractSet, Collection, Iterable, Literal
 
-__all__ = ["Tokenizer", "PATTERNS", "bytes_to_unicode"]
+__all__ = ["Tokenizer", "PATTERNS", "bytes_to_unicode", "MAX_VOCAB", "MAX_TOKEN_BYTES", "MAX_FILE_BYTES"]
 
 # The regexes the scanners implement (kept for saving Hugging Face files and for reference).
 PATTERNS = {
@@ -51,6 +55,16 @@ _TIKTOKEN_SPECIALS = {
 }
 
 _BATCH_BYTES = 64 << 20  # training texts are counted in batches of about this many bytes
+
+# What a tokenizer may hold and read (the C++ core enforces the first two as well: core.h).
+# Memory is sized by the largest id, deriving a tiktoken vocabulary's merges takes time that
+# grows with each token's length, and a file is read whole into memory.
+MAX_VOCAB = 1 << 21  # every id, ordinary or special, is below this
+MAX_TOKEN_BYTES = 1024  # bytes of one token (a special token's text included)
+MAX_FILE_BYTES = 64 << 20  # bytes of a tokenizer file, after gzip decompression
+
+# The files Tokenizer.save writes into a folder.
+SAVED_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 def _core():
@@ -130,8 +144,7 @@ class Tokenizer:
         for text, i in specials.items():
             if not isinstance(text, str) or not text:
                 raise ValueError(f"special token {text!r} must be a non-empty string")
-            if not isinstance(i, int) or i < 0:
-                raise ValueError(f"special token {text!r} has a bad id {i!r}")
+            _check_id(i, f"special token {text!r}")
         if len(set(specials.values())) != len(specials):
             raise ValueError("two special tokens share an id")
         self._special_list = sorted(specials.items(), key=lambda kv: kv[1])
@@ -281,6 +294,8 @@ class Tokenizer:
         pairs of equal count go to the pair of smaller ids."""
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if vocab_size > MAX_VOCAB:
+            raise ValueError(f"vocab_size {vocab_size} is past the limit of {MAX_VOCAB} ids (fastlm.tokenizer.MAX_VOCAB)")
         specials = list(dict.fromkeys(special_tokens))
         for s in specials:
             if not isinstance(s, str) or not s:
@@ -326,6 +341,9 @@ class Tokenizer:
         if isinstance(encoding, str):
             encoding = tiktoken.get_encoding(encoding)
         ranks = encoding._mergeable_ranks
+        for b, r in ranks.items():
+            _check_id(r, f"token {b[:40]!r}")
+            _check_token_length(b, f"rank {r}")
         token_bytes = [b""] * (max(ranks.values()) + 1)
         for b, r in ranks.items():
             token_bytes[r] = b
@@ -382,8 +400,8 @@ class Tokenizer:
                 rank = int(parts[1])
             except ValueError:
                 raise ValueError(f"{p}:{lineno}: bad rank {parts[1][:40]!r}") from None
-            if rank < 0:
-                raise ValueError(f"{p}:{lineno}: negative rank {rank}")
+            _check_id(rank, f"{p}:{lineno}: rank")
+            _check_token_length(tok, f"{p}:{lineno}")
             if rank in by_rank:
                 raise ValueError(f"{p}:{lineno}: duplicate rank {rank}")
             if not tok:
@@ -458,16 +476,17 @@ class Tokenizer:
     def _from_vocab_merges(cls, vocab: dict, merges: list, special_tokens: dict, pattern: str, ignore_merges: bool,
                            where: str) -> "Tokenizer":
         special_ids = set(special_tokens.values())
-        size = max([int(i) for i in vocab.values()] + [-1]) + 1
+        for s, i in vocab.items():
+            _check_id(i, f"{where}: token {s[:40]!r}")
+        size = max(vocab.values(), default=-1) + 1
         token_bytes = [b""] * size
         for s, i in vocab.items():
-            if not isinstance(i, int) or i < 0:
-                raise ValueError(f"{where}: token {s!r} has a bad id {i!r}")
             if i in special_ids or s in special_tokens:
                 continue
             if token_bytes[i]:
                 raise ValueError(f"{where}: id {i} is given to two tokens")
             token_bytes[i] = _from_unicode(s, where)
+            _check_token_length(token_bytes[i], f"{where}: token id {i}")
         ids = {s: i for s, i in vocab.items()}
         pairs = []
         for k, (a, b) in enumerate(merges):
@@ -563,14 +582,52 @@ def _hf_pattern(pre, where) -> str:
     raise ValueError(f"{where}: unsupported pre_tokenizer {json.dumps(pre)[:200]}; pass pattern=")
 
 
+def _check_id(i, where: str) -> None:
+    if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+        raise ValueError(f"{where} has a bad id {i!r}")
+    if i >= MAX_VOCAB:
+        raise ValueError(f"{where} has the id {i}, past the limit: ids are below {MAX_VOCAB} "
+                         "(fastlm.tokenizer.MAX_VOCAB)")
+
+
+def _check_token_length(token: bytes, where: str) -> None:
+    if len(token) > MAX_TOKEN_BYTES:
+        raise ValueError(f"{where}: a token of {len(token)} bytes is past the limit of {MAX_TOKEN_BYTES} "
+                         "(fastlm.tokenizer.MAX_TOKEN_BYTES)")
+
+
+def _too_big(p: pathlib.Path) -> ValueError:
+    return ValueError(f"{p}: a tokenizer file is read up to {MAX_FILE_BYTES} bytes (after gzip decompression) "
+                      "and this one is longer (fastlm.tokenizer.MAX_FILE_BYTES)")
+
+
 def _read_bytes(p: pathlib.Path) -> bytes:
-    data = p.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{p}: bad gzip data ({e})") from None
-    return data
+    """The bytes of a tokenizer file, gunzipped when they start with gzip's magic, at most
+    ``MAX_FILE_BYTES`` of them (``ValueError`` past it, before reading or inflating more)."""
+    with open(p, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_big(p)
+    if data[:2] != b"\x1f\x8b":
+        return data
+    # Inflate member by member (a gzip file may hold several), never producing more than one
+    # byte past the limit.
+    out = bytearray()
+    rest = data
+    try:
+        while rest:
+            d = zlib.decompressobj(wbits=31)
+            out += d.decompress(rest, MAX_FILE_BYTES + 1 - len(out))
+            if len(out) > MAX_FILE_BYTES:
+                raise _too_big(p)
+            if not d.eof:
+                raise ValueError(f"{p}: bad gzip data (truncated)")
+            rest = d.unused_data
+            if not rest.strip(b"\0"):  # zero padding after the last member, as gzip allows
+                break
+    except zlib.error as e:
+        raise ValueError(f"{p}: bad gzip data ({e})") from None
+    return bytes(out)
 
 
 def _read_json(p: pathlib.Path):
@@ -578,6 +635,8 @@ def _read_json(p: pathlib.Path):
         return json.loads(_read_bytes(p).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not a tokenizer file (JSON nested too deep)") from None
 
 
 def _write_atomic(p: pathlib.Path, data: bytes) -> None:

@@ -143,7 +143,10 @@ def load_config_file(path) -> dict:
         if p.suffix == ".json":
             d = json.loads(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, as the tomli package
+                import tomli as tomllib
 
             d = tomllib.loads(text)
     except (json.JSONDecodeError, ValueError) as e:
@@ -190,7 +193,7 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
     return torch.optim.AdamW(groups, **kw)
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -232,6 +235,63 @@ def flops_per_token(model, block_size: int) -> float:
 
 def _rng_state_to_json(state: torch.Tensor) -> list:
     return state.tolist()
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy a data folder's tokenizer into a checkpoint: only the files ``Tokenizer.save``
+    writes, each a regular file (not a link) of at most ``MAX_FILE_BYTES``; anything else in
+    ``src`` stays out of the checkpoint."""
+    from .tokenizer import MAX_FILE_BYTES, SAVED_FILES
+
+    for name in SAVED_FILES:
+        f = src / name
+        if f.is_symlink() or not f.is_file():
+            continue
+        if f.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{f} is larger than a tokenizer file may be ({MAX_FILE_BYTES} bytes)")
+        shutil.copyfile(f, dst / name, follow_symlinks=False)
+
+
+def _log_lines(path: Path) -> list[str]:
+    """The records of a JSONL log, one JSON object with an integer ``step`` a line. A line that
+    is not one (the last line torn by a killed run) is left out with a warning."""
+    good, bad = [], 0
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            good.append(ln)
+        else:
+            bad += 1
+    if bad:
+        print(f"fastlm: {path}: skipped {bad} damaged line(s) (a run killed while writing?)", file=sys.stderr)
+    return good
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Clear what killed saves left in ``directory``: temporary checkpoint folders, and
+    an older checkpoint set aside for replacement (put back when its replacement never
+    arrived)."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        name = p.name
+        if not (name.startswith(".") and p.is_dir()):
+            continue
+        base, sep, pid = name[1:].rpartition(".tmp-")
+        if sep and pid.isdigit():
+            shutil.rmtree(p, ignore_errors=True)
+            continue
+        base, sep, pid = name[1:].rpartition(".old-")
+        if sep and pid.isdigit():
+            if (directory / base).exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, directory / base)
 
 
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
@@ -279,8 +339,8 @@ class Trainer:
         self.on_step = on_step
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.dist = distributed.init_from_env(_resolve_device(cfg.device).type)
-        self.device = distributed.device_for(self.dist, _resolve_device(cfg.device))
+        self.dist = distributed.init_from_env(resolve_device(cfg.device).type)
+        self.device = distributed.device_for(self.dist, resolve_device(cfg.device))
         self.model = model.to(self.device)
         mc = model.config
         if self.data.vocab_size > mc.vocab_size:
@@ -422,19 +482,23 @@ class Trainer:
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp, state_dict=model_sd)
-        tok = self.tokenizer
-        if tok is None:
-            tok_dir = self.data.path / self.data.meta.get("tokenizer", "tokenizer")
-            if tok_dir.is_dir():
-                for f in tok_dir.iterdir():
-                    if f.is_file():
-                        shutil.copyfile(f, tmp / f.name)
-        else:
-            tok.save(str(tmp))
-        save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state), {"format": "pt"})
-        atomic_write_json(tmp / STATE_NAME, self._state())
-        _atomic_replace_dir(tmp, final)
+        try:
+            self.model.save_pretrained(tmp, state_dict=model_sd)
+            tok = self.tokenizer
+            if tok is None:
+                tok_dir = getattr(self.data, "tokenizer_dir", None)
+                if tok_dir is not None and tok_dir.is_dir():
+                    _copy_tokenizer_files(tok_dir, tmp)
+            else:
+                tok.save(str(tmp))
+            save_tensors(tmp / OPTIMIZER_NAME, self._optimizer_tensors(opt_state), {"format": "pt"})
+            atomic_write_json(tmp / STATE_NAME, self._state())
+            _atomic_replace_dir(tmp, final)
+        except BaseException:
+            # A failed save (a full disk, an interrupt) leaves the older checkpoint as it was
+            # and no half-written folder beside it.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def _save_step_checkpoint(self):
@@ -531,7 +595,7 @@ class Trainer:
         for name in (METRICS_NAME, TRAIN_LOG_NAME):
             f = self.out / name
             if f.is_file():
-                keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                keep = [ln for ln in _log_lines(f) if json.loads(ln)["step"] <= self.step]
                 if self.dist.is_main:
                     atomic_write_bytes(f, "".join(ln + "\n" for ln in keep).encode())
                 if name == METRICS_NAME:
@@ -608,6 +672,10 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            _remove_leftovers(self.out / "checkpoints")
+            _remove_leftovers(self.out)
+        distributed.barrier(self.dist)
         if cfg.resume:
             path = self.resume()
             if self.dist.is_main:

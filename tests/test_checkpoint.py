@@ -169,3 +169,114 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def _tiny(seed, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    base.update(kw)
+    return GPT(GPTConfig(**base)).eval()
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_config_checked_against_the_weights_before_allocating(tmp_path):
+    _tiny(0).save_pretrained(tmp_path / "gpt2")
+    _tiny(0, pos="rope", norm="rmsnorm").save_pretrained(tmp_path / "modern")
+    cfg = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    modern = json.loads((tmp_path / "modern" / "config.json").read_text())
+    cases = [
+        ("gpt2", {**cfg, "vocab_size": 10**12}, "wrongly shaped"),
+        ("gpt2", {**cfg, "n_embd": 2**40, "n_head": 1}, "wrongly shaped|buildable"),
+        ("gpt2", {**cfg, "n_layer": 10**9}, "asks for 1000000000 layers"),
+        ("gpt2", {**cfg, "n_positions": 10**12}, "wrongly shaped"),
+        # no weight pins a rotary model's context: the tables it would need are bounded instead
+        ("modern", {**modern, "fastlm": {**modern["fastlm"], "block_size": 10**10}}, "bytes of buffers"),
+        ("modern", {**modern, "fastlm": {**modern["fastlm"], "n_layer": "2"}}, "bad fastlm config"),
+        ("gpt2", {**cfg, "n_layer": [2]}, "bad GPT-2 config"),
+    ]
+    for folder, config, match in cases:
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=match):
+            GPT.from_pretrained(tmp_path / folder)
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(cfg))
+    assert _same_weights(GPT.from_pretrained(tmp_path / "gpt2"), _tiny(0))
+    # a rotary model may still ask for a long context when its tables stay within the bound
+    modern["fastlm"]["block_size"] = 4096
+    (tmp_path / "modern" / "config.json").write_text(json.dumps(modern))
+    assert GPT.from_pretrained(tmp_path / "modern").config.block_size == 4096
+
+
+def test_resaving_sharded_never_mixes_old_and_new_shards(tmp_path, monkeypatch):
+    from fastlm import checkpoint
+
+    old, new = _tiny(1), _tiny(2)
+    old.save_pretrained(tmp_path, max_shard_size=4000)
+    old_shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(old_shards) >= 3
+    (tmp_path / "tokenizer.json").write_text("{}")  # other files stay
+
+    # A crash while the new shards are written: the folder still loads the old model.
+    real = checkpoint.save_tensors
+    calls = []
+
+    def crash_on_third(path, tensors, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", crash_on_third)
+    with pytest.raises(OSError, match="No space"):
+        new.save_pretrained(tmp_path, max_shard_size=4000)
+    monkeypatch.setattr(checkpoint, "save_tensors", real)
+    assert _same_weights(GPT.from_pretrained(tmp_path), old)
+    assert sorted(p.name for p in tmp_path.iterdir() if "safetensors" in p.name) == sorted(
+        old_shards + ["model.safetensors.index.json"])
+
+    # A crash after the switch, while the new shards get their usual names: the new model.
+    real_link = checkpoint._link_or_copy
+    monkeypatch.setattr(checkpoint, "_link_or_copy", lambda src, dst: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        new.save_pretrained(tmp_path, max_shard_size=4000)
+    monkeypatch.setattr(checkpoint, "_link_or_copy", real_link)
+    assert _same_weights(GPT.from_pretrained(tmp_path), new)
+
+    # The next save finishes the job: usual names, fewer shards, nothing stale left behind.
+    new.save_pretrained(tmp_path, max_shard_size=8000)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    shards = [n for n in names if n.startswith("model-")]
+    assert shards and len(shards) < len(old_shards) and all(n.endswith(f"-of-{len(shards):05d}.safetensors")
+                                                            for n in shards)
+    assert not [n for n in names if n.startswith(".")]
+    assert "tokenizer.json" in names
+    assert _same_weights(GPT.from_pretrained(tmp_path), new)
+    # Back to one file: the shards and the index go.
+    old.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "tokenizer.json"]
+    assert _same_weights(GPT.from_pretrained(tmp_path), old)
+
+
+def test_metadata_json_bounded(tmp_path, monkeypatch):
+    from fastlm import checkpoint
+
+    _tiny(0).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deep"):
+        GPT.from_pretrained(tmp_path)
+    monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"pad": "x" * 2000}))
+    with pytest.raises(CheckpointError, match="longer than a metadata file"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_bin_checkpoints_refused_where_torch_load_is_unsafe(tmp_path, monkeypatch):
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    assert torch.equal(load_state_dict(tmp_path)["w"], torch.ones(2))
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        load_state_dict(tmp_path)

@@ -18,23 +18,31 @@ TRAIN = ["--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1", "--
          "--threads", "1", "--no-progress", "--seed", "7"]
 
 
-def _train(data, out, nproc, batch, iters, resume=False):
+def _launch(data, out, nproc, batch, iters, resume=False, extra=(), timeout=300):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     cmd = launcher + ["-m", "fastlm", "train", "--data", str(data), "--out", str(out), *MODEL, *TRAIN,
-                      "--batch-size", str(batch), "--max-iters", str(iters)] + (["--resume"] if resume else [])
+                      "--batch-size", str(batch), "--max-iters", str(iters), *extra] + (["--resume"] if resume else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _train(data, out, nproc, batch, iters, resume=False, extra=()):
+    r = _launch(data, out, nproc, batch, iters, resume=resume, extra=extra)
     assert r.returncode == 0, r.stdout + r.stderr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _corpus(root):
+    for j in range(8):  # a few documents, so the split by document hash has both sides
+        (root / f"doc{j}.py").write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n"
+                                                 for i in range(j * 50, j * 50 + 50)))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    for j in range(8):  # a few documents, so the split by document hash has both sides
-        (root / f"doc{j}.py").write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n"
-                                                 for i in range(j * 50, j * 50 + 50)))
+    _corpus(root)
     prepare([str(root)], root / "data", vocab_size=256, val_fraction=0.25)
     return root / "data"
 
@@ -54,8 +62,21 @@ def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     assert abs(two_more[-1]["val_loss"] - one_more[-1]["val_loss"]) <= 1e-4 * one_more[-1]["val_loss"]
 
 
-def test_raw_text_under_torchrun_is_refused(tmp_path):
-    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
-    r = subprocess.run([sys.executable, "-m", "fastlm", "train", "--data", "some.txt", "--vocab-size", "256",
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 2 and "prepared folder" in r.stderr
+def test_raw_text_under_torchrun_prepared_by_rank_0(tmp_path):
+    """`fastlm train --data corpus/` works under torchrun as in one process: rank 0 prepares
+    OUT/data while the other rank waits, then both train on it."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _corpus(raw)
+    out = tmp_path / "run"
+    rows = _train(raw, out, nproc=2, batch=2, iters=3, extra=["--vocab-size", "256", "--val-fraction", "0.25"])
+    assert [r["step"] for r in rows] == [3]
+    # the folder is the one a single process prepares from the same sources
+    prepare([str(raw)], tmp_path / "ref", vocab_size=256, val_fraction=0.25, progress=False, verbose=False)
+    for name in ("train.bin", "val.bin", "tokenizer/tokenizer.json"):
+        assert (out / "data" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    # when rank 0 cannot prepare, every rank stops with an error instead of waiting
+    r = _launch(tmp_path / "missing", tmp_path / "run2", nproc=2, batch=2, iters=3, extra=["--vocab-size", "256"],
+                timeout=120)
+    assert r.returncode != 0
+    assert "rank 0 failed" in r.stdout + r.stderr and "missing" in r.stdout + r.stderr

@@ -34,6 +34,42 @@ def test_forward_shapes_and_loss(variant):
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
+def test_labels_are_shifted_inside_as_in_transformers(tmp_path):
+    torch.manual_seed(2)
+    m = GPT(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 101, (3, 11))
+    labels = idx.clone()
+    labels[0, 4] = -100
+    logits, loss = m(idx, labels=labels)
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(loss, manual, rtol=1e-5)
+    assert torch.allclose(m.loss(idx, labels=labels), loss, rtol=1e-5)
+    # the loss transformers' GPT2LMHeadModel gives for the same weights and labels
+    transformers = pytest.importorskip("transformers")
+    m.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert abs(hf(idx, labels=labels).loss.item() - loss.item()) < 1e-4
+    # targets= keeps its meaning (already shifted), and the shifted form gives the same loss
+    _, same_position = m(idx, targets=idx)
+    assert torch.allclose(same_position, F.cross_entropy(logits.reshape(-1, 101), idx.reshape(-1)), rtol=1e-5)
+    _, shifted = m(idx[:, :-1], targets=idx[:, 1:])
+    assert torch.allclose(shifted, m(idx, labels=idx)[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        m(idx, targets=idx, labels=idx)
+    with pytest.raises(ValueError, match="shaped like idx"):
+        m(idx, labels=idx[:, 1:])
+    with pytest.raises(TypeError, match="needs targets"):
+        m.loss(idx)
+    # the recurrent baselines take labels the same way
+    from fastlm import build_model
+
+    rnn = build_model(GPTConfig(arch="gru", vocab_size=101, n_layer=1, n_embd=16, n_head=1)).eval()
+    logits, loss = rnn(idx, labels=idx)
+    assert torch.allclose(loss, F.cross_entropy(logits[:, :-1].reshape(-1, 101), idx[:, 1:].reshape(-1)), rtol=1e-5)
+    assert torch.allclose(rnn.loss(idx, labels=idx), loss, rtol=1e-5)
+
+
 def test_causality_future_tokens_do_not_change_past_logits():
     torch.manual_seed(1)
     for variant in VARIANTS.values():

@@ -68,6 +68,25 @@ def test_pipeline_with_objects_and_errors(model_dir, tmp_path):
         fastlm.pipeline("text-generation", model=tmp_path)
 
 
+def test_pipeline_stops_at_the_tokenizers_end_of_text(tmp_path):
+    """A checkpoint whose config.json names no eos_token_id stops at the end-of-text token of
+    the tokenizer saved beside it."""
+    tok = fastlm.Tokenizer.train([TEXT], vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16,
+                          tie_word_embeddings=False))
+    assert model.config.eos_token_id is None
+    with torch.no_grad():  # every position's hidden state is ln_f's bias: the eot token always wins
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eot_token] = 1.0
+    model.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    pipe = fastlm.pipeline("text-generation", model=tmp_path)
+    assert pipe.defaults["eos_token_id"] == tok.eot_token
+    assert pipe("to be", max_new_tokens=10)[0]["generated_text"] == "to be"
+
+
 def test_cli_generate_streams(model_dir, capsys):
     rc = main(["generate", "--model", str(model_dir), "--prompt", "whether", "--max-new-tokens", "8"])
     assert rc == 0

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastlm import Tokenizer
+from fastlm.tokenizer import PATTERNS
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _tiktoken_local import tiktoken_encoding  # noqa: E402
@@ -465,6 +466,123 @@ def test_malformed_files_give_clear_errors(tmp_path):
         Tokenizer.load(tmp_path / "ok")
     with pytest.raises(ValueError, match="unknown pre-tokenization pattern"):
         Tokenizer.train(["x"], 300, pattern="o200k")
+
+
+# ----------------------------------------------------------------------------- limits
+def test_limits_are_the_cores():
+    from fastlm import _tokenizer
+    from fastlm import tokenizer as T
+
+    assert (T.MAX_VOCAB, T.MAX_TOKEN_BYTES) == (_tokenizer.MAX_VOCAB, _tokenizer.MAX_TOKEN_BYTES)
+
+
+def test_ids_past_the_limit_refused_before_allocating(tmp_path):
+    from fastlm import _tokenizer
+    from fastlm.tokenizer import MAX_VOCAB
+
+    byte_tokens = [bytes([b]) for b in range(256)]
+    for big in (MAX_VOCAB, 100_000_000):
+        with pytest.raises(ValueError, match="MAX_VOCAB"):
+            Tokenizer(byte_tokens, special_tokens={"<|endoftext|>": big})
+        # The core refuses it too, whoever calls it.
+        with pytest.raises(ValueError, match="past the limit"):
+            _tokenizer.Core(byte_tokens, [], False, [("<|x|>", big)], 0)
+        # tokenizer.json whose added token has the id
+        tok = Tokenizer.train(["hello hello world"], 270)
+        tok.save(tmp_path / "hf")
+        obj = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+        obj["added_tokens"][0]["id"] = big
+        obj["model"]["vocab"]["<|endoftext|>"] = big
+        (tmp_path / "big.json").write_text(json.dumps(obj))
+        with pytest.raises(ValueError, match="MAX_VOCAB"):
+            Tokenizer.load(tmp_path / "big.json")
+        # vocab.json with an ordinary token at the id
+        vocab = json.loads((tmp_path / "hf" / "vocab.json").read_text())
+        vocab["zzz"] = big
+        (tmp_path / "hf" / "tokenizer.json").unlink()
+        (tmp_path / "hf" / "vocab.json").write_text(json.dumps(vocab))
+        with pytest.raises(ValueError, match="MAX_VOCAB"):
+            Tokenizer.load(tmp_path / "hf")
+        # a .tiktoken rank
+        with pytest.raises(ValueError, match="MAX_VOCAB"):
+            Tokenizer.load(_tiktoken_file(tmp_path, _byte_lines() + [base64.b64encode(b"ab") + b" %d" % big]))
+        with pytest.raises(ValueError, match="MAX_VOCAB"):
+            Tokenizer.train(["hello"], big + 1)
+    with pytest.raises(ValueError, match="bad id"):
+        Tokenizer(byte_tokens, special_tokens={"<|endoftext|>": True})
+
+
+def test_token_length_limit(tmp_path):
+    import time
+
+    from fastlm import _tokenizer
+    from fastlm.tokenizer import MAX_TOKEN_BYTES
+
+    byte_tokens = [bytes([b]) for b in range(256)]
+    longest = b"a" * MAX_TOKEN_BYTES
+    ok = Tokenizer.load(_tiktoken_file(tmp_path, _byte_lines() + [base64.b64encode(longest) + b" 256"]))
+    assert ok.token_bytes(256) == longest
+    for n in (MAX_TOKEN_BYTES + 1, 1 << 20):
+        line = base64.b64encode(b"a" * n) + b" 256"
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match="MAX_TOKEN_BYTES"):
+            Tokenizer.load(_tiktoken_file(tmp_path, _byte_lines() + [line]))
+        with pytest.raises(ValueError, match="past the limit"):
+            _tokenizer.Core(byte_tokens + [b"a" * n], [], True, [], 0)
+        with pytest.raises(ValueError, match="past the limit"):
+            Tokenizer(byte_tokens, special_tokens={"x" * n: 256})
+        assert time.monotonic() - t0 < 5
+    # Training never makes a token past the limit, however long a repeated word is.
+    tok = Tokenizer.train(["a" * 5000 + " " + "a" * 5000], 300)
+    assert max(len(tok.token_bytes(i)) for i in range(tok.n_vocab - 1)) <= MAX_TOKEN_BYTES
+    assert tok.decode(tok.encode("a" * 5000)) == "a" * 5000
+
+
+def test_tiktoken_merges_derived_like_tiktoken():
+    """A vocabulary where every split of every long token is a merge: the merges fastlm
+    derives from the ranks give tiktoken's ids."""
+    import tiktoken
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for k in range(2, 300):
+        ranks[b"a" * k] = len(ranks)
+    for k in range(2, 40):
+        ranks[b"ab" * k] = len(ranks)
+    enc = tiktoken.Encoding("t", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={})
+    tok = Tokenizer([t for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])], rank_by_id=True)
+    rng = random.Random(0)
+    for _ in range(200):
+        s = "".join(rng.choice(["a" * rng.randint(1, 400), "ab" * rng.randint(1, 60), " ", "b"])
+                    for _ in range(rng.randint(1, 6)))
+        assert tok.encode(s) == enc.encode(s), s
+
+
+def test_file_size_limit(tmp_path):
+    import zlib
+
+    from fastlm.tokenizer import MAX_FILE_BYTES
+
+    # A gzip bomb: a small file that inflates past the limit.
+    c = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunk = b"\0" * (1 << 20)
+    bomb = b"".join(c.compress(chunk) for _ in range((MAX_FILE_BYTES >> 20) + 1)) + c.flush()
+    assert len(bomb) < 1 << 20
+    (tmp_path / "bomb.tiktoken.gz").write_bytes(bomb)
+    with pytest.raises(ValueError, match="MAX_FILE_BYTES"):
+        Tokenizer.load(tmp_path / "bomb.tiktoken.gz")
+    # A plain file past the limit (sparse: no disk used).
+    with open(tmp_path / "big.tiktoken", "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(ValueError, match="MAX_FILE_BYTES"):
+        Tokenizer.load(tmp_path / "big.tiktoken")
+    # Several gzip members are one file, as gzip reads them.
+    lines = b"".join(x + b"\n" for x in _byte_lines() + [base64.b64encode(b"ab") + b" 256"])
+    (tmp_path / "two.tiktoken.gz").write_bytes(gzip.compress(lines[:1000]) + gzip.compress(lines[1000:]))
+    assert Tokenizer.load(tmp_path / "two.tiktoken.gz").encode("ab") == [256]
+    # JSON nested past the parser's depth is a bad file, not a crash.
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deep"):
+        Tokenizer.load(tmp_path / "deep.json")
 
 
 # ----------------------------------------------------------------------------- adversarial

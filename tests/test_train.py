@@ -73,6 +73,16 @@ def test_config_files(tmp_path):
         load_config_file(tmp_path / "none.toml")
 
 
+def test_config_files_on_python_3_10(tmp_path, monkeypatch):
+    """Without the standard library's tomllib (Python 3.10) the tomli package parses TOML."""
+    import tomllib
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib now fails
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # the same parser, as tomli provides it
+    (tmp_path / "a.toml").write_text('lr = 2e-3\n[model]\nn_embd = 48\n')
+    assert load_config_file(tmp_path / "a.toml") == {"lr": 2e-3, "n_embd": 48}
+
+
 def test_optimizer_decays_matrices_only(data_dir, tmp_path):
     t = Trainer(tiny_model(), tiny_config(tmp_path), data_dir)
     decay, no_decay = t.optimizer.param_groups
@@ -207,6 +217,76 @@ def test_damaged_and_mismatched_checkpoints(data_dir, tmp_path):
     state.write_text(good)
     summary = Trainer(tiny_model(), tiny_config(out, resume=True, max_iters=20), data_dir).train()
     assert summary["step"] == 20
+
+
+def test_data_folder_metadata_stays_inside_the_folder(data_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    outside = tmp_path / "outside"
+    shutil.copytree(data_dir / "tokenizer", outside)
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    (d / "link").symlink_to(outside)
+    meta = json.loads((d / "meta.json").read_text())
+    for bad in (str(outside), "../outside", "link", "tokenizer/../../outside", "", 3):
+        (d / "meta.json").write_text(json.dumps({**meta, "tokenizer": bad}))
+        with pytest.raises(ValueError, match="tokenizer path"):
+            TokenData(d)
+    (d / "meta.json").write_text(json.dumps(meta))
+    # Files planted beside the tokenizer's own never reach a checkpoint, nor what a link names.
+    (d / "tokenizer" / "id_rsa").write_text("PRIVATE KEY")
+    (d / "tokenizer" / "merges.txt").unlink()
+    (d / "tokenizer" / "merges.txt").symlink_to(outside / "id_rsa")
+    out = tmp_path / "run"
+    Trainer(tiny_model(), tiny_config(out, max_iters=2, eval_interval=2, eval_iters=1), d).train()
+    ckpt = find_checkpoints(out)[-1]
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "id_rsa" not in names and "merges.txt" not in names
+    assert {"tokenizer.json", "vocab.json", "tokenizer_config.json"} <= set(names)
+    assert all("PRIVATE KEY" not in p.read_text(errors="replace") for p in ckpt.iterdir() if p.is_file())
+
+
+def test_resume_skips_a_torn_log_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(tiny_model(), tiny_config(out, max_iters=10, eval_interval=10), data_dir).train()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "train_lo')  # a run killed while writing its next line
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write("\x00\x00\x00")
+    summary = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10, resume=True), data_dir).train()
+    assert summary["step"] == 20
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [10, 20]
+    assert [r["step"] for r in read_jsonl(out / "train_log.jsonl")] == list(range(5, 21, 5))
+    assert "skipped 1 damaged line" in capsys.readouterr().err
+
+
+def test_failed_save_leaves_no_temporary_folder(data_dir, tmp_path, monkeypatch):
+    from fastlm import train as train_mod
+
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10), data_dir)
+    real = train_mod.save_tensors
+
+    def full_disk(path, *a, **k):
+        if trainer.step >= 20:
+            raise OSError(28, "No space left on device")
+        real(path, *a, **k)
+
+    monkeypatch.setattr(train_mod, "save_tensors", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        trainer.train()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(train_mod, "save_tensors", real)
+    # What a killed save leaves (a temporary folder; a checkpoint set aside and never replaced)
+    # is cleared, or put back, when the next run starts.
+    (out / "checkpoints" / ".step-0000020.tmp-999999").mkdir()
+    os.replace(out / "best", out / ".best.old-999999")
+    summary = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10, resume=True), data_dir).train()
+    assert summary["step"] == 20
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
+    assert (out / "best" / "config.json").is_file() and not list(out.glob(".best.*"))
 
 
 # ----------------------------------------------------------------------------- commands

@@ -360,6 +360,9 @@ class PyTrainer {
     t_.add(views, num_threads);
   }
   std::vector<std::tuple<uint32_t, uint32_t, uint32_t>> train(size_t n_tokens) const {
+    if (n_tokens > kMaxVocab)
+      throw py::value_error("a vocabulary of " + std::to_string(n_tokens) + " tokens is past the limit of " +
+                            std::to_string(kMaxVocab) + " ids");
     std::vector<Merge> ms;
     {
       py::gil_scoped_release nogil;
@@ -417,6 +420,8 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def("train", &PyTrainer::train, py::arg("n_tokens"))
       .def_property_readonly("n_words", &PyTrainer::n_words)
       .def_property_readonly("final_tokens", &PyTrainer::final_tokens);
+  m.attr("MAX_VOCAB") = py::int_(kMaxVocab);
+  m.attr("MAX_TOKEN_BYTES") = py::int_(kMaxTokenBytes);
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -2,6 +2,7 @@
 #include "tokenizer/core.h"
 
 #include <algorithm>
+#include <chrono>
 #include <queue>
 
 #ifdef _OPENMP
@@ -178,10 +179,52 @@ size_t safe_cut(const uint8_t* s, size_t n, size_t from) {
 }
 
 // ----------------------------------------------------------------------------- BPE model
+// The number of ordinary tokens, after checking the vocabulary against the limits (core.h).
+static size_t checked_count(const std::vector<std::string>& token_bytes,
+                            const std::vector<std::pair<std::string, uint32_t>>& specials) {
+  if (token_bytes.size() > kMaxVocab)
+    throw std::length_error("a vocabulary of " + std::to_string(token_bytes.size()) + " tokens is past the limit of " +
+                            std::to_string(kMaxVocab) + " ids");
+  for (size_t id = 0; id < token_bytes.size(); ++id)
+    if (token_bytes[id].size() > kMaxTokenBytes)
+      throw std::length_error("token id " + std::to_string(id) + " has " + std::to_string(token_bytes[id].size()) +
+                              " bytes, past the limit of " + std::to_string(kMaxTokenBytes));
+  for (auto& sp : specials) {
+    if (sp.second >= kMaxVocab)
+      throw std::length_error("special token id " + std::to_string(sp.second) + " is past the limit: ids are below " +
+                              std::to_string(kMaxVocab));
+    if (sp.first.size() > kMaxTokenBytes)
+      throw std::length_error("a special token of " + std::to_string(sp.first.size()) +
+                              " bytes is past the limit of " + std::to_string(kMaxTokenBytes));
+  }
+  return token_bytes.size();
+}
+
+// Polynomial hashes modulo the Mersenne prime 2^61 - 1, for deriving a tiktoken vocabulary's
+// merges: the hashes of all prefixes of a token come in one pass, and then the hashes of the
+// two parts of any split cost O(1), where hashing each part afresh would cost the token's
+// length per split.
+namespace {
+constexpr uint64_t kMod61 = (uint64_t(1) << 61) - 1;
+
+inline uint64_t mulmod61(uint64_t a, uint64_t b) {
+  const unsigned __int128 p = static_cast<unsigned __int128>(a) * b;
+  uint64_t r = uint64_t(p & kMod61) + uint64_t(p >> 61);  // 2^61 = 1 (mod 2^61 - 1)
+  r = (r & kMod61) + (r >> 61);
+  return r >= kMod61 ? r - kMod61 : r;
+}
+
+// The table key of a byte string of length n whose polynomial hash is h (never U64Map::kEmpty).
+inline uint64_t split_key(uint64_t h, size_t n) {
+  const uint64_t k = mix64(h ^ (uint64_t(n) * 0x9E3779B97F4A7C15ULL));
+  return k == U64Map::kEmpty ? k - 1 : k;
+}
+}  // namespace
+
 BPE::BPE(std::vector<std::string> token_bytes, const std::vector<std::pair<uint32_t, uint32_t>>& merges,
          bool rank_by_id, std::vector<std::pair<std::string, uint32_t>> specials, Pattern pattern)
-    : pattern_(pattern), rank_by_id_(rank_by_id), vocab_(token_bytes.size()), pairs_(token_bytes.size() * 2),
-      specials_(std::move(specials)) {
+    : pattern_(pattern), rank_by_id_(rank_by_id), vocab_(checked_count(token_bytes, specials)),
+      pairs_(token_bytes.size() * 2), specials_(std::move(specials)) {
   const size_t nt = token_bytes.size();
   size_t total = nt;
   for (auto& sp : specials_) {
@@ -220,27 +263,67 @@ BPE::BPE(std::vector<std::string> token_bytes, const std::vector<std::pair<uint3
     if (byte_id_[c] == kNoRank)
       throw std::invalid_argument("the vocabulary has no token for the single byte " + std::to_string(c) +
                                   " (a byte-level BPE needs all 256)");
-  auto id_of = [&](const std::string& bytes) -> int64_t {
-    const uint64_t* v = vocab_.find(bytes);
-    return v ? int64_t(*v) : -1;
-  };
   if (merges.empty() && rank_by_id) {
-    // Every split of every token into two tokens is a merge ranked by the token's id.
-    std::vector<std::pair<uint32_t, uint32_t>> order;
-    for (size_t id = 0; id < nt; ++id)
-      if (token_bytes[id].size() >= 2) order.push_back({uint32_t(id), 0});
-    for (auto& o : order) {
-      const std::string& t = token_bytes[o.first];
-      std::vector<Merge> local;
-      for (size_t k = 1; k < t.size(); ++k) {
-        int64_t a = id_of(t.substr(0, k)), b = id_of(t.substr(k));
-        if (a >= 0 && b >= 0) local.push_back({uint32_t(a), uint32_t(b), o.first});
+    // tiktoken's rule: every split of a token into two tokens is a merge ranked by the
+    // token's id. Each token is hashed once (prefix hashes); a split's two parts are looked
+    // up by their hashes and confirmed by comparing bytes, so a token of n bytes costs O(n)
+    // plus O(n) per split that is a merge. The base is drawn per vocabulary so that no file
+    // can be prepared to make many parts share a hash.
+    const uint64_t base = (mix64(uint64_t(reinterpret_cast<uintptr_t>(this)) ^
+                                 uint64_t(std::chrono::steady_clock::now().time_since_epoch().count())) %
+                           (kMod61 - 257)) + 257;
+    std::vector<uint64_t> power(kMaxTokenBytes + 1), prefix(kMaxTokenBytes + 1);
+    power[0] = 1;
+    for (size_t k = 1; k <= kMaxTokenBytes; ++k) power[k] = mulmod61(power[k - 1], base);
+    auto hash_prefixes = [&](const std::string& t) {  // prefix[k] = hash of t[0:k]
+      prefix[0] = 0;
+      for (size_t k = 0; k < t.size(); ++k) {
+        const uint64_t h = mulmod61(prefix[k], base) + uint8_t(t[k]) + 1;
+        prefix[k + 1] = h >= kMod61 ? h - kMod61 : h;
+      }
+    };
+    U64Map by_hash(nt);  // split_key -> id of the first token with that key
+    for (size_t id = 0; id < nt; ++id) {
+      if (token_bytes[id].empty()) continue;
+      hash_prefixes(token_bytes[id]);
+      by_hash.insert(split_key(prefix[token_bytes[id].size()], token_bytes[id].size()), id);
+    }
+    // The id of the n bytes at p, whose hash is h, or -1.
+    auto id_of = [&](const char* p, size_t n, uint64_t h) -> int64_t {
+      const uint64_t* v = by_hash.find(split_key(h, n));
+      if (!v) return -1;  // no token has this key, so none has these bytes
+      const std::string& c = token_bytes[*v];
+      if (c.size() == n && std::memcmp(c.data(), p, n) == 0) return int64_t(*v);
+      // Another token holds the key: ask the table of exact bytes.
+      auto q = reinterpret_cast<const uint8_t*>(p);
+      const uint64_t* e = vocab_.find(q, n, hash_bytes(q, n));
+      return e ? int64_t(*e) : -1;
+    };
+    std::vector<Merge> local;
+    for (size_t id = 0; id < nt; ++id) {
+      const std::string& t = token_bytes[id];
+      const size_t n = t.size();
+      if (n < 2) continue;
+      hash_prefixes(t);
+      local.clear();
+      for (size_t k = 1; k < n; ++k) {
+        const int64_t a = id_of(t.data(), k, prefix[k]);
+        if (a < 0) continue;
+        // hash of t[k:n] = prefix[n] - prefix[k] * base^(n-k)
+        const uint64_t sub = mulmod61(prefix[k], power[n - k]);
+        const uint64_t hs = prefix[n] >= sub ? prefix[n] - sub : prefix[n] + kMod61 - sub;
+        const int64_t b = id_of(t.data() + k, n - k, hs);
+        if (b >= 0) local.push_back({uint32_t(a), uint32_t(b), uint32_t(id)});
       }
       std::sort(local.begin(), local.end(),
                 [](const Merge& x, const Merge& y) { return x.a != y.a ? x.a < y.a : x.b < y.b; });
-      for (auto& m : local) merges_.push_back(m);
+      merges_.insert(merges_.end(), local.begin(), local.end());
     }
   } else {
+    auto id_of = [&](const std::string& bytes) -> int64_t {
+      const uint64_t* v = vocab_.find(bytes);
+      return v ? int64_t(*v) : -1;
+    };
     for (size_t r = 0; r < merges.size(); ++r) {
       auto [a, b] = merges[r];
       if (a >= nt || b >= nt || !tok_valid_[a] || !tok_valid_[b])
@@ -686,6 +769,9 @@ std::vector<Merge> Trainer::train(size_t n_tokens) const {
     }
     if (top.count <= 0) break;
     const uint32_t a = uint32_t(top.key >> 32), b = uint32_t(top.key);
+    // A pair that would make a token past the length limit is passed over (it comes back only
+    // if its count changes, and is passed over again).
+    if (tok_bytes[a].size() + tok_bytes[b].size() > kMaxTokenBytes) continue;
     // A pair whose bytes are already a token (made by another pair) reuses that token.
     std::string nb = tok_bytes[a] + tok_bytes[b];
     auto nbp = reinterpret_cast<const uint8_t*>(nb.data());

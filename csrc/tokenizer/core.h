@@ -373,6 +373,14 @@ class SharedPieceCache {
   size_t mask_ = 0, limit_ = 0, count_ = 0;
 };
 
+// ----------------------------------------------------------------------------- limits
+// What one tokenizer may hold. Memory is sized by the largest id and the time to derive a
+// tiktoken vocabulary's merges grows with each token's length, so a vocabulary past these is
+// refused (std::length_error) before anything is allocated for it. Real vocabularies hold a
+// few hundred thousand ids and tokens of at most a few hundred bytes.
+constexpr size_t kMaxVocab = size_t(1) << 21;  // every id, ordinary or special, is below this
+constexpr size_t kMaxTokenBytes = 1024;        // bytes of one token (a special token's text included)
+
 // ----------------------------------------------------------------------------- the BPE model
 class DisallowedSpecial : public std::runtime_error {
  public:

@@ -1,0 +1,63 @@
+"""What pyproject.toml declares: the torch floor that fastlm's safety rests on, and every
+third-party package that fastlm's code imports."""
+import ast
+import importlib.metadata
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Imported by fastlm but not declared, and why that is right.
+UNDECLARED = {
+    "datasets": "read only when installed; the ImportError names the package to install",
+    "starlette": "the framework fastapi is built on, installed and pinned by fastapi",
+}
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _imported_modules() -> set[str]:
+    mods = set()
+    for f in [*(ROOT / "fastlm").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods.add(node.module.split(".")[0])
+    return mods - set(sys.stdlib_module_names) - {"fastlm", "kernels"}
+
+
+def test_torch_floor_and_version_dependent_packages():
+    project = _pyproject()
+    deps = project["project"]["dependencies"]
+    # torch.load(weights_only=True) is bypassable below 2.6 (CVE-2025-32434); triton_op and
+    # FSDP2's fully_shard first appear in 2.6.
+    assert "torch>=2.6" in deps and "torch>=2.6" in project["build-system"]["requires"]
+    assert "tomli>=1.1; python_version < '3.11'" in deps  # tomllib is in the standard library from 3.11
+    assert project["project"]["requires-python"] == ">=3.10"
+    assert "jinja2>=3.1" in project["project"]["optional-dependencies"]["serve"]
+
+
+def test_every_imported_package_is_declared():
+    project = _pyproject()["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    for reqs in project["optional-dependencies"].values():
+        declared |= {_name(r) for r in reqs}
+    dists = importlib.metadata.packages_distributions()
+    missing = []
+    for mod in sorted(_imported_modules() - set(UNDECLARED)):
+        names = {d.lower().replace("_", "-") for d in dists.get(mod, [mod])}
+        if not names & declared:
+            missing.append(f"{mod} (distribution {sorted(names)})")
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
