@@ -12,8 +12,8 @@ uvicorn's HTTP/1.1 protocol (h11) is extended, not replaced (``protocol_class``)
 - **Send buffer.** Each socket's send buffer is set to ``send_buffer_bytes``, so what waits in
   the kernel for a client that does not read is bounded and such a client is noticed soon.
 - **Abort.** Each request's ASGI scope carries ``scope["extensions"]["fastlm.abort"]``, a
-  function that drops its connection at once (what is buffered for it is discarded): the
-  application calls it for a client that stopped reading.
+  function that drops its connection at once with a reset (what is buffered for it, here and
+  in the kernel, is discarded): the application calls it for a client that stopped reading.
 
 The body deadline is the application's (it reads the body against ``body_timeout``), and so
 is the send deadline of a stream (``DeadlineStreamingResponse``). ``HostCheck`` refuses
@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import json
 import socket
+import struct
 
 from starlette.responses import StreamingResponse
 
@@ -163,12 +164,20 @@ def protocol_class(max_connections: int, header_timeout: float, send_buffer_byte
             super().connection_lost(exc)
 
         def abort(self):
-            """Drop the connection now; the request in progress sees a disconnect."""
+            """Drop the connection now, with a reset: what waits unsent for the client, in this
+            process and in the kernel, is discarded at once. The request in progress sees a
+            disconnect."""
             self._disarm()
             if self.cycle is not None and not self.cycle.response_complete:
                 self.cycle.disconnected = True
                 self.cycle.message_event.set()
             self.flow.resume_writing()  # a send waiting for the client to read returns
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:  # linger 0: closing sends a reset instead of keeping the unsent bytes to deliver
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
             self.transport.abort()
 
     return Protocol

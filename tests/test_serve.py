@@ -20,11 +20,9 @@ httpx = pytest.importorskip("httpx")
 
 import fastlm  # noqa: E402
 from fastlm import GPT, GPTConfig  # noqa: E402
-from fastlm.serve import ChatTemplate, ServeConfig, ServerThread, create_app  # noqa: E402
+from fastlm.serve import ChatTemplate  # noqa: E402
 
-TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
-        "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. 你好 😀 ") * 4
-NAME = "tiny"
+from _serve import NAME, TEXT, engine, make_model, start, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +30,9 @@ def tok():
     return fastlm.Tokenizer.train([TEXT], vocab_size=300)
 
 
-def make_model(tok, block_size=256, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=block_size, n_layer=2, n_head=4, n_embd=64,
-                         initializer_range=0.3)).eval()
-
-
 @pytest.fixture(scope="module")
 def model(tok):
     return make_model(tok)
-
-
-def start(model, tok, **cfg):
-    return ServerThread(create_app(model, tok, ServeConfig(model_name=NAME, **cfg))).start()
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +45,6 @@ def server(model, tok):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def engine(server):
-    return server.server.config.app.state.fastlm.engine
 
 
 def greedy_text(model, tok, prompt, n):
@@ -454,15 +438,6 @@ def long_stream(server):
     while not next(lines).startswith("data: {"):
         pass
     return c, r, lines
-
-
-def wait_until(cond, timeout=10.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_disconnect_frees_the_slot(one_slot):
