@@ -19,7 +19,6 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import fastlm  # noqa: E402
-from fastlm import GPT, GPTConfig  # noqa: E402
 from fastlm.serve import ChatTemplate  # noqa: E402
 
 from _serve import NAME, TEXT, engine, make_model, start, wait_until  # noqa: E402

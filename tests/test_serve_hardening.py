@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 import fastlm  # noqa: E402
-from fastlm import GPT, GPTConfig  # noqa: E402
+from fastlm import GPT  # noqa: E402
 from fastlm.batching import Engine, Request  # noqa: E402
 from fastlm.generate import _options  # noqa: E402
 from fastlm.serve import ChatTemplate, ServeConfig, ServerThread, create_app  # noqa: E402
