@@ -290,8 +290,10 @@ class Engine:
         groups: dict = {}
         for b, s in enumerate(running):
             o = s.req.opts
-            own = s.seen is not None or s.counts is not None or s.bias is not None
-            key = ("row", b) if own else (o.sampling, o.temperature, o.top_k, o.top_p, o.min_p)
+            if s.seen is not None or s.counts is not None or s.bias is not None:
+                key = ("row", b)
+            else:  # the sampling options matter only to sampled rows
+                key = (True, o.temperature, o.top_k, o.top_p, o.min_p) if o.sampling else (False,)
             groups.setdefault(key, []).append(b)
         for rows in groups.values():
             try:
