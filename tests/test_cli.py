@@ -115,8 +115,17 @@ def test_serve_flags(model_dir, monkeypatch):
     assert main(["serve", "--model", str(model_dir), "--allowed-hosts", " , "]) == 2
 
 
-def test_serve_loads_device_and_dtype(model_dir):
-    from fastlm.serve import load
+def test_serve_loads_onto_device_in_dtype(model_dir, monkeypatch):
+    import uvicorn
 
-    model, tok, chat = load(model_dir, dtype=torch.bfloat16, device="cpu")
-    assert model.transformer.wte.weight.dtype == torch.bfloat16 and tok.n_vocab == model.config.vocab_size
+    import fastlm.serve
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw, app=app))
+    fastlm.serve.serve(model_dir, dtype=torch.bfloat16, device="cpu")
+    st = ran["app"].state.fastlm
+    w = st.model.transformer.wte.weight
+    assert w.dtype == torch.bfloat16 and w.device.type == "cpu"
+    assert st.cfg.allowed_hosts is None and ran["host"] == "127.0.0.1"  # bound to loopback: the loopback names
+    fastlm.serve.serve(model_dir, host="0.0.0.0")
+    assert ran["app"].state.fastlm.cfg.allowed_hosts == ("*",)  # bound elsewhere: any name, unless narrowed
