@@ -20,11 +20,7 @@ requests of the concurrent runs (and of the sequential runs, for reference).
 import asyncio
 import json
 import os
-import pathlib
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
@@ -36,25 +32,12 @@ httpx = pytest.importorskip("httpx")
 
 import fastlm  # noqa: E402
 from fastlm import GPT, GPTConfig  # noqa: E402
+from serve_process import ServeProcess, corpus  # noqa: E402  (pytest puts bench/ on sys.path)
 
 CLIENTS, TOKENS, ROUNDS = 16, 64, 5
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 PROMPTS = ["To be, or not to be", "Once upon a time", "The king said", "My lord, I", "What news", "Good morrow",
            "Now is the winter", "Friends, Romans", "If music be", "All the world", "Shall I compare", "O Romeo",
            "The quality of mercy", "Double, double", "Out, damned spot", "Is this a dagger"]
-
-
-def corpus():
-    """tinyshakespeare when the shared data folder is beside the checkout, else seeded pseudo-words
-    (varied enough that the tokenizer reaches its 2048 ids either way)."""
-    if SHARED.is_file():
-        return SHARED.read_text(encoding="utf-8")[:300_000]
-    import random
-
-    rng = random.Random(0)
-    syll = [a + b for a in "bcdfghklmnprstvwz" for b in "aeiouy"] + ["th", "sh", "ing", "er", "an"]
-    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 4))) for _ in range(5000)]
-    return " ".join(rng.choice(words) for _ in range(60_000))
 
 
 @pytest.fixture(scope="module")
@@ -66,35 +49,12 @@ def server(tmp_path_factory):
     model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=4, n_head=4, n_embd=256))
     model.save_pretrained(d)
     tok.save(d)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "fastlm", "serve", "--model", str(d), "--port", str(port), "--max-batch",
-           str(CLIENTS), "--log-level", "warning"]
+    flags = ["--max-batch", str(CLIENTS), "--log-level", "warning"]
     threads = os.environ.get("FASTLM_BENCH_THREADS")
     if threads:
-        cmd += ["--threads", threads]
-    env = {**os.environ, "FASTLM_API_KEY": ""}
-    p = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if p.poll() is not None or time.monotonic() - t0 > 120:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.1)
-        yield url, d.name
-    finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        flags += ["--threads", threads]
+    with ServeProcess(d, *flags) as s:
+        yield s.url, d.name
 
 
 async def one(client, url, model, prompt):

@@ -15,6 +15,13 @@ Each sequence (one choice of one prompt of one request) takes a free row when on
 
 Requests are submitted from any thread; their events (text deltas, finish reasons) are
 delivered by calling ``Request.emit`` from the engine thread, which must not block.
+
+One request cannot fail another: ids the tokenizer cannot decode are masked out of every
+choice (found once, at start), a row whose logits hold no finite maximum takes the argmax of
+its raw logits, and an error in the work of one row (its options, its text, its prompt's
+log-probabilities) ends that row's request alone with an ``("error", message)`` event while
+the batch goes on. Only a failure of a batched forward (an out-of-memory) fails the requests
+it carried.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from typing import Callable
 import torch
 
 from . import ops
-from .generate import KVCache, _LayerCache, _Options, _TextStream, _process_logits
+from .generate import (KVCache, _argmax, _LayerCache, _Options, _process_logits, _processes_greedy, _TextStream,
+                       _unusable_rows, undecodable_ids)
 from .tokenizer import token_bytes_fn
 
 __all__ = ["Engine", "Request", "QueueFull"]
@@ -47,7 +55,9 @@ class _Seq:
     text: _TextStream | None
     tokens: list = field(default_factory=list)
     cache_len: int = 0
-    seen: torch.Tensor | None = None
+    seen: torch.Tensor | None = None  # (V,) bool: ids of the prompt and output (repetition penalty)
+    counts: torch.Tensor | None = None  # (V,) float: times each id was generated (presence/frequency)
+    bias: torch.Tensor | None = None  # (V,) float: the request's logit_bias
     done: bool = False
     first_token_at: float | None = None
 
@@ -66,7 +76,9 @@ class Request:
         self.emit_many = emit_many
         self.prompt_logprobs = prompt_logprobs
         self.cancelled = False
+        self.failed = False
         self.finished = 0
+        self._prompt_lp: dict = {}  # prompt index -> its log-probabilities, shared by its n choices
         self.created = time.monotonic()
 
     @property
@@ -95,6 +107,8 @@ class Engine:
         # the valid prefix of a contiguous cache, so they get whole rows (a slice would be copied).
         self._cut_length = ops.resolve("decode_attention", p.device, p.dtype)[0] == "reference"
         self._token_bytes = token_bytes_fn(tokenizer) if tokenizer is not None else None
+        bad = undecodable_ids(tokenizer, model.config.vocab_size) if tokenizer is not None else []
+        self.banned = torch.tensor(bad, dtype=torch.long, device=p.device) if bad else None
         self.running: list[_Seq] = []  # running[i] owns cache row i
         self.logits: torch.Tensor | None = None  # (len(running), V): next-token logits of each row
         self.waiting: collections.deque = collections.deque()
@@ -153,19 +167,22 @@ class Engine:
                 with torch.inference_mode():
                     self._leave([b for b, s in enumerate(self.running) if s.req.cancelled])
                     if joining:
-                        self._join(joining)
+                        try:
+                            self._join(joining)
+                        except Exception as e:  # the joint prefill (out of memory): its requests fail
+                            traceback.print_exc()
+                            for r in {id(r): r for r, _, _ in joining}.values():
+                                self._fail(r, e)
+                        self._leave([b for b, s in enumerate(self.running) if s.req.cancelled])
                     if self.running:
                         self._step()
                 self.steps += 1
                 self._flush()
-            except Exception as e:  # a bug or an out-of-memory: fail the requests in flight, keep serving
+            except Exception as e:  # the batched forward itself (out of memory): fail the rows in flight
                 traceback.print_exc()
+                for r in {id(s.req): s.req for s in self.running}.values():
+                    self._fail(r, e)
                 self._flush()
-                reqs = {id(s.req): s.req for s in self.running}
-                reqs.update({id(r): r for r, _, _ in joining})
-                for r in reqs.values():
-                    r.cancelled = True
-                    r.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                 self.running, self.logits = [], None
             if self.on_step is not None:
                 self.on_step(len(self.running), len(self.waiting))
@@ -189,27 +206,53 @@ class Engine:
             tokens += len(prompt)
         return out
 
+    def _fail(self, req: Request, e: Exception) -> None:
+        """End ``req`` with an error event (once); its rows leave before the next step."""
+        req.cancelled = True
+        if not req.failed:
+            req.failed = True
+            self._send(req, ("error", f"generation failed: {type(e).__name__}: {e}"))
+
     def _join(self, joining):
-        V = self.model.config.vocab_size
-        device = self.cache.kv.device
         rows = list(range(len(self.running), len(self.running) + len(joining)))
         logits = self.cache.prefill([p for _, _, p in joining], rows=rows).float()
-        for (req, index, prompt), row in zip(joining, rows):
-            gen = None
-            if req.opts.sampling:
-                seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-                gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + index) % 2**63)
-            text = _TextStream(self._token_bytes, req.opts.stop_strings) if self._token_bytes else None
-            s = _Seq(req, index, list(prompt), gen, text, cache_len=len(prompt))
-            if req.opts.repetition_penalty != 1.0:
-                s.seen = torch.zeros(V, dtype=torch.bool, device=device)
-                s.seen[torch.as_tensor(prompt, device=device)] = True
-            if req.prompt_logprobs:
-                self._send(req, ("prompt_logprobs", index) + self._prompt_logprobs(prompt, req.opts.top_logprobs))
-            self.running.append(s)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        for req, index, prompt in joining:
+            s = _Seq(req, index, list(prompt), None, None, cache_len=len(prompt))
+            self.running.append(s)
+            try:
+                self._setup(s)
+            except Exception as e:  # this request's options or prompt: it alone fails (its row leaves)
+                traceback.print_exc()
+                self._fail(req, e)
         if any(s.req.opts.max_new_tokens == 0 for s in self.running):
             self._finish_zero()
+
+    def _setup(self, s: _Seq) -> None:
+        """A joining sequence's own state: generator, text stream, penalty and bias vectors, and
+        its prompt's log-probabilities (computed once per prompt, shared by its n choices)."""
+        req, opts = s.req, s.req.opts
+        V = self.model.config.vocab_size
+        device = self.cache.kv.device
+        if opts.sampling:
+            seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            s.generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + s.index) % 2**63)
+        if self._token_bytes:
+            s.text = _TextStream(self._token_bytes, opts.stop_strings)
+        if opts.repetition_penalty != 1.0:
+            s.seen = torch.zeros(V, dtype=torch.bool, device=device)
+            s.seen[torch.as_tensor(s.prompt, device=device)] = True
+        if opts.presence_penalty or opts.frequency_penalty:
+            s.counts = torch.zeros(V, dtype=torch.float32, device=device)
+        if opts.logit_bias:
+            s.bias = torch.zeros(V, dtype=torch.float32, device=device)
+            s.bias[torch.tensor(list(opts.logit_bias), device=device)] = torch.tensor(
+                list(opts.logit_bias.values()), dtype=torch.float32, device=device)
+        if req.prompt_logprobs:
+            p = s.index // req.n
+            if p not in req._prompt_lp:
+                req._prompt_lp[p] = self._prompt_logprobs(s.prompt, opts.top_logprobs)
+            self._send(req, ("prompt_logprobs", s.index) + req._prompt_lp[p])
 
     def _finish_zero(self):
         gone = []
@@ -229,41 +272,67 @@ class Engine:
         chosen = [None] + lp.gather(-1, tgt.view(-1, 1)).squeeze(-1).tolist()
         top = None
         if k:
+            if self.banned is not None:  # the alternatives shown are tokens the tokenizer can write
+                lp = lp.index_fill(-1, self.banned, float("-inf"))
             tv, ti = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
             top = [None] + [list(zip(a, b)) for a, b in zip(ti.tolist(), tv.tolist())]
         return chosen, top
 
     def _choose(self) -> list:
-        """One token per running row: greedy rows in one argmax; sampled rows processed in groups
-        of equal options (one batched pass), then drawn each with its own generator."""
+        """One token per running row: rows of equal options in one batched pass (greedy ones in
+        one argmax), rows with their own penalty or bias vectors alone; sampled rows drawn each
+        with their own generator. A group that fails ends its rows' requests alone (their
+        tokens are placeholders: the rows leave before the next forward)."""
         logits, running = self.logits, self.running
+        if self.banned is not None:
+            logits = logits.index_fill(-1, self.banned, float("-inf"))
         toks = [0] * len(running)
         groups: dict = {}
         for b, s in enumerate(running):
             o = s.req.opts
-            key = (o.sampling, o.temperature, o.top_k, o.top_p, o.repetition_penalty) if s.seen is None else ("row", b)
+            if s.seen is not None or s.counts is not None or s.bias is not None:
+                key = ("row", b)
+            else:  # the sampling options matter only to sampled rows
+                key = (True, o.temperature, o.top_k, o.top_p, o.min_p) if o.sampling else (False,)
             groups.setdefault(key, []).append(b)
-        for key, rows in groups.items():
-            s0 = running[rows[0]]
-            opts = s0.req.opts
-            idx = torch.tensor(rows, device=logits.device)
-            lg = logits.index_select(0, idx)
-            if key[0] == "row" or opts.sampling:
-                lg = _process_logits(lg, None if s0.seen is None else s0.seen.view(1, -1), opts)
-            if not opts.sampling:
-                chosen = lg.argmax(dim=-1).tolist()
-            else:
-                # inverse-CDF sampling: one uniform draw per row from its own generator, then
-                # one batched search (torch.multinomial row by row costs far more per row)
-                cdf = torch.softmax(lg, dim=-1).cumsum(dim=-1)
-                u = torch.cat([torch.rand(1, generator=running[b].generator, device=lg.device) for b in rows])
-                x = (u * cdf[:, -1]).unsqueeze(-1)
-                chosen = torch.searchsorted(cdf, x, right=True).clamp_(max=lg.shape[-1] - 1).view(-1).tolist()
+        for rows in groups.values():
+            try:
+                chosen = self._choose_rows(logits, rows)
+            except Exception as e:
+                traceback.print_exc()
+                for b in rows:
+                    self._fail(running[b].req, e)
+                continue
             for b, t in zip(rows, chosen):
                 toks[b] = t
-                if running[b].seen is not None:
-                    running[b].seen[t] = True
+                s = running[b]
+                if s.seen is not None:
+                    s.seen[t] = True
+                if s.counts is not None:
+                    s.counts[t] += 1
         return toks
+
+    def _choose_rows(self, logits, rows) -> list:
+        running = self.running
+        s0 = running[rows[0]]
+        opts = s0.req.opts
+        raw = logits if len(rows) == len(running) else logits.index_select(0, torch.tensor(rows, device=logits.device))
+        lg = raw
+        if opts.sampling or _processes_greedy(opts):
+            view = (lambda t: None if t is None else t.view(1, -1))
+            lg = _process_logits(raw, view(s0.seen), opts, view(s0.counts), view(s0.bias))
+        if not opts.sampling:
+            return _argmax(lg).tolist()
+        # inverse-CDF sampling: one uniform draw per row from its own generator, then one batched
+        # search (torch.multinomial row by row costs far more per row)
+        cdf = torch.softmax(lg, dim=-1).cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=running[b].generator, device=lg.device) for b in rows])
+        x = (u * cdf[:, -1]).unsqueeze(-1)
+        chosen = torch.searchsorted(cdf, x, right=True).clamp_(max=lg.shape[-1] - 1).view(-1)
+        bad = _unusable_rows(cdf[:, -1])
+        if bad.any():  # NaN probabilities: such a row takes the argmax of its raw logits instead
+            chosen[bad] = _argmax(raw[bad]).to(chosen.device)
+        return chosen.tolist()
 
     def _step(self):
         toks = self._choose()
@@ -275,38 +344,23 @@ class Engine:
                 k = self.running[b].req.opts.top_logprobs
                 top = None
                 if k:
-                    tv, ti = torch.topk(lp[i], min(k, lp.shape[-1]))
+                    row = lp[i] if self.banned is None else lp[i].index_fill(-1, self.banned, float("-inf"))
+                    tv, ti = torch.topk(row, min(k, lp.shape[-1]))
                     top = list(zip(ti.tolist(), tv.tolist()))
                 lp_rows[b] = (float(lp[i, toks[b]]), top)
         now = time.monotonic()
         gone = []
         for b, s in enumerate(self.running):
-            t = toks[b]
-            opts = s.req.opts
-            s.tokens.append(t)
-            if s.first_token_at is None:
-                s.first_token_at = now
-            reason, delta = None, ""
-            if t in opts.eos:
-                reason = "stop"
-            else:
-                if s.text is not None:
-                    delta = s.text.push(t)
-                    if s.text.stopped:
-                        reason = "stop"
-                if reason is None and any(len(s.tokens) >= len(q) and tuple(s.tokens[-len(q):]) == q
-                                          for q in opts.stop_token_seqs):
-                    reason = "stop"
-            if reason is None and len(s.tokens) >= opts.max_new_tokens:
-                reason = "length"
-            if reason is None and s.cache_len + 1 >= self.max_len:
-                reason = "length"  # the row is full: the model's context (or --max-model-len) is reached
-            if reason is not None and s.text is not None:
-                delta += s.text.finish()
-            lpv, top = lp_rows.get(b, (None, None))
-            self._send(s.req, ("token", s.index, t, delta, lpv, top))
+            if s.req.cancelled:  # failed while choosing: it leaves without a token
+                gone.append(b)
+                continue
+            try:
+                reason = self._advance(s, toks[b], lp_rows.get(b, (None, None)), now)
+            except Exception as e:  # its text or its stop rules: this request alone fails
+                traceback.print_exc()
+                self._fail(s.req, e)
+                reason = "error"
             if reason is not None:
-                self._end(s, reason)
                 gone.append(b)
         tokens = toks
         if gone:
@@ -323,6 +377,35 @@ class Engine:
         for s in self.running:
             s.cache_len += 1
         self.logits = logits.float()
+
+    def _advance(self, s: _Seq, t: int, lp, now: float) -> str | None:
+        """Append token ``t`` to ``s``, send its text, and end it if it is finished; returns the
+        finish reason or None."""
+        opts = s.req.opts
+        s.tokens.append(t)
+        if s.first_token_at is None:
+            s.first_token_at = now
+        reason, delta = None, ""
+        if t in opts.eos:
+            reason = "stop"
+        else:
+            if s.text is not None:
+                delta = s.text.push(t)
+                if s.text.stopped:
+                    reason = "stop"
+            if reason is None and any(len(s.tokens) >= len(q) and tuple(s.tokens[-len(q):]) == q
+                                      for q in opts.stop_token_seqs):
+                reason = "stop"
+        if reason is None and len(s.tokens) >= opts.max_new_tokens:
+            reason = "length"
+        if reason is None and s.cache_len + 1 >= self.max_len:
+            reason = "length"  # the row is full: the model's context (or --max-model-len) is reached
+        if reason is not None and s.text is not None:
+            delta += s.text.finish()
+        self._send(s.req, ("token", s.index, t, delta) + tuple(lp))
+        if reason is not None:
+            self._end(s, reason)
+        return reason
 
     def _end(self, s: _Seq, reason: str):
         s.done = True

@@ -68,16 +68,57 @@ def _add_generate(sub):
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--context-overflow", choices=["stop", "slide"], default="stop")
+    _add_device_args(p)
+
+
+def _add_device_args(p):
+    p.add_argument("--device", default=None, help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="weights' type (default: float32; bfloat16/float16 halve the memory, mostly for GPUs)")
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+           "fp16": "float16"}
+
+
+def _device_dtype(args):
+    """(device, dtype) from --device/--dtype, checked: a device torch cannot use is an error."""
+    import torch
+
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    device = None
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    return device, dtype
 
 
 def _run_generate(args):
     import fastlm
     from fastlm.pipelines import TextGenerationPipeline
 
-    pipe = TextGenerationPipeline(args.model, tokenizer=args.tokenizer)
+    from fastlm.model import ids_in_vocab
+
+    device, dtype = _device_dtype(args)
+    pipe = TextGenerationPipeline(args.model, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    if pipe.defaults.get("eos_token_id") is not None:  # generation_config.json's, read as config.json's is
+        pipe.defaults["eos_token_id"] = ids_in_vocab("generation_config.json: eos_token_id",
+                                                     pipe.defaults["eos_token_id"], pipe.model.config.vocab_size)
     opts = {k: v for k, v in dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}
+    unused = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None]
+    if unused and not args.do_sample:  # transformers' rule, said once here instead of as a library warning
+        print(f"fastlm generate: note: {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} used only with "
+              "--do-sample; decoding greedily", file=sys.stderr)
+        for k in ("temperature", "top_k", "top_p"):
+            opts.pop(k, None)
     opts = {**pipe.defaults, **opts, "context_overflow": args.context_overflow}
     if args.do_sample:
         opts["do_sample"] = True
@@ -464,6 +505,22 @@ def _add_serve(sub):
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size limit (default 1 MiB)")
     p.add_argument("--threads", type=int, help="torch threads for the model (default: torch's)")
+    p.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated Host names answered to (default: the loopback names when bound to "
+                        "loopback, any otherwise; '*' for any, '*.example.com' for a domain's names)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="allow browsers at ORIGIN (e.g. http://localhost:3000) to call the API (repeatable; default: "
+                        "no CORS)")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections (default 512; then 503)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's headers to arrive (default 10; then the connection is closed)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive (default 30; then 408)")
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="seconds a keep-alive connection may stay idle (default 5)")
+    p.add_argument("--send-timeout", type=float, default=30.0,
+                   help="seconds a stream may wait for its client to read (default 30; then it is dropped)")
+    _add_device_args(p)
     p.add_argument("--log-level", default="info")
 
 
@@ -473,25 +530,46 @@ def _run_serve(args):
 
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise RuntimeError("fastlm serve needs FastAPI and uvicorn: pip install 'fastlm[serve]'") from None
-    from fastlm.serve import ServeConfig, serve
+        raise RuntimeError("fastlm serve needs FastAPI, uvicorn and prometheus_client: pip install 'fastlm[serve]'"
+                           ) from None
+    from fastlm.serve import serve
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
+    cfg = _serve_config(args, api_key=args.api_key or os.environ.get("FASTLM_API_KEY") or None,
+                        model_name=args.served_model_name or pathlib.Path(args.model).resolve().name)
+    device, dtype = _device_dtype(args)
+    serve(args.model, host=args.host, port=args.port, tokenizer=args.tokenizer, config=cfg, log_level=args.log_level,
+          device=device, dtype=dtype)
+    return 0
+
+
+def _serve_config(args, **fields):
+    """The ServeConfig of ``fastlm serve``'s flags, checked."""
+    from fastlm.serve import ServeConfig
+
+    for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "max_connections"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    cfg = ServeConfig(model_name=args.served_model_name or pathlib.Path(args.model).resolve().name,
-                      max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                      max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens,
-                      max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-                      api_key=args.api_key or os.environ.get("FASTLM_API_KEY") or None)
-    serve(args.model, host=args.host, port=args.port, tokenizer=args.tokenizer, config=cfg, log_level=args.log_level)
-    return 0
+    for name in ("request_timeout", "header_timeout", "body_timeout", "idle_timeout", "send_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    hosts = None
+    if args.allowed_hosts is not None:
+        hosts = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+        if not hosts:
+            raise ValueError("--allowed-hosts names no host")
+    return ServeConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                       max_prompt_tokens=args.max_prompt_tokens, max_tokens_cap=args.max_tokens,
+                       max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                       max_connections=args.max_connections, header_timeout=args.header_timeout,
+                       body_timeout=args.body_timeout, idle_timeout=args.idle_timeout, send_timeout=args.send_timeout,
+                       allowed_hosts=hosts, cors_origins=tuple(args.cors_origin or ()), **fields)
 
 
 # ----------------------------------------------------------------------------- task pipelines

@@ -13,7 +13,11 @@ How a call runs:
    ``cache_lens = lens + 1`` only, so sequences of different lengths share a batch without
    any padding being attended.
 3. **Choosing.** Logits pass through Hugging Face's processors in its order (repetition
-   penalty, temperature, top-k, top-p); greedy takes the argmax (also when temperature is 0).
+   penalty, temperature, top-k, top-p, min-p); greedy takes the argmax (also when the
+   temperature is below ``GREEDY_TEMPERATURE``, as vLLM rules, where dividing by it would
+   overflow). Ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's, holes
+   in its ranks) are never chosen, and a row whose processed logits hold no finite maximum
+   falls back to the argmax of its raw logits instead of drawing from NaNs.
 4. **Stopping.** Each sequence stops on its own: an EOS token, a stop string (matched on the
    decoded text), ``max_new_tokens``, or the model's context (``finish_reason="length"``, with
    a warning; ``context_overflow="slide"`` keeps generating from the last half of the context
@@ -26,11 +30,13 @@ back until it is decided, so the concatenated deltas of ``stream`` equal the fin
 from __future__ import annotations
 
 import codecs
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +44,11 @@ from . import ops
 from .model import apply_rope
 from .tokenizer import token_bytes_fn
 
-__all__ = ["KVCache", "GenerateOutput", "generate", "stream", "score", "loglikelihood"]
+__all__ = ["KVCache", "GenerateOutput", "generate", "stream", "score", "loglikelihood", "GREEDY_TEMPERATURE"]
+
+# Temperatures below this decode greedily (vLLM's rule): logits divided by a smaller one can
+# overflow to infinity and turn the softmax into NaNs.
+GREEDY_TEMPERATURE = 1e-5
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -264,11 +274,18 @@ def _decoder(model) -> _Decoder:
 
 
 # ----------------------------------------------------------------------------- choosing tokens
-def _process_logits(logits, seen, opts):
-    """Hugging Face's order: repetition penalty, then temperature, top-k, top-p."""
+def _process_logits(logits, seen, opts, counts=None, bias=None):
+    """The processors in order: ``bias`` added to the raw logits (OpenAI's logit_bias), the
+    repetition penalty over the ids in ``seen`` (Hugging Face's: prompt and output), the
+    presence and frequency penalties over ``counts`` (OpenAI's: how often each id was
+    generated), then, for sampling, temperature, top-k, top-p and min-p (Hugging Face's order)."""
+    if bias is not None:
+        logits = logits + bias
     if opts.repetition_penalty != 1.0:
         pen = torch.where(logits > 0, logits / opts.repetition_penalty, logits * opts.repetition_penalty)
         logits = torch.where(seen, pen, logits)
+    if counts is not None and (opts.presence_penalty or opts.frequency_penalty):
+        logits = logits - opts.frequency_penalty * counts - opts.presence_penalty * (counts > 0).to(logits.dtype)
     if not opts.sampling:
         return logits
     if opts.temperature != 1.0:
@@ -282,22 +299,76 @@ def _process_logits(logits, seen, opts):
         drop = cum <= 1.0 - opts.top_p
         drop[..., -1:] = False  # keep at least the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if opts.min_p:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < opts.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits
 
 
+def _processes_greedy(opts) -> bool:
+    """Whether any processor changes the logits of a greedy choice (the sampling-only ones do not)."""
+    return (opts.repetition_penalty != 1.0 or bool(opts.presence_penalty) or bool(opts.frequency_penalty)
+            or bool(opts.logit_bias))
+
+
 def _argmax(logits):
-    """Row-wise argmax, the first index on ties. On the CPU numpy's vectorised argmax serves
-    (torch's takes ~10x longer over a (8, 8192) batch of logits: 57 against 6 microseconds)."""
+    """Row-wise argmax, the first index on ties, NaNs counted as -inf. On the CPU numpy's
+    vectorised argmax serves (torch's takes ~10x longer over a (8, 8192) batch of logits: 57
+    against 6 microseconds). An argmax stops at the first NaN of its row, so a NaN among the
+    chosen values shows the rows to take again without their NaNs."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.numpy().argmax(-1))
-    return logits.argmax(dim=-1)
+        a = logits.numpy()
+        idx = a.argmax(-1)
+        if np.isnan(np.take_along_axis(a, idx[..., None], -1)).any():
+            idx = np.nan_to_num(a, nan=-np.inf).argmax(-1)
+        return torch.from_numpy(idx)
+    idx = logits.argmax(dim=-1)
+    if torch.isnan(logits.gather(-1, idx.unsqueeze(-1))).any():
+        idx = torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1)
+    return idx
 
 
-def _choose(logits, opts, generator):
+def _unusable_rows(total):
+    """Rows whose probabilities cannot be drawn from: their sum (``total``) is NaN, as the
+    softmax makes it of a row with a NaN, a +inf, or nothing but -inf."""
+    return ~torch.isfinite(total) | (total <= 0)
+
+
+def _choose(logits, opts, generator, raw=None):
+    """One id per row of processed ``logits``: the argmax, or a draw from their softmax; a row
+    that cannot be drawn from takes the argmax of its ``raw`` logits (default ``logits``)."""
     if not opts.sampling:
         return _argmax(logits)
     probs = torch.softmax(logits, dim=-1)
+    bad = _unusable_rows(probs.sum(dim=-1))
+    if bad.any():
+        fallback = _argmax((logits if raw is None else raw)[bad]).to(probs.device)
+        probs[bad] = F.one_hot(fallback, probs.shape[-1]).to(probs.dtype)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_UNDECODABLE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def undecodable_ids(tokenizer, vocab_size: int) -> list:
+    """The ids in [0, vocab_size) that ``tokenizer`` cannot turn into bytes: a model vocabulary
+    padded past the tokenizer's, or holes in its ranks. Generation never chooses them (their
+    text could not be shown). Probed once per tokenizer and size (a 100k vocabulary takes
+    under a tenth of a second)."""
+    try:
+        cache = _UNDECODABLE.setdefault(tokenizer, {})
+    except TypeError:  # an object that takes no weak reference: probed on every call
+        cache = {}
+    if vocab_size not in cache:
+        token_bytes = token_bytes_fn(tokenizer)
+        bad = []
+        for i in range(vocab_size):
+            try:
+                token_bytes(i)
+            except Exception:  # each tokenizer has its own error for an unknown id
+                bad.append(i)
+        cache[vocab_size] = bad
+    return cache[vocab_size]
 
 
 # ----------------------------------------------------------------------------- text
@@ -366,6 +437,10 @@ class _Options:
     logprobs: bool
     top_logprobs: int
     overflow: str
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None  # {token id: value added to its logit}
 
 
 def _as_int(name, v, lo):
@@ -376,19 +451,29 @@ def _as_int(name, v, lo):
     return v
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _options(model, prompt_lens, max_new_tokens, max_length, do_sample, temperature, top_k, top_p,
-             repetition_penalty, stop, eos_token_id, tokenizer, logprobs, top_logprobs, context_overflow):
+             repetition_penalty, stop, eos_token_id, tokenizer, logprobs, top_logprobs, context_overflow, *,
+             min_p=None, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None):
     if max_new_tokens is None:
         max_new_tokens = 20 if max_length is None else max(0, _as_int("max_length", max_length, 1) - max(prompt_lens))
     max_new_tokens = _as_int("max_new_tokens", max_new_tokens, 0)
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not _finite(temperature) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None:
         top_k = _as_int("top_k", top_k, 0) or None  # 0 disables top-k, as in Hugging Face
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+    if not _finite(repetition_penalty) or not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be a number > 0, got {repetition_penalty!r}")
+    if min_p is not None and (not _finite(min_p) or not 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not _finite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if context_overflow not in ("stop", "slide"):
         raise ValueError(f"context_overflow must be 'stop' or 'slide', got {context_overflow!r}")
     if eos_token_id is None:
@@ -408,9 +493,31 @@ def _options(model, prompt_lens, max_new_tokens, max_length, do_sample, temperat
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer (pass tokenizer=...)")
     top_logprobs = _as_int("top_logprobs", top_logprobs or 0, 0)
-    return _Options(max_new_tokens, bool(do_sample) and temperature > 0, float(temperature), top_k,
+    if logit_bias:
+        if not isinstance(logit_bias, dict) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < V and _finite(v)
+                for k, v in logit_bias.items()):
+            raise ValueError(f"logit_bias must map token ids in [0, {V}) to finite numbers")
+        logit_bias = {int(k): float(v) for k, v in logit_bias.items()}
+    return _Options(max_new_tokens, bool(do_sample) and temperature >= GREEDY_TEMPERATURE, float(temperature), top_k,
                     None if top_p is None else float(top_p), float(repetition_penalty), frozenset(eos),
-                    stop_strings, stop_seqs, bool(logprobs) or top_logprobs > 0, top_logprobs, context_overflow)
+                    stop_strings, stop_seqs, bool(logprobs) or top_logprobs > 0, top_logprobs, context_overflow,
+                    float(min_p) if min_p else None, float(presence_penalty), float(frequency_penalty),
+                    logit_bias or None)
+
+
+def _warn_unused_sampling(do_sample, temperature, top_k, top_p, min_p=None):
+    """transformers' rule: options of sampling given with do_sample=False are not used, and a
+    warning says so (a temperature of 0 asks for greedy decoding and is not warned about)."""
+    if do_sample:
+        return
+    unused = [f"{name}={v!r}" for name, v, neutral in (("temperature", temperature, (0, 1)),
+                                                        ("top_k", top_k, (None, 0)), ("top_p", top_p, (None, 1)),
+                                                        ("min_p", min_p, (None, 0)))
+              if v not in neutral]
+    if unused:
+        warnings.warn(f"do_sample is False, so {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: "
+                      "decoding is greedy. Pass do_sample=True to sample with them.", UserWarning, stacklevel=3)
 
 
 def _prompts(model, input_ids, attention_mask):
@@ -499,6 +606,8 @@ class _Generation:
         self.cache = None
         self.logits = None
         self.warned = False
+        bad = undecodable_ids(tokenizer, cfg.vocab_size) if tokenizer is not None else []
+        self.banned = torch.tensor(bad, dtype=torch.long, device=self.device) if bad else None
 
     @torch.inference_mode()
     def start(self):
@@ -518,14 +627,17 @@ class _Generation:
     def step(self) -> list:
         """Choose one token per unfinished row; returns, per row, (token, text delta) or None."""
         opts, rows = self.opts, self.rows
-        logits = _process_logits(self.logits, self.seen, opts)
-        tok = _choose(logits, opts, self.generator)
+        raw = self.logits if self.banned is None else self.logits.index_fill(-1, self.banned, float("-inf"))
+        logits = _process_logits(raw, self.seen, opts)
+        tok = _choose(logits, opts, self.generator, raw)
         if self.seen is not None:
             self.seen[torch.arange(len(rows), device=self.device), tok] = True
         if opts.logprobs:
-            lp = torch.log_softmax(self.logits, dim=-1)
+            lp = torch.log_softmax(self.logits, dim=-1)  # the model's own, before any processing
             chosen = lp.gather(-1, tok.view(-1, 1)).squeeze(-1).tolist()
             if opts.top_logprobs:
+                if self.banned is not None:
+                    lp = lp.index_fill(-1, self.banned, float("-inf"))
                 tv, ti = torch.topk(lp, min(opts.top_logprobs, lp.shape[-1]), dim=-1)
                 tv, ti = tv.tolist(), ti.tolist()
         toks = tok.tolist()
@@ -607,7 +719,8 @@ def generate(model, input_ids, max_new_tokens: int | None = None, do_sample: boo
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0, stop=None,
              eos_token_id=None, seed: int | None = None, streamer=None, *, max_length: int | None = None,
              attention_mask=None, pad_token_id: int | None = None, tokenizer=None, logprobs: bool = False,
-             top_logprobs: int = 0, context_overflow: str = "stop", return_dict_in_generate: bool = False):
+             top_logprobs: int = 0, context_overflow: str = "stop", return_dict_in_generate: bool = False,
+             min_p: float | None = None):
     """Continue ``input_ids`` with ``model`` (a ``fastlm.GPT``), Hugging Face style.
 
     input_ids: a (T,) or (B, T) integer tensor (with ``attention_mask`` marking real tokens
@@ -617,7 +730,10 @@ def generate(model, input_ids, max_new_tokens: int | None = None, do_sample: boo
     (new tokens, finish reasons, texts, log-probabilities).
 
     max_new_tokens (default 20; or ``max_length`` = prompt + new), do_sample, temperature
-    (0 means greedy), top_k, top_p, repetition_penalty: as in transformers. ``eos_token_id``
+    (below ``GREEDY_TEMPERATURE``, 0 included, greedy), top_k, top_p, min_p,
+    repetition_penalty: as in transformers, which also decides that the options of sampling
+    given with ``do_sample=False`` are not used (with a warning). With a ``tokenizer``, ids it
+    cannot decode are never chosen. ``eos_token_id``
     (int or list; default the model's) and ``stop`` (strings, which need ``tokenizer``, or
     token-id sequences) end a sequence with finish_reason "stop"; each sequence of a batch
     stops on its own. ``seed`` makes sampling reproducible (its own torch.Generator).
@@ -630,7 +746,8 @@ def generate(model, input_ids, max_new_tokens: int | None = None, do_sample: boo
     prompts, kind = _prompts(model, input_ids, attention_mask)
     opts = _options(model, [len(p) for p in prompts], max_new_tokens, max_length, do_sample, temperature, top_k,
                     top_p, repetition_penalty, stop, eos_token_id, tokenizer, logprobs, top_logprobs,
-                    context_overflow)
+                    context_overflow, min_p=min_p)
+    _warn_unused_sampling(do_sample, temperature, top_k, top_p, min_p)
     gen = _Generation(model, prompts, opts, seed, tokenizer)
     if streamer is not None:
         streamer.put(input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(prompts[0]))
@@ -692,20 +809,25 @@ def stream(model, tokenizer, prompt, max_new_tokens: int | None = None, **kwargs
     if not texts:
         raise ValueError("stream: no prompts given")
     prompts = [_encode(tokenizer, t) for t in texts]
-    if kwargs.get("eos_token_id") is None and model.config.eos_token_id is None:
-        kwargs["eos_token_id"] = getattr(tokenizer, "eot_token", None)
+    eot = getattr(tokenizer, "eot_token", None)
+    if kwargs.get("eos_token_id") is None and model.config.eos_token_id is None and eot is not None \
+            and 0 <= eot < model.config.vocab_size:  # an id past the model's vocabulary is never generated
+        kwargs["eos_token_id"] = eot
     gen_args = dict(kwargs)
     seed = gen_args.pop("seed", None)
     for bad in ("streamer", "attention_mask", "return_dict_in_generate", "pad_token_id", "tokenizer"):
         if bad in gen_args:
             raise TypeError(f"stream() does not take {bad!r}")
+    sampling = {k: gen_args.pop(k, d) for k, d in (("do_sample", False), ("temperature", 1.0), ("top_k", None),
+                                                     ("top_p", None), ("min_p", None))}
     opts = _options(model, [len(p) for p in prompts], max_new_tokens, gen_args.pop("max_length", None),
-                    gen_args.pop("do_sample", False), gen_args.pop("temperature", 1.0), gen_args.pop("top_k", None),
-                    gen_args.pop("top_p", None), gen_args.pop("repetition_penalty", 1.0), gen_args.pop("stop", None),
+                    sampling["do_sample"], sampling["temperature"], sampling["top_k"], sampling["top_p"],
+                    gen_args.pop("repetition_penalty", 1.0), gen_args.pop("stop", None),
                     gen_args.pop("eos_token_id", None), tokenizer, gen_args.pop("logprobs", False),
-                    gen_args.pop("top_logprobs", 0), gen_args.pop("context_overflow", "stop"))
+                    gen_args.pop("top_logprobs", 0), gen_args.pop("context_overflow", "stop"), min_p=sampling["min_p"])
     if gen_args:
         raise TypeError(f"stream() got unexpected keyword arguments {sorted(gen_args)}")
+    _warn_unused_sampling(*sampling.values())
     gen = _Generation(model, prompts, opts, seed, tokenizer)
     for events in _steps(gen):
         deltas = [e[1] if e else "" for e in events]
@@ -775,8 +897,6 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        import math
-
         return math.exp(-self.total / max(len(self.logprobs), 1))
 
 

@@ -15,6 +15,7 @@ in one pass. The parameter names are Hugging Face GPT-2's (``transformer.h.0.att
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -22,6 +23,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+
+
+def ids_in_vocab(what: str, v, vocab_size: int, stacklevel: int = 2):
+    """``v`` (an id, a list of ids or None) without the ids outside [0, vocab_size), with a
+    warning naming ``what`` when any is dropped. A special-token id the model cannot produce
+    (transformers' GPT2Config defaults to 50256 whatever its vocab_size) is dropped where a
+    checkpoint's settings are read, as transformers warns and generates, instead of failing
+    every generation later."""
+    ids = v if isinstance(v, (list, tuple)) else [v] if v is not None else []
+    fits = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size]
+    if len(fits) == len(ids):
+        return v
+    warnings.warn(f"{what}={v!r} lies outside the vocabulary of {vocab_size} ids and is dropped"
+                  f"{f' (kept {fits})' if fits else ''}", UserWarning, stacklevel=stacklevel + 1)
+    return (fits if len(fits) > 1 else fits[0]) if fits else None
 
 
 @dataclass
@@ -68,6 +84,8 @@ class GPTConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GPTConfig: {msg}")
+        for name in ("bos_token_id", "eos_token_id"):
+            setattr(self, name, ids_in_vocab(f"GPTConfig: {name}", getattr(self, name), self.vocab_size, stacklevel=3))
 
     @property
     def head_dim(self) -> int:

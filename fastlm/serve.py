@@ -4,8 +4,14 @@ Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completion
 server-sent events with ``"stream": true``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 Requests and responses have OpenAI's shapes, so the ``openai`` client, LangChain and
 lm-evaluation-harness (``local-completions``: ``echo`` + ``logprobs`` give the prompt's
-per-token log-probabilities) work unchanged. Extra sampling fields (as vLLM names them):
-``top_k``, ``repetition_penalty``, ``ignore_eos``.
+per-token log-probabilities) work unchanged. Sampling follows OpenAI: a ``temperature`` below
+``GREEDY_TEMPERATURE`` (0 included) decodes greedily and the other sampling options are then
+unused; otherwise the server samples. Besides OpenAI's ``presence_penalty``,
+``frequency_penalty`` and ``logit_bias``, extra sampling fields as vLLM names them:
+``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``. Harmless fields that change
+nothing here (``user``, ``metadata``, ``store``, ...) are accepted and ignored, and named in
+the ``X-Fastlm-Ignored-Fields`` response header; fields whose meaning would be lost
+(``tools``, a ``response_format`` other than text, unknown names) get 400.
 
 The model runs in one worker thread, ``fastlm.batching.Engine``: concurrent requests are decoded
 together in one batched forward per step, joining and leaving the batch between steps. The
@@ -13,16 +19,32 @@ event loop only parses, tokenizes (in a thread pool), queues and formats; the en
 tokens back with ``loop.call_soon_threadsafe``. A client that disconnects frees its rows at the
 next step.
 
-Limits (``ServeConfig``): prompt tokens, ``max_tokens``, ``n``, concurrent sequences (cache
-rows) and waiting queue (beyond it 503 with ``Retry-After``), request body size (413), request
-time (504, or an error event in a stream). Errors have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``. With an API key (``--api-key`` or
-``FASTLM_API_KEY``) every ``/v1`` route requires ``Authorization: Bearer <key>``.
+Requests are validated by ``fastlm.serve_protocol``. Limits (``ServeConfig``): prompt tokens,
+``max_tokens``, ``n``, concurrent sequences (cache rows) and waiting queue (beyond it 503 with
+``Retry-After``), request body size (413) and nesting depth (400), request time (504, or an
+error event in a stream); per connection (``fastlm.serve_net``): open connections (503), the
+deadlines for headers (closed), body (408), idle keep-alive (closed), and each write of a
+stream (a client that stops reading is dropped and its rows freed, as is one whose unsent
+events pile past ``max_stream_events``). Errors have OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+
+Security defaults: bound to loopback; the ``Host`` header must name an allowed host (by
+default the loopback names, so a web page cannot reach the server by DNS rebinding); JSON
+bodies need ``Content-Type: application/json`` (a cross-site form post cannot send it without
+a CORS preflight, and CORS is off unless ``cors_origins`` is given). With an API key
+(``--api-key`` or ``FASTLM_API_KEY``) every ``/v1`` route requires ``Authorization: Bearer <key>``.
+
+One request cannot fail another (``fastlm.batching``): ids the tokenizer cannot decode are
+refused in prompts and never generated, sampling options are bounded, and an error in one
+row ends its request alone. A model whose config names an end-of-text id outside its
+vocabulary has it dropped with a warning when it loads.
 
 Chat template: the model directory's ``chat_template.jinja`` or the ``chat_template`` of its
 ``tokenizer_config.json`` (Hugging Face's convention, rendered in a sandboxed Jinja2 with
-``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``) when present; otherwise
-the plain template for base models::
+``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``) when present; only the
+template's own special tokens are encoded as special tokens, the messages' content always as
+ordinary text (a user who types ``<|endoftext|>`` gets those characters, not the control
+token). Otherwise the plain template for base models::
 
     {system message}\\n\\n            (each system/developer message, if any)
     User: {content}\\n\\n
@@ -35,17 +57,23 @@ with ``"\\nUser:"`` as an extra stop string, so that a base model does not write
 import asyncio
 import hmac
 import json
-import math
+import logging
 import os
+import re
 import secrets
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import Engine, QueueFull, Request
-from .generate import _options
+from .generate import undecodable_ids
+from .serve_protocol import (_CHAT_FIELDS, _COMPLETION_FIELDS, APIError, _bad, _check_fields, _disconnected,
+                             _get_bool, _get_int, _is_int, _json_body, _messages, _Sampling)
+
+log = logging.getLogger("fastlm.serve")
 
 __all__ = ["ServeConfig", "create_app", "serve", "ServerThread", "ChatTemplate"]
 
@@ -61,95 +89,62 @@ class ServeConfig:
     max_n: int = 16  # largest n (choices per prompt)
     max_prompts: int = 64  # prompts in one completions request
     max_body_bytes: int = 1 << 20  # request body size
+    max_json_depth: int = 32  # nesting of arrays and objects in a request body
     request_timeout: float = 600.0  # seconds from arrival to the last token
     api_key: str | None = None
     prefill_tokens: int = 2048
     latency_buckets: tuple = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-# ----------------------------------------------------------------------------- errors
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _bad(message, param=None, code=None):
-    return APIError(400, message, "invalid_request_error", param, code)
+    # connections (fastlm.serve_net)
+    max_connections: int = 512  # open connections; past it 503 and closed
+    header_timeout: float = 10.0  # seconds to deliver a request's headers (from connecting or the last response)
+    body_timeout: float = 30.0  # seconds from the request's arrival to the end of its body (408)
+    idle_timeout: float = 5.0  # seconds a keep-alive connection may wait idle for its next request
+    send_timeout: float = 30.0  # seconds one write of a stream may wait for the client to read
+    send_buffer_bytes: int = 1 << 17  # each socket's send buffer (the kernel doubles it)
+    max_stream_events: int = 4096  # events waiting for one request's client before it counts as not reading
+    allowed_hosts: tuple | None = None  # Host names answered to; None: the loopback names; ("*",): any
+    cors_origins: tuple = ()  # origins allowed by CORS (browsers); empty: no CORS headers at all
 
 
 # ----------------------------------------------------------------------------- metrics
-class _Histogram:
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.n = 0
-
-    def observe(self, v: float):
-        i = 0
-        while i < len(self.buckets) and v > self.buckets[i]:
-            i += 1
-        self.counts[i] += 1
-        self.sum += v
-        self.n += 1
-
-
 class Metrics:
-    """Counters, gauges and histograms in Prometheus' text format (no client library)."""
+    """Prometheus metrics through ``prometheus_client`` (its registry and text format, which
+    escapes label values), one registry per application. Requests are labelled by route
+    template (``/v1/completions``; ``unmatched`` for any path no route serves), never by the
+    raw path, so the label set stays fixed whatever clients send."""
 
-    def __init__(self, buckets):
-        self.lock = threading.Lock()
-        self.requests: dict = {}  # (route, status) -> count
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.ttft = _Histogram(buckets)
-        self.tpot = _Histogram(buckets)
-        self.e2e = _Histogram(tuple(buckets) + (30.0, 60.0, 120.0, 300.0))
+    def __init__(self, buckets, state):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("fastlm_requests", "HTTP requests by route template and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("fastlm_prompt_tokens", "prompt tokens of admitted requests", registry=r)
+        self.completion_tokens = Counter("fastlm_generation_tokens", "generated tokens", registry=r)
+        Gauge("fastlm_queue_depth", "sequences waiting for a batch row", registry=r).set_function(
+            lambda: state.engine.queue_depth if state.engine else 0)
+        Gauge("fastlm_running_sequences", "sequences in the running batch", registry=r).set_function(
+            lambda: state.engine.n_running if state.engine else 0)
+        self.ttft = Histogram("fastlm_time_to_first_token_seconds", "time from request arrival to its first token",
+                              buckets=buckets, registry=r)
+        self.tpot = Histogram("fastlm_time_per_output_token_seconds", "time between consecutive tokens of a sequence",
+                              buckets=buckets, registry=r)
+        self.e2e = Histogram("fastlm_request_duration_seconds", "time from request arrival to its last token",
+                             buckets=tuple(buckets) + (30.0, 60.0, 120.0, 300.0), registry=r)
 
     def request(self, route: str, status: int):
-        with self.lock:
-            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+        self.requests.labels(route, str(status)).inc()
 
-    def render(self, engine: Engine | None) -> str:
-        out = []
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        def metric(name, kind, help_, samples):
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(samples)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-        def hist(name, help_, h: _Histogram):
-            samples, cum = [], 0
-            for b, c in zip(h.buckets, h.counts):
-                cum += c
-                samples.append(f'{name}_bucket{{le="{b}"}} {cum}')
-            samples.append(f'{name}_bucket{{le="+Inf"}} {h.n}')
-            samples += [f"{name}_sum {h.sum}", f"{name}_count {h.n}"]
-            metric(name, "histogram", help_, samples)
 
-        with self.lock:
-            metric("fastlm_requests_total", "counter", "HTTP requests by route and status",
-                   [f'fastlm_requests_total{{route="{r}",status="{s}"}} {n}'
-                    for (r, s), n in sorted(self.requests.items())]
-                   or ['fastlm_requests_total{route="",status=""} 0'])
-            metric("fastlm_prompt_tokens_total", "counter", "prompt tokens of admitted requests",
-                   [f"fastlm_prompt_tokens_total {self.prompt_tokens}"])
-            metric("fastlm_generation_tokens_total", "counter", "generated tokens",
-                   [f"fastlm_generation_tokens_total {self.completion_tokens}"])
-            metric("fastlm_queue_depth", "gauge", "sequences waiting for a batch row",
-                   [f"fastlm_queue_depth {engine.queue_depth if engine else 0}"])
-            metric("fastlm_running_sequences", "gauge", "sequences in the running batch",
-                   [f"fastlm_running_sequences {engine.n_running if engine else 0}"])
-            hist("fastlm_time_to_first_token_seconds", "time from request arrival to its first token", self.ttft)
-            hist("fastlm_time_per_output_token_seconds", "time between consecutive tokens of a sequence", self.tpot)
-            hist("fastlm_request_duration_seconds", "time from request arrival to its last token", self.e2e)
-        return "\n".join(out) + "\n"
+def _route_label(request) -> str:
+    """The template of the route that matched ``request`` (``unmatched`` when none did)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
 
 
 # ----------------------------------------------------------------------------- chat template
@@ -207,107 +202,53 @@ class ChatTemplate:
         parts.append("Assistant:")
         return "".join(parts)
 
+    def encode(self, messages: list, tokenizer) -> list:
+        """The prompt's token ids. The messages' content is always ordinary text; of the
+        special-token text in the rendered prompt only the template's own becomes special
+        tokens. Special-token text inside a message is hidden behind a placeholder while the
+        template renders (digits between private-use characters, which no case or whitespace
+        filter changes) and restored afterwards as ordinary text. The text between the
+        template's special tokens is encoded in one piece, so the tokens are those of
+        ``encode(prompt, allowed_special="all")`` whenever no message holds special-token text."""
+        if self.source is None:
+            return _encode_text(tokenizer, self.render(messages))
+        specials = _special_tokens(tokenizer)
+        if not specials:
+            return _encode_text(tokenizer, self.render(messages))
+        find = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+        nonce = str(secrets.randbelow(10 ** 12))
+        hidden: dict = {}
 
-# ----------------------------------------------------------------------------- request parsing
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "top_k",
-           "repetition_penalty", "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias",
-           "logprobs"}
-_COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-                          "tool_choice", "parallel_tool_calls", "store", "metadata", "service_level", "service_tier"}
+        def hide(m):
+            key = f"\ue000{nonce}.{len(hidden)}\ue001"
+            hidden[key] = m.group(0)
+            return key
 
+        text = self.render([{**m, "content": find.sub(hide, m["content"])} for m in messages])
+        placeholder = re.compile("\ue000" + nonce + r"\.\d+\ue001")
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+        def ordinary(piece):
+            if hidden:
+                piece = placeholder.sub(lambda k: hidden.get(k.group(0), k.group(0)), piece)
+            return _encode_text(tokenizer, piece) if piece else []
 
-
-def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _get_int(body, name, default, lo, hi):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_int(v):
-        raise _bad(f"'{name}' must be an integer, got {json.dumps(v)[:50]}", name, "invalid_type")
-    if not lo <= v <= hi:
-        raise _bad(f"'{name}' must be between {lo} and {hi}, got {v}", name, "invalid_value")
-    return v
-
-
-def _get_num(body, name, default, lo, hi, lo_open=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_num(v):
-        raise _bad(f"'{name}' must be a number, got {json.dumps(v)[:50]}", name, "invalid_type")
-    if not (lo < v if lo_open else lo <= v) or not v <= hi:
-        raise _bad(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name, "invalid_value")
-    return float(v)
+        ids, pos = [], 0
+        for m in find.finditer(text):
+            ids += ordinary(text[pos:m.start()])
+            ids.append(specials[m.group(0)])
+            pos = m.end()
+        return ids + ordinary(text[pos:])
 
 
-def _get_bool(body, name, default):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise _bad(f"'{name}' must be a boolean, got {json.dumps(v)[:50]}", name, "invalid_type")
-    return v
-
-
-def _check_fields(body, allowed):
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None, "invalid_json")
-    for k in body:
-        if k not in allowed:
-            raise _bad(f"Unrecognized request argument supplied: {k}", k, "unknown_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _get_num(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise _bad(f"'{name}' is not supported (only 0)", name, "unsupported_parameter")
-    if body.get("logit_bias") not in (None, {}):
-        raise _bad("'logit_bias' is not supported", "logit_bias", "unsupported_parameter")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise _bad("'user' must be a string", "user", "invalid_type")
-
-
-class _Sampling:
-    """The options shared by both routes, validated."""
-
-    def __init__(self, body, cfg: ServeConfig, max_tokens, extra_stop=()):
-        self.temperature = _get_num(body, "temperature", 1.0, 0.0, 2.0)
-        self.top_p = _get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-        self.top_k = _get_int(body, "top_k", -1, -1, 1 << 30)
-        self.repetition_penalty = _get_num(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
-        self.n = _get_int(body, "n", 1, 1, cfg.max_n)
-        self.seed = _get_int(body, "seed", None, -(1 << 63), (1 << 63) - 1)
-        self.stream = _get_bool(body, "stream", False)
-        so = body.get("stream_options")
-        self.include_usage = False
-        if so is not None:
-            if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
-                raise _bad("'stream_options' must be an object with 'include_usage'", "stream_options", "invalid_type")
-            if not self.stream:
-                raise _bad("'stream_options' is only allowed with 'stream': true", "stream_options", "invalid_value")
-            self.include_usage = _get_bool(so, "include_usage", False)
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
-        if len(stop) > 16 or any(len(s) > 256 for s in stop):
-            raise _bad("'stop' takes at most 16 strings of at most 256 characters", "stop", "invalid_value")
-        self.stop = [s for s in stop if s] + list(extra_stop)
-        self.max_tokens = max_tokens
-        self.ignore_eos = _get_bool(body, "ignore_eos", False)
-
-    def options(self, model, eos, prompt_lens, tokenizer, logprobs: bool, top_logprobs: int, max_new_tokens):
-        return _options(model, prompt_lens, max_new_tokens, None, self.temperature > 0, self.temperature,
-                        self.top_k if self.top_k > 0 else None, self.top_p if self.top_p < 1.0 else None,
-                        self.repetition_penalty, self.stop or None, [] if self.ignore_eos else eos, tokenizer, logprobs,
-                        top_logprobs, "stop")
+def _special_tokens(tokenizer) -> dict:
+    """{text: id} of the tokenizer's special tokens (fastlm's ``special_tokens``, or tiktoken's
+    ``special_tokens_set`` with ``encode_single_token``)."""
+    sp = getattr(tokenizer, "special_tokens", None)
+    if isinstance(sp, dict):
+        return dict(sp)
+    names = getattr(tokenizer, "special_tokens_set", None) or ()
+    single = getattr(tokenizer, "encode_single_token", None)
+    return {t: single(t) for t in names} if callable(single) else {}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -316,24 +257,44 @@ class _State:
         self.model, self.tokenizer, self.cfg, self.chat = model, tokenizer, cfg, chat_template
         self.max_len = min(cfg.max_model_len or model.config.block_size, model.config.block_size)
         self.max_prompt = min(cfg.max_prompt_tokens or self.max_len - 1, self.max_len - 1)
-        eos = model.config.eos_token_id
-        if eos is None:
-            eos = getattr(tokenizer, "eot_token", None)
-        self.eos = eos
-        self.metrics = Metrics(cfg.latency_buckets)
+        self.vocab_size = V = model.config.vocab_size
+        self.undecodable = frozenset(undecodable_ids(tokenizer, V))
+        self.eos = self._end_ids(model.config.eos_token_id, getattr(tokenizer, "eot_token", None))
+        self.metrics = Metrics(cfg.latency_buckets, self)
         self.engine: Engine | None = None
         self.created = int(time.time())
+
+    def valid_id(self, t) -> bool:
+        """A token id of the model that the tokenizer can decode."""
+        return _is_int(t) and 0 <= t < self.vocab_size and t not in self.undecodable
+
+    def _end_ids(self, configured, eot) -> list:
+        """The ids that end a sequence: the config's, else the tokenizer's end-of-text id. One
+        the model cannot generate (outside its vocabulary, or not decodable) is dropped here,
+        once, with a warning, instead of failing every request."""
+        ids = configured if configured is not None else eot
+        ids = [] if ids is None else [ids] if _is_int(ids) else list(ids)
+        kept = [i for i in ids if self.valid_id(i)]
+        if len(kept) < len(ids):
+            warnings.warn(f"end-of-text ids {sorted(set(ids) - set(kept))} lie outside the model's {self.vocab_size} "
+                          "ids or the tokenizer's vocabulary and are dropped: sequences end by length, stop strings "
+                          "or stop ids", UserWarning, stacklevel=3)
+        return kept
 
 
 def create_app(model, tokenizer, config: ServeConfig | None = None, chat_template: ChatTemplate | None = None):
     """The FastAPI application serving ``model`` (a ``fastlm.GPT``) with ``tokenizer``. The
-    engine thread starts with the app (its lifespan) and stops with it."""
+    engine thread starts with the app (its lifespan) and stops with it. Serve it with
+    ``serve``/``ServerThread`` (uvicorn with the connection limits of ``fastlm.serve_net``)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
+
+    from .serve_net import LOOPBACK_NAMES, DeadlineStreamingResponse, HostCheck
 
     cfg = config or ServeConfig()
     if cfg.api_key is None:
@@ -349,8 +310,15 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
         finally:
             st.engine.stop()
 
-    app = FastAPI(title="fastlm", lifespan=lifespan)
+    app = FastAPI(title="fastlm", lifespan=lifespan, openapi_url=None)
     app.state.fastlm = st
+    if cfg.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(HostCheck, allowed=tuple(cfg.allowed_hosts or LOOPBACK_NAMES),
+                       on_reject=lambda status: st.metrics.request("invalid_host", status))
 
     def error_response(e: APIError, route: str):
         st.metrics.request(route, e.status)
@@ -360,15 +328,17 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     async def _http_error(request, exc):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(APIError(exc.status_code, str(exc.detail), kind, None, None,
-                                       dict(exc.headers or {})), request.url.path)
+                                       dict(exc.headers or {})), _route_label(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
-        return error_response(_bad(str(exc.errors())[:500]), request.url.path)
+        return error_response(_bad(str(exc.errors())[:500]), _route_label(request))
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc):
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"), request.url.path)
+        log.exception("internal error on %s", _route_label(request))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"),
+                              _route_label(request))
 
     def check_auth(request):
         if cfg.api_key is None:
@@ -379,22 +349,35 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            "invalid_request_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
-    async def read_json(request):
+    async def read_json(request, arrived):
+        """The body as JSON: Content-Type application/json, at most max_body_bytes, all of it
+        within body_timeout of the request's arrival."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";", 1)[0].strip().lower() != "application/json":
+            raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' (got "
+                                f"{ctype[:60]!r})", "invalid_request_error", None, "unsupported_media_type")
+        too_large = APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", "invalid_request_error",
+                             None, "request_too_large")
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > cfg.max_body_bytes:
-            raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", "invalid_request_error",
-                           None, "request_too_large")
+            raise too_large
         chunks, size = [], 0
-        async for c in request.stream():
+        body = request.stream().__aiter__()
+        while True:
+            try:
+                c = await asyncio.wait_for(body.__anext__(), arrived + cfg.body_timeout - time.monotonic())
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {cfg.body_timeout} s",
+                               "invalid_request_error", None, "request_timeout", {"Connection": "close"}) from None
+            except ClientDisconnect:
+                raise _disconnected() from None
             size += len(c)
             if size > cfg.max_body_bytes:
-                raise APIError(413, f"request body larger than {cfg.max_body_bytes} bytes", "invalid_request_error",
-                               None, "request_too_large")
+                raise too_large
             chunks.append(c)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _bad(f"invalid JSON in the request body: {e}", None, "invalid_json") from None
+        return _json_body(b"".join(chunks), cfg.max_json_depth)
 
     def check_model(body):
         m = body.get("model")
@@ -402,21 +385,26 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
             raise _bad("'model' is required and must be a string", "model",
                        "invalid_type" if m is not None else "missing")
         if m != cfg.model_name:
-            raise APIError(404, f"The model '{m}' does not exist (this server serves '{cfg.model_name}')",
+            raise APIError(404, f"The model '{m[:200]}' does not exist (this server serves '{cfg.model_name}')",
                            "invalid_request_error", "model", "model_not_found")
 
-    async def encode(text: str, special: bool = False) -> list:
+    async def encode(text: str) -> list:
         if len(text) < 2048:
-            return _encode_text(tokenizer, text, special)
-        return await asyncio.get_running_loop().run_in_executor(None, _encode_text, tokenizer, text, special)
+            return _encode_text(tokenizer, text)
+        return await asyncio.get_running_loop().run_in_executor(None, _encode_text, tokenizer, text)
+
+    async def encode_chat(messages) -> list:
+        if sum(len(m["content"]) for m in messages) < 2048:
+            return st.chat.encode(messages, tokenizer)
+        return await asyncio.get_running_loop().run_in_executor(None, st.chat.encode, messages, tokenizer)
 
     def check_lengths(prompts, max_tokens, param):
-        V = model.config.vocab_size
         for p in prompts:
             if not p:
                 raise _bad("the prompt is empty (no tokens)", param, "invalid_value")
-            if not all(_is_int(t) and 0 <= t < V for t in p):
-                raise _bad(f"token ids must be integers in [0, {V})", param, "invalid_value")
+            if not all(st.valid_id(t) for t in p):
+                raise _bad(f"token ids must be integers in [0, {st.vocab_size}) that the tokenizer can decode",
+                           param, "invalid_value")
             if len(p) > st.max_prompt:
                 raise _bad(f"the prompt has {len(p)} tokens; this server accepts at most {st.max_prompt}", param,
                            "context_length_exceeded")
@@ -424,24 +412,33 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
                 raise _bad(f"This model's maximum context length is {st.max_len} tokens; the prompt has {len(p)} "
                            f"and max_tokens is {max_tokens}", "max_tokens", "context_length_exceeded")
 
-    def start(prompts, opts, sampling: _Sampling, prompt_logprobs=False):
+    def start(prompts, opts, sampling: _Sampling, prompt_logprobs, abort):
+        """Submit to the engine; returns (request, queue of its events). Events waiting for
+        the client past max_stream_events mean it stopped reading: its rows are freed, its
+        connection dropped (``abort``) and the queue closed with a ``("stalled",)`` event."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(ev):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-            except RuntimeError:  # the loop is closed: nobody listens any more
-                pass
+        stalled = []
 
         def put_all(evs):
+            if stalled:
+                return
             for ev in evs:
                 queue.put_nowait(ev)
+            if queue.qsize() > cfg.max_stream_events:
+                stalled.append(True)
+                st.engine.cancel(req)
+                queue.put_nowait(("stalled",))
+                if abort is not None:
+                    abort()
+
+        def emit(ev):
+            emit_many([ev])
 
         def emit_many(evs):
             try:
                 loop.call_soon_threadsafe(put_all, evs)
-            except RuntimeError:
+            except RuntimeError:  # the loop is closed: nobody listens any more
                 pass
 
         req = Request(prompts, opts, emit, n=sampling.n, seed=sampling.seed, prompt_logprobs=prompt_logprobs,
@@ -451,8 +448,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
         except QueueFull:
             raise APIError(503, "The server is overloaded: too many requests wait; retry later", "server_error", None,
                            "server_overloaded", {"Retry-After": "1"}) from None
-        with st.metrics.lock:
-            st.metrics.prompt_tokens += sum(len(p) for p in prompts)
+        st.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         return req, queue
 
     async def events(req, queue, arrived):
@@ -461,6 +457,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
         deadline = arrived + cfg.request_timeout
         last = {}
         left = req.size
+        m = st.metrics
         while left:
             remaining = deadline - time.monotonic()
             try:
@@ -472,49 +469,64 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
             while not queue.empty():
                 batch.append(queue.get_nowait())
             now = time.monotonic()
-            m = st.metrics
-            with m.lock:
-                for ev in batch:
-                    if ev[0] == "token":
-                        m.completion_tokens += 1
-                        i = ev[1]
-                        if i in last:
-                            m.tpot.observe(now - last[i])
-                        else:
-                            m.ttft.observe(now - arrived)
-                        last[i] = now
-                    elif ev[0] == "finish":
-                        left -= 1
-                        if left == 0:
-                            m.e2e.observe(now - arrived)
-                    elif ev[0] == "error":
-                        raise APIError(500, ev[1], "server_error", None, "generation_failed")
-                    elif ev[0] == "disconnected":
-                        raise APIError(499, "the client closed the connection", "invalid_request_error", None,
-                                       "client_disconnected")
+            tokens = 0
+            for ev in batch:
+                if ev[0] == "token":
+                    tokens += 1
+                    i = ev[1]
+                    if i in last:
+                        m.tpot.observe(now - last[i])
+                    else:
+                        m.ttft.observe(now - arrived)
+                    last[i] = now
+                elif ev[0] == "finish":
+                    left -= 1
+                    if left == 0:
+                        m.e2e.observe(now - arrived)
+                elif ev[0] == "error":
+                    raise APIError(500, ev[1], "server_error", None, "generation_failed")
+                elif ev[0] in ("disconnected", "stalled"):
+                    raise _disconnected()
+            if tokens:
+                m.completion_tokens.inc(tokens)
             yield batch
 
     async def run_request(request, route, body_fn):
         """Common frame: auth, body, parse (body_fn returns a plan), then stream or not."""
         arrived = time.monotonic()
+        abort = (request.scope.get("extensions") or {}).get("fastlm.abort")
         try:
             check_auth(request)
-            body = await read_json(request)
+            body = await read_json(request, arrived)
             plan = await body_fn(body)
-            req, queue = start(plan["prompts"], plan["opts"], plan["sampling"], plan.get("prompt_logprobs", False))
+            req, queue = start(plan["prompts"], plan["opts"], plan["sampling"], plan.get("prompt_logprobs", False),
+                               abort)
         except APIError as e:
             return error_response(e, route)
+        headers = {}
+        if plan["ignored"]:
+            headers["X-Fastlm-Ignored-Fields"] = ", ".join(plan["ignored"])
+            log.info("%s: ignored fields %s", route, ", ".join(plan["ignored"]))
         if plan["sampling"].stream:
             st.metrics.request(route, 200)
-            return StreamingResponse(stream_body(req, queue, arrived, plan), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+            def on_stall():  # a write waited past send_timeout: the client stopped reading
+                st.engine.cancel(req)
+                if abort is None:
+                    raise RuntimeError("the client stopped reading")
+                abort()
+
+            return DeadlineStreamingResponse(stream_body(req, queue, arrived, plan), cfg.send_timeout, on_stall,
+                                             media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                      **headers})
         watcher = asyncio.ensure_future(_watch_disconnect(request, req, queue, st.engine))
         try:
             result = Collector(plan)
             async for batch in events(req, queue, arrived):
                 result.add(batch)
             st.metrics.request(route, 200)
-            return JSONResponse(result.response())
+            return JSONResponse(result.response(), headers=headers)
         except APIError as e:
             st.engine.cancel(req)
             return error_response(e, route)
@@ -549,11 +561,13 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     @app.get("/health")
     async def health():
         ok = st.engine is not None and st.engine._thread.is_alive()
+        st.metrics.request("/health", 200 if ok else 503)
         return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(st.metrics.render(st.engine), media_type="text/plain; version=0.0.4")
+        data, ctype = st.metrics.render()
+        return Response(data, media_type=ctype)
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -566,10 +580,10 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
                                             "owned_by": "fastlm", "max_model_len": st.max_len}]}
 
     async def completion_plan(body):
-        _check_fields(body, _COMPLETION_FIELDS)
+        ignored = _check_fields(body, _COMPLETION_FIELDS)
         check_model(body)
         max_tokens = _get_int(body, "max_tokens", 16, 0, cfg.max_tokens_cap)
-        s = _Sampling(body, cfg, max_tokens)
+        s = _Sampling(body, cfg, max_tokens, st.valid_id)
         echo = _get_bool(body, "echo", False)
         logprobs = _get_int(body, "logprobs", None, 0, 20)
         if body.get("suffix") is not None:
@@ -604,28 +618,30 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
         opts = s.options(model, st.eos, [len(p) for p in prompts], tokenizer, logprobs is not None, logprobs or 0,
                          max_tokens)
         fmt = _CompletionFormat(st, s, prompts, texts, echo, logprobs)
-        return {"prompts": prompts, "opts": opts, "sampling": s, "format": fmt,
+        return {"prompts": prompts, "opts": opts, "sampling": s, "format": fmt, "ignored": ignored,
                 "prompt_logprobs": echo and logprobs is not None}
 
     async def chat_plan(body):
-        _check_fields(body, _CHAT_FIELDS)
+        ignored = _check_fields(body, _CHAT_FIELDS)
         check_model(body)
         if body.get("tools"):
             raise _bad("'tools' are not supported", "tools", "unsupported_parameter")
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise _bad("'tool_choice' must be 'none' or 'auto' (no tools are supported)", "tool_choice",
+                       "unsupported_parameter")
         rf = body.get("response_format")
         if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
             raise _bad("only 'response_format' {'type': 'text'} is supported", "response_format",
                        "unsupported_parameter")
         messages = _messages(body.get("messages"))
-        text = st.chat.render(messages)
-        ids = await encode(text, special=st.chat.source is not None)
+        ids = await encode_chat(messages)
         limit = st.max_len - len(ids)
         mt = _get_int(body, "max_completion_tokens", None, 0, cfg.max_tokens_cap)
         if mt is None:
             mt = _get_int(body, "max_tokens", None, 0, cfg.max_tokens_cap)
         if mt is None:
             mt = max(1, min(cfg.max_tokens_cap, limit))
-        s = _Sampling(body, cfg, mt, extra_stop=st.chat.stop)
+        s = _Sampling(body, cfg, mt, st.valid_id, extra_stop=st.chat.stop)
         logprobs = _get_bool(body, "logprobs", False)
         top = _get_int(body, "top_logprobs", None, 0, 20)
         if top is not None and not logprobs:
@@ -633,7 +649,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
         check_lengths([ids], mt, "messages")
         opts = s.options(model, st.eos, [len(ids)], tokenizer, logprobs, top or 0, mt)
         fmt = _ChatFormat(st, s, [ids], logprobs)
-        return {"prompts": [ids], "opts": opts, "sampling": s, "format": fmt}
+        return {"prompts": [ids], "opts": opts, "sampling": s, "format": fmt, "ignored": ignored}
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -670,9 +686,8 @@ async def _watch_disconnect(request, req, queue, engine):
         pass
 
 
-def _encode_text(tokenizer, text, special):
-    if special:
-        return list(tokenizer.encode(text, allowed_special="all"))
+def _encode_text(tokenizer, text):
+    """Token ids of ``text`` as ordinary text: special-token text is encoded as its characters."""
     try:
         return list(tokenizer.encode(text, disallowed_special=()))
     except TypeError:
@@ -681,39 +696,6 @@ def _encode_text(tokenizer, text, special):
 
 def _sse(obj) -> str:
     return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
-
-
-def _messages(messages):
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages",
-                   "invalid_type" if messages is not None else "missing")
-    out = []
-    for i, m in enumerate(messages):
-        p = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(f"{p} must be an object", p, "invalid_type")
-        role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise _bad(f"{p}.role must be 'system', 'developer', 'user' or 'assistant', got {json.dumps(role)[:40]}",
-                       f"{p}.role", "invalid_value")
-        extra = set(m) - {"role", "content", "name"}
-        if extra:
-            raise _bad(f"{p} has unsupported fields {sorted(extra)}", p, "unknown_parameter")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise _bad(f"{p}.content parts must be {{'type': 'text', 'text': ...}}", f"{p}.content",
-                               "invalid_type")
-                parts.append(part["text"])
-            content = "".join(parts)
-        elif content is None and role == "assistant":
-            content = ""
-        elif not isinstance(content, str):
-            raise _bad(f"{p}.content must be a string or a list of text parts", f"{p}.content", "invalid_type")
-        out.append({"role": role, "content": content})
-    return out
 
 
 # ----------------------------------------------------------------------------- response shapes
@@ -896,14 +878,30 @@ def load(model_dir, tokenizer=None, dtype=None, device=None):
 
 
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, tokenizer=None, config: ServeConfig | None = None,
-          log_level: str = "info"):
-    """Load a checkpoint directory and serve it until interrupted."""
+          log_level: str = "info", dtype=None, device=None):
+    """Load a checkpoint directory (onto ``device``, in ``dtype``) and serve it until interrupted.
+    Bound to loopback, the server answers only to the loopback names unless
+    ``config.allowed_hosts`` widens them; bound elsewhere, to any name unless it narrows them."""
     import uvicorn
 
-    model, tok, chat = load(model_dir, tokenizer)
+    from .serve_net import is_loopback
+
+    model, tok, chat = load(model_dir, tokenizer, dtype=dtype, device=device)
     cfg = config or ServeConfig(model_name=Path(model_dir).resolve().name)
+    if cfg.allowed_hosts is None and not is_loopback(host):
+        cfg.allowed_hosts = ("*",)
+    if not is_loopback(host) and not (cfg.api_key or os.environ.get("FASTLM_API_KEY")):
+        log.warning("serving on %s without an API key: anyone who reaches this address can use the model", host)
     app = create_app(model, tok, cfg, chat)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **_uvicorn_options(cfg))
+
+
+def _uvicorn_options(cfg: ServeConfig) -> dict:
+    """uvicorn's settings for the connection limits and deadlines of ``cfg`` (``fastlm.serve_net``)."""
+    from .serve_net import protocol_class
+
+    return dict(http=protocol_class(cfg.max_connections, cfg.header_timeout, cfg.send_buffer_bytes),
+                limit_concurrency=cfg.max_connections + 1, timeout_keep_alive=cfg.idle_timeout)
 
 
 class ServerThread:
@@ -918,8 +916,10 @@ class ServerThread:
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
+        st = getattr(app.state, "fastlm", None)
+        options = _uvicorn_options(st.cfg if st is not None else ServeConfig())
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=2))
+                                                    timeout_graceful_shutdown=2, **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self, timeout: float = 30.0):

@@ -428,3 +428,96 @@ def test_weights_change_is_seen():
             p.mul_(1.5)
     assert model.generate([1, 2, 3], max_new_tokens=10) == full_forward_greedy(model, [1, 2, 3], 10)
     assert isinstance(a, list)
+
+
+# ----------------------------------------------------------------------------- hostile options, odd checkpoints
+def test_tiny_temperature_is_greedy_and_nan_rows_take_the_argmax():
+    model = make_model()
+    greedy = model.generate([4, 5, 6], max_new_tokens=15)
+    for t in (1e-300, 9e-6):  # dividing by these overflows: below GREEDY_TEMPERATURE decoding is greedy
+        assert model.generate([4, 5, 6], max_new_tokens=15, do_sample=True, temperature=t, seed=1) == greedy
+    # a penalty that sends seen logits to +inf: such a row takes its raw argmax instead of failing
+    out = generate(model, [[4, 5, 6], [7, 8]], max_new_tokens=15, do_sample=True, repetition_penalty=1e-300, seed=2,
+                   return_dict_in_generate=True)
+    assert all(len(t) == 15 and all(0 <= i < 97 for i in t) for t in out.tokens)
+
+
+def test_argmax_skips_nans():
+    from fastlm.generate import _argmax
+
+    x = torch.tensor([[0.0, float("nan"), 3.0, 1.0], [float("nan")] * 4, [5.0, 1.0, 2.0, 5.0]])
+    assert _argmax(x).tolist() == [2, 0, 0]
+    assert _argmax(x.double()).tolist() == [2, 0, 0]
+
+
+def test_min_p():
+    model = make_model(std=0.15)
+    greedy = model.generate([3, 1, 4], max_new_tokens=12)
+    for seed in (0, 1):  # min_p = 1 keeps the most likely id alone
+        assert model.generate([3, 1, 4], max_new_tokens=12, do_sample=True, temperature=1.5, min_p=1.0,
+                              seed=seed) == greedy
+    opts = _options(model, [3], 5, None, True, 1.0, None, None, 1.0, None, None, None, False, 0, "stop", min_p=0.3)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.14, 0.06]]))
+    assert torch.isfinite(_process_logits(logits, None, opts))[0].tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="min_p"):
+        model.generate([1], max_new_tokens=1, do_sample=True, min_p=1.5)
+
+
+def test_penalties_and_bias_processors():
+    model = make_model()
+    opts = _options(model, [3], 5, None, False, 1.0, None, None, 1.0, None, None, None, False, 0, "stop",
+                    presence_penalty=0.5, frequency_penalty=0.25, logit_bias={2: 3.0})
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0.0, 1.0, 4.0, 0.0]])
+    bias = torch.tensor([[0.0, 0.0, 3.0, 0.0]])
+    got = _process_logits(logits, None, opts, counts, bias)
+    assert got.tolist() == [[0.0, -0.75, 3.0 - 1.5, 0.0]]
+
+
+def test_undecodable_ids_are_never_chosen():
+    tok = ByteTokenizer()
+    model = make_model(vocab=tok.n_vocab + 20, std=0.5)
+    with torch.no_grad():
+        model.transformer.wte.weight[tok.n_vocab:] *= 20  # the padded ids outweigh every real one
+    prompt = tok.encode("hello")
+    assert max(model.generate(prompt, max_new_tokens=10)) >= tok.n_vocab  # without a tokenizer they are chosen
+    for kw in (dict(), dict(do_sample=True, seed=0)):
+        res = generate(model, prompt, max_new_tokens=10, tokenizer=tok, logprobs=True, top_logprobs=5,
+                       return_dict_in_generate=True, **kw)
+        assert max(res.tokens[0]) < tok.n_vocab
+        assert all(a < tok.n_vocab for step in res.top_logprobs[0] for a, _ in step)
+    assert "".join(fastlm.stream(model, tok, "hello", max_new_tokens=10)) == generate(
+        model, prompt, max_new_tokens=10, tokenizer=tok, return_dict_in_generate=True).texts[0]
+
+
+def test_sampling_options_without_do_sample_warn():
+    model = make_model()
+    greedy = model.generate([1, 2, 3], max_new_tokens=8)
+    with pytest.warns(UserWarning, match=r"do_sample is False, so temperature=0\.7, top_k=5 are not used"):
+        assert model.generate([1, 2, 3], max_new_tokens=8, temperature=0.7, top_k=5) == greedy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate([1, 2, 3], max_new_tokens=8, temperature=0)  # asks for greedy decoding
+        model.generate([1, 2, 3], max_new_tokens=8, top_p=1.0, top_k=0)  # the neutral values
+        model.generate([1, 2, 3], max_new_tokens=8, do_sample=True, temperature=0.7, seed=0)
+    tok = ByteTokenizer()
+    with pytest.warns(UserWarning, match="top_p=0.5 is not used"):
+        list(fastlm.stream(make_model(vocab=tok.n_vocab), tok, "hi", max_new_tokens=3, top_p=0.5))
+
+
+def test_checkpoint_whose_eos_lies_outside_its_vocabulary(tmp_path):
+    """transformers' GPT2Config defaults eos_token_id to 50256 whatever the vocabulary: the id is
+    dropped with a warning when the checkpoint loads, and generation works."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=400, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    assert cfg.eos_token_id == 50256
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="eos_token_id=50256 lies outside the vocabulary of 400"):
+        model = GPT.from_pretrained(tmp_path)
+    assert model.config.eos_token_id is None and model.config.bos_token_id is None
+    assert len(model.generate([1, 2, 3], max_new_tokens=5)) == 8
+    tok = ByteTokenizer()  # its end-of-text id, 400, is outside the model's 400 ids too
+    assert tok.eot_token == 400
+    assert len(list(fastlm.stream(model, tok, "hi", max_new_tokens=5))) >= 1
+    with pytest.raises(ValueError, match="eos_token_id"):  # asked for explicitly, it is still an error
+        model.generate([1, 2, 3], max_new_tokens=5, eos_token_id=50256)

@@ -19,12 +19,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import fastlm  # noqa: E402
-from fastlm import GPT, GPTConfig  # noqa: E402
-from fastlm.serve import ChatTemplate, ServeConfig, ServerThread, create_app  # noqa: E402
+from fastlm.serve import ChatTemplate  # noqa: E402
 
-TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
-        "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. 你好 😀 ") * 4
-NAME = "tiny"
+from _serve import NAME, TEXT, engine, make_model, start, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +29,9 @@ def tok():
     return fastlm.Tokenizer.train([TEXT], vocab_size=300)
 
 
-def make_model(tok, block_size=256, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=block_size, n_layer=2, n_head=4, n_embd=64,
-                         initializer_range=0.3)).eval()
-
-
 @pytest.fixture(scope="module")
 def model(tok):
     return make_model(tok)
-
-
-def start(model, tok, **cfg):
-    return ServerThread(create_app(model, tok, ServeConfig(model_name=NAME, **cfg))).start()
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +44,6 @@ def server(model, tok):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def engine(server):
-    return server.server.config.app.state.fastlm.engine
 
 
 def greedy_text(model, tok, prompt, n):
@@ -345,7 +328,15 @@ BAD = [
     ({"model": NAME, "prompt": "a", "stream_options": {"include_usage": True}}, 400, "invalid_value", "stream_options"),
     ({"model": NAME, "prompt": "a", "repetition_penalty": 0}, 400, "invalid_value", "repetition_penalty"),
     ({"model": NAME, "prompt": "a", "top_k": "3"}, 400, "invalid_type", "top_k"),
-    ({"model": NAME, "prompt": "a", "frequency_penalty": 0.5}, 400, "unsupported_parameter", "frequency_penalty"),
+    ({"model": NAME, "prompt": "a", "frequency_penalty": 2.5}, 400, "invalid_value", "frequency_penalty"),
+    ({"model": NAME, "prompt": "a", "presence_penalty": "1"}, 400, "invalid_type", "presence_penalty"),
+    ({"model": NAME, "prompt": "a", "min_p": 1.5}, 400, "invalid_value", "min_p"),
+    ({"model": NAME, "prompt": "a", "logit_bias": {"x": 1}}, 400, "invalid_value", "logit_bias"),
+    ({"model": NAME, "prompt": "a", "logit_bias": {"5": 101}}, 400, "invalid_value", "logit_bias"),
+    ({"model": NAME, "prompt": "a", "logit_bias": {"99999": 1}}, 400, "invalid_value", "logit_bias"),
+    ({"model": NAME, "prompt": "a", "logit_bias": [1]}, 400, "invalid_type", "logit_bias"),
+    ({"model": NAME, "prompt": "a", "repetition_penalty": 0.001}, 400, "invalid_value", "repetition_penalty"),
+    ({"model": NAME, "prompt": "a", "user": 5}, 400, "invalid_type", "user"),
     ({"model": NAME, "prompt": "a", "seed": 1.5}, 400, "invalid_type", "seed"),
     ({"model": NAME, "prompt": "a", "ignore_eos": "no"}, 400, "invalid_type", "ignore_eos"),
     ({"model": NAME, "prompt": "a", "best_of": 3}, 400, "unsupported_parameter", "best_of"),
@@ -367,6 +358,13 @@ BAD_CHAT = [
      "unsupported_parameter", "tools"),
     ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "invalid_value",
      "top_logprobs"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400,
+     "unsupported_parameter", "tool_choice"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}}, 400,
+     "unsupported_parameter", "response_format"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400,
+     "unknown_parameter", "functions"),
 ]
 
 
@@ -439,15 +437,6 @@ def long_stream(server):
     while not next(lines).startswith("data: {"):
         pass
     return c, r, lines
-
-
-def wait_until(cond, timeout=10.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_disconnect_frees_the_slot(one_slot):
