@@ -103,13 +103,8 @@ def _run_generate(args):
     import fastlm
     from fastlm.pipelines import TextGenerationPipeline
 
-    from fastlm.model import ids_in_vocab
-
     device, dtype = _device_dtype(args)
     pipe = TextGenerationPipeline(args.model, tokenizer=args.tokenizer, device=device, dtype=dtype)
-    if pipe.defaults.get("eos_token_id") is not None:  # generation_config.json's, read as config.json's is
-        pipe.defaults["eos_token_id"] = ids_in_vocab("generation_config.json: eos_token_id",
-                                                     pipe.defaults["eos_token_id"], pipe.model.config.vocab_size)
     opts = {k: v for k, v in dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import read_pipeline_config, write_pipeline_config
 from .generate import GenerateOutput, _encode, generate
-from .model import GPT
+from .model import GPT, ids_in_vocab
 
 __all__ = ["pipeline", "load_pipeline", "load_tokenizer", "split_passages", "TextGenerationPipeline",
            "QuestionAnsweringPipeline", "TextClassificationPipeline", "TranslationPipeline"]
@@ -118,6 +118,9 @@ class TextGenerationPipeline:
             if not isinstance(cfg, dict):
                 raise CheckpointError(f"{path / 'generation_config.json'} must hold a JSON object")
             self.defaults = {k: cfg[k] for k in _GEN_KEYS if cfg.get(k) is not None}
+            if self.defaults.get("eos_token_id") is not None:  # read as config.json's is
+                self.defaults["eos_token_id"] = ids_in_vocab("generation_config.json: eos_token_id",
+                                                             self.defaults["eos_token_id"], model.config.vocab_size)
         unknown = set(defaults) - set(_GEN_KEYS) - {"stop", "seed"}
         if unknown:
             raise TypeError(f"pipeline got unexpected keyword arguments {sorted(unknown)}")
@@ -125,7 +128,7 @@ class TextGenerationPipeline:
         if self.defaults.get("eos_token_id") is None and model.config.eos_token_id is None:
             # the tokenizer in use (loaded from the model's directory when none was given)
             eot = getattr(self.tokenizer, "eot_token", None)
-            if eot is not None:
+            if eot is not None and 0 <= eot < model.config.vocab_size:  # an id the model can produce
                 self.defaults["eos_token_id"] = eot
 
     def __call__(self, text_inputs, num_return_sequences: int = 1, return_full_text: bool = True,

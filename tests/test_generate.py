@@ -2,6 +2,7 @@
 stop conditions, batching, streaming text, context overflow, scoring, argument checks."""
 import base64
 import gzip
+import json
 import math
 import random
 import warnings
@@ -521,3 +522,8 @@ def test_checkpoint_whose_eos_lies_outside_its_vocabulary(tmp_path):
     assert len(list(fastlm.stream(model, tok, "hi", max_new_tokens=5))) >= 1
     with pytest.raises(ValueError, match="eos_token_id"):  # asked for explicitly, it is still an error
         model.generate([1, 2, 3], max_new_tokens=5, eos_token_id=50256)
+    # the pipeline reads generation_config.json's copy of the id the same way
+    assert "eos_token_id" in json.loads((tmp_path / "generation_config.json").read_text())
+    with pytest.warns(UserWarning, match="generation_config.json: eos_token_id=50256"):
+        pipe = fastlm.pipeline("text-generation", model=str(tmp_path), tokenizer=tok)
+    assert pipe("hi", max_new_tokens=4)[0]["generated_text"].startswith("hi")
