@@ -243,6 +243,34 @@ def test_decode_linear(benchmark, mkn):
           competitor="F.linear")
 
 
+# ----------------------------------------------------------------------------- the fused output layer + loss
+LOSS = [(768, 256, 8192), (2048, 768, 50257)]
+
+
+@pytest.mark.parametrize("ncv", LOSS, ids=lambda s: f"N={s[0]},C={s[1]},V={s[2]}")
+def test_linear_cross_entropy(benchmark, ncv):
+    N, C, V = ncv
+    benchmark.group = f"linear_cross_entropy fwd+bwd {ncv}"
+    h = (_randn(N, C) * 0.5).requires_grad_()
+    w = (_randn(V, C, seed=1) * 0.05).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+
+    def ours():
+        with _cpu():
+            loss = ops.linear_cross_entropy(h, w, t)
+        return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    def theirs():
+        loss = F.cross_entropy(h @ w.t(), t)
+        return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    got, want = ours(), theirs()
+    for g, r in zip(got, want):
+        _close(g.detach(), r.detach(), 1e-4)
+    _pair(benchmark, ours, theirs, rounds=5, op="linear_cross_entropy", kind="fwd+bwd", shape=[N, C, V],
+          competitor="F.cross_entropy(h @ W.T)")
+
+
 # ----------------------------------------------------------------------------- the machine's ceilings
 def test_ceilings(benchmark):
     """An fp32 matmul's GFLOP/s and a 64 MiB copy's GB/s at this torch level, same run."""

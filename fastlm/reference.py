@@ -72,6 +72,12 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
     cd = _compute_dtype(q.dtype)
     B, H, Tq, D = q.shape
     L = k_cache.shape[2]
+    # Lengths past the cache are an error (the kernels check them too). Not on a GPU, where
+    # the check would wait for the device every decode step, nor while torch.compile traces.
+    if q.device.type == "cpu" and B and not torch.compiler.is_compiling():
+        lo, hi = int(cache_lens.min()), int(cache_lens.max())
+        if lo < 0 or hi > L:
+            raise ValueError(f"decode_attention: cache_lens must lie in [0, L_max = {L}], got {cache_lens.tolist()}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qc = q.to(cd)
     k = _expand_kv(k_cache.to(cd), H)
