@@ -295,6 +295,8 @@ static void check_norm(const KernelTable& kt, Dtype dt, bool rms, bool residual,
   for (int64_t i = 0; i < rows * C; ++i) hsum[i] = xv[i] + (residual ? rv[i] : 0.0);
   const Vec hv = residual ? h.values() : xv;
   const Vec dyv = dy.values(), dhv = dh.values();
+  double scale = 0;  // ||rstd dy w||: dx is judged against the size of its terms (it cancels
+                     // almost entirely for tiny C)
   for (int64_t i = 0; i < rows; ++i) {
     double mu = 0, var = 0;
     if (!rms) {
@@ -312,6 +314,7 @@ static void check_norm(const KernelTable& kt, Dtype dt, bool rms, bool residual,
       sgx += g * xh;
       dww[j] += dyv[i * C + j] * xh;
       dbw[j] += dyv[i * C + j];
+      scale += (rs * g) * (rs * g);
     }
     for (int64_t j = 0; j < C; ++j) {
       const double xh = (hv[i * C + j] - mu) * rs, g = dyv[i * C + j] * wv[j];
@@ -335,18 +338,6 @@ static void check_norm(const KernelTable& kt, Dtype dt, bool rms, bool residual,
   const Vec dwv = dwp.values(), dbv = dbp.values();
   for (int64_t c = 0; c < nchunks; ++c)
     for (int64_t j = 0; j < C; ++j) dwg[j] += dwv[c * C + j], dbg[j] += dbv[c * C + j];
-  // dx is judged against the size of its terms, rstd dy w (it cancels almost entirely for tiny C)
-  double scale = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    double mu = 0, var = 0;
-    if (!rms) {
-      for (int64_t j = 0; j < C; ++j) mu += hv[i * C + j];
-      mu /= C;
-    }
-    for (int64_t j = 0; j < C; ++j) var += (hv[i * C + j] - mu) * (hv[i * C + j] - mu);
-    const double rs = 1.0 / std::sqrt(var / C + eps);
-    for (int64_t j = 0; j < C; ++j) scale += (rs * dyv[i * C + j] * wv[j]) * (rs * dyv[i * C + j] * wv[j]);
-  }
   check(std::string(name) + " dx", dx.values(), dxw, t, std::sqrt(scale));
   check(std::string(name) + " dw", dwg, dww, t);
   if (bias) check(std::string(name) + " db", dbg, dbw, t);
