@@ -80,176 +80,228 @@ void bwd_scalar(const NormBwdArgs& a) {
 }
 
 // ---- float32 / bf16 / fp16: vector ----
-// Forward, one row: pass 1 reads x (+ residual), writes h and a float copy of h into a
-// per-thread row buffer (L1/L2-resident) and sums it; passes 2 and 3 read only the buffer,
-// so each input is read from memory once and each output written once.
-template <typename T, bool kRms>
-void fwd_vec(const NormFwdArgs& a) {
-  using namespace simd;
-  const T *x = static_cast<const T*>(a.x), *res = static_cast<const T*>(a.res);
-  const T *w = static_cast<const T*>(a.w), *b = static_cast<const T*>(a.b);
-  T *out = static_cast<T*>(a.out), *h = static_cast<T*>(a.h);
-  float *mean_out = static_cast<float*>(a.mean), *rstd_out = static_cast<float*>(a.rstd);
-  const int64_t C = a.C, Cv = C / W * W, nt = C - Cv;
-  const float inv_c = 1.0f / static_cast<float>(C), eps = static_cast<float>(a.eps);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
-  const bool nts = a.rows * C * int64_t(sizeof(T)) * (res ? 2 : 1) > stream_threshold_bytes();
-  parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> bufv(C + W);
-    float* buf = bufv.data();
+// Forward, per row: pass 1 reads x (+ residual), writes h and a float copy of h into a
+// per-thread row buffer (L1/L2-resident) and sums it; pass 2 forms the variance from the
+// buffer; pass 3 normalizes from the buffer and writes out. Each input is read from memory
+// once and each output written once. The rows are pipelined: row r + 1's pass 1 runs inside
+// row r's pass 3, into a second buffer, so the memory reads of one row overlap the writes of
+// the other instead of memory idling while each row's statistics are computed.
+template <typename T, bool kRms, bool kRes>
+struct NormFwd {
+  const T *x, *res, *w, *b;
+  T *out, *h;
+  int64_t C, Cv, nt;
+  bool nts;
+
+  // Pass 1 for one vector of row r at column j (n lanes, the rest 0; Full: n = W).
+  template <bool Full>
+  inline void pass1(int64_t r, int64_t j, int64_t n, bool nth, float* buf, simd::vf& s) const {
+    using namespace simd;
+    const T* xr = x + r * C + j;
+    vf v;
+    if constexpr (!kRes) {
+      v = Full ? load(xr) : load(xr, n);
+    } else {
+      const T* rr = res + r * C + j;
+      v = round_trip(Full ? add(load(xr), load(rr)) : add(load(xr, n), load(rr, n)), xr);
+      if (Full) put(h + r * C + j, v, nth);
+      else store(h + r * C + j, v, n);
+    }
+    store(buf + j, v);
+    s = add(s, v);
+  }
+  inline void pass1_row(int64_t r, float* buf, simd::vf& s) const {
+    const bool nth = kRes && nts && simd::vector_aligned(h + r * C);
+    for (int64_t j = 0; j < Cv; j += simd::W) pass1<true>(r, j, simd::W, nth, buf, s);
+    if (nt) pass1<false>(r, Cv, nt, false, buf, s);
+  }
+  // Pass 3 for one vector of row r (its statistics vm, vr) at column j.
+  template <bool Full>
+  inline void pass3(T* orow, int64_t j, int64_t n, bool nto, const float* buf, simd::vf vm, simd::vf vr) const {
+    using namespace simd;
+    const vf xh = mul(sub(load(buf + j), vm), vr);
+    const vf wv = Full ? load(w + j) : load(w + j, n);
+    const vf y = b ? fma(xh, wv, Full ? load(b + j) : load(b + j, n)) : mul(xh, wv);
+    if (Full) put(orow + j, y, nto);
+    else store(orow + j, y, n);
+  }
+
+  void rows(int64_t begin, int64_t end, float inv_c, float eps, float* mean_out, float* rstd_out) const {
+    using namespace simd;
+    std::vector<float> bufv(2 * (C + W));
+    float* cur = bufv.data();
+    float* nxt = cur + C + W;
+    vf s = zero();
+    pass1_row(begin, cur, s);
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * C;
-      T* orow = out + r * C;
-      const bool nto = nts && vector_aligned(orow), nth = nts && res && vector_aligned(h + r * C);
-      vf s0 = zero(), s1 = zero();
-      int64_t j = 0;
-      if (res) {
-        const T* rr = res + r * C;
-        T* hr = h + r * C;
-        for (; j + 2 * W <= Cv; j += 2 * W) {
-          const vf v0 = round_trip(add(load(xr + j), load(rr + j)), xr);
-          const vf v1 = round_trip(add(load(xr + j + W), load(rr + j + W)), xr);
-          put(hr + j, v0, nth);
-          put(hr + j + W, v1, nth);
-          store(buf + j, v0);
-          store(buf + j + W, v1);
-          s0 = add(s0, v0);
-          s1 = add(s1, v1);
-        }
-        for (; j < Cv; j += W) {
-          const vf v = round_trip(add(load(xr + j), load(rr + j)), xr);
-          put(hr + j, v, nth);
-          store(buf + j, v);
-          s0 = add(s0, v);
-        }
-        if (nt) {
-          const vf v = round_trip(add(load(xr + j, nt), load(rr + j, nt)), xr);
-          store(hr + j, v, nt);
-          store(buf + j, v);
-          s1 = add(s1, v);
-        }
-      } else {
-        for (; j + 2 * W <= Cv; j += 2 * W) {
-          const vf v0 = load(xr + j), v1 = load(xr + j + W);
-          store(buf + j, v0);
-          store(buf + j + W, v1);
-          s0 = add(s0, v0);
-          s1 = add(s1, v1);
-        }
-        for (; j < Cv; j += W) {
-          const vf v = load(xr + j);
-          store(buf + j, v);
-          s0 = add(s0, v);
-        }
-        if (nt) {
-          const vf v = load(xr + j, nt);
-          store(buf + j, v);
-          s1 = add(s1, v);
-        }
-      }
-      const float mean = kRms ? 0.0f : reduce_add(add(s0, s1)) * inv_c;
+      const float mean = kRms ? 0.0f : reduce_add(s) * inv_c;
       const vf vm = set1(mean);
       vf q0 = zero(), q1 = zero();
-      for (j = 0; j + 2 * W <= Cv; j += 2 * W) {
-        const vf d0 = sub(load(buf + j), vm), d1 = sub(load(buf + j + W), vm);
+      int64_t j = 0;
+      for (; j + 2 * W <= Cv; j += 2 * W) {
+        const vf d0 = sub(load(cur + j), vm), d1 = sub(load(cur + j + W), vm);
         q0 = fma(d0, d0, q0);
         q1 = fma(d1, d1, q1);
       }
       for (; j < Cv; j += W) {
-        const vf d = sub(load(buf + j), vm);
+        const vf d = sub(load(cur + j), vm);
         q0 = fma(d, d, q0);
       }
       if (nt) {
-        const vf d = first_n(nt, sub(load(buf + j), vm), zero());
+        const vf d = first_n(nt, sub(load(cur + j), vm), zero());
         q1 = fma(d, d, q1);
       }
       const float rstd = 1.0f / std::sqrt(reduce_add(add(q0, q1)) * inv_c + eps);
       const vf vr = set1(rstd);
-      for (j = 0; j < Cv; j += W) {
-        const vf xh = mul(sub(load(buf + j), vm), vr);
-        put(orow + j, b ? fma(xh, load(w + j), load(b + j)) : mul(xh, load(w + j)), nto);
+      T* orow = out + r * C;
+      const bool nto = nts && vector_aligned(orow);
+      vf sn = zero();
+      if (r + 1 < end) {  // pass 3 of this row with pass 1 of the next
+        const bool nth = kRes && nts && vector_aligned(h + (r + 1) * C);
+        for (j = 0; j < Cv; j += W) {
+          pass1<true>(r + 1, j, W, nth, nxt, sn);
+          pass3<true>(orow, j, W, nto, cur, vm, vr);
+        }
+        if (nt) pass1<false>(r + 1, Cv, nt, false, nxt, sn);
+      } else {
+        for (j = 0; j < Cv; j += W) pass3<true>(orow, j, W, nto, cur, vm, vr);
       }
-      if (nt) {
-        const vf xh = mul(sub(load(buf + j), vm), vr);
-        store(orow + j, b ? fma(xh, load(w + j, nt), load(b + j, nt)) : mul(xh, load(w + j, nt)), nt);
-      }
+      if (nt) pass3<false>(orow, Cv, nt, false, cur, vm, vr);
       if (!kRms) mean_out[r] = mean;
       rstd_out[r] = rstd;
+      std::swap(cur, nxt);
+      s = sn;
     }
     if (nts) stream_fence();
+  }
+};
+
+template <typename T, bool kRms, bool kRes>
+void fwd_vec_res(const NormFwdArgs& a) {
+  using simd::W;
+  const int64_t C = a.C;
+  const NormFwd<T, kRms, kRes> k{static_cast<const T*>(a.x), static_cast<const T*>(a.res), static_cast<const T*>(a.w),
+                                 static_cast<const T*>(a.b), static_cast<T*>(a.out), static_cast<T*>(a.h), C,
+                                 C / W * W, C - C / W * W,
+                                 a.rows * C * int64_t(sizeof(T)) * (kRes ? 2 : 1) > stream_threshold_bytes()};
+  const float inv_c = 1.0f / static_cast<float>(C), eps = static_cast<float>(a.eps);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    k.rows(begin, end, inv_c, eps, static_cast<float*>(a.mean), static_cast<float*>(a.rstd));
   });
 }
 
+template <typename T, bool kRms>
+void fwd_vec(const NormFwdArgs& a) {
+  if (a.res) fwd_vec_res<T, kRms, true>(a);
+  else fwd_vec_res<T, kRms, false>(a);
+}
+
 // Backward: per row, pass 1 reads dy and h and forms the two row sums (and adds this row's
-// dw, db terms); pass 2 re-reads them from cache and writes dx (+ dh).
+// dw, db terms into its block's dw_part, db_part); pass 2 re-reads them from cache and
+// writes dx (+ dh). Pipelined as the forward: row r + 1's pass 1 runs inside row r's pass 2.
+template <typename T, bool kRms, bool kDb, bool kDh>
+struct NormBwd {
+  const T *dy, *dh, *h, *w;
+  const float *mean, *rstd;
+  T* dx;
+  int64_t C, Cv, nt;
+  float inv_c;
+  bool nts;
+
+  struct Sums {
+    simd::vf sg, sgx;
+  };
+  // Pass 1 for one vector of row r at column j (n lanes; Full: n = W).
+  template <bool Full>
+  inline void pass1(int64_t r, int64_t j, int64_t n, simd::vf vm, simd::vf vr, float* dwp, float* dbp,
+                    Sums& s) const {
+    using namespace simd;
+    const vf d = Full ? load(dy + r * C + j) : load(dy + r * C + j, n);
+    vf xh = mul(sub(Full ? load(h + r * C + j) : load(h + r * C + j, n), vm), vr);
+    if (!Full) xh = first_n(n, xh, zero());
+    const vf g = mul(d, Full ? load(w + j) : load(w + j, n));
+    if (!kRms) s.sg = add(s.sg, g);
+    s.sgx = fma(g, xh, s.sgx);
+    if (Full) {
+      store(dwp + j, fma(d, xh, load(dwp + j)));
+      if (kDb) store(dbp + j, add(d, load(dbp + j)));
+    } else {
+      store(dwp + j, fma(d, xh, load(dwp + j, n)), n);
+      if (kDb) store(dbp + j, add(d, load(dbp + j, n)), n);
+    }
+  }
+  // Pass 2 for one vector of row r at column j.
+  template <bool Full>
+  inline void pass2(int64_t r, int64_t j, int64_t n, simd::vf vm, simd::vf vr, simd::vf vmg, simd::vf vmgx,
+                    bool ntx) const {
+    using namespace simd;
+    const int64_t o = r * C + j;
+    const vf xh = mul(sub(Full ? load(h + o) : load(h + o, n), vm), vr);
+    const vf g = mul(Full ? load(dy + o) : load(dy + o, n), Full ? load(w + j) : load(w + j, n));
+    // dx = rs * ((g - mg) - xh*mgx): g - mg first, so that it is exactly 0 when C = 1
+    vf v = mul(vr, fnma(xh, vmgx, sub(g, vmg)));
+    // LayerNorm of one element is the constant bias: its dx is exactly 0 (contraction of the
+    // row sums into FMAs would otherwise leave 1 ulp).
+    if (!kRms && C == 1) v = zero();
+    if (kDh) v = add(v, Full ? load(dh + o) : load(dh + o, n));
+    if (Full) put(dx + o, v, ntx);
+    else store(dx + o, v, n);
+  }
+  inline simd::vf vmean(int64_t r) const { return simd::set1(kRms ? 0.0f : mean[r]); }
+
+  void rows(int64_t r0, int64_t r1, float* dwp, float* dbp) const {
+    using namespace simd;
+    if (r0 >= r1) return;
+    Sums s{zero(), zero()};
+    for (int64_t j = 0; j < Cv; j += W) pass1<true>(r0, j, W, vmean(r0), set1(rstd[r0]), dwp, dbp, s);
+    if (nt) pass1<false>(r0, Cv, nt, vmean(r0), set1(rstd[r0]), dwp, dbp, s);
+    for (int64_t r = r0; r < r1; ++r) {
+      const vf vm = vmean(r), vr = set1(rstd[r]);
+      const vf vmg = set1(kRms ? 0.0f : reduce_add(s.sg) * inv_c), vmgx = set1(reduce_add(s.sgx) * inv_c);
+      const bool ntx = nts && vector_aligned(dx + r * C);
+      Sums sn{zero(), zero()};
+      if (r + 1 < r1) {  // pass 2 of this row with pass 1 of the next
+        const vf vmn = vmean(r + 1), vrn = set1(rstd[r + 1]);
+        for (int64_t j = 0; j < Cv; j += W) {
+          pass1<true>(r + 1, j, W, vmn, vrn, dwp, dbp, sn);
+          pass2<true>(r, j, W, vm, vr, vmg, vmgx, ntx);
+        }
+        if (nt) pass1<false>(r + 1, Cv, nt, vmn, vrn, dwp, dbp, sn);
+      } else {
+        for (int64_t j = 0; j < Cv; j += W) pass2<true>(r, j, W, vm, vr, vmg, vmgx, ntx);
+      }
+      if (nt) pass2<false>(r, Cv, nt, vm, vr, vmg, vmgx, false);
+      s = sn;
+    }
+  }
+};
+
+template <typename T, bool kRms, bool kDb, bool kDh>
+void bwd_vec_with(const NormBwdArgs& a) {
+  using simd::W;
+  const int64_t C = a.C, rows = a.rows, nchunks = a.nchunks;
+  const NormBwd<T, kRms, kDb, kDh> k{static_cast<const T*>(a.dy), static_cast<const T*>(a.dh),
+                                     static_cast<const T*>(a.h), static_cast<const T*>(a.w),
+                                     static_cast<const float*>(a.mean), static_cast<const float*>(a.rstd),
+                                     static_cast<T*>(a.dx), C, C / W * W, C - C / W * W,
+                                     1.0f / static_cast<float>(C),
+                                     rows * C * int64_t(sizeof(T)) > stream_threshold_bytes()};
+  float *dw_part = static_cast<float*>(a.dw_part), *db_part = static_cast<float*>(a.db_part);
+  parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c)
+      k.rows(rows * c / nchunks, rows * (c + 1) / nchunks, dw_part + c * C, kDb ? db_part + c * C : nullptr);
+    if (k.nts) simd::stream_fence();
+  });
+}
+
 template <typename T, bool kRms>
 void bwd_vec(const NormBwdArgs& a) {
-  using namespace simd;
-  const T *dy = static_cast<const T*>(a.dy), *dh = static_cast<const T*>(a.dh);
-  const T *h = static_cast<const T*>(a.h), *w = static_cast<const T*>(a.w);
-  const float *mean = static_cast<const float*>(a.mean), *rstd = static_cast<const float*>(a.rstd);
-  T* dx = static_cast<T*>(a.dx);
-  float *dw_part = static_cast<float*>(a.dw_part), *db_part = static_cast<float*>(a.db_part);
-  const int64_t C = a.C, Cv = C / W * W, nt = C - Cv, rows = a.rows, nchunks = a.nchunks;
-  const float inv_c = 1.0f / static_cast<float>(C);
-  const bool nts = rows * C * int64_t(sizeof(T)) > stream_threshold_bytes();
-  parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      float* dwp = dw_part + c * C;
-      float* dbp = db_part ? db_part + c * C : nullptr;
-      for (int64_t r = rows * c / nchunks; r < rows * (c + 1) / nchunks; ++r) {
-        const bool ntx = nts && vector_aligned(dx + r * C);
-        const T* dyr = dy + r * C;
-        const T* hr = h + r * C;
-        const vf vm = set1(kRms ? 0.0f : mean[r]);
-        const vf vr = set1(rstd[r]);
-        vf sg = zero(), sgx = zero();
-        int64_t j = 0;
-        for (; j < Cv; j += W) {
-          const vf d = load(dyr + j);
-          const vf xh = mul(sub(load(hr + j), vm), vr);
-          const vf g = mul(d, load(w + j));
-          if (!kRms) sg = add(sg, g);
-          sgx = fma(g, xh, sgx);
-          store(dwp + j, fma(d, xh, load(dwp + j)));
-          if (dbp) store(dbp + j, add(d, load(dbp + j)));
-        }
-        if (nt) {
-          const vf d = load(dyr + j, nt);
-          const vf xh = first_n(nt, mul(sub(load(hr + j, nt), vm), vr), zero());
-          const vf g = mul(d, load(w + j, nt));
-          if (!kRms) sg = add(sg, g);
-          sgx = fma(g, xh, sgx);
-          store(dwp + j, fma(d, xh, load(dwp + j, nt)), nt);
-          if (dbp) store(dbp + j, add(d, load(dbp + j, nt)), nt);
-        }
-        const float mg = kRms ? 0.0f : reduce_add(sg) * inv_c;
-        const float mgx = reduce_add(sgx) * inv_c;
-        // dx = rs * ((g - mg) - xh*mgx): g - mg first, so that it is exactly 0 when C = 1
-        const vf vmg = set1(mg), vmgx = set1(mgx);
-        T* dxr = dx + r * C;
-        const T* dhr = dh ? dh + r * C : nullptr;
-        for (j = 0; j < Cv; j += W) {
-          const vf xh = mul(sub(load(hr + j), vm), vr);
-          const vf g = mul(load(dyr + j), load(w + j));
-          vf v = mul(vr, fnma(xh, vmgx, sub(g, vmg)));
-          if (dhr) v = add(v, load(dhr + j));
-          put(dxr + j, v, ntx);
-        }
-        if (nt) {
-          const vf xh = mul(sub(load(hr + j, nt), vm), vr);
-          const vf g = mul(load(dyr + j, nt), load(w + j, nt));
-          vf v = mul(vr, fnma(xh, vmgx, sub(g, vmg)));
-          // LayerNorm of one element is the constant bias: its dx is exactly 0 (contraction
-          // of the row sums into FMAs would otherwise leave 1 ulp).
-          if (!kRms && C == 1) v = zero();
-          if (dhr) v = add(v, load(dhr + j, nt));
-          store(dxr + j, v, nt);
-        }
-      }
-    }
-    if (nts) stream_fence();
-  });
+  const bool db = a.db_part != nullptr, dh = a.dh != nullptr;
+  if (db && dh) bwd_vec_with<T, kRms, true, true>(a);
+  else if (db) bwd_vec_with<T, kRms, true, false>(a);
+  else if (dh) bwd_vec_with<T, kRms, false, true>(a);
+  else bwd_vec_with<T, kRms, false, false>(a);
 }
 
 template <bool kRms>
