@@ -267,7 +267,8 @@ def decode_linear(x, weight_p, bias=None, n: int | None = None):
     """``x @ weight.T + bias`` for the rows of a decode step (few) or a prefill (many): x (M, K),
     the weight (N, K) packed by ``pack_decode_weight`` (shape (ceil(N / W), K, W), W = 48), bias
     (N,) or None, n = N (default: every packed column). The CPU kernel reads the packed weight
-    once for all rows, in address order, in passes of 8 rows over each panel."""
+    once for all rows, in address order, in passes of as many rows as the SIMD level's registers
+    hold (8 on AVX-512, 2 on AVX2 and NEON) over each panel."""
     _check_float("x", x)
     _check_float("weight_p", weight_p)
     _check_same("weight_p", weight_p, "x", x)
