@@ -10,11 +10,40 @@ one), and libraries probe for Hugging Face's package of that name by importing i
 package therefore defines nothing, and its modules refuse to load (``_name.py``): running them
 a second time would define the Triton ops again under the same names, and torch then drops the
 first definitions while ``fastlm.kernels`` still calls them (a dangling operator handle: wrong
-results, ``std::bad_alloc`` or a crash, depending on what reused the memory).
+results, ``std::bad_alloc`` or a crash, depending on what reused the memory). And where a
+package of that name is installed (Hugging Face's ``kernels``, which transformers then imports
+for its hub kernels), the import is handed over to it: this folder must not shadow it.
 """
+import os
+import sys
+
 from ._name import PACKAGE
 
 OPS: dict = {}
+
+
+def _hand_over_top_level_name() -> None:
+    """Imported as the top-level ``kernels``: load the installed package of that name, if any,
+    in this module's place (the import statement returns ``sys.modules["kernels"]``)."""
+    import importlib.machinery
+    import importlib.util
+
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    others = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != checkout]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", others)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop("kernels", None)
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over_top_level_name()
 
 if __name__ == PACKAGE:
     import torch

@@ -1,6 +1,7 @@
 """fastlm.ops: backend choice, input validation, custom-op registration, torch.compile,
 and the reference itself checked against torch's own functions."""
 import importlib
+import importlib.machinery
 import math
 import os
 import pathlib
@@ -26,6 +27,22 @@ def test_backends_lists_reference_and_cpu():
     assert "cpu" in b, "the C++ extension must be built and loadable"
 
 
+def test_kernels_folder_hands_the_top_level_name_to_an_installed_package(tmp_path):
+    """With the checkout's root first on sys.path, ``import kernels`` (transformers' probe for
+    Hugging Face's package) gets the installed package of that name, not this folder."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root / "kernels" / "__init__.py").is_file():
+        pytest.skip("not a source checkout")
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the installed package'\n")
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+            "from kernels import CUDAProperties; import kernels; print(CUDAProperties, kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code, str(root), str(site)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("the installed package ") and str(site) in out
+
+
 @pytest.mark.skipif("triton" not in ops.backends(), reason="triton backend unavailable")
 def test_kernels_folder_under_another_name_leaves_the_triton_ops_alone(monkeypatch):
     """A checkout's kernels/ folder is importable as a top-level ``kernels`` when the checkout's
@@ -42,12 +59,18 @@ def test_kernels_folder_under_another_name_leaves_the_triton_ops_alone(monkeypat
     monkeypatch.syspath_prepend(str(root))
     for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         monkeypatch.delitem(sys.modules, name)
+    # where a package of that name is installed (Hugging Face's), the import is handed over to it
+    installed = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if pathlib.Path(p or ".").resolve() != root])
     top = importlib.import_module("kernels")
     try:
-        assert top.OPS == {}
-        for mod in ("norms", "loss", "attention"):
-            with pytest.raises(ImportError, match=f"fastlm.kernels.{mod}"):
-                importlib.import_module(f"kernels.{mod}")
+        if installed is not None:
+            assert pathlib.Path(top.__file__).resolve() == pathlib.Path(installed.origin).resolve()
+        else:
+            assert top.OPS == {}
+            for mod in ("norms", "loss", "attention"):
+                with pytest.raises(ImportError, match=f"fastlm.kernels.{mod}"):
+                    importlib.import_module(f"kernels.{mod}")
         now = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm::")}
         assert now.keys() == libs.keys() and all(now[k] is libs[k] for k in libs)
         x, w, b = torch.randn(3, 7, dtype=torch.float64), torch.rand(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
