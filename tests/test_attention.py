@@ -146,6 +146,38 @@ def test_cpu_non_contiguous_inputs():
 
 
 @pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="fastlm._C not built")
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 45, 4, 4, 64), (1, 1, 1, 1, 8), (3, 70, 6, 2, 24), (2, 9, 1, 1, 5)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_reads_and_writes_heads_in_place(B, T, H, Hkv, D, causal):
+    """float32 heads split from one (B, T, (H + 2 Hkv) D) projection are read where they lie;
+    the output and the gradients come back in the same (B, T, H, D) order, so merging the heads
+    is a view and the projection's gradient needs no reordering; values match the reference."""
+    g = torch.Generator().manual_seed(B * 1000 + T * 10 + D)
+    proj = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g)
+    q, k, v = proj.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2).requires_grad_() for t in (q.detach(), k.detach(), v.detach()))
+    do = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # the merged output's gradient, seen per head
+    with on_backend("cpu"):
+        out = fastlm.ops.attention(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref, ref_g = _ref_with_grads(q.double(), k.double(), v.double(), do.double(), causal)
+    assert rel_error(out, ref) < 1e-5
+    for got, want in zip(grads, ref_g):
+        assert rel_error(got, want) < 1e-4
+    if T > 1 and H > 1:
+        assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory
+        assert grads[0].transpose(1, 2).is_contiguous()
+    # a gradient of any other layout (here broadcast from one row, and one with strided rows)
+    for other in (torch.ones(1, 1, 1, D).expand(B, H, T, D), torch.randn(B, H, T, 2 * D, generator=g)[..., ::2]):
+        with on_backend("cpu"):
+            out = fastlm.ops.attention(q, k, v, causal=causal)
+        got = torch.autograd.grad(out, (q, k, v), other)
+        want = _ref_with_grads(q.double(), k.double(), v.double(), other.double(), causal)[1]
+        for a, b in zip(got, want):
+            assert rel_error(a, b) < 1e-4
+
+
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="fastlm._C not built")
 def test_cpu_is_the_default_on_cpu_where_it_wins():
     q = torch.randn(1, 1, 4, 16)
     wins = fastlm.ops.cpu_isa() in _cpu_choice.NATIVE_WINS["attention"]
@@ -338,6 +370,15 @@ def test_opcheck():
         do = torch.randn_like(out)
         torch.library.opcheck(torch.ops.fastlm.attention_bwd.default,
                               (do, q.detach(), k.detach(), v.detach(), out, lse, causal, 0.2))
+    # heads split from one projection: outputs come back in its (B, T, H, D) order, fake too
+    proj = torch.randn(2, 33, 3 * 4 * 16, generator=g)
+    q, k, v = (t.view(2, 33, 4, 16).transpose(1, 2) for t in proj.split(64, dim=-1))
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, (q, k, v, True, 0.25))
+    out, lse = torch.ops.fastlm.attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.25)
+    torch.library.opcheck(torch.ops.fastlm.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
     kc = torch.randn(3, 2, 90, 64, generator=g)
     q = torch.randn(3, 4, 2, 64, generator=g)
     torch.library.opcheck(torch.ops.fastlm.decode_attention.default,

@@ -31,18 +31,45 @@ void check_attn_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// A (B, H, T, D) input as the kernel reads it: float32 with contiguous rows of D, in whatever
+// order its rows lie (heads split from one projection come in (B, T, H, D) order): no copy
+// for those, a converted contiguous copy otherwise.
+at::Tensor f32_rows(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && (t.size(3) <= 1 || t.stride(3) == 1)) return t;
+  return f32(t);
+}
+
+Rows4 rows_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Whether the rows of one (batch, head) lie apart (the kernel then gathers them side by side).
+bool apart(const at::Tensor& t) { return t.size(2) > 1 && t.stride(2) != t.size(3); }
+
+// Heads that lie in (B, T, H, D) order: their time stride exceeds their head stride.
+bool tokens_major(const at::Tensor& t) { return t.size(1) > 1 && t.size(2) > 1 && t.stride(2) > t.stride(1); }
+
+// A float32 (B, H, T, D) output in the row order of `like`: (B, T, H, D) memory seen as
+// (B, H, T, D) when `like` is tokens-major (so that merging the heads back is a free view and
+// the gradient reaching a split projection needs no reordering), contiguous otherwise.
+at::Tensor empty_rows_like(const at::Tensor& like, at::IntArrayRef shape) {
+  if (!tokens_major(like)) return empty_output(shape, at::kFloat);
+  return empty_output({shape[0], shape[2], shape[1], shape[3]}, at::kFloat).permute({0, 2, 1, 3});
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                                                  bool causal, double scale) {
   check_attn_inputs(q_, k_, v_, "attention_fwd");
-  const at::Tensor q = f32(q_), k = f32(k_), v = f32(v_);
+  const at::Tensor q = f32_rows(q_), k = f32_rows(k_), v = f32_rows(v_);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
-  at::Tensor out = empty_output({B, H, Tq, D}, at::kFloat);
+  at::Tensor out = empty_rows_like(q, {B, H, Tq, D});
   at::Tensor lse = empty_output({B, H, Tq}, at::kFloat);
   if (B * H * Tq == 0) return {out.to(q_.scalar_type()), lse};
   TORCH_CHECK(Tk >= 1, "attention_fwd: k must have at least one key");
   at::Tensor kt = empty_output({B * Hkv * cdiv(Tk, BK) * D * BK}, at::kFloat);
+  at::Tensor vc = apart(v) ? empty_output({B * Hkv * Tk * D}, at::kFloat) : at::Tensor();
   const AttnFwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), kt.data_ptr<float>(),
-                      out.data_ptr<float>(), lse.data_ptr<float>(), B, H, Hkv, Tq, Tk, D, causal, (float)scale};
+                      out.data_ptr<float>(), lse.data_ptr<float>(), vc.defined() ? vc.data_ptr<float>() : nullptr,
+                      B, H, Hkv, Tq, Tk, D, causal, (float)scale,
+                      rows_of(q), rows_of(k), rows_of(v), rows_of(out)};
   cpu_kernels().attention_fwd(a);
   return {q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type()), lse};
 }
@@ -54,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   check_attn_inputs(q_, k_, v_, "attention_bwd");
   TORCH_CHECK(dout_.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
               "attention_bwd: grad_out and out must have the shape of q");
-  const at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), dout = f32(dout_), out = f32(out_), lse = f32(lse_);
+  const at::Tensor q = f32_rows(q_), k = f32_rows(k_), v = f32_rows(v_), dout = f32_rows(dout_),
+                   out = f32_rows(out_), lse = f32(lse_);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(lse.numel() == B * H * Tq, "attention_bwd: lse must have shape (B, H, Tq)");
   const int64_t Tqp = cdiv(Tq, BQ) * BQ;
@@ -65,13 +93,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const int64_t nkt = cdiv(Tk, BK), nitems = B * Hkv * nkt;
   const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(threads_for(5.0 * B * H * Tq * Tk * D), nitems));
   at::Tensor dqt = empty_output({nthr, B * H, D, Tqp}, at::kFloat);
-  at::Tensor dk = empty_output(k.sizes(), at::kFloat), dv = empty_output(v.sizes(), at::kFloat);
-  at::Tensor dq = empty_output(q.sizes(), at::kFloat);
+  at::Tensor dk = empty_rows_like(k, k.sizes()), dv = empty_rows_like(v, v.sizes());
+  at::Tensor dq = empty_rows_like(q, q.sizes());
+  at::Tensor qc = apart(q) ? empty_output({B * H * Tq * D}, at::kFloat) : at::Tensor();
+  at::Tensor doc = apart(dout) ? empty_output({B * H * Tq * D}, at::kFloat) : at::Tensor();
   const AttnBwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), dout.data_ptr<float>(),
                       out.data_ptr<float>(), lse.data_ptr<float>(),
                       qt.data_ptr<float>(), dot_t.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(),
-                      dqt.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), nthr,
-                      B, H, Hkv, Tq, Tqp, Tk, D, causal, (float)scale};
+                      dqt.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                      qc.defined() ? qc.data_ptr<float>() : nullptr, doc.defined() ? doc.data_ptr<float>() : nullptr,
+                      nthr,
+                      B, H, Hkv, Tq, Tqp, Tk, D, causal, (float)scale,
+                      rows_of(q), rows_of(k), rows_of(v), rows_of(dout), rows_of(out), rows_of(dq), rows_of(dk),
+                      rows_of(dv)};
   cpu_kernels().attention_bwd(a);
   const auto st = q_.scalar_type();
   if (st == at::kFloat) return {dq, dk, dv};

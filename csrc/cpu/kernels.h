@@ -30,13 +30,26 @@ enum class Dtype : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
 constexpr int64_t kAttnBQ = 64;  // query rows per tile
 constexpr int64_t kAttnBK = 64;  // keys per tile
 
+// Where row (b, h, t) of a (B, H, T, D) tensor starts: b sb + h sh + t st floats from its
+// base; the D elements of a row are contiguous. dense() is the contiguous (B, H, T, D) layout;
+// a (B, T, H, D) tensor seen as (B, H, T, D) (heads split from one projection, or an output
+// that merges its heads back for free) has sb = T H D, sh = D, st = H D.
+struct Rows4 {
+  int64_t sb, sh, st;
+  static Rows4 dense(int64_t H, int64_t T, int64_t D) { return {H * T * D, T * D, D}; }
+  static Rows4 tokens_major(int64_t H, int64_t T, int64_t D) { return {T * H * D, D, H * D}; }
+  int64_t at(int64_t b, int64_t h, int64_t t) const { return b * sb + h * sh + t * st; }
+};
+
 struct AttnFwdArgs {
   const float *q, *k, *v;
   float* kt;         // scratch: K^T panels, B * Hkv * ceil(Tk / BK) * D * BK floats
-  float *out, *lse;  // (B, H, Tq, D), (B, H, Tq)
+  float *out, *lse;  // (B, H, Tq, D) in layout lo, (B, H, Tq) dense
+  float* vc;         // scratch when V's rows are not adjacent (lv.st > D): B * Hkv * Tk * D floats; else null
   int64_t B, H, Hkv, Tq, Tk, D;
   bool causal;
   float scale;
+  Rows4 lq, lk, lv, lo;
 };
 
 struct AttnBwdArgs {
@@ -44,10 +57,12 @@ struct AttnBwdArgs {
   float *qt, *dot, *lse2, *delta;  // scratch: (B H, D, Tqp) twice, (B H, Tqp) twice
   float* dqt;                      // scratch: (nthr, B H, D, Tqp), one dQ^T per thread
   float *dq, *dk, *dv;             // outputs
+  float *qc, *doc;                 // scratch when q's / dout's rows are not adjacent: B * H * Tq * D floats; else null
   int64_t nthr;
   int64_t B, H, Hkv, Tq, Tqp, Tk, D;
   bool causal;
   float scale;
+  Rows4 lq, lk, lv, ldo, lo, ldq, ldk, ldv;  // layouts of q, k, v, dout, out, dq, dk, dv
 };
 
 struct AttnDecodeArgs {

@@ -23,11 +23,11 @@ def _register() -> None:
     @torch.library.register_fake("fastlm::attention_fwd")
     def _(q, k, v, causal, scale):
         B, H, Tq, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
+        return _empty_rows_like(q, q), q.new_empty((B, H, Tq), dtype=torch.float32)
 
     @torch.library.register_fake("fastlm::attention_bwd")
     def _(grad_out, q, k, v, out, lse, causal, scale):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        return _empty_rows_like(q, q), _empty_rows_like(k, k), _empty_rows_like(v, v)
 
     @torch.library.register_fake("fastlm::decode_attention")
     def _(q, k_cache, v_cache, cache_lens, scale):
@@ -50,6 +50,16 @@ def _register() -> None:
         return dq, dk, dv, None, None
 
     torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup)
+
+
+def _empty_rows_like(like, t):
+    """An empty (B, H, T, D) tensor shaped like t, in the row order the CPU kernel gives its
+    outputs: (B, T, H, D) memory when `like`'s heads lie in that order on the CPU (heads split
+    from one projection), so that merging the heads back is a view; contiguous otherwise."""
+    B, H, T, D = t.shape
+    if like.device.type == "cpu" and H > 1 and T > 1 and like.stride(2) > like.stride(1):
+        return t.new_empty((B, T, H, D)).permute(0, 2, 1, 3)
+    return t.new_empty(t.shape)
 
 
 def _scale(q, scale):

@@ -204,22 +204,51 @@ static void attn_ref(const Vec& q, const Vec& k, const Vec& v, const Vec& dout, 
     }
 }
 
+// (B, H, T, D) dense <-> the kernel's row layout: tokens-major stores (B, T, H, D).
+static std::vector<float> to_rows(const Vec& v, int64_t B, int64_t H, int64_t T, int64_t D, bool tm) {
+  std::vector<float> out(v.size());
+  const Rows4 l = tm ? Rows4::tokens_major(H, T, D) : Rows4::dense(H, T, D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d) out[l.at(b, h, t) + d] = float(v[((b * H + h) * T + t) * D + d]);
+  return out;
+}
+
+static Vec from_rows(const std::vector<float>& v, int64_t B, int64_t H, int64_t T, int64_t D, bool tm) {
+  Vec out(v.size());
+  const Rows4 l = tm ? Rows4::tokens_major(H, T, D) : Rows4::dense(H, T, D);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; ++d) out[((b * H + h) * T + t) * D + d] = v[l.at(b, h, t) + d];
+  return out;
+}
+
+// tm: every (B, H, T, D) operand and result in tokens-major order, as heads split from one
+// projection arrive and as the CPU glue lays out outputs for them.
 static void check_attention(const KernelTable& kt, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk,
-                            int64_t D, bool causal) {
+                            int64_t D, bool causal, bool tm) {
   const double scale = 1.0 / std::sqrt(double(D));
   const Vec q = randn(B * H * Tq * D), k = randn(B * Hkv * Tk * D), v = randn(B * Hkv * Tk * D);
   const Vec dout = randn(B * H * Tq * D);
   AttnRef ref;
   attn_ref(q, k, v, dout, B, H, Hkv, Tq, Tk, D, causal, scale, ref);
-  const std::vector<float> qf = tof(q), kf = tof(k), vf = tof(v), df = tof(dout);
+  const auto lay = [tm](int64_t h, int64_t t, int64_t d) {
+    return tm ? Rows4::tokens_major(h, t, d) : Rows4::dense(h, t, d);
+  };
+  const Rows4 lq = lay(H, Tq, D), lkv = lay(Hkv, Tk, D);
+  const std::vector<float> qf = to_rows(q, B, H, Tq, D, tm), kf = to_rows(k, B, Hkv, Tk, D, tm),
+                           vf = to_rows(v, B, Hkv, Tk, D, tm), df = to_rows(dout, B, H, Tq, D, tm);
   std::vector<float> out(B * H * Tq * D, NAN), lse(B * H * Tq, NAN);
-  std::vector<float> ktp(B * Hkv * cdiv(Tk, kAttnBK) * D * kAttnBK);
-  kt.attention_fwd(AttnFwdArgs{qf.data(), kf.data(), vf.data(), ktp.data(), out.data(), lse.data(), B, H, Hkv, Tq,
-                               Tk, D, causal, float(scale)});
-  char name[160];
-  std::snprintf(name, sizeof name, "%s attention B=%ld H=%ld Hkv=%ld Tq=%ld Tk=%ld D=%ld causal=%d", kt.name, (long)B,
-                (long)H, (long)Hkv, (long)Tq, (long)Tk, (long)D, (int)causal);
-  check(std::string(name) + " out", f32v(out), ref.out, 1e-4);
+  std::vector<float> ktp(B * Hkv * cdiv(Tk, kAttnBK) * D * kAttnBK), vc(tm ? B * Hkv * Tk * D : 0);
+  kt.attention_fwd(AttnFwdArgs{qf.data(), kf.data(), vf.data(), ktp.data(), out.data(), lse.data(),
+                               tm ? vc.data() : nullptr, B, H, Hkv, Tq, Tk, D, causal, float(scale), lq, lkv, lkv,
+                               lq});
+  char name[180];
+  std::snprintf(name, sizeof name, "%s attention B=%ld H=%ld Hkv=%ld Tq=%ld Tk=%ld D=%ld causal=%d%s", kt.name,
+                (long)B, (long)H, (long)Hkv, (long)Tq, (long)Tk, (long)D, (int)causal, tm ? " tokens-major" : "");
+  check(std::string(name) + " out", from_rows(out, B, H, Tq, D, tm), ref.out, 1e-4);
   Vec lse_got = f32v(lse), lse_want = ref.lse;
   for (size_t i = 0; i < lse_want.size(); ++i)  // rows that see no key: both +inf
     if (std::isinf(lse_want[i]) && std::isinf(lse_got[i])) lse_got[i] = lse_want[i] = 0;
@@ -228,12 +257,14 @@ static void check_attention(const KernelTable& kt, int64_t B, int64_t H, int64_t
   const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(num_threads(), B * Hkv * cdiv(Tk, kAttnBK)));
   std::vector<float> qt(B * H * D * Tqp), dt(B * H * D * Tqp), lse2(B * H * Tqp), delta(B * H * Tqp);
   std::vector<float> dqt(nthr * B * H * D * Tqp), dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
+  std::vector<float> qc(tm ? q.size() : 0), doc(tm ? q.size() : 0);
   kt.attention_bwd(AttnBwdArgs{qf.data(), kf.data(), vf.data(), df.data(), out.data(), lse.data(), qt.data(),
-                               dt.data(), lse2.data(), delta.data(), dqt.data(), dq.data(), dk.data(), dv.data(), nthr,
-                               B, H, Hkv, Tq, Tqp, Tk, D, causal, float(scale)});
-  check(std::string(name) + " dq", f32v(dq), ref.dq, 1e-4);
-  check(std::string(name) + " dk", f32v(dk), ref.dk, 1e-4);
-  check(std::string(name) + " dv", f32v(dv), ref.dv, 1e-4);
+                               dt.data(), lse2.data(), delta.data(), dqt.data(), dq.data(), dk.data(), dv.data(),
+                               tm ? qc.data() : nullptr, tm ? doc.data() : nullptr, nthr,
+                               B, H, Hkv, Tq, Tqp, Tk, D, causal, float(scale), lq, lkv, lkv, lq, lq, lq, lkv, lkv});
+  check(std::string(name) + " dq", from_rows(dq, B, H, Tq, D, tm), ref.dq, 1e-4);
+  check(std::string(name) + " dk", from_rows(dk, B, Hkv, Tk, D, tm), ref.dk, 1e-4);
+  check(std::string(name) + " dv", from_rows(dv, B, Hkv, Tk, D, tm), ref.dv, 1e-4);
 }
 
 // Decode: Tq new queries per sequence over a cache of L_max positions, lens[b] valid; query
@@ -418,7 +449,8 @@ static void run_level(const KernelTable& kt) {
                                {1, 4, 2, 33, 97, 33}, {1, 2, 2, 130, 130, 64}, {2, 2, 1, 5, 70, 80},
                                {1, 1, 1, 64, 64, 128}, {1, 2, 2, 71, 71, 24}};
   for (auto& s : shapes)
-    for (bool causal : {true, false}) check_attention(kt, s[0], s[1], s[2], s[3], s[4], s[5], causal);
+    for (bool causal : {true, false})
+      for (bool tm : {false, true}) check_attention(kt, s[0], s[1], s[2], s[3], s[4], s[5], causal, tm);
   // decode: the one-row fast path (D multiple of 16), the tile path, GQA, several new queries
   check_decode(kt, 1, 4, 4, 1, 300, 64, {300});
   check_decode(kt, 3, 2, 2, 1, 100, 32, {1, 57, 100});

@@ -21,6 +21,10 @@
 // multiple of W up to 128 keeps W keys' scores in a register through the online softmax
 // and into P V (decode_row).
 // Every product goes through gemm.h's register-blocked micro-kernel.
+// Layouts: forward and backward read and write their (B, H, T, D) operands wherever their rows
+// lie (Rows4: heads split from one fused projection arrive in (B, T, H, D) order, and the glue
+// returns outputs in that order so that merging heads is a view); rows that lie apart are
+// gathered side by side once per head or tile before a product walks them.
 #pragma once
 
 namespace attention {
@@ -232,42 +236,52 @@ inline void wait_flag(const std::atomic<int>& f) {
   }
 }
 
-// K^T panels of one (batch, kv head): kt[t * D * BK + d * BK + c] = K[t * BK + c, d] (zero past Tk).
-inline void pack_kt_head(const float* k, float* kt, int64_t Tk, int64_t D) {
+// K^T panels of one (batch, kv head) whose rows are ks floats apart:
+// kt[t * D * BK + d * BK + c] = K[t * BK + c, d] (zero past Tk).
+inline void pack_kt_head(const float* k, int64_t ks, float* kt, int64_t Tk, int64_t D) {
   const int64_t nkt = cdiv(Tk, BK);
   for (int64_t t = 0; t < nkt; ++t) {
     float* dst = kt + t * D * BK;
     const int64_t n = std::min(BK, Tk - t * BK);
-    const float* src = k + t * BK * D;
+    const float* src = k + t * BK * ks;
     if (n < BK)
       for (int64_t d = 0; d < D; ++d) std::fill(dst + d * BK + n, dst + (d + 1) * BK, 0.f);
     for (int64_t c = 0; c < n; ++c)
-      for (int64_t d = 0; d < D; ++d) dst[d * BK + c] = src[c * D + d];
+      for (int64_t d = 0; d < D; ++d) dst[d * BK + c] = src[c * ks + d];
   }
 }
 
 // ------------------------------------------------------------------ forward
+// Rows of n x D floats, src rows ss floats apart, to adjacent rows.
+inline void gather_rows(const float* src, int64_t ss, int64_t n, int64_t D, float* dst) {
+  for (int64_t r = 0; r < n; ++r) std::copy(src + r * ss, src + r * ss + D, dst + r * D);
+}
+
 struct FwdWork {
   const AttnFwdArgs& a;
-  std::atomic<int>* packed;  // per (batch, kv head): its K^T panels are ready
+  std::atomic<int>* packed;  // per (batch, kv head): its K^T panels (and V rows) are ready
   struct State {
-    std::vector<float> qs, s, m, l;
+    std::vector<float> qs, s, m, l, o;
   };
   State make_state() const {
     State st;
     st.qs.resize(BQ * a.D);
+    st.o.resize(BQ * a.D);
     st.s.resize(BQ * BK);
     st.m.resize(BQ);
     st.l.resize(BQ);
     return st;
   }
-  // Items: first one K^T packing job per (batch, kv head), then the query tiles, the latest
-  // (dearest under causal masking) first. Handed out in order, so a tile waits at most for a
-  // packing job already running on another thread.
+  // Items: first one packing job per (batch, kv head) (K^T panels; V's rows side by side when
+  // they lie apart, as in a fused projection: a product walking rows 1.5 KB apart keeps
+  // missing the L1), then the query tiles, the latest (dearest under causal masking) first.
+  // Handed out in order, so a tile waits at most for a packing job already running.
   void operator()(int64_t item, int64_t, State& st) const {
     const int64_t BHkv = a.B * a.Hkv;
     if (item < BHkv) {
-      pack_kt_head(a.k + item * a.Tk * a.D, a.kt + item * cdiv(a.Tk, BK) * a.D * BK, a.Tk, a.D);
+      const int64_t b = item / a.Hkv, hk = item % a.Hkv;
+      pack_kt_head(a.k + a.lk.at(b, hk, 0), a.lk.st, a.kt + item * cdiv(a.Tk, BK) * a.D * BK, a.Tk, a.D);
+      if (a.vc) gather_rows(a.v + a.lv.at(b, hk, 0), a.lv.st, a.Tk, a.D, a.vc + item * a.Tk * a.D);
       packed[item].store(1, std::memory_order_release);
       return;
     }
@@ -278,27 +292,31 @@ struct FwdWork {
     const int64_t q0 = qt * BQ, nq = std::min(BQ, a.Tq - q0);
     const int64_t off = a.Tk - a.Tq;  // query i sees keys j <= i + off under causal masking
     const int64_t kend = a.causal ? std::min(a.Tk, q0 + nq + off) : a.Tk;  // keys any row sees
-    float* O = a.out + (bh * a.Tq + q0) * D;
+    float* Oout = a.out + a.lo.at(b, h, q0);  // rows a.lo.st apart
     float* lse = a.lse + bh * a.Tq + q0;
     if (kend <= 0) {
-      std::fill(O, O + nq * D, 0.f);
+      for (int64_t i = 0; i < nq; ++i) std::fill(Oout + i * a.lo.st, Oout + i * a.lo.st + D, 0.f);
       std::fill(lse, lse + nq, kInf);
       return;
     }
+    float* O = st.o.data();  // the tile's output rows, side by side until the end
+    const int64_t os = D;
+    std::fill(O, O + nq * D, 0.f);
     wait_flag(packed[b * a.Hkv + hk]);
-    const float* Q = a.q + (bh * a.Tq + q0) * D;
+    const float* Q = a.q + a.lq.at(b, h, q0);
     const float qscale = a.scale * kLog2e;
     float* qs = st.qs.data();
-    for (int64_t i = 0; i < nq * D; ++i) qs[i] = Q[i] * qscale;
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = Q[i * a.lq.st + d] * qscale;
     float* S = st.s.data();
     float* m = st.m.data();
     float* l = st.l.data();
     std::fill(m, m + nq, -kInf);
     std::fill(l, l + nq, 0.f);
-    std::fill(O, O + nq * D, 0.f);
     const int64_t nkt_all = cdiv(a.Tk, BK);
     const float* KT = a.kt + (b * a.Hkv + hk) * nkt_all * D * BK;
-    const float* V = a.v + (b * a.Hkv + hk) * a.Tk * D;
+    const float* V = a.vc ? a.vc + (b * a.Hkv + hk) * a.Tk * D : a.v + a.lv.at(b, hk, 0);
+    const int64_t vs = a.vc ? D : a.lv.st;
     const int64_t nkt = cdiv(kend, BK);
     for (int64_t t = 0; t < nkt; ++t) {
       const int64_t k0 = t * BK, nk = std::min(BK, kend - k0);
@@ -317,22 +335,23 @@ struct FwdWork {
         const float mnew = std::max(m[i], row_max(srow, vis));
         const float alpha = std::exp2(m[i] - mnew);  // 0 when m[i] = -inf
         const float sum = exp2_rows(srow, vis, BK, mnew);
-        if (alpha != 1.f) scale_row(O + i * D, D, alpha);
+        if (alpha != 1.f) scale_row(O + i * os, D, alpha);
         l[i] = l[i] * alpha + sum;
         m[i] = mnew;
       }
-      if (diag) gemm_diag_pv(nq, D, nk, S, V + k0 * D, D, O, D, delta);
-      else gemm(nq, D, nk, S, BK, V + k0 * D, D, O, D, true);
+      if (diag) gemm_diag_pv(nq, D, nk, S, V + k0 * vs, vs, O, os, delta);
+      else gemm(nq, D, nk, S, BK, V + k0 * vs, vs, O, os, true);
     }
     for (int64_t i = 0; i < nq; ++i) {
       if (l[i] > 0.f) {
-        scale_row(O + i * D, D, 1.f / l[i]);
+        scale_row(O + i * os, D, 1.f / l[i]);
         lse[i] = (m[i] + std::log2(l[i])) * kLn2;
       } else {
-        std::fill(O + i * D, O + (i + 1) * D, 0.f);
+        std::fill(O + i * os, O + i * os + D, 0.f);
         lse[i] = kInf;  // no visible key: P = exp(s - inf) = 0 in the backward pass
       }
     }
+    for (int64_t i = 0; i < nq; ++i) std::copy(O + i * D, O + (i + 1) * D, Oout + i * a.lo.st);
   }
 };
 
@@ -348,11 +367,13 @@ struct BwdWork {
   const AttnBwdArgs& a;
   std::atomic<int>* prepared;  // per (batch, head): qt, dot, lse2, delta ready, its dqt zeroed
   struct State {
-    std::vector<float> kt, s, dp, dk, dv;
+    std::vector<float> kt, s, dp, dk, dv, kc, vc;
   };
   State make_state() const {
     State st;
     st.kt.resize(a.D * BK);
+    st.kc.resize(BK * a.D);
+    st.vc.resize(BK * a.D);
     st.s.resize(BK * BQ);
     st.dp.resize(BK * BQ);
     st.dk.resize(BK * a.D);
@@ -364,17 +385,21 @@ struct BwdWork {
   void prepare(int64_t bh) const {
     const int64_t D = a.D, Tq = a.Tq, Tqp = a.Tqp;
     const float qscale = a.scale * kLog2e;
+    const int64_t b = bh / a.H, h = bh % a.H;
     float *qt = a.qt + bh * D * Tqp, *dt = a.dot + bh * D * Tqp;
     for (int64_t t = 0; t < Tq; ++t) {
-      const float* qr = a.q + (bh * Tq + t) * D;
-      const float* dr = a.dout + (bh * Tq + t) * D;
+      const float* qr = a.q + a.lq.at(b, h, t);
+      const float* dr = a.dout + a.ldo.at(b, h, t);
       for (int64_t d = 0; d < D; ++d) {
         qt[d * Tqp + t] = qr[d] * qscale;
         dt[d * Tqp + t] = dr[d];
       }
       a.lse2[bh * Tqp + t] = a.lse[bh * Tq + t] * kLog2e;
-      a.delta[bh * Tqp + t] = dot(dr, a.out + (bh * Tq + t) * D, D);
+      a.delta[bh * Tqp + t] = dot(dr, a.out + a.lo.at(b, h, t), D);
     }
+    // rows that lie apart, side by side for the products that walk them (see FwdWork)
+    if (a.qc) gather_rows(a.q + a.lq.at(b, h, 0), a.lq.st, Tq, D, a.qc + bh * Tq * D);
+    if (a.doc) gather_rows(a.dout + a.ldo.at(b, h, 0), a.ldo.st, Tq, D, a.doc + bh * Tq * D);
     for (int64_t d = 0; d < D; ++d) {
       std::fill(qt + d * Tqp + Tq, qt + (d + 1) * Tqp, 0.f);
       std::fill(dt + d * Tqp + Tq, dt + (d + 1) * Tqp, 0.f);
@@ -398,20 +423,34 @@ struct BwdWork {
     const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
     const int64_t k0 = kt_i * BK, nk = std::min(BK, a.Tk - k0);
     const int64_t off = a.Tk - a.Tq;
-    const float* K = a.k + (bhk * a.Tk + k0) * D;
-    const float* V = a.v + (bhk * a.Tk + k0) * D;
-    float* dK = a.dk + (bhk * a.Tk + k0) * D;
-    float* dV = a.dv + (bhk * a.Tk + k0) * D;
+    int64_t ks = a.lk.st, vs = a.lv.st;  // row strides
+    const int64_t dks = a.ldk.st, dvs = a.ldv.st;
+    const float* K = a.k + a.lk.at(b, hk, k0);
+    const float* V = a.v + a.lv.at(b, hk, k0);
+    float* dK = a.dk + a.ldk.at(b, hk, k0);
+    float* dV = a.dv + a.ldv.at(b, hk, k0);
     const int64_t qstart = a.causal ? std::max<int64_t>(0, k0 - off) : 0;
     if (qstart >= a.Tq) {
-      std::fill(dK, dK + nk * D, 0.f);
-      std::fill(dV, dV + nk * D, 0.f);
+      for (int64_t c = 0; c < nk; ++c) {
+        std::fill(dK + c * dks, dK + c * dks + D, 0.f);
+        std::fill(dV + c * dvs, dV + c * dvs + D, 0.f);
+      }
       return;
     }
     for (int64_t g = 0; g < G; ++g) wait_flag(prepared[b * a.H + hk * G + g]);
+    if (ks != D) {
+      gather_rows(K, ks, nk, D, st.kc.data());
+      K = st.kc.data();
+      ks = D;
+    }
+    if (vs != D) {
+      gather_rows(V, vs, nk, D, st.vc.data());
+      V = st.vc.data();
+      vs = D;
+    }
     float* KT = st.kt.data();
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t c = 0; c < nk; ++c) KT[d * BK + c] = K[c * D + d];
+      for (int64_t c = 0; c < nk; ++c) KT[d * BK + c] = K[c * ks + d];
     float *S = st.s.data(), *dP = st.dp.data(), *dKa = st.dk.data(), *dVa = st.dv.data();
     std::fill(dKa, dKa + nk * D, 0.f);
     std::fill(dVa, dVa + nk * D, 0.f);
@@ -420,15 +459,16 @@ struct BwdWork {
       const int64_t bh = b * a.H + hk * G + g;
       const float* QT = a.qt + bh * D * a.Tqp;
       const float* dOT = a.dot + bh * D * a.Tqp;
-      const float* Qr = a.q + bh * a.Tq * D;
-      const float* dOr = a.dout + bh * a.Tq * D;
+      const float* Qr = a.qc ? a.qc + bh * a.Tq * D : a.q + a.lq.at(b, hk * G + g, 0);
+      const float* dOr = a.doc ? a.doc + bh * a.Tq * D : a.dout + a.ldo.at(b, hk * G + g, 0);
+      const int64_t qs = a.qc ? D : a.lq.st, dos = a.doc ? D : a.ldo.st;
       const float* lse2 = a.lse2 + bh * a.Tqp;
       const float* delta = a.delta + bh * a.Tqp;
       float* dQT = a.dqt + tid * BHTD + bh * D * a.Tqp;
       for (int64_t q0 = (qstart / BQ) * BQ; q0 < a.Tq; q0 += BQ) {
         const int64_t nq = std::min(BQ, a.Tq - q0);
-        gemm(nk, BQ, D, K, D, QT + q0, a.Tqp, S, BQ, false);    // S^T (scaled by scale*log2e)
-        gemm(nk, BQ, D, V, D, dOT + q0, a.Tqp, dP, BQ, false);  // dP^T
+        gemm(nk, BQ, D, K, ks, QT + q0, a.Tqp, S, BQ, false);    // S^T (scaled by scale*log2e)
+        gemm(nk, BQ, D, V, vs, dOT + q0, a.Tqp, dP, BQ, false);  // dP^T
         const bool diag = a.causal && (k0 + nk - 1 > q0 + off);
         for (int64_t r = 0; r < nk; ++r) {
           bwd_row(S + r * BQ, dP + r * BQ, lse2 + q0, delta + q0, BQ);
@@ -439,15 +479,16 @@ struct BwdWork {
             std::fill(dP + r * BQ, dP + r * BQ + cfirst, 0.f);
           }
         }
-        gemm(nk, D, nq, S, BQ, dOr + q0 * D, D, dVa, D, true);   // dV += P^T dO
-        gemm(nk, D, nq, dP, BQ, Qr + q0 * D, D, dKa, D, true);   // dK += dS^T Q
+        gemm(nk, D, nq, S, BQ, dOr + q0 * dos, dos, dVa, D, true);  // dV += P^T dO
+        gemm(nk, D, nq, dP, BQ, Qr + q0 * qs, qs, dKa, D, true);     // dK += dS^T Q
         gemm(D, BQ, nk, KT, BK, dP, BQ, dQT + q0, a.Tqp, true);  // dQ^T += K^T dS^T
       }
     }
-    for (int64_t i = 0; i < nk * D; ++i) {
-      dK[i] = dKa[i] * a.scale;
-      dV[i] = dVa[i];
-    }
+    for (int64_t c = 0; c < nk; ++c)
+      for (int64_t d = 0; d < D; ++d) {
+        dK[c * dks + d] = dKa[c * D + d] * a.scale;
+        dV[c * dvs + d] = dVa[c * D + d];
+      }
   }
 };
 
@@ -466,7 +507,7 @@ void backward(const AttnBwdArgs& a) {
         for (int64_t t = 0; t < Tq; ++t) {
           float s = 0.f;
           for (int64_t th = 0; th < nthr; ++th) s += src[th * per + (bh * D + d) * Tqp + t];
-          a.dq[(bh * Tq + t) * D + d] = s * sc;
+          a.dq[a.ldq.at(bh / a.H, bh % a.H, t) + d] = s * sc;
         }
   });
 }
