@@ -173,6 +173,70 @@ def decode_linear(x, weight_p, bias=None, n: int | None = None):
     return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
 
 
+QUANT_BLOCK = 32
+WEIGHT_FORMATS = ("bf16", "f16", "q8_0")
+
+
+def quantize_q8_0(weight):
+    """Weight-only int8 quantization of a (N, K) weight in blocks of QUANT_BLOCK along K (as
+    llama.cpp's q8_0): per output column n and block j, scale = max|w| / 127 rounded to float16,
+    q = round(w / scale) in [-127, 127] (0 where the scale is 0). Returns (q int8 (N, K),
+    scales float16 (N, ceil(K / QUANT_BLOCK))); the weight is q * scale."""
+    N, K = weight.shape
+    nb = -(-K // QUANT_BLOCK)
+    w = torch.zeros(N, nb * QUANT_BLOCK, dtype=torch.float32, device=weight.device)
+    w[:, :K] = weight.float()
+    w = w.view(N, nb, QUANT_BLOCK)
+    scales = (w.abs().amax(dim=-1) / 127).to(torch.float16)
+    s = scales.float().unsqueeze(-1)
+    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(w))
+    return q.clamp_(-127, 127).to(torch.int8).view(N, nb * QUANT_BLOCK)[:, :K].contiguous(), scales
+
+
+def pack_decode_weight_q(weight, format: str):
+    """A linear layer's weight (N, K) for ``decode_linear_q`` in a reduced-precision format:
+    "bf16" / "f16": ``pack_decode_weight`` of the weight in that dtype, (P, K, 48);
+    "q8_0": uint8 (P, ceil(K / 32), 32 * 48 + 2 * 48), P = ceil(N / 48): block j of panel p holds
+    q[k][c] = Q[48 p + c, 32 j + k] (int8, zero past N and K) then the 48 float16 scales of
+    those columns' block j (zero past N), with Q and the scales from ``quantize_q8_0``."""
+    if format in ("bf16", "f16"):
+        return pack_decode_weight(weight.to(torch.bfloat16 if format == "bf16" else torch.float16))
+    if format != "q8_0":
+        raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {format!r}")
+    N, K = weight.shape
+    W, B = DECODE_PANEL, QUANT_BLOCK
+    P, nb = -(-N // W), -(-K // B)
+    q, scales = quantize_q8_0(weight)
+    qp = torch.zeros(P * W, nb * B, dtype=torch.int8, device=weight.device)
+    qp[:N, :K] = q
+    sp = torch.zeros(P * W, nb, dtype=torch.float16, device=weight.device)
+    sp[:N] = scales
+    q_blocks = qp.view(P, W, nb, B).permute(0, 2, 3, 1).reshape(P, nb, B * W).view(torch.uint8)
+    s_blocks = sp.view(P, W, nb).permute(0, 2, 1).contiguous().view(torch.uint8).view(P, nb, 2 * W)
+    return torch.cat([q_blocks, s_blocks], dim=-1).contiguous()
+
+
+def unpack_decode_weight_q(weight_q, format: str, n: int, k: int):
+    """The float32 (n, k) weight that a ``pack_decode_weight_q`` tensor stands for."""
+    W, B = DECODE_PANEL, QUANT_BLOCK
+    if format in ("bf16", "f16"):
+        P = weight_q.shape[0]
+        return weight_q.float().transpose(1, 2).reshape(P * W, -1)[:n, :k]
+    P, nb, _ = weight_q.shape
+    q = weight_q[..., : B * W].contiguous().view(torch.int8).view(P, nb, B, W).float()
+    s = weight_q[..., B * W:].contiguous().view(torch.float16).view(P, nb, 1, W).float()
+    return (q * s).permute(0, 3, 1, 2).reshape(P * W, nb * B)[:n, :k]
+
+
+def decode_linear_q(x, weight_q, bias=None, n: int | None = None, format: str = "q8_0"):
+    """``x @ weight.T + bias`` with the weight given by ``pack_decode_weight_q`` in ``format``:
+    exactly the product with the dequantized weight, in x's dtype."""
+    if n is None:
+        n = weight_q.shape[0] * DECODE_PANEL
+    w = unpack_decode_weight_q(weight_q, format, n, x.shape[-1]).to(x.dtype)
+    return x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+
+
 def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
     """Cross-entropy of (N, V) logits (or (..., V)) against integer targets (N,) (or (...)).
 

@@ -113,6 +113,24 @@ struct LinearArgs {
   int64_t M, K, N;
 };
 
+// The same product with the weight stored in reduced precision (fastlm.reference.
+// pack_decode_weight_q): bf16 / f16 panels (ceil(N / 48), K, 48) of 16-bit values, or q8_0
+// panels of ceil(K / 32) blocks, each 32 x 48 int8 values q[k][c] followed by the 48 columns'
+// float16 scales (the weight is q * scale; 32 weights of one column along K share a scale,
+// as in llama.cpp's q8_0). x, bias and out stay float32.
+enum class WeightFormat : int { bf16 = 0, f16 = 1, q8_0 = 2 };
+constexpr int64_t kQuantBlock = 32;                                            // fastlm.reference.QUANT_BLOCK
+constexpr int64_t kQ8BlockBytes = kQuantBlock * kDecodePanel + 2 * kDecodePanel;  // int8 values, then f16 scales
+
+struct LinearQArgs {
+  WeightFormat format;
+  const float* x;
+  const void* wq;
+  const float* bias;  // may be null
+  float* out;
+  int64_t M, K, N;
+};
+
 // ---- the rows of the fused linear + cross-entropy (kernels/loss.h): for each row i of z
 // (R, V), loss[i] = logsumexp(z_i) - z_i[t_i]; with grad, z_i becomes
 // s_i (softmax(z_i) - onehot(t_i)), s_i = row_scale[i] or scale; an ignored row: loss 0, zero
@@ -138,6 +156,7 @@ struct KernelTable {
   void (*gelu)(const GeluArgs&);
   void (*decode_linear)(const LinearArgs&);
   void (*loss_rows)(const LossRowsArgs&);
+  void (*decode_linear_q)(const LinearQArgs&);
 };
 
 // One table per level compiled into this build (csrc/cpu/isa/*.cpp).

@@ -70,7 +70,23 @@ static inline simde__m512 emu_cvtph_ps(simde__m256i v) {
                      _mm256_cvtps_ph(_mm256_loadu_ps(t_ + 8), mode)}; \
     return simde_mm256_loadu_si256(r_);                        \
   }())
+static inline simde__m512i emu_cvtepi8_epi32(simde__m128i v) {
+  signed char t[16];
+  int r[16];
+  simde_mm_storeu_si128(t, v);
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+  return simde_mm512_loadu_si512(r);
+}
+static inline simde__m512 emu_cvtepi32_ps(simde__m512i v) {
+  int t[16];
+  float r[16];
+  simde_mm512_storeu_si512(t, v);
+  for (int i = 0; i < 16; ++i) r[i] = float(t[i]);
+  return simde_mm512_loadu_ps(r);
+}
 #define _mm512_stream_ps(p, v) simde_mm512_storeu_ps(p, v)
+#define _mm512_cvtepi32_ps emu_cvtepi32_ps
+#define _mm512_cvtepi8_epi32 emu_cvtepi8_epi32
 #define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32
 #define _mm512_cvtepi32_epi16 emu_cvtepi32_epi16
 #define _mm512_cvtph_ps emu_cvtph_ps

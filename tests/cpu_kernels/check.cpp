@@ -416,6 +416,58 @@ static void check_linear(const KernelTable& kt, int64_t M, int64_t K, int64_t N,
   check(name, f32v(out), want, 1e-5);
 }
 
+// The same product with a reduced-precision weight: bf16 / f16 panels of the rounded weight,
+// or q8_0 blocks of random int8 values and random float16 scales; the reference multiplies by
+// the weight those bytes stand for.
+static void check_linear_q(const KernelTable& kt, WeightFormat f, int64_t M, int64_t K, int64_t N, bool bias) {
+  const int64_t W = kDecodePanel, B = kQuantBlock, P = cdiv(N, W), nb = cdiv(K, B);
+  const Vec x = randn(M * K), b = randn(N);
+  Vec w(N * K);  // the weight as the kernel must see it
+  std::vector<uint8_t> bytes;
+  std::vector<uint16_t> h16;
+  const void* wq;
+  if (f == WeightFormat::q8_0) {
+    bytes.assign(P * nb * kQ8BlockBytes, 0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < nb; ++j) {
+        uint8_t* blk = bytes.data() + ((n / W) * nb + j) * kQ8BlockBytes;
+        const uint16_t sbits = to_f16(float(0.01 + 0.05 * std::abs(randn(1)[0])));
+        std::memcpy(blk + B * W + 2 * (n % W), &sbits, 2);
+        for (int64_t k = j * B; k < std::min(K, (j + 1) * B); ++k) {
+          const int8_t q = int8_t(int(g_rng() % 255) - 127);
+          blk[(k - j * B) * W + n % W] = uint8_t(q);
+          w[n * K + k] = double(q) * from_f16(sbits);
+        }
+      }
+    wq = bytes.data();
+  } else {
+    h16.assign(P * K * W, 0);
+    const Vec r = randn(N * K);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint16_t v = f == WeightFormat::bf16 ? to_bf16(float(r[n * K + k])) : to_f16(float(r[n * K + k]));
+        h16[((n / W) * K + k) * W + n % W] = v;
+        w[n * K + k] = f == WeightFormat::bf16 ? from_bf16(v) : from_f16(v);
+      }
+    wq = h16.data();
+  }
+  const std::vector<float> xf = tof(x), bf = tof(b);
+  std::vector<float> out(M * N, NAN);
+  kt.decode_linear_q(LinearQArgs{f, xf.data(), wq, bias ? bf.data() : nullptr, out.data(), M, K, N});
+  Vec want(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = bias ? b[n] : 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * w[n * K + k];
+      want[m * N + n] = acc;
+    }
+  char name[112];
+  std::snprintf(name, sizeof name, "%s decode_linear_q %s M=%ld K=%ld N=%ld bias=%d", kt.name,
+                f == WeightFormat::q8_0 ? "q8_0" : f == WeightFormat::bf16 ? "bf16" : "f16", (long)M, (long)K,
+                (long)N, (int)bias);
+  check(name, f32v(out), want, 1e-5);
+}
+
 // ------------------------------------------------------------------ loss rows
 static void check_loss(const KernelTable& kt, Dtype dt, int64_t R, int64_t V, bool grad, bool row_scale) {
   const Vec z = randn(R * V, 3.0);
@@ -467,6 +519,10 @@ static void run_level(const KernelTable& kt) {
   for (int64_t M : {1, 2, 3, 7, 8, 9, 17, 33})
     for (auto kn : {std::pair<int64_t, int64_t>{1, 1}, {5, 47}, {64, 48}, {33, 100}, {256, 769}, {768, 2311}})
       check_linear(kt, M, kn.first, kn.second, M % 2 == 1);
+  for (WeightFormat f : {WeightFormat::q8_0, WeightFormat::bf16, WeightFormat::f16})
+    for (int64_t M : {1, 2, 3, 8, 9, 33})
+      for (auto kn : {std::pair<int64_t, int64_t>{1, 1}, {5, 47}, {32, 48}, {33, 100}, {256, 769}, {100, 2311}})
+        check_linear_q(kt, f, M, kn.first, kn.second, M % 2 == 0);
   for (Dtype dt : {Dtype::f32, Dtype::f64})
     for (auto rv : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {9, 100}, {5, 5003}})
       for (bool grad : {false, true}) check_loss(kt, dt, rv.first, rv.second, grad, grad && rv.second == 100);

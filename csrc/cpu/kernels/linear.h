@@ -90,3 +90,148 @@ void run(const LinearArgs& a) {
 }
 
 }  // namespace linear
+
+// ------------------------------------------------------------------ reduced-precision weights
+// The same panels and passes with the weight stored in bf16, f16 or q8_0 (LinearQArgs):
+//   * a decode step (M <= kRows) makes one pass per panel that converts each weight as it
+//     reads it (int8 -> float times its block's scale, or 16 -> 32 bits) and feeds the FMAs
+//     directly, so the bytes read per weight, what bounds the step, are 2 or 1 1/16 instead of 4;
+//   * more rows (a prefill) convert each panel once into a float32 panel in the thread's
+//     buffer and run the float32 passes over it, so the conversion is paid once, not per pass.
+namespace linear {
+
+template <typename T>
+struct Panel16 {  // bf16 / f16 panel: K x 48 values
+  const T* p;
+  inline simd::vf at(int64_t k, int v) const { return simd::load(p + k * kPanel + simd::W * v); }
+};
+
+// C[R x 48] += A[R x K] Wp for one panel of 16-bit weights.
+template <int R, typename T>
+inline void pass16(const float* A, int64_t K, const T* Bp, float* C) {
+  using namespace simd;
+  constexpr int NV = kPanelVectors;
+  vf c[R][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) c[r][v] = load(C + r * kPanel + W * v);
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) {
+      const vf b = load(Bp + k * kPanel + W * v);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) c[r][v] = fma(set1(A[r * K + k]), b, c[r][v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
+}
+
+// The 48 float16 scales of a q8_0 block as floats.
+inline void block_scales(const uint8_t* blk, float* s) {
+  const f16* sc = reinterpret_cast<const f16*>(blk + kQuantBlock * kPanel);
+  for (int v = 0; v < kPanelVectors; ++v) simd::store(s + simd::W * v, simd::load(sc + simd::W * v));
+}
+
+// C[R x 48] += A[R x K] Wp for one q8_0 panel: each weight is its int8 value times its
+// block's scale, formed in a register just before the FMAs that use it.
+template <int R>
+inline void pass_q8(const float* A, int64_t K, const uint8_t* Bp, float* C) {
+  using namespace simd;
+  constexpr int NV = kPanelVectors;
+  alignas(64) float s[kPanel];
+  vf c[R][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) c[r][v] = load(C + r * kPanel + W * v);
+  for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
+    const uint8_t* blk = Bp + (k0 / kQuantBlock) * kQ8BlockBytes;
+    block_scales(blk, s);
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk);
+    const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
+    for (int64_t k = 0; k < kn; ++k) {
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) {
+        const vf b = mul(load(q + k * kPanel + W * v), load(s + W * v));
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) c[r][v] = fma(set1(A[r * K + k0 + k]), b, c[r][v]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
+}
+
+// One pass over the panel for R rows (R in [1, kRows], chosen at run time).
+template <int R = 1>
+inline void pass_q(int64_t rows, WeightFormat f, const float* A, int64_t K, const void* Bp, float* C) {
+  if constexpr (R < kRows) {
+    if (rows != R) return pass_q<R + 1>(rows, f, A, K, Bp, C);
+  }
+  if (f == WeightFormat::q8_0) pass_q8<R>(A, K, static_cast<const uint8_t*>(Bp), C);
+  else if (f == WeightFormat::bf16) pass16<R>(A, K, static_cast<const bf16*>(Bp), C);
+  else pass16<R>(A, K, static_cast<const f16*>(Bp), C);
+}
+
+// The panel as float32, K x 48 (the layout of the float32 panels).
+inline void dequantize_panel(WeightFormat f, const void* Bp, int64_t K, float* out) {
+  using namespace simd;
+  if (f == WeightFormat::q8_0) {
+    alignas(64) float s[kPanel];
+    const uint8_t* b8 = static_cast<const uint8_t*>(Bp);
+    for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
+      const uint8_t* blk = b8 + (k0 / kQuantBlock) * kQ8BlockBytes;
+      block_scales(blk, s);
+      const int8_t* q = reinterpret_cast<const int8_t*>(blk);
+      const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
+      for (int64_t k = 0; k < kn; ++k)
+        for (int v = 0; v < kPanelVectors; ++v)
+          store(out + (k0 + k) * kPanel + W * v, mul(load(q + k * kPanel + W * v), load(s + W * v)));
+    }
+    return;
+  }
+  for (int64_t k = 0; k < K; ++k)
+    for (int v = 0; v < kPanelVectors; ++v) {
+      const int64_t i = k * kPanel + W * v;
+      store(out + i, f == WeightFormat::bf16 ? load(static_cast<const bf16*>(Bp) + i)
+                                             : load(static_cast<const f16*>(Bp) + i));
+    }
+}
+
+inline int64_t panel_bytes(WeightFormat f, int64_t K) {
+  return f == WeightFormat::q8_0 ? cdiv(K, kQuantBlock) * kQ8BlockBytes : K * kPanel * 2;
+}
+
+void run_q(const LinearQArgs& a) {
+  const int64_t M = a.M, K = a.K, N = a.N, P = cdiv(N, kPanel);
+  if (M == 0 || N == 0) return;
+  const int64_t pb = panel_bytes(a.format, K);
+  const bool one = P * pb < kParallelBytes && 2.0 * M * K * N < kParallelFlops;
+  parallel_for(0, P, one ? P : 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> wf(M > kRows ? K * kPanel : 0);  // the float32 panel of a prefill
+    alignas(64) float cb[kRows * kPanel];               // a decode step's rows of one panel
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * kPanel, nc = std::min(kPanel, N - c0);
+      const void* Bp = static_cast<const uint8_t*>(a.wq) + p * pb;
+      if (M > kRows) {
+        dequantize_panel(a.format, Bp, K, wf.data());
+        init_rows(M, nc, a.bias ? a.bias + c0 : nullptr, a.out + c0, N);
+        panel_product(M, nc, K, a.x, wf.data(), a.out + c0, N);
+        continue;
+      }
+      init_rows(M, kPanel, nullptr, cb, kPanel);
+      if (a.bias)
+        for (int64_t r = 0; r < M; ++r) std::copy(a.bias + c0, a.bias + c0 + nc, cb + r * kPanel);
+      pass_q(M, a.format, a.x, K, Bp, cb);
+      for (int64_t r = 0; r < M; ++r) std::copy(cb + r * kPanel, cb + r * kPanel + nc, a.out + r * N + c0);
+    }
+  });
+}
+
+}  // namespace linear

@@ -1,0 +1,101 @@
+"""Generation's linear layer with reduced-precision weights (torch.ops.fastlm.decode_linear_q):
+the quantizer and the packed layouts against their definitions in fastlm.reference, and the
+CPU kernel at every SIMD level against the float64 product with the dequantized weight."""
+import pytest
+import torch
+
+from fastlm import ops
+from fastlm import reference as R
+
+from conftest import CPU_LEVEL_BACKENDS, on_backend, rel_error
+
+pytestmark = pytest.mark.skipif("cpu" not in ops.backends(), reason="fastlm._C not built")
+FORMATS = ["q8_0", "bf16", "f16"]
+
+
+def _weight(N, K, seed, scale=0.05):
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 31), (48, 32), (97, 100), (7, 65)])
+def test_quantize_q8_0_follows_its_definition(N, K):
+    w = _weight(N, K, N * 100 + K)
+    w[0, : min(K, 32)] = 0  # an all-zero block: scale 0, values 0
+    q, s = R.quantize_q8_0(w)
+    assert q.dtype == torch.int8 and q.shape == (N, K)
+    assert s.dtype == torch.float16 and s.shape == (N, -(-K // 32))
+    assert int(q.abs().max()) <= 127
+    assert float(s[0, 0]) == 0 and int(q[0, : min(K, 32)].abs().max()) == 0
+    blocks = torch.nn.functional.pad(w, (0, s.shape[1] * 32 - K)).view(N, -1, 32)
+    assert torch.equal(s, (blocks.abs().amax(-1) / 127).to(torch.float16))
+    deq = (q.float().view(N, -1) * s.float().repeat_interleave(32, dim=1)[:, :K])
+    # each value within half a step of its block's scale
+    step = s.float().repeat_interleave(32, dim=1)[:, :K]
+    assert bool(((deq - w).abs() <= step / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("N,K", [(1, 1), (50, 33), (48, 64), (97, 100), (200, 7)])
+def test_pack_and_unpack(fmt, N, K):
+    w = _weight(N, K, 3 * N + K)
+    wq = R.pack_decode_weight_q(w, fmt)
+    P = -(-N // 48)
+    if fmt == "q8_0":
+        assert wq.dtype == torch.uint8 and wq.shape == (P, -(-K // 32), 32 * 48 + 96)
+        q, s = R.quantize_q8_0(w)
+        want = q.float() * s.float().repeat_interleave(32, dim=1)[:, :K]
+    else:
+        assert wq.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float16) and wq.shape == (P, K, 48)
+        want = w.to(wq.dtype).float()
+    assert torch.equal(R.unpack_decode_weight_q(wq, fmt, N, K), want)
+
+
+@pytest.mark.parametrize("backend", CPU_LEVEL_BACKENDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 768, 2304), (2, 100, 50), (3, 31, 97), (8, 256, 769),
+                                   (9, 64, 48), (40, 130, 200)])
+def test_kernel_matches_the_dequantized_product(backend, fmt, M, K, N):
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N)
+    w, x, b = _weight(N, K, M + K + N), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+    wq = R.pack_decode_weight_q(w, fmt)
+    for bias in (None, b):
+        with on_backend(backend):
+            got = torch.ops.fastlm.decode_linear_q(x, wq, bias, N, fmt)
+        want = R.decode_linear_q(x.double(), wq, None if bias is None else bias.double(), N, fmt)
+        assert got.dtype == torch.float32 and got.shape == (M, N)
+        assert rel_error(got, want) < 1e-5
+    # and the dequantized product is close to the float32 one: the format's own error
+    full = x.double() @ w.double().t()
+    assert rel_error(R.decode_linear_q(x.double(), wq, None, N, fmt), full) < {"q8_0": 1e-2, "bf16": 5e-3,
+                                                                             "f16": 1e-3}[fmt]
+
+
+def test_non_contiguous_input_and_empty():
+    w = _weight(60, 40, 1)
+    wq = R.pack_decode_weight_q(w, "q8_0")
+    x = torch.randn(40, 5).t()  # (5, 40), not contiguous
+    want = R.decode_linear_q(x.double(), wq, None, 60, "q8_0")
+    assert rel_error(torch.ops.fastlm.decode_linear_q(x, wq, None, 60, "q8_0"), want) < 1e-5
+    assert torch.ops.fastlm.decode_linear_q(torch.zeros(0, 40), wq, None, 60, "q8_0").shape == (0, 60)
+
+
+def test_bad_input_is_refused():
+    w = _weight(60, 40, 2)
+    wq, wb = R.pack_decode_weight_q(w, "q8_0"), R.pack_decode_weight_q(w, "bf16")
+    x = torch.randn(2, 40)
+    with pytest.raises(RuntimeError, match="format must be"):
+        torch.ops.fastlm.decode_linear_q(x, wq, None, 60, "q4_9")
+    with pytest.raises(RuntimeError, match="q8_0 weight"):
+        torch.ops.fastlm.decode_linear_q(x, wq, None, 200, "q8_0")  # n does not match the panels
+    with pytest.raises(RuntimeError, match="q8_0 weight"):
+        torch.ops.fastlm.decode_linear_q(torch.randn(2, 70), wq, None, 60, "q8_0")  # K does not match
+    with pytest.raises(RuntimeError, match="bf16 weight"):
+        torch.ops.fastlm.decode_linear_q(x, wq, None, 60, "bf16")  # bytes given as bf16
+    with pytest.raises(RuntimeError, match="f16 weight"):
+        torch.ops.fastlm.decode_linear_q(x, wb, None, 60, "f16")
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        torch.ops.fastlm.decode_linear_q(x.double(), wq, None, 60, "q8_0")
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.fastlm.decode_linear_q(x, wq, torch.randn(59), 60, "q8_0")
+    with pytest.raises(ValueError, match="weight format"):
+        R.pack_decode_weight_q(w, "int3")
