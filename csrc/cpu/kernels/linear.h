@@ -136,12 +136,22 @@ inline void block_scales(const uint8_t* blk, float* s) {
   for (int v = 0; v < kPanelVectors; ++v) simd::store(s + simd::W * v, simd::load(sc + simd::W * v));
 }
 
-// C[R x 48] += A[R x K] Wp for one q8_0 panel: each weight is its int8 value times its
-// block's scale, formed in a register just before the FMAs that use it.
+// Vector registers of the level (the q8_0 pass keeps a second set of accumulators where they fit).
+#if defined(FASTLM_SIMD_AVX512) || defined(FASTLM_SIMD_NEON)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
+// C[R x 48] += A[R x K] Wp for one q8_0 panel. Where the registers hold two sets of R x 48
+// accumulators, a block's 32 products are summed from the int8 values as read (converted to
+// float) and multiplied by the block's scales once at its end; otherwise each weight is
+// scaled as it is read.
 template <int R>
 inline void pass_q8(const float* A, int64_t K, const uint8_t* Bp, float* C) {
   using namespace simd;
   constexpr int NV = kPanelVectors;
+  constexpr bool kBlockSums = 2 * R * NV + 2 <= kVectorRegisters;
   alignas(64) float s[kPanel];
   vf c[R][NV];
 #pragma GCC unroll 32
@@ -153,12 +163,34 @@ inline void pass_q8(const float* A, int64_t K, const uint8_t* Bp, float* C) {
     block_scales(blk, s);
     const int8_t* q = reinterpret_cast<const int8_t*>(blk);
     const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
-    for (int64_t k = 0; k < kn; ++k) {
+    if constexpr (kBlockSums) {
+      vf t[R][NV];
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+        for (int v = 0; v < NV; ++v) t[r][v] = zero();
+      for (int64_t k = 0; k < kn; ++k) {
+#pragma GCC unroll 32
+        for (int v = 0; v < NV; ++v) {
+          const vf b = load(q + k * kPanel + W * v);
+#pragma GCC unroll 32
+          for (int r = 0; r < R; ++r) t[r][v] = fma(set1(A[r * K + k0 + k]), b, t[r][v]);
+        }
+      }
 #pragma GCC unroll 32
       for (int v = 0; v < NV; ++v) {
-        const vf b = mul(load(q + k * kPanel + W * v), load(s + W * v));
+        const vf sv = load(s + W * v);
 #pragma GCC unroll 32
-        for (int r = 0; r < R; ++r) c[r][v] = fma(set1(A[r * K + k0 + k]), b, c[r][v]);
+        for (int r = 0; r < R; ++r) c[r][v] = fma(t[r][v], sv, c[r][v]);
+      }
+    } else {
+      for (int64_t k = 0; k < kn; ++k) {
+#pragma GCC unroll 32
+        for (int v = 0; v < NV; ++v) {
+          const vf b = mul(load(q + k * kPanel + W * v), load(s + W * v));
+#pragma GCC unroll 32
+          for (int r = 0; r < R; ++r) c[r][v] = fma(set1(A[r * K + k0 + k]), b, c[r][v]);
+        }
       }
     }
   }
