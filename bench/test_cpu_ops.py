@@ -243,6 +243,30 @@ def test_decode_linear(benchmark, mkn):
           competitor="F.linear")
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "bf16"])
+@pytest.mark.parametrize("mkn", [(1, 768, 3072), (8, 768, 3072), (1, 768, 50257), (8, 768, 50257)],
+                         ids=lambda s: f"M={s[0]},K={s[1]},N={s[2]}")
+def test_decode_linear_q(benchmark, mkn, fmt):
+    """The product with the weight in a reduced-precision format against float32 F.linear (what
+    runs without it); the result is checked against the product with the dequantized weight."""
+    from fastlm import reference as R
+
+    M, K, N = mkn
+    benchmark.group = f"decode_linear_q {fmt} {mkn}"
+    w, b, x = _randn(N, K) * 0.05, _randn(N, seed=1), _randn(M, K, seed=2)
+    wq = R.pack_decode_weight_q(w, fmt)
+
+    def ours():
+        return torch.ops.fastlm.decode_linear_q(x, wq, b, N, fmt)
+
+    def theirs():
+        return F.linear(x, w, b)
+
+    _close(ours(), R.decode_linear_q(x.double(), wq, b.double(), N, fmt), 1e-5)
+    _pair(benchmark, ours, theirs, rounds=41, op="decode_linear_q", kind=f"{fmt} M={M}", shape=[M, K, N],
+          competitor="F.linear (float32 weight)")
+
+
 # ----------------------------------------------------------------------------- the fused output layer + loss
 LOSS = [(768, 256, 8192), (2048, 768, 50257)]
 
