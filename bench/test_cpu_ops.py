@@ -243,7 +243,7 @@ def test_decode_linear(benchmark, mkn):
           competitor="F.linear")
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "bf16"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "bf16"])
 @pytest.mark.parametrize("mkn", [(1, 768, 3072), (8, 768, 3072), (1, 768, 50257), (8, 768, 50257)],
                          ids=lambda s: f"M={s[0]},K={s[1]},N={s[2]}")
 def test_decode_linear_q(benchmark, mkn, fmt):

@@ -43,8 +43,8 @@ TORCH_LIBRARY(fastlm, m) {
   // packed into 48-column panels, weight_p (ceil(N / 48), K, 48), plus bias (N,) ----
   m.def("decode_linear(Tensor x, Tensor weight_p, Tensor? bias, int n) -> Tensor");
   // the same with the weight in reduced precision (fastlm.reference.pack_decode_weight_q):
-  // format "bf16" / "f16" (panels of that dtype) or "q8_0" (uint8 blocks of int8 values and
-  // float16 scales); x, bias and the output float32
+  // format "bf16" / "f16" (panels of that dtype), "q8_0" or "q4_0" (uint8 blocks of 8- or
+  // 4-bit values and float16 scales); x, bias and the output float32
   m.def("decode_linear_q(Tensor x, Tensor weight_q, Tensor? bias, int n, str format) -> Tensor");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");

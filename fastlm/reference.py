@@ -174,7 +174,7 @@ def decode_linear(x, weight_p, bias=None, n: int | None = None):
 
 
 QUANT_BLOCK = 32
-WEIGHT_FORMATS = ("bf16", "f16", "q8_0")
+WEIGHT_FORMATS = ("bf16", "f16", "q8_0", "q4_0")
 
 
 def quantize_q8_0(weight):
@@ -193,27 +193,56 @@ def quantize_q8_0(weight):
     return q.clamp_(-127, 127).to(torch.int8).view(N, nb * QUANT_BLOCK)[:, :K].contiguous(), scales
 
 
+def quantize_q4_0(weight):
+    """Weight-only 4-bit quantization of a (N, K) weight in blocks of QUANT_BLOCK along K (as
+    llama.cpp's q4_0): per output column and block, m = the value of largest magnitude (its
+    sign kept), d = m / -8, u = min(15, floor(w / d + 8.5)) in [0, 15] (0 where d is 0, so
+    the weight is -8 d = 0); the scale is d rounded to float16 and the weight (u - 8) * scale.
+    Returns (u uint8 (N, K), scales float16 (N, ceil(K / QUANT_BLOCK)))."""
+    N, K = weight.shape
+    nb = -(-K // QUANT_BLOCK)
+    w = torch.zeros(N, nb * QUANT_BLOCK, dtype=torch.float32, device=weight.device)
+    w[:, :K] = weight.float()
+    w = w.view(N, nb, QUANT_BLOCK)
+    m = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True))
+    d = m / -8
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    u = torch.floor(w * inv + 8.5).clamp_(0, 15)
+    u = torch.where(d != 0, u, torch.zeros_like(u))
+    return u.to(torch.uint8).view(N, nb * QUANT_BLOCK)[:, :K].contiguous(), d.squeeze(-1).to(torch.float16)
+
+
 def pack_decode_weight_q(weight, format: str):
     """A linear layer's weight (N, K) for ``decode_linear_q`` in a reduced-precision format:
     "bf16" / "f16": ``pack_decode_weight`` of the weight in that dtype, (P, K, 48);
     "q8_0": uint8 (P, ceil(K / 32), 32 * 48 + 2 * 48), P = ceil(N / 48): block j of panel p holds
     q[k][c] = Q[48 p + c, 32 j + k] (int8, zero past N and K) then the 48 float16 scales of
-    those columns' block j (zero past N), with Q and the scales from ``quantize_q8_0``."""
+    those columns' block j (zero past N), with Q and the scales from ``quantize_q8_0``;
+    "q4_0": uint8 (P, ceil(K / 32), 16 * 48 + 2 * 48): block j of panel p holds 16 rows of 48
+    bytes, byte [k][c] = U[48 p + c, 32 j + k] + 16 U[48 p + c, 32 j + k + 16] (U from
+    ``quantize_q4_0``; 8, a zero weight, past N and K), then the 48 float16 scales."""
     if format in ("bf16", "f16"):
         return pack_decode_weight(weight.to(torch.bfloat16 if format == "bf16" else torch.float16))
-    if format != "q8_0":
+    if format not in ("q8_0", "q4_0"):
         raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {format!r}")
     N, K = weight.shape
     W, B = DECODE_PANEL, QUANT_BLOCK
     P, nb = -(-N // W), -(-K // B)
-    q, scales = quantize_q8_0(weight)
-    qp = torch.zeros(P * W, nb * B, dtype=torch.int8, device=weight.device)
-    qp[:N, :K] = q
+    if format == "q8_0":
+        q, scales = quantize_q8_0(weight)
+        qp = torch.zeros(P * W, nb * B, dtype=torch.int8, device=weight.device)
+        qp[:N, :K] = q
+        values = qp.view(P, W, nb, B).permute(0, 2, 3, 1).reshape(P, nb, B * W).view(torch.uint8)
+    else:
+        u, scales = quantize_q4_0(weight)
+        up = torch.full((P * W, nb * B), 8, dtype=torch.uint8, device=weight.device)
+        up[:N, :K] = u
+        up = up.view(P, W, nb, B).permute(0, 2, 3, 1)  # (P, nb, 32, 48)
+        values = (up[:, :, : B // 2] | (up[:, :, B // 2:] << 4)).reshape(P, nb, B // 2 * W)
     sp = torch.zeros(P * W, nb, dtype=torch.float16, device=weight.device)
     sp[:N] = scales
-    q_blocks = qp.view(P, W, nb, B).permute(0, 2, 3, 1).reshape(P, nb, B * W).view(torch.uint8)
     s_blocks = sp.view(P, W, nb).permute(0, 2, 1).contiguous().view(torch.uint8).view(P, nb, 2 * W)
-    return torch.cat([q_blocks, s_blocks], dim=-1).contiguous()
+    return torch.cat([values.contiguous(), s_blocks], dim=-1).contiguous()
 
 
 def unpack_decode_weight_q(weight_q, format: str, n: int, k: int):
@@ -223,8 +252,13 @@ def unpack_decode_weight_q(weight_q, format: str, n: int, k: int):
         P = weight_q.shape[0]
         return weight_q.float().transpose(1, 2).reshape(P * W, -1)[:n, :k]
     P, nb, _ = weight_q.shape
-    q = weight_q[..., : B * W].contiguous().view(torch.int8).view(P, nb, B, W).float()
-    s = weight_q[..., B * W:].contiguous().view(torch.float16).view(P, nb, 1, W).float()
+    nv = B * W if format == "q8_0" else B // 2 * W
+    if format == "q8_0":
+        q = weight_q[..., :nv].contiguous().view(torch.int8).view(P, nb, B, W).float()
+    else:
+        b = weight_q[..., :nv].view(P, nb, B // 2, W)
+        q = torch.cat([b & 15, b >> 4], dim=2).float() - 8
+    s = weight_q[..., nv:].contiguous().view(torch.float16).view(P, nb, 1, W).float()
     return (q * s).permute(0, 3, 1, 2).reshape(P * W, nb * B)[:n, :k]
 
 

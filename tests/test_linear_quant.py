@@ -10,7 +10,7 @@ from fastlm import reference as R
 from conftest import CPU_LEVEL_BACKENDS, on_backend, rel_error
 
 pytestmark = pytest.mark.skipif("cpu" not in ops.backends(), reason="fastlm._C not built")
-FORMATS = ["q8_0", "bf16", "f16"]
+FORMATS = ["q8_0", "q4_0", "bf16", "f16"]
 
 
 def _weight(N, K, seed, scale=0.05):
@@ -34,6 +34,30 @@ def test_quantize_q8_0_follows_its_definition(N, K):
     assert bool(((deq - w).abs() <= step / 2 + 1e-7).all())
 
 
+@pytest.mark.parametrize("N,K", [(1, 1), (5, 31), (48, 32), (97, 100), (7, 65)])
+def test_quantize_q4_0_follows_its_definition(N, K):
+    w = _weight(N, K, N * 100 + K + 1)
+    w[0, : min(K, 32)] = 0  # an all-zero block: scale 0, every weight 0
+    u, s = R.quantize_q4_0(w)
+    assert u.dtype == torch.uint8 and u.shape == (N, K) and int(u.max()) <= 15
+    assert s.dtype == torch.float16 and s.shape == (N, -(-K // 32))
+    assert float(s[0, 0]) == 0
+    blocks = torch.nn.functional.pad(w, (0, s.shape[1] * 32 - K)).view(N, -1, 32)
+    m = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.equal(s, (m / -8).to(torch.float16))
+    # each value lies within half a step (plus the scale's float16 rounding) of its
+    # dequantized value, except at u = 15, where the range [-8, 7] clips values up to 8 steps
+    # on the side opposite the largest one: within a step there
+    step = s.float().abs().repeat_interleave(32, dim=1)[:, :K]
+    deq = (u.float() - 8) * s.float().repeat_interleave(32, dim=1)[:, :K]
+    bound = torch.where(u == 15, step * 1.01, step * 0.51) + 1e-3 * w.abs() + 1e-7
+    assert bool(((deq - w).abs() <= bound).all())
+    # and the value of largest magnitude of each block is exactly -8 scales: u = 0
+    up = torch.nn.functional.pad(u, (0, s.shape[1] * 32 - K), value=8).view(N, -1, 32)
+    at_max = torch.gather(up, -1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert bool((at_max[s != 0] == 0).all())
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("N,K", [(1, 1), (50, 33), (48, 64), (97, 100), (200, 7)])
 def test_pack_and_unpack(fmt, N, K):
@@ -44,6 +68,10 @@ def test_pack_and_unpack(fmt, N, K):
         assert wq.dtype == torch.uint8 and wq.shape == (P, -(-K // 32), 32 * 48 + 96)
         q, s = R.quantize_q8_0(w)
         want = q.float() * s.float().repeat_interleave(32, dim=1)[:, :K]
+    elif fmt == "q4_0":
+        assert wq.dtype == torch.uint8 and wq.shape == (P, -(-K // 32), 16 * 48 + 96)
+        u, s = R.quantize_q4_0(w)
+        want = (u.float() - 8) * s.float().repeat_interleave(32, dim=1)[:, :K]
     else:
         assert wq.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float16) and wq.shape == (P, K, 48)
         want = w.to(wq.dtype).float()
@@ -66,8 +94,8 @@ def test_kernel_matches_the_dequantized_product(backend, fmt, M, K, N):
         assert rel_error(got, want) < 1e-5
     # and the dequantized product is close to the float32 one: the format's own error
     full = x.double() @ w.double().t()
-    assert rel_error(R.decode_linear_q(x.double(), wq, None, N, fmt), full) < {"q8_0": 1e-2, "bf16": 5e-3,
-                                                                             "f16": 1e-3}[fmt]
+    assert rel_error(R.decode_linear_q(x.double(), wq, None, N, fmt), full) < {"q8_0": 1e-2, "q4_0": 0.15,
+                                                                             "bf16": 5e-3, "f16": 1e-3}[fmt]
 
 
 def test_non_contiguous_input_and_empty():
@@ -89,6 +117,8 @@ def test_bad_input_is_refused():
         torch.ops.fastlm.decode_linear_q(x, wq, None, 200, "q8_0")  # n does not match the panels
     with pytest.raises(RuntimeError, match="q8_0 weight"):
         torch.ops.fastlm.decode_linear_q(torch.randn(2, 70), wq, None, 60, "q8_0")  # K does not match
+    with pytest.raises(RuntimeError, match="q4_0 weight"):
+        torch.ops.fastlm.decode_linear_q(x, wq, None, 60, "q4_0")  # q8_0 blocks given as q4_0
     with pytest.raises(RuntimeError, match="bf16 weight"):
         torch.ops.fastlm.decode_linear_q(x, wq, None, 60, "bf16")  # bytes given as bf16
     with pytest.raises(RuntimeError, match="f16 weight"):

@@ -114,13 +114,16 @@ struct LinearArgs {
 };
 
 // The same product with the weight stored in reduced precision (fastlm.reference.
-// pack_decode_weight_q): bf16 / f16 panels (ceil(N / 48), K, 48) of 16-bit values, or q8_0
-// panels of ceil(K / 32) blocks, each 32 x 48 int8 values q[k][c] followed by the 48 columns'
-// float16 scales (the weight is q * scale; 32 weights of one column along K share a scale,
-// as in llama.cpp's q8_0). x, bias and out stay float32.
-enum class WeightFormat : int { bf16 = 0, f16 = 1, q8_0 = 2 };
+// pack_decode_weight_q): bf16 / f16 panels (ceil(N / 48), K, 48) of 16-bit values, or panels
+// of ceil(K / 32) blocks, 32 weights of one column along K sharing a float16 scale (as in
+// llama.cpp's q8_0 and q4_0): q8_0, 32 x 48 int8 values q[k][c] (the weight q * scale); q4_0,
+// 16 x 48 bytes whose low 4 bits hold u[k][c] and high 4 bits u[k + 16][c] (the weight
+// (u - 8) * scale); each block's values followed by its 48 float16 scales. x, bias and out
+// stay float32.
+enum class WeightFormat : int { bf16 = 0, f16 = 1, q8_0 = 2, q4_0 = 3 };
 constexpr int64_t kQuantBlock = 32;                                            // fastlm.reference.QUANT_BLOCK
 constexpr int64_t kQ8BlockBytes = kQuantBlock * kDecodePanel + 2 * kDecodePanel;  // int8 values, then f16 scales
+constexpr int64_t kQ4BlockBytes = kQuantBlock / 2 * kDecodePanel + 2 * kDecodePanel;  // nibble pairs, then scales
 
 struct LinearQArgs {
   WeightFormat format;

@@ -44,12 +44,13 @@ at::Tensor decode_linear_q(const at::Tensor& x_, const at::Tensor& wq, const c10
   const int64_t M = x_.size(0), K = x_.size(1), P = cdiv(n, kPanel);
   TORCH_CHECK(n >= 0, "decode_linear_q: n must be >= 0, got ", n);
   WeightFormat f;
-  if (format == "q8_0") {
-    f = WeightFormat::q8_0;
+  if (format == "q8_0" || format == "q4_0") {
+    f = format == "q8_0" ? WeightFormat::q8_0 : WeightFormat::q4_0;
+    const int64_t bb = f == WeightFormat::q8_0 ? kQ8BlockBytes : kQ4BlockBytes;
     TORCH_CHECK(wq.scalar_type() == at::kByte && wq.dim() == 3 && wq.size(0) == P &&
-                    wq.size(1) == cdiv(K, kQuantBlock) && wq.size(2) == kQ8BlockBytes,
-                "decode_linear_q: a q8_0 weight for n = ", n, ", K = ", K, " must be uint8 of shape (", P, ", ",
-                cdiv(K, kQuantBlock), ", ", kQ8BlockBytes, "), got ", wq.scalar_type(), " ", wq.sizes());
+                    wq.size(1) == cdiv(K, kQuantBlock) && wq.size(2) == bb,
+                "decode_linear_q: a ", format, " weight for n = ", n, ", K = ", K, " must be uint8 of shape (", P,
+                ", ", cdiv(K, kQuantBlock), ", ", bb, "), got ", wq.scalar_type(), " ", wq.sizes());
   } else if (format == "bf16" || format == "f16") {
     f = format == "bf16" ? WeightFormat::bf16 : WeightFormat::f16;
     const auto want = f == WeightFormat::bf16 ? at::kBFloat16 : at::kHalf;
@@ -58,7 +59,7 @@ at::Tensor decode_linear_q(const at::Tensor& x_, const at::Tensor& wq, const c10
                 "decode_linear_q: a ", format, " weight for n = ", n, ", K = ", K, " must be ", want, " of shape (",
                 P, ", ", K, ", ", kPanel, "), got ", wq.scalar_type(), " ", wq.sizes());
   } else {
-    TORCH_CHECK(false, "decode_linear_q: format must be 'bf16', 'f16' or 'q8_0', got '", format, "'");
+    TORCH_CHECK(false, "decode_linear_q: format must be 'bf16', 'f16', 'q8_0' or 'q4_0', got '", format, "'");
   }
   if (bias_) {
     FASTLM_CHECK_CPU((*bias_));

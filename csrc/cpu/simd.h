@@ -15,8 +15,8 @@
 //   reduce_add, reduce_max, round_trip(v, T*) (v as stored in T and read back),
 //   transpose_sum(acc[W]) (lane c = the sum of acc[c]'s lanes), exp, exp2, stream(p, v)
 //   (a non-temporal store to a vector-aligned p; an ordinary store where the level has none)
-//   and stream_fence() after a run of them; load(const int8_t* p): W signed bytes as floats
-//   (the quantized weights of generation's linear layers).
+//   and stream_fence() after a run of them; load(const int8_t* p) / load(const uint8_t* p): W
+//   signed / unsigned bytes as floats (the quantized weights of generation's linear layers).
 // A tail count n is in [0, W]. Included by csrc/cpu/isa/kernels.inc inside the level's
 // namespace, after every system header, with exactly one FASTLM_SIMD_* defined.
 #pragma once
@@ -65,6 +65,7 @@ inline vf load(const bf16* p) { return bf16_bits_to_f32(_mm256_loadu_si256(reint
 inline vf load(const bf16* p, int64_t n) { return bf16_bits_to_f32(_mm256_maskz_loadu_epi16(mask_n(n), p)); }
 inline vf load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline vf load(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+inline vf load(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
 inline vf load(const f16* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask_n(n), p)); }
 inline void store(bf16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), f32_to_bf16_bits(v)); }
 inline void store(bf16* p, vf v, int64_t n) { _mm256_mask_storeu_epi16(p, mask_n(n), f32_to_bf16_bits(v)); }
@@ -169,6 +170,7 @@ inline __m128i f32_to_f16_bits(vf v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_N
 inline vf load(const bf16* p) { return bf16_bits_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vf load(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vf load(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+inline vf load(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
 inline void store(bf16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_bf16_bits(v)); }
 inline void store(f16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_f16_bits(v)); }
 inline vf round_trip(vf v, const bf16*) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
@@ -233,6 +235,11 @@ inline vf load(const int8_t* p) {
   int32_t four;
   __builtin_memcpy(&four, p, 4);
   return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))))));
+}
+inline vf load(const uint8_t* p) {
+  uint32_t four;
+  __builtin_memcpy(&four, p, 4);
+  return vcvtq_f32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(four))))));
 }
 inline void store(f16* p, vf v) { vst1_f16(reinterpret_cast<float16_t*>(p), vcvt_f16_f32(v)); }
 inline vf round_trip(vf v, const bf16*) { return vreinterpretq_f32_u32(vshll_n_u16(f32_to_bf16_bits(v), 16)); }
@@ -341,6 +348,7 @@ inline uint16_t float_to_f16(float f) {
 inline vf load(const bf16* p) { return vf{bf16_to_float(p[0].bits), bf16_to_float(p[1].bits), bf16_to_float(p[2].bits), bf16_to_float(p[3].bits)}; }
 inline vf load(const f16* p) { return vf{f16_to_float(p[0].bits), f16_to_float(p[1].bits), f16_to_float(p[2].bits), f16_to_float(p[3].bits)}; }
 inline vf load(const int8_t* p) { return vf{float(p[0]), float(p[1]), float(p[2]), float(p[3])}; }
+inline vf load(const uint8_t* p) { return vf{float(p[0]), float(p[1]), float(p[2]), float(p[3])}; }
 inline void store(bf16* p, vf v) {
   for (int i = 0; i < 4; ++i) p[i].bits = float_to_bf16(v[i]);
 }

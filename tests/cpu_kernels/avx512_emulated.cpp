@@ -84,7 +84,15 @@ static inline simde__m512 emu_cvtepi32_ps(simde__m512i v) {
   for (int i = 0; i < 16; ++i) r[i] = float(t[i]);
   return simde_mm512_loadu_ps(r);
 }
+static inline simde__m512i emu_cvtepu8_epi32(simde__m128i v) {
+  unsigned char t[16];
+  int r[16];
+  simde_mm_storeu_si128(t, v);
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+  return simde_mm512_loadu_si512(r);
+}
 #define _mm512_stream_ps(p, v) simde_mm512_storeu_ps(p, v)
+#define _mm512_cvtepu8_epi32 emu_cvtepu8_epi32
 #define _mm512_cvtepi32_ps emu_cvtepi32_ps
 #define _mm512_cvtepi8_epi32 emu_cvtepi8_epi32
 #define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32

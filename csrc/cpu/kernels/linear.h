@@ -92,10 +92,11 @@ void run(const LinearArgs& a) {
 }  // namespace linear
 
 // ------------------------------------------------------------------ reduced-precision weights
-// The same panels and passes with the weight stored in bf16, f16 or q8_0 (LinearQArgs):
+// The same panels and passes with the weight stored in bf16, f16, q8_0 or q4_0 (LinearQArgs):
 //   * a decode step (M <= kRows) makes one pass per panel that converts each weight as it
-//     reads it (int8 -> float times its block's scale, or 16 -> 32 bits) and feeds the FMAs
-//     directly, so the bytes read per weight, what bounds the step, are 2 or 1 1/16 instead of 4;
+//     reads it (int8 or 4-bit -> float, its block's scale applied, or 16 -> 32 bits) and feeds
+//     the FMAs directly, so the bytes read per weight, what bounds the step, are 2, 1 1/16 or
+//     9/16 instead of 4;
 //   * more rows (a prefill) convert each panel once into a float32 panel in the thread's
 //     buffer and run the float32 passes over it, so the conversion is paid once, not per pass.
 namespace linear {
@@ -130,9 +131,9 @@ inline void pass16(const float* A, int64_t K, const T* Bp, float* C) {
     for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
 }
 
-// The 48 float16 scales of a q8_0 block as floats.
-inline void block_scales(const uint8_t* blk, float* s) {
-  const f16* sc = reinterpret_cast<const f16*>(blk + kQuantBlock * kPanel);
+// The 48 float16 scales of a block (at sc, after its values) as floats.
+inline void block_scales(const uint8_t* scales, float* s) {
+  const f16* sc = reinterpret_cast<const f16*>(scales);
   for (int v = 0; v < kPanelVectors; ++v) simd::store(s + simd::W * v, simd::load(sc + simd::W * v));
 }
 
@@ -160,7 +161,7 @@ inline void pass_q8(const float* A, int64_t K, const uint8_t* Bp, float* C) {
     for (int v = 0; v < NV; ++v) c[r][v] = load(C + r * kPanel + W * v);
   for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
     const uint8_t* blk = Bp + (k0 / kQuantBlock) * kQ8BlockBytes;
-    block_scales(blk, s);
+    block_scales(blk + kQuantBlock * kPanel, s);
     const int8_t* q = reinterpret_cast<const int8_t*>(blk);
     const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
     if constexpr (kBlockSums) {
@@ -200,6 +201,74 @@ inline void pass_q8(const float* A, int64_t K, const uint8_t* Bp, float* C) {
     for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
 }
 
+// C[R x 48] += A[R x K] Wp for one q4_0 panel. Byte b of row kk of a block holds the
+// offset values u of rows kk (low 4 bits) and kk + 16 (high 4 bits); as floats, hi =
+// round(b / 16 - 15 / 32) and lo = b - 16 hi, exactly. The products are summed from u as read
+// and the block's term is scale (sum_k a_k u_k - 8 sum_k a_k): the offset costs one sum of the
+// row's activations per block, not one subtraction per weight.
+template <int R>
+inline void pass_q4(const float* A, int64_t K, const uint8_t* Bp, float* C) {
+  using namespace simd;
+  constexpr int NV = kPanelVectors;
+  constexpr int64_t H = kQuantBlock / 2;
+  alignas(64) float s[kPanel];
+  const vf inv16 = set1(1.0f / 16), off = set1(-15.0f / 32), sixteen = set1(16.0f);
+  vf c[R][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) c[r][v] = load(C + r * kPanel + W * v);
+  for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
+    const uint8_t* blk = Bp + (k0 / kQuantBlock) * kQ4BlockBytes;
+    block_scales(blk + H * kPanel, s);
+    const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
+    float asum[R];
+    for (int r = 0; r < R; ++r) {
+      float t = 0.f;
+      for (int64_t k = 0; k < kn; ++k) t += A[r * K + k0 + k];
+      asum[r] = t;
+    }
+    // Rows kk and kk + 16 of the block for every column vector: a row of A's two values are
+    // broadcast once for the panel's width. A short last block (kn < 32) reads its missing
+    // rows as zero activations.
+    float a2[R][kQuantBlock];
+    for (int r = 0; r < R; ++r)
+      for (int64_t k = 0; k < kQuantBlock; ++k) a2[r][k] = k < kn ? A[r * K + k0 + k] : 0.f;
+    vf t[R][NV];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) t[r][v] = zero();
+    const int64_t rows = std::min<int64_t>(H, kn);
+    for (int64_t kk = 0; kk < rows; ++kk) {
+      vf alo[R], ahi[R];
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) {
+        alo[r] = set1(a2[r][kk]);
+        ahi[r] = set1(a2[r][kk + H]);
+      }
+#pragma GCC unroll 32
+      for (int v = 0; v < NV; ++v) {
+        const vf b = load(blk + kk * kPanel + W * v);
+        const vf hi = round_nearest(fma(b, inv16, off));
+        const vf lo = fnma(hi, sixteen, b);
+#pragma GCC unroll 32
+        for (int r = 0; r < R; ++r) t[r][v] = fma(ahi[r], hi, fma(alo[r], lo, t[r][v]));
+      }
+    }
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) {
+      const vf sv = load(s + W * v);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) c[r][v] = fma(fnma(set1(asum[r]), set1(8.0f), t[r][v]), sv, c[r][v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
+}
+
 // One pass over the panel for R rows (R in [1, kRows], chosen at run time).
 template <int R = 1>
 inline void pass_q(int64_t rows, WeightFormat f, const float* A, int64_t K, const void* Bp, float* C) {
@@ -207,6 +276,7 @@ inline void pass_q(int64_t rows, WeightFormat f, const float* A, int64_t K, cons
     if (rows != R) return pass_q<R + 1>(rows, f, A, K, Bp, C);
   }
   if (f == WeightFormat::q8_0) pass_q8<R>(A, K, static_cast<const uint8_t*>(Bp), C);
+  else if (f == WeightFormat::q4_0) pass_q4<R>(A, K, static_cast<const uint8_t*>(Bp), C);
   else if (f == WeightFormat::bf16) pass16<R>(A, K, static_cast<const bf16*>(Bp), C);
   else pass16<R>(A, K, static_cast<const f16*>(Bp), C);
 }
@@ -219,12 +289,32 @@ inline void dequantize_panel(WeightFormat f, const void* Bp, int64_t K, float* o
     const uint8_t* b8 = static_cast<const uint8_t*>(Bp);
     for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
       const uint8_t* blk = b8 + (k0 / kQuantBlock) * kQ8BlockBytes;
-      block_scales(blk, s);
+      block_scales(blk + kQuantBlock * kPanel, s);
       const int8_t* q = reinterpret_cast<const int8_t*>(blk);
       const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
       for (int64_t k = 0; k < kn; ++k)
         for (int v = 0; v < kPanelVectors; ++v)
           store(out + (k0 + k) * kPanel + W * v, mul(load(q + k * kPanel + W * v), load(s + W * v)));
+    }
+    return;
+  }
+  if (f == WeightFormat::q4_0) {
+    alignas(64) float s[kPanel];
+    constexpr int64_t H = kQuantBlock / 2;
+    const uint8_t* b8 = static_cast<const uint8_t*>(Bp);
+    const vf inv16 = set1(1.0f / 16), off = set1(-15.0f / 32), sixteen = set1(16.0f), eight = set1(8.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
+      const uint8_t* blk = b8 + (k0 / kQuantBlock) * kQ4BlockBytes;
+      block_scales(blk + H * kPanel, s);
+      const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
+      for (int64_t kk = 0; kk < H && kk < kn; ++kk)
+        for (int v = 0; v < kPanelVectors; ++v) {
+          const vf b = load(blk + kk * kPanel + W * v);
+          const vf hi = round_nearest(fma(b, inv16, off));
+          const vf sv = load(s + W * v);
+          store(out + (k0 + kk) * kPanel + W * v, mul(sub(fnma(hi, sixteen, b), eight), sv));
+          if (kk + H < kn) store(out + (k0 + kk + H) * kPanel + W * v, mul(sub(hi, eight), sv));
+        }
     }
     return;
   }
@@ -237,7 +327,9 @@ inline void dequantize_panel(WeightFormat f, const void* Bp, int64_t K, float* o
 }
 
 inline int64_t panel_bytes(WeightFormat f, int64_t K) {
-  return f == WeightFormat::q8_0 ? cdiv(K, kQuantBlock) * kQ8BlockBytes : K * kPanel * 2;
+  if (f == WeightFormat::q8_0) return cdiv(K, kQuantBlock) * kQ8BlockBytes;
+  if (f == WeightFormat::q4_0) return cdiv(K, kQuantBlock) * kQ4BlockBytes;
+  return K * kPanel * 2;
 }
 
 void run_q(const LinearQArgs& a) {
