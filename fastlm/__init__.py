@@ -1,11 +1,10 @@
 """fastlm: build, train, run and serve GPT-style language models fast."""
 from ._version import __version__
 from . import ops, reference
-from .model import GPT, GPTConfig, build_model
-from .checkpoint import load_model
+from .models import GPT, GPTConfig, build_model, load_model
 from .tokenizer import Tokenizer
 from .train import Trainer, TrainConfig
-from .generate import stream
+from .generation import stream
 from .pipelines import pipeline
 
 __all__ = ["__version__", "ops", "reference", "GPT", "GPTConfig", "build_model", "load_model", "Tokenizer",

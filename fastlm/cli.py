@@ -20,7 +20,7 @@ def _run_info(args):
     import torch
 
     import fastlm
-    from fastlm.ops import _cpu_choice, _dispatch, _native
+    from fastlm.ops import _cpu_choice, _native
 
     info = {
         "fastlm": fastlm.__version__,
@@ -29,9 +29,7 @@ def _run_info(args):
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "backends_usable": fastlm.ops.backends(),
-        "backends_unavailable": {
-            n: b.why_unavailable for n, b in _dispatch._BACKENDS.items() if not b.available
-        },
+        "backends_unavailable": {n: why for n, why in fastlm.ops.backends_status().items() if why is not None},
         "extension_cpu": _native.build_info() or f"not loaded ({_native.cpu_error})",
         "cpu_isa": fastlm.ops.cpu_isa() or "-",
         "cpu_isas_supported": fastlm.ops.cpu_isas(),
@@ -296,7 +294,7 @@ def _run_train(args):
     import torch
 
     from fastlm import GPTConfig, build_model, distributed
-    from fastlm.checkpoint import read_json
+    from fastlm._io import read_json
     from fastlm.data import TokenData
     from fastlm.train import Trainer, TrainConfig, find_checkpoints, load_config_file
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import re
 import sys
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ._io import atomic_write_bytes, atomic_write_json, iter_jsonl, read_json
 
 META_NAME = "meta.json"
 TOKENIZER_DIR = "tokenizer"
@@ -85,19 +86,12 @@ def stdlib_corpus(max_files: int | None = None) -> list[Document]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise ValueError(f"{path}:{lineno}: no {text_field!r} field (choose the field with --text-field)")
-            if not isinstance(obj[text_field], str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            docs.append(Document(obj[text_field], f"{path}:{lineno}"))
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise ValueError(f"{path} line {lineno}: no {text_field!r} field (choose the field with --text-field)")
+        if not isinstance(obj[text_field], str):
+            raise ValueError(f"{path} line {lineno}: field {text_field!r} is not a string")
+        docs.append(Document(obj[text_field], f"{path}:{lineno}"))
     return docs
 
 
@@ -375,7 +369,6 @@ def prepare(sources, out_dir, tokenizer=None, vocab_size: int | None = None, val
 
     ``tokenizer`` is a ``fastlm.Tokenizer``, a folder holding one, or None to train one of
     ``vocab_size`` on the training split. ``documents`` may be given instead of sources."""
-    from .checkpoint import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,8 +434,7 @@ class TokenData:
         if not is_prepared(self.path):
             raise FileNotFoundError(f"{self.path} is not a prepared data folder (no {META_NAME} and train.bin); "
                                     f"run `fastlm prepare --data ... --out {self.path}`")
-        with open(self.path / META_NAME, encoding="utf-8") as f:
-            self.meta = json.load(f)
+        self.meta = read_json(self.path / META_NAME)
         if not isinstance(self.meta, dict) or self.meta.get("format") != "fastlm-tokens":
             raise ValueError(f"{self.path / META_NAME} is not a fastlm token folder")
         if self.meta.get("dtype") not in ("uint16", "uint32"):
@@ -533,7 +525,6 @@ def write_folds(path, k: int, out_dir) -> list[Path]:
     """Write k prepared folders ``out_dir/fold-I`` from the prepared folder ``path``: fold I's
     documents (``assign_folds``) are its val split, all the others its train split; the
     tokenizer is the same. Returns the folders."""
-    from .checkpoint import atomic_write_bytes, atomic_write_json
 
     data = TokenData(path)
     tok = data.tokenizer()

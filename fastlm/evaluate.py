@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# loglikelihood: the one implementation, in generation (fastlm.evaluate.loglikelihood stays its public name)
+from .generation.scoring import _check_max_length, _request_ids, _score_pairs, _start_token, loglikelihood  # noqa: F401
+
 
 def _as_token_ids(data, tokenizer):
     """A 1-D int64 tensor of token ids."""
@@ -136,74 +139,6 @@ def perplexity(model, data, tokenizer=None, stride: int | None = None, max_lengt
 
 
 # ----------------------------------------------------------------------------- log-likelihood of requests
-def _request_ids(x, tokenizer) -> list[int]:
-    if isinstance(x, str):
-        if tokenizer is None:
-            raise ValueError("text requests need a tokenizer (tokenizer=...)")
-        return list(tokenizer.encode_ordinary(x) if hasattr(tokenizer, "encode_ordinary") else tokenizer.encode(x))
-    return [int(t) for t in x]
-
-
-def _start_token(model, tokenizer) -> int:
-    for t in (getattr(tokenizer, "eot_token", None), model.config.bos_token_id, model.config.eos_token_id):
-        if t is not None:
-            return int(t)
-    raise ValueError("an empty context needs a start token: the tokenizer's eot_token or the model's bos/eos id")
-
-
-@torch.inference_mode()
-def _score_pairs(model, pairs: list[tuple[list, list]], batch_size: int, max_length: int) -> list[tuple[float, bool]]:
-    """(sum log p, all greedy) of each (context ids, continuation ids); inputs cut from the
-    left to ``max_length`` tokens, sorted longest first and right-padded into batches (a
-    causal model's real tokens never see the padding after them)."""
-    device = next(model.parameters()).device
-    inputs = []
-    for ctx, cont in pairs:
-        if not cont:
-            raise ValueError("loglikelihood: a continuation is empty")
-        if len(cont) > max_length:
-            raise ValueError(f"loglikelihood: a continuation of {len(cont)} tokens exceeds max_length {max_length}")
-        inputs.append((ctx + cont)[:-1][-max_length:])
-    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
-    out: list = [None] * len(pairs)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            width = len(inputs[rows[0]])
-            x = torch.zeros(len(rows), width, dtype=torch.int64)
-            for r, i in enumerate(rows):
-                x[r, :len(inputs[i])] = torch.tensor(inputs[i])
-            logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
-            for r, i in enumerate(rows):
-                cont = pairs[i][1]
-                end = len(inputs[i])
-                lp = logp[r, end - len(cont):end]
-                tgt = torch.tensor(cont, device=lp.device)
-                out[i] = (lp.gather(-1, tgt[:, None]).double().sum().item(), bool((lp.argmax(-1) == tgt).all()))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def loglikelihood(model, requests, tokenizer=None, batch_size: int = 16,
-                  max_length: int | None = None) -> list[tuple[float, bool]]:
-    """For each ``(context, continuation)`` in ``requests``: the sum of log p(continuation |
-    context) and whether greedy decoding would produce the continuation, as lm-evaluation-
-    harness defines them. Contexts and continuations are strings (encoded separately, with
-    ``tokenizer``) or lists of token ids; an empty context is the start token (the
-    tokenizer's ``eot_token``, else the model's BOS/EOS). Inputs longer than ``max_length``
-    (default: the model's context) keep their last tokens. Requests are scored in batches
-    of ``batch_size``, longest first; the results come back in the requests' order."""
-    max_length = _check_max_length(model, max_length)
-    pairs = []
-    for context, continuation in requests:
-        ctx, cont = _request_ids(context, tokenizer), _request_ids(continuation, tokenizer)
-        pairs.append((ctx or [_start_token(model, tokenizer)], cont))
-    return _score_pairs(model, pairs, batch_size, max_length)
-
-
 def rolling_windows(n: int, max_length: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """The windows that score tokens 1..n of ``[start] + ids`` (``n = len(ids)``) with no
     token scored twice: ``(begin, first, end)`` means the window's input is positions
@@ -240,14 +175,6 @@ def loglikelihood_rolling(model, texts, tokenizer=None, batch_size: int = 16, ma
     return totals
 
 
-def _check_max_length(model, max_length):
-    ctx = model.config.block_size
-    max_length = ctx if max_length is None else int(max_length)
-    if not 1 <= max_length <= ctx:
-        raise ValueError(f"max_length must be between 1 and the model's context ({ctx}), got {max_length}")
-    return max_length
-
-
 # ----------------------------------------------------------------------------- comparing checkpoints
 LM_COLUMNS = ["model", "perplexity", "nll", "bits_per_byte", "tokens"]
 
@@ -279,8 +206,8 @@ def compare_checkpoints(model_dirs, data, stride: int | None = None, max_length:
     """Perplexity, NLL per token, bits per byte and scored tokens of each checkpoint on the same
     text, each model with its own tokenizer (bits per byte compares across tokenizers). Rows in
     the order given, with the columns of ``LM_COLUMNS``."""
-    from .checkpoint import load_model
-    from .pipelines import load_tokenizer
+    from .models import load_model
+    from .tokenizer import load_tokenizer
 
     texts = _eval_texts(data)
     if not texts:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from ._io import atomic_write_bytes, atomic_write_json, read_json
 from .tokenizer import token_bytes_fn
 
 __all__ = ["CountVectorizer", "TfidfVectorizer", "TfidfIndex", "NotFittedError"]
@@ -608,7 +609,6 @@ class TfidfIndex:
     # -- persistence
     def save(self, directory):
         """Writes the index to a directory (created if needed); every file is written atomically."""
-        from .checkpoint import atomic_write_bytes, atomic_write_json
 
         v = self.vectorizer
         if not isinstance(v.analyzer, str):
@@ -654,10 +654,7 @@ class TfidfIndex:
         path = directory / _INDEX_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        meta = read_json(path)
         if not isinstance(meta, dict) or meta.get("format") != _INDEX_FORMAT:
             raise ValueError(f"{path} is not a fastlm TfidfIndex")
         if meta.get("version") != _INDEX_VERSION:

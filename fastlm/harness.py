@@ -11,7 +11,7 @@ model registered (``--model fastlm --model_args pretrained=out/best --tasks ...`
 
 The three request kinds map onto fastlm's library: ``loglikelihood`` and
 ``loglikelihood_rolling`` onto ``fastlm.evaluate`` (batched, longest first), and
-``generate_until`` onto ``fastlm.generate.generate`` (greedy unless the task samples).
+``generate_until`` onto ``fastlm.generation.generate`` (greedy unless the task samples).
 Context and continuation are encoded as lm-eval's Hugging Face model does: trailing spaces
 of the context move to the continuation, the pair is encoded whole and the continuation is
 what follows the context's own tokens.
@@ -29,7 +29,7 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 import torch
 
 from . import evaluate
-from .generate import generate
+from .generation.generate import generate
 
 __all__ = ["FastLM"]
 
@@ -44,8 +44,8 @@ class FastLM(LM):
     def __init__(self, pretrained=None, model=None, tokenizer=None, batch_size=16, device=None,
                  max_length=None, dtype=None, **kwargs):
         super().__init__()
-        from .checkpoint import load_model
-        from .pipelines import resolve_tokenizer
+        from .models import load_model
+        from .tokenizer import resolve_tokenizer
 
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's default is "cuda"

@@ -114,7 +114,7 @@ def _pyplot():
 
 
 def _save_figure(fig, path) -> None:
-    from .checkpoint import atomic_write_bytes
+    from ._io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -260,7 +260,7 @@ def evaluate_task(task, model_dirs, data, json_out=None, png_out=None) -> dict:
     each model's confusion matrix), writes the result as JSON to ``json_out`` and a PNG to
     ``png_out`` (confusion matrices, or BLEU bars) when given, and returns the result dict
     ``{"task", "data", "n", "models": [{"model", ...}, ...]}``."""
-    from .checkpoint import atomic_write_json
+    from ._io import atomic_write_json
     from .finetune import read_examples
     from .pipelines import load_pipeline
 

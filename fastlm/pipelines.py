@@ -6,7 +6,7 @@
   and ``pipe("question")`` puts the best passages in the prompt and returns ``{"answer",
   "sources": [{"document", "passage", "score"}], "grounded", "note"}``. Without documents the
   model answers alone (``sources == []``, ``grounded`` False and a ``note`` that says so).
-- ``"text-classification"`` (alias ``"sentiment-analysis"``): a ``fastlm.finetune.SequenceClassifier``;
+- ``"text-classification"`` (alias ``"sentiment-analysis"``): a ``fastlm.models.heads.SequenceClassifier``;
   ``pipe(text, top_k=1)`` returns ``[{"label", "score"}, ...]`` (a list of those for a list of texts).
 - ``"translation"``: a GPT fine-tuned on pairs (``fastlm.finetune``); ``pipe(text)`` returns
   ``[{"translation_text": ...}]``, greedy by default.
@@ -27,9 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_pipeline_config, write_pipeline_config
-from .generate import GenerateOutput, _encode, generate
-from .model import GPT, ids_in_vocab
+from ._io import CheckpointError, read_json
+from .generation.generate import GenerateOutput, encode_prompt, generate
+from .models import GPT, ids_in_vocab
+from .models.checkpoint import read_pipeline_config, write_pipeline_config
+from .models.heads import PROMPT_TEMPLATE, SequenceClassifier, TranslationLM, translation_prompt
+from .tokenizer import load_tokenizer, resolve_tokenizer
 
 __all__ = ["pipeline", "load_pipeline", "load_tokenizer", "split_passages", "TextGenerationPipeline",
            "QuestionAnsweringPipeline", "TextClassificationPipeline", "TranslationPipeline"]
@@ -65,31 +68,6 @@ def load_pipeline(path, **kwargs):
     return pipeline(saved["task"] if saved else "text-generation", model=path, **kwargs)
 
 
-def load_tokenizer(path):
-    """``fastlm.Tokenizer.load(path)``, with a clear error where it cannot serve."""
-    try:
-        from .tokenizer import Tokenizer
-    except ImportError as e:
-        raise ValueError(f"no tokenizer given and fastlm's Tokenizer is not available ({e}); "
-                         "pass tokenizer= (any object with encode and decode_bytes, e.g. a tiktoken Encoding)") from None
-    try:
-        return Tokenizer.load(path)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise ValueError(f"could not load a tokenizer from {path}: {e}; pass tokenizer=...") from None
-
-
-def resolve_tokenizer(tokenizer, path, who: str):
-    """The tokenizer to use: ``tokenizer`` (an object, or a directory/file to load), else the
-    one saved beside the model at ``path``; ``who`` names the caller in the error."""
-    if tokenizer is None:
-        if path is None:
-            raise ValueError(f"{who}: pass tokenizer= when the model is an object, not a checkpoint directory")
-        return load_tokenizer(path)
-    if isinstance(tokenizer, (str, os.PathLike)):
-        return load_tokenizer(tokenizer)
-    return tokenizer
-
-
 def _save_tokenizer(tokenizer, path) -> None:
     save = getattr(tokenizer, "save", None)
     if not callable(save):
@@ -112,8 +90,6 @@ class TextGenerationPipeline:
         self.tokenizer = resolve_tokenizer(tokenizer, path, "pipeline")
         self.defaults = {}
         if path is not None and (path / "generation_config.json").is_file():
-            from .checkpoint import CheckpointError, read_json
-
             cfg = read_json(path / "generation_config.json")
             if not isinstance(cfg, dict):
                 raise CheckpointError(f"{path / 'generation_config.json'} must hold a JSON object")
@@ -149,7 +125,7 @@ class TextGenerationPipeline:
             opts["max_new_tokens"] = 50
         if opts.get("max_new_tokens") is not None:
             opts.pop("max_length", None)
-        prompts = [_encode(self.tokenizer, t) for t in texts]
+        prompts = [encode_prompt(self.tokenizer, t) for t in texts]
         batch = [p for p in prompts for _ in range(num_return_sequences)]
         out: GenerateOutput = generate(self.model, batch, tokenizer=self.tokenizer, return_dict_in_generate=True, **opts)
         results = []
@@ -257,7 +233,7 @@ class QuestionAnsweringPipeline:
     def __init__(self, model, tokenizer=None, device=None, dtype=None, documents=None, index=None,
                  top_k: int | None = None, max_passage_chars: int | None = None, max_new_tokens: int | None = None,
                  **generate_defaults):
-        from .features import TfidfIndex
+        from .features import TfidfIndex  # scipy loads only for question answering (start-up time)
 
         saved = read_pipeline_config(model) if isinstance(model, (str, os.PathLike)) else None
         saved = saved or {}
@@ -368,20 +344,18 @@ class QuestionAnsweringPipeline:
 
 # ----------------------------------------------------------------------------- classification
 class TextClassificationPipeline:
-    """Labels texts with a ``fastlm.finetune.SequenceClassifier`` (or a directory holding one).
+    """Labels texts with a ``fastlm.models.heads.SequenceClassifier`` (or a directory holding one).
     Texts longer than the model's context keep their first tokens."""
 
     task = "text-classification"
 
     def __init__(self, model, tokenizer=None, device=None, dtype=None, batch_size: int = 32):
-        from .finetune import SequenceClassifier
-
         if isinstance(model, (str, os.PathLike)):
             path = model
             model = SequenceClassifier.from_pretrained(model, dtype=dtype, device=device)
             tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
         elif not isinstance(model, SequenceClassifier):
-            raise TypeError(f"model must be a fastlm.finetune.SequenceClassifier or a pipeline directory, got "
+            raise TypeError(f"model must be a fastlm.models.heads.SequenceClassifier or a pipeline directory, got "
                             f"{type(model).__name__} (a plain GPT has no classification head: fine-tune one with "
                             "`fastlm finetune --task classification`)")
         if tokenizer is None:
@@ -438,7 +412,7 @@ class TextClassificationPipeline:
 
 # ----------------------------------------------------------------------------- translation
 class TranslationPipeline:
-    """Translates with a GPT fine-tuned on pairs (``fastlm.finetune.TranslationLM`` or a directory
+    """Translates with a GPT fine-tuned on pairs (``fastlm.models.heads.TranslationLM`` or a directory
     holding one): the model continues ``translation_prompt(text)`` until end of text or a newline.
     ``src_lang``/``tgt_lang`` default to the saved ones and must match them; a plain GPT (no
     ``pipeline.json``) needs both."""
@@ -448,8 +422,6 @@ class TranslationPipeline:
     def __init__(self, model, tokenizer=None, device=None, dtype=None, src_lang: str | None = None,
                  tgt_lang: str | None = None, max_new_tokens: int | None = None, batch_size: int = 32,
                  **generate_defaults):
-        from .finetune import PROMPT_TEMPLATE, TranslationLM
-
         saved = {}
         if isinstance(model, TranslationLM):
             saved = model.task_config()
@@ -473,8 +445,6 @@ class TranslationPipeline:
 
     def __call__(self, inputs, max_new_tokens: int | None = None, **generate_kwargs):
         """``[{"translation_text": ...}]`` for a text; for a list of texts, one dict per text."""
-        from .finetune import translation_prompt
-
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if not texts:
             raise ValueError("pipeline: no text given")
@@ -483,7 +453,7 @@ class TranslationPipeline:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text {i} is a {type(t).__name__}, expected a str")
-            ids = _encode(tok, translation_prompt(t, self.src_lang, self.tgt_lang, self.template))
+            ids = encode_prompt(tok, translation_prompt(t, self.src_lang, self.tgt_lang, self.template))
             if len(ids) >= block:
                 raise ValueError(f"text {i}: the prompt is {len(ids)} tokens, which leaves no room for the translation "
                                  f"in the model's context of {block}")
@@ -498,8 +468,6 @@ class TranslationPipeline:
 
     def save_pretrained(self, path) -> None:
         """Model, tokenizer and ``pipeline.json`` in one directory."""
-        from .finetune import TranslationLM
-
         self.generator.save_pretrained(path)
         write_pipeline_config(path, TranslationLM(self.generator.model, self.src_lang, self.tgt_lang,
                                                   self.template).task_config())

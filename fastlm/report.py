@@ -8,7 +8,7 @@ import io
 import json
 import math
 
-from .checkpoint import atomic_write_bytes
+from ._io import atomic_write_bytes
 
 
 def _cell(v) -> str:

@@ -34,7 +34,10 @@ import pathlib
 import zlib
 from typing import AbstractSet, Collection, Iterable, Literal
 
-__all__ = ["Tokenizer", "PATTERNS", "bytes_to_unicode", "MAX_VOCAB", "MAX_TOKEN_BYTES", "MAX_FILE_BYTES"]
+from ._io import atomic_write_bytes
+
+__all__ = ["Tokenizer", "PATTERNS", "bytes_to_unicode", "MAX_VOCAB", "MAX_TOKEN_BYTES", "MAX_FILE_BYTES",
+           "load_tokenizer", "resolve_tokenizer", "token_bytes_fn"]
 
 # The regexes the scanners implement (kept for saving Hugging Face files and for reference).
 PATTERNS = {
@@ -548,14 +551,14 @@ class Tokenizer:
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": bool(self.rank_by_id), "vocab": vocab, "merges": [list(m) for m in merges]},
         }
-        _write_atomic(d / "tokenizer.json", json.dumps(obj, ensure_ascii=False).encode("utf-8"))
-        _write_atomic(d / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
-        _write_atomic(d / "merges.txt", ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8"))
+        atomic_write_bytes(d / "tokenizer.json", json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+        atomic_write_bytes(d / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+        atomic_write_bytes(d / "merges.txt", ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8"))
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
                "clean_up_tokenization_spaces": False}
         if ENDOFTEXT in self.special_tokens:
             cfg.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
-        _write_atomic(d / "tokenizer_config.json", json.dumps(cfg, indent=2).encode("utf-8"))
+        atomic_write_bytes(d / "tokenizer_config.json", json.dumps(cfg, indent=2).encode("utf-8"))
         return d
 
 
@@ -639,12 +642,6 @@ def _read_json(p: pathlib.Path):
         raise ValueError(f"{p}: not a tokenizer file (JSON nested too deep)") from None
 
 
-def _write_atomic(p: pathlib.Path, data: bytes) -> None:
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
-
-
 def token_bytes_fn(tokenizer):
     """A function id -> bytes of one token, for any tiktoken-like tokenizer (fastlm's
     ``token_bytes``, tiktoken's ``decode_single_token_bytes``, or ``decode_bytes``)."""
@@ -656,3 +653,27 @@ def token_bytes_fn(tokenizer):
     if callable(fn):
         return lambda i: fn([i])
     raise TypeError("the tokenizer must provide token_bytes(id), decode_single_token_bytes(id) or decode_bytes(ids)")
+
+
+# ----------------------------------------------------------------------------- loading any tokenizer
+def load_tokenizer(path) -> Tokenizer:
+    """``Tokenizer.load(path)``, with a clear error where it cannot serve."""
+    try:
+        return Tokenizer.load(path)
+    except ImportError as e:  # the C++ core could not be loaded
+        raise ValueError(f"no tokenizer given and fastlm's Tokenizer is not available ({e}); "
+                         "pass tokenizer= (any object with encode and decode_bytes, e.g. a tiktoken Encoding)") from None
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {path}: {e}; pass tokenizer=...") from None
+
+
+def resolve_tokenizer(tokenizer, path, who: str):
+    """The tokenizer to use: ``tokenizer`` (an object, or a directory/file to load), else the
+    one saved beside the model at ``path``; ``who`` names the caller in the error."""
+    if tokenizer is None:
+        if path is None:
+            raise ValueError(f"{who}: pass tokenizer= when the model is an object, not a checkpoint directory")
+        return load_tokenizer(path)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    return tokenizer

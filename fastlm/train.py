@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from . import distributed, ops
-from .checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from ._io import CheckpointError, atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
+from .models.checkpoint import load_weights
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -510,8 +511,6 @@ class Trainer:
     def load_checkpoint(self, path) -> None:
         """Restore model, optimizer, step, data position and RNG states from ``path``;
         a damaged or mismatched checkpoint raises ``CheckpointError``."""
-        from .checkpoint import load_state_dict
-
         path = Path(path)
         for name in ("config.json", STATE_NAME, OPTIMIZER_NAME):
             if not (path / name).is_file():
@@ -527,9 +526,8 @@ class Trainer:
             if state["data"]["vocab_size"] != self.data.vocab_size:
                 raise CheckpointError(f"checkpoint {path} was trained on data with vocabulary "
                                       f"{state['data']['vocab_size']}, this data has {self.data.vocab_size}")
-            sd = load_state_dict(path)
+            sd = load_weights(path)
             model_sd = self.model.state_dict()
-            from .checkpoint import CONV1D_SUFFIXES
 
             full = {}  # the checkpoint's tensors in the model's names and layout
             with torch.no_grad():
@@ -540,8 +538,6 @@ class Trainer:
                             continue
                         raise CheckpointError(f"checkpoint {path} lacks the tensor {k}")
                     v = sd[key]
-                    if k.endswith(CONV1D_SUFFIXES) and v.dim() == 2:
-                        v = v.t()
                     if v.shape != p.shape:
                         raise CheckpointError(f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, "
                                               f"the model needs {tuple(p.shape)}")
@@ -805,7 +801,7 @@ class Trainer:
 def model_for_data(data, seed: int = 1337, **model_kw):
     """A freshly initialised model for ``data`` (a ``TokenData``): its vocabulary and end-of-text
     token, the other ``GPTConfig`` fields from ``model_kw``, the weights drawn from ``seed``."""
-    from .model import GPTConfig, build_model
+    from .models import GPTConfig, build_model
 
     torch.manual_seed(seed)
     return build_model(GPTConfig(vocab_size=data.vocab_size, eos_token_id=data.eot_token,
@@ -883,7 +879,7 @@ def sweep(config: TrainConfig, data, grid: dict, model: dict | None = None, rand
     Returns the trials ranked by best val loss; ``sweep.json``, ``sweep.csv`` and ``sweep.png``
     (best val loss per trial) are written into ``config.out_dir``."""
     from .data import TokenData
-    from .model import GPTConfig
+    from .models import GPTConfig
     from .report import points_png, write_csv, write_json
 
     model_keys = {f.name for f in fields(GPTConfig)} - {"vocab_size", "eos_token_id", "bos_token_id"}

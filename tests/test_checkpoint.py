@@ -211,7 +211,7 @@ def test_config_checked_against_the_weights_before_allocating(tmp_path):
 
 
 def test_resaving_sharded_never_mixes_old_and_new_shards(tmp_path, monkeypatch):
-    from fastlm import checkpoint
+    from fastlm.models import checkpoint
 
     old, new = _tiny(1), _tiny(2)
     old.save_pretrained(tmp_path, max_shard_size=4000)
@@ -262,13 +262,13 @@ def test_resaving_sharded_never_mixes_old_and_new_shards(tmp_path, monkeypatch):
 
 
 def test_metadata_json_bounded(tmp_path, monkeypatch):
-    from fastlm import checkpoint
+    from fastlm import _io
 
     _tiny(0).save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match="nested too deep"):
         GPT.from_pretrained(tmp_path)
-    monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 1000)
+    monkeypatch.setattr(_io, "MAX_JSON_BYTES", 1000)
     (tmp_path / "config.json").write_text(json.dumps({"pad": "x" * 2000}))
     with pytest.raises(CheckpointError, match="longer than a metadata file"):
         GPT.from_pretrained(tmp_path)

@@ -24,7 +24,7 @@ import os
 import torch
 
 from .. import reference as _ref
-from . import _cpu_choice, _native
+from . import _cpu_choice, _dispatch, _native
 from ._dispatch import Backend, add_backend, backends, get_backend, requested_backend, resolve, use_backend
 from ._native import cpu_isa, cpu_isas, use_cpu_isa
 
@@ -40,6 +40,7 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "backends",
+    "backends_status",
     "use_backend",
     "get_backend",
     "implementation",
@@ -110,6 +111,12 @@ if _ok:
 
     for _name, (_fn, _dtypes) in getattr(_kernels, "OPS", {}).items():
         _triton.register(_name, _fn, _dtypes)
+
+
+def backends_status() -> dict:
+    """{backend name: None where it is usable, else why it is not} for every backend."""
+    return {name: None if b.available else b.why_unavailable or "unavailable"
+            for name, b in _dispatch._BACKENDS.items()}
 
 
 def implementation(op: str, x: torch.Tensor) -> str:

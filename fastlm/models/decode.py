@@ -1,0 +1,171 @@
+"""The incremental forward: the model's own blocks run over a KV cache.
+
+Generation and the server both call these two functions, and both run ``GPT.blocks``, the
+code the full forward runs; only two parameters differ (see ``fastlm.models.layers``):
+
+- the attention of each layer writes the step's keys and values into the cache and attends
+  over the cache (``_Prefill``, ``_Step`` below);
+- the linear layers, norms and GELU run through ``_Run``: the op implementations chosen once
+  per model, the projection weights kept in the layout their product reads fastest (packed
+  into column panels for the CPU kernel of ``ops.decode_linear``, which reads each weight
+  once, in address order, for all rows; else transposed, (in, out), for BLAS).
+
+1. **Prefill.** Prompts of any lengths run in one pass without padding: their tokens are
+   packed into one (1, N, C) sequence for the per-token work (norms, projections, MLP), and
+   attention runs prompt by prompt over its own keys (causal), each prompt's keys and values
+   written to its cache row at positions 0..len - 1.
+2. **Step.** One token per row at position ``positions[b]``: each layer writes its key and
+   value there (in place, nothing is reallocated) and attends with ``ops.decode_attention``
+   over the valid prefix ``attend_lens[b]`` only, so rows of different lengths share a batch
+   without any padding being attended.
+
+The cache is any object whose ``layers[i]`` holds layer i's ``(k, v)``, each (B, Hkv, L, D)
+(``fastlm.generation.KVCache``).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from .layers import Eager, Norm
+
+__all__ = ["decoder", "prefill", "step"]
+
+
+class _Run(Eager):
+    """The linear layers, norms and GELU of the incremental forward, their implementations
+    chosen once for the model's device and dtype. Built per model, rebuilt when its weights
+    change (``_run``)."""
+
+    def __init__(self, model):
+        w = model.transformer.wte.weight
+        backend, self._linear = ops.resolve("decode_linear", w.device, w.dtype)
+        self.packed = backend != "reference"
+        norm = "layer_norm" if model.config.norm == "layernorm" else "rms_norm"
+        self.layer_norm = norm == "layer_norm"
+        self._norm = ops.resolve(norm, w.device, w.dtype)[1]
+        self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
+        self.attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
+        self.write_kv = ops.resolve("kv_cache_write", w.device, w.dtype)[1]
+        self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, nn.Linear)}
+        self.norms = {m: (m.weight, m.bias, m.eps) for m in model.modules() if isinstance(m, Norm)}
+        self.key = _weights_key(model)
+
+    def call(self, module, *args):
+        return module.forward(*args)  # inference: no hooks to run
+
+    def _layout(self, linear: nn.Linear):
+        """(weight in the layout the product reads, bias or None, out features)."""
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach()
+        if self.packed:
+            return ops.pack_decode_weight(weight), bias, weight.shape[0]
+        return weight.t().contiguous(), bias, weight.shape[0]
+
+    def linear(self, module, x):
+        w, b, n = self.weights[module]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.packed:
+            y = self._linear(x2, w, b, n)
+        else:
+            y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
+        return y.view(*x.shape[:-1], n)
+
+    def norm(self, module, x, residual=None):
+        weight, bias, eps = self.norms[module]
+        if self.layer_norm:
+            return self._norm(x, weight, bias, eps, residual)
+        return self._norm(x, weight, eps, residual)
+
+    def gelu(self, x):
+        return self._gelu(x)
+
+    def dropout(self, module, x):
+        return x
+
+
+def _weights_key(model):
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+
+_RUNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _run(model) -> _Run:
+    r = _RUNS.get(model)
+    if r is None or r.key != _weights_key(model):
+        r = _RUNS[model] = None  # free the stale copy before building the new one
+        r = _RUNS[model] = _Run(model)
+    return r
+
+
+class _Prefill:
+    """Layer i's attention over packed prompts: prompt by prompt, causal, its keys and values
+    written to its cache row."""
+
+    def __init__(self, cache, segments):
+        self.cache, self.segments = cache, segments  # (row, start, length) per prompt
+
+    def __call__(self, i, q, k, v):
+        kc, vc = self.cache.layers[i]
+        out = torch.empty_like(q)
+        for row, s0, n in self.segments:
+            qs, ks, vs = q[:, :, s0:s0 + n], k[:, :, s0:s0 + n], v[:, :, s0:s0 + n]
+            kc[row, :, :n] = ks[0]
+            vc[row, :, :n] = vs[0]
+            out[:, :, s0:s0 + n] = ops.attention(qs, ks, vs, causal=True)
+        return out
+
+
+class _Step:
+    """Layer i's attention for one new token per row: its key and value written at
+    ``positions[b]``, then attention over the first ``attend_lens[b]`` cache positions."""
+
+    def __init__(self, cache, run: _Run, positions, attend_lens):
+        self.cache, self.run, self.positions, self.attend_lens = cache, run, positions, attend_lens
+
+    def __call__(self, i, q, k, v):
+        kc, vc = self.cache.layers[i]
+        self.run.write_kv(kc, vc, k[:, :, 0], v[:, :, 0], self.positions)
+        return self.run.attend(q, kc, vc, self.attend_lens)
+
+
+def decoder(model) -> "_Run":
+    """The incremental forward of ``model``: its weights laid out for decoding, made once per
+    model and made again when its weights change (a cache keeps the one it was given)."""
+    return _run(model)
+
+
+@torch.no_grad()
+def prefill(model, cache, prompts, rows, run: "_Run | None" = None) -> torch.Tensor:
+    """Encode ``prompts`` (lists of ids) into cache rows ``rows`` in one pass; returns the
+    logits (R, vocab) of each prompt's last token. ``run``: ``decoder(model)`` (default)."""
+    run = run or _run(model)
+    device = model.transformer.wte.weight.device
+    lengths = [len(p) for p in prompts]
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long).to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device).view(1, -1)
+    x = model.embed(ids, positions, run)
+    segments = list(zip(rows, starts, lengths))
+    h, delta = model.blocks(x, model.rope_at(positions[0]), _Prefill(cache, segments), run)
+    last = torch.tensor([s0 + n - 1 for s0, n in zip(starts, lengths)], device=device)
+    y = model.final_norm(h[0, last], None if delta is None else delta[0, last], run)
+    return run.linear(model.lm_head, y)
+
+
+@torch.no_grad()
+def step(model, cache, tokens, positions, attend_lens, run: "_Run | None" = None) -> torch.Tensor:
+    """One token per row (tokens (B,)) at ``positions`` (B,), attending over the first
+    ``attend_lens`` (B,) cache positions of its row; returns the logits (B, vocab)."""
+    run = run or _run(model)
+    x = model.embed(tokens.view(-1, 1), positions.view(-1, 1), run)
+    rope = model.rope_at(positions.view(-1, 1, 1))  # (B, 1, 1, D/2): broadcast over heads
+    h, delta = model.blocks(x, rope, _Step(cache, run, positions, attend_lens), run)
+    y = model.final_norm(h[:, 0], None if delta is None else delta[:, 0], run)
+    return run.linear(model.lm_head, y)
