@@ -67,3 +67,18 @@ def register_forms(op_name: str, make_form: Callable, dtypes, backends: Iterable
         takes = tuple(d for d in dtypes if backend != "triton" or d in TRITON_DTYPES)
         preferred = _cpu_choice.preferred(op_name) if backend == "cpu" else None
         _BACKENDS[backend].register(op_name, make_form(ns), takes, preferred=preferred)
+
+
+def install(forms: dict, autograd: dict | None = None, fakes: Callable | None = None,
+            backends: Iterable[str] = ("cpu", "cuda", "triton")) -> None:
+    """Everything an op module registers, once at import of fastlm.ops, on ``backends``:
+    ``fakes()`` (the fake shapes of its C++/CUDA ops; the Triton ops get theirs from
+    triton_op) when the ``fastlm`` ops are loaded, ``autograd`` {forward op: (make_backward,
+    setup_context)} and ``forms`` {public op: (make_form, dtypes)}."""
+    backends = tuple(backends)
+    if fakes is not None and NATIVE in namespaces(backends):
+        fakes()
+    for name, (make_backward, setup_context) in (autograd or {}).items():
+        register_autograd(name, make_backward, setup_context, backends)
+    for name, (make_form, dtypes) in forms.items():
+        register_forms(name, make_form, dtypes, backends)

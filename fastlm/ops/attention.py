@@ -125,8 +125,5 @@ def _decode_attention_form(ns):
 
 
 def _register() -> None:
-    if _forms.NATIVE in _forms.namespaces():
-        _register_fakes()
-    _forms.register_autograd("attention_fwd", _backward, _setup)
-    _forms.register_forms("attention", _attention_form, _DTYPES)
-    _forms.register_forms("decode_attention", _decode_attention_form, _DTYPES)
+    _forms.install({"attention": (_attention_form, _DTYPES), "decode_attention": (_decode_attention_form, _DTYPES)},
+                   autograd={"attention_fwd": (_backward, _setup)}, fakes=_register_fakes)

@@ -37,15 +37,18 @@ def _gelu_form(ns):
     return _forms.op(ns, "gelu_fwd")
 
 
+def _register_fakes() -> None:
+    """Output shapes of the C++ ops for fake tensors (torch.compile)."""
+
+    @torch.library.register_fake("fastlm::gelu_fwd")
+    def _(x):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("fastlm::gelu_bwd")
+    def _(grad_out, x):
+        return x.new_empty(x.shape)
+
+
 def _register() -> None:
-    if _forms.NATIVE in _forms.namespaces(("cpu",)):
-        @torch.library.register_fake("fastlm::gelu_fwd")
-        def _(x):
-            return x.new_empty(x.shape)
-
-        @torch.library.register_fake("fastlm::gelu_bwd")
-        def _(grad_out, x):
-            return x.new_empty(x.shape)
-
-    _forms.register_autograd("gelu_fwd", _backward, _setup, backends=("cpu",))
-    _forms.register_forms("gelu", _gelu_form, FLOATS, backends=("cpu",))
+    _forms.install({"gelu": (_gelu_form, FLOATS)}, autograd={"gelu_fwd": (_backward, _setup)}, fakes=_register_fakes,
+                   backends=("cpu",))

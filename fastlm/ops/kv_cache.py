@@ -41,10 +41,13 @@ def _kv_cache_write_form(ns):
     return kv_cache_write
 
 
-def _register() -> None:
-    if _forms.NATIVE in _forms.namespaces(("cpu",)):
-        @torch.library.register_fake("fastlm::kv_cache_write")
-        def _(k_cache, v_cache, k, v, positions):
-            return None
+def _register_fakes() -> None:
+    """The C++ op returns nothing (it writes its cache arguments), under fake tensors too."""
 
-    _forms.register_forms("kv_cache_write", _kv_cache_write_form, FLOATS, backends=("cpu",))
+    @torch.library.register_fake("fastlm::kv_cache_write")
+    def _(k_cache, v_cache, k, v, positions):
+        return None
+
+
+def _register() -> None:
+    _forms.install({"kv_cache_write": (_kv_cache_write_form, FLOATS)}, fakes=_register_fakes, backends=("cpu",))

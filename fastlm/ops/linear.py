@@ -78,11 +78,14 @@ def _decode_linear_form(ns):
     return decode_linear
 
 
-def _register() -> None:
-    if _forms.NATIVE in _forms.namespaces(("cpu",)):
-        @torch.library.register_fake("fastlm::decode_linear")
-        def _(x, weight_p, bias, n):
-            return x.new_empty((x.shape[0], n))
+def _register_fakes() -> None:
+    """Output shape of the C++ op for fake tensors (torch.compile)."""
 
-    _forms.register_autograd("decode_linear", _backward, _setup, backends=("cpu",))
-    _forms.register_forms("decode_linear", _decode_linear_form, (torch.float32,), backends=("cpu",))
+    @torch.library.register_fake("fastlm::decode_linear")
+    def _(x, weight_p, bias, n):
+        return x.new_empty((x.shape[0], n))
+
+
+def _register() -> None:
+    _forms.install({"decode_linear": (_decode_linear_form, (torch.float32,))},
+                   autograd={"decode_linear": (_backward, _setup)}, fakes=_register_fakes, backends=("cpu",))

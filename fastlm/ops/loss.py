@@ -132,7 +132,5 @@ def _linear_cross_entropy_form(ns):
 
 
 def _register() -> None:
-    if _forms.NATIVE in _forms.namespaces():
-        _register_fakes()
-    _forms.register_autograd("linear_cross_entropy_fwd", _backward, _setup)
-    _forms.register_forms("linear_cross_entropy", _linear_cross_entropy_form, FLOATS)
+    _forms.install({"linear_cross_entropy": (_linear_cross_entropy_form, FLOATS)},
+                   autograd={"linear_cross_entropy_fwd": (_backward, _setup)}, fakes=_register_fakes)

@@ -147,9 +147,6 @@ def _rms_norm_form(ns):
 
 
 def _register() -> None:
-    if _forms.NATIVE in _forms.namespaces():
-        _register_fakes()
-    _forms.register_autograd("layer_norm_fwd", _ln_backward, _ln_setup)
-    _forms.register_autograd("rms_norm_fwd", _rms_backward, _rms_setup)
-    _forms.register_forms("layer_norm", _layer_norm_form, FLOATS)
-    _forms.register_forms("rms_norm", _rms_norm_form, FLOATS)
+    _forms.install({"layer_norm": (_layer_norm_form, FLOATS), "rms_norm": (_rms_norm_form, FLOATS)},
+                   autograd={"layer_norm_fwd": (_ln_backward, _ln_setup), "rms_norm_fwd": (_rms_backward, _rms_setup)},
+                   fakes=_register_fakes)
