@@ -27,6 +27,18 @@ def test_backends_lists_reference_and_cpu():
     assert "cpu" in b, "the C++ extension must be built and loadable"
 
 
+def test_backends_status_names_every_backend_and_why_not():
+    status = ops.backends_status()
+    assert list(status) == ["reference", "cpu", "cuda", "triton"]
+    assert [n for n, st in status.items() if st.available] == ops.backends()
+    for name, st in status.items():
+        assert isinstance(st, ops.BackendStatus) and isinstance(st.why_unavailable, str)
+        assert (st.why_unavailable == "") == st.available, name
+        if not st.available:
+            with pytest.raises(RuntimeError, match="not available"):
+                ops.use_backend(name).__enter__()
+
+
 def test_every_fused_op_has_one_namespace_per_kernel_family():
     """The Triton launchers are the C++ ops' schemas under ``fastlm_triton``: the same names,
     so one glue in fastlm/ops serves both."""

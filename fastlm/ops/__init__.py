@@ -14,7 +14,8 @@ triton      Triton kernels in ``fastlm.kernels``          CUDA tensors (CPU tens
 
 Choose with ``FASTLM_BACKEND=reference|cpu|cuda|triton`` or ``with fastlm.ops.use_backend(name):``;
 by default each op takes the fastest backend that serves its input. ``implementation(op, x)``
-tells which backend would serve a call.
+tells which backend would serve a call; ``backends_status()`` says which backends can run here
+and why the others cannot.
 
 One module an op (or a pair of ops that share kernels): ``attention`` (attention,
 decode_attention), ``kv_cache``, ``norms`` (layer_norm, rms_norm), ``gelu``, ``linear``
@@ -38,7 +39,8 @@ from . import linear as _linear_ops
 from . import loss as _loss_ops
 from . import norms as _norms_ops
 from ._checks import FLOATS
-from ._dispatch import Backend, add_backend, backends, get_backend, requested_backend, resolve, use_backend
+from ._dispatch import (Backend, BackendStatus, add_backend, backends, backends_status, get_backend, requested_backend,
+                        resolve, use_backend)
 from ._native import cpu_isa, cpu_isas, use_cpu_isa
 from .attention import attention, decode_attention
 from .gelu import gelu
@@ -59,6 +61,8 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "backends",
+    "backends_status",
+    "BackendStatus",
     "use_backend",
     "get_backend",
     "implementation",
