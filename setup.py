@@ -117,7 +117,7 @@ def _cmdclass():
 
 
 setup(
-    packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.train"],
+    packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.train", "fastlm.evaluation"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass=_cmdclass(),
