@@ -117,7 +117,8 @@ def _cmdclass():
 
 
 setup(
-    packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.models", "fastlm.generation", "fastlm.serve"],
+    packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.models", "fastlm.generation", "fastlm.serve",
+              "fastlm.train", "fastlm.evaluation"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass=_cmdclass(),

@@ -37,7 +37,7 @@ TORCH_LIBRARY(fastlm, m) {
         " float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float scale) -> Tensor");
   // A decode step's new keys and values, k and v (B, Hkv, D), written in place at
-  // k_cache[b, :, positions[b]] and v_cache[b, :, positions[b]] (csrc/cpu/cache.cpp).
+  // k_cache[b, :, positions[b]] and v_cache[b, :, positions[b]] (csrc/cpu/kv_cache.cpp).
   m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor positions) -> ()");
   // ---- the linear layer of a decode step (csrc/cpu/linear.cpp): x (M, K) times a weight (N, K)
   // packed into 48-column panels, weight_p (ceil(N / 48), K, 48), plus bias (N,) ----

@@ -29,7 +29,8 @@ def _run_info(args):
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "backends_usable": fastlm.ops.backends(),
-        "backends_unavailable": {n: why for n, why in fastlm.ops.backends_status().items() if why is not None},
+        "backends_unavailable": {n: s.why_unavailable for n, s in fastlm.ops.backends_status().items()
+                                 if not s.available},
         "extension_cpu": _native.build_info() or f"not loaded ({_native.cpu_error})",
         "cpu_isa": fastlm.ops.cpu_isa() or "-",
         "cpu_isas_supported": fastlm.ops.cpu_isas(),
@@ -264,7 +265,7 @@ def _prepared_data(opts: dict, out):
     them share, as for checkpoints)."""
     from pathlib import Path
 
-    from fastlm import distributed
+    from fastlm.train import distributed
     from fastlm.data import is_prepared, prepare
     from fastlm.train import resolve_device
 
@@ -293,7 +294,8 @@ def _run_train(args):
 
     import torch
 
-    from fastlm import GPTConfig, build_model, distributed
+    from fastlm import GPTConfig, build_model
+    from fastlm.train import distributed
     from fastlm._io import read_json
     from fastlm.data import TokenData
     from fastlm.train import Trainer, TrainConfig, find_checkpoints, load_config_file

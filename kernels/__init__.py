@@ -1,7 +1,9 @@
 """fastlm.kernels: Triton kernels, installed as the subpackage ``fastlm.kernels``.
 
-Import only through ``fastlm.ops``. ``OPS`` maps each op name that has a Triton form to
-(function, supported dtypes); the function has the signature of the public op.
+Import only through ``fastlm.ops``. The modules hold Triton kernels and their launchers, each
+launcher a custom op ``torch.ops.fastlm_triton.<name>`` with the schema of the C++ op of that
+name (csrc/ops.cpp); the public ops, their choice of backend and their autograd glue are in
+``fastlm/ops/<op>.py``. ``OPS`` maps each custom op name defined here to its launcher.
 
 In a source checkout this folder is also importable as a top-level package ``kernels``
 whenever the checkout's root is on ``sys.path`` (``python -m pytest`` run from the root, for
@@ -46,18 +48,12 @@ if __name__ == "kernels":
     _hand_over_top_level_name()
 
 if __name__ == PACKAGE:
-    import torch
-
+    from . import attention as _attention
     from . import loss as _loss
     from . import norms as _norms
-    from .attention import attention as _attention, decode_attention as _decode_attention
 
-    _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-    OPS = {
-        "layer_norm": (_norms.layer_norm, _DTYPES),
-        "rms_norm": (_norms.rms_norm, _DTYPES),
-        "linear_cross_entropy": (_loss.linear_cross_entropy, _DTYPES),
-        "attention": (_attention, _DTYPES),
-        "decode_attention": (_decode_attention, _DTYPES),
-    }
+    OPS = {name: getattr(module, name) for module, names in (
+        (_attention, ("attention_fwd", "attention_bwd", "decode_attention")),
+        (_norms, ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd")),
+        (_loss, ("linear_cross_entropy_fwd", "linear_cross_entropy_bwd")),
+    ) for name in names}

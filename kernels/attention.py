@@ -14,10 +14,12 @@ Backward (FlashAttention 2), delta = rowsum(dO o O), P = 2^(S - lse log2 e),
 Decode splits the cache into NSPLIT slices, one program each; the slices' partial outputs
 are combined by their logsumexps.
 float32 runs with IEEE products (no TF32); bf16/fp16 feed the tensor cores, accumulate fp32.
+Each launcher is a torch.library.triton_op (fastlm_triton::attention_{fwd,bwd},
+fastlm_triton::decode_attention, the schemas of csrc/ops.cpp), so fake tensors and
+torch.compile see through it; the autograd formula is fastlm/ops/attention.py's, shared with
+the C++ and CUDA kernels.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -219,20 +221,21 @@ def _forward(q, k, v, causal, scale, lens=None, nsplit=1):
     return o, lse
 
 
-@triton_op("fastlm_triton::attention_fwd", mutates_args={})
+@triton_op("fastlm_triton::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     o, lse = _forward(q, k, v, causal, scale)
     return o[0], lse[0]
 
 
-@triton_op("fastlm_triton::attention_bwd", mutates_args={})
+@triton_op("fastlm_triton::attention_bwd", mutates_args=())
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     BM, BN, BD = _blocks(D, q.device)
+    grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
     dq = torch.empty((B, H, Tq, D), device=q.device, dtype=torch.float32)
@@ -248,8 +251,8 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@triton_op("fastlm_triton::decode_attention", mutates_args={})
-def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
+@triton_op("fastlm_triton::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                         scale: float) -> torch.Tensor:
     B, H, Tq, D = q.shape
     L = k_cache.shape[2]
@@ -263,29 +266,3 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     total = w.sum(0)
     out = (w.unsqueeze(-1) * torch.nan_to_num(o)).sum(0) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
     return out.to(q.dtype)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    out, lse = output
-    ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, out, lse)
-
-
-def _backward(ctx, g_out, _g_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(g_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def attention(q, k, v, causal: bool = True, scale: float | None = None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return attention_fwd(q, k, v, bool(causal), scale)[0]
-
-
-def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return decode_attention_op(q, k_cache, v_cache, cache_lens, scale)

@@ -8,6 +8,9 @@ A row whose target is ignore_index gets loss 0 and a zero gradient row. The forw
 computes the gradients for a unit grad_output when the loss is reduced; the backward
 scales them. For reduction "none" the backward reruns the chunks with per-row scales.
 Computation in float32 (bf16/fp16 inputs converted).
+Each launcher is a torch.library.triton_op (fastlm_triton::linear_cross_entropy_{fwd,bwd}, the
+schemas of csrc/ops.cpp), so fake tensors and torch.compile see through it; the autograd
+formula is fastlm/ops/loss.py's, shared with the C++ and CUDA kernels.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def _prepare(h, weight, targets, chunk_size):
     return h32, w32, t, max(1, min(chunk_size, max(N, 1)))
 
 
-@triton_op("fastlm::triton_linear_cross_entropy_fwd", mutates_args=())
+@triton_op("fastlm_triton::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                              reduction: str, chunk_size: int,
                              compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,43 +111,10 @@ def linear_cross_entropy_fwd(h: torch.Tensor, weight: torch.Tensor, targets: tor
     return loss, gh, gw
 
 
-@triton_op("fastlm::triton_linear_cross_entropy_bwd", mutates_args=())
+@triton_op("fastlm_triton::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(grad_loss: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              ignore_index: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     h32, w32, t, chunk = _prepare(h, weight, targets, chunk_size)
     rs = grad_loss.reshape(-1).float().contiguous()
     _, dh, dw = _run_chunks(h32, w32, t, ignore_index, chunk, True, 1.0, rs)
     return dh.to(h.dtype), dw.to(weight.dtype)
-
-
-def _setup(ctx, inputs, output):
-    h, weight, targets, ignore_index, reduction, chunk_size, compute_grad = inputs
-    _, gh, gw = output
-    ctx.reduction, ctx.ignore_index, ctx.chunk_size, ctx.compute_grad = reduction, ignore_index, chunk_size, compute_grad
-    if reduction == "none":
-        ctx.save_for_backward(h, weight, targets)
-    else:
-        ctx.save_for_backward(gh, gw)
-
-
-def _backward(ctx, g_loss, _g_gh, _g_gw):
-    if ctx.reduction == "none":
-        h, weight, targets = ctx.saved_tensors
-        gh, gw = linear_cross_entropy_bwd(g_loss, h, weight, targets, ctx.ignore_index, ctx.chunk_size)
-        return gh, gw, None, None, None, None, None
-    if not ctx.compute_grad:
-        raise RuntimeError("linear_cross_entropy: the forward ran without gradients, nothing to backpropagate")
-    gh, gw = ctx.saved_tensors
-    g = g_loss.to(gh.dtype)
-    return gh * g, gw * g, None, None, None, None, None
-
-
-linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def linear_cross_entropy(h, weight, targets, ignore_index=-100, reduction="mean", chunk_size=None):
-    lead = h.shape[:-1]
-    compute_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    loss, _, _ = linear_cross_entropy_fwd(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), int(ignore_index),
-                                          reduction, int(chunk_size or 0), compute_grad)
-    return loss.reshape(lead) if reduction == "none" else loss

@@ -7,7 +7,9 @@ Backward: each program owns a contiguous block of rows; per row it forms
     xhat = (h - mean) * rstd, g = dy * w, dx = rstd * (g - mean(g) - xhat * mean(g xhat)) (+ dh)
 and accumulates dy * xhat and dy into its own row of a (programs, C) float32 buffer, which
 torch then sums: no atomics. RMSNorm is the same with mean = 0 and no mean(g) term.
-Wrapped with torch.library.triton_op so autograd, fake tensors and torch.compile work.
+Each launcher is a torch.library.triton_op (fastlm_triton::{layer,rms}_norm_{fwd,bwd}, the schemas
+of csrc/ops.cpp), so fake tensors and torch.compile see through it; the autograd formula is
+fastlm/ops/norms.py's, shared with the C++ and CUDA kernels.
 """
 from __future__ import annotations
 
@@ -143,74 +145,29 @@ def _bwd(grad_out, grad_h, h, weight, has_bias, mean, rstd, is_rms):
     return dx, dw, db
 
 
-@triton_op("fastlm::triton_layer_norm_fwd", mutates_args=())
+@triton_op("fastlm_triton::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                           torch.Tensor]:
     return _fwd(x, weight, bias, residual, eps, False)
 
 
-@triton_op("fastlm::triton_layer_norm_bwd", mutates_args=())
+@triton_op("fastlm_triton::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(grad_out: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
                    bias: Optional[torch.Tensor], mean: torch.Tensor,
                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(grad_out, grad_h, h, weight, bias is not None, mean, rstd, False)
 
 
-@triton_op("fastlm::triton_rms_norm_fwd", mutates_args=())
+@triton_op("fastlm_triton::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, h, _, rstd = _fwd(x, weight, None, residual, eps, True)
     return out, h, rstd
 
 
-@triton_op("fastlm::triton_rms_norm_bwd", mutates_args=())
+@triton_op("fastlm_triton::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(grad_out: torch.Tensor, grad_h: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw, _ = _bwd(grad_out, grad_h, h, weight, False, rstd, rstd, True)
     return dx, dw
-
-
-def _ln_setup(ctx, inputs, output):
-    x, weight, bias, residual, eps = inputs
-    _, h, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
-
-
-def _ln_backward(ctx, g_out, g_h, _g_mean, _g_rstd):
-    h, weight, bias, mean, rstd = ctx.saved_tensors
-    g_out = torch.zeros_like(h) if g_out is None else g_out
-    g_h = g_h if ctx.has_residual else None
-    dx, dw, db = layer_norm_bwd(g_out, g_h, h, weight, bias, mean, rstd)
-    return dx, dw, (db if ctx.has_bias else None), (dx if ctx.has_residual else None), None
-
-
-def _rms_setup(ctx, inputs, output):
-    x, weight, residual, eps = inputs
-    _, h, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
-
-
-def _rms_backward(ctx, g_out, g_h, _g_rstd):
-    h, weight, rstd = ctx.saved_tensors
-    g_out = torch.zeros_like(h) if g_out is None else g_out
-    g_h = g_h if ctx.has_residual else None
-    dx, dw = rms_norm_bwd(g_out, g_h, h, weight, rstd)
-    return dx, dw, (dx if ctx.has_residual else None), None
-
-
-layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
-rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
-
-
-def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
-    out, h, _, _ = layer_norm_fwd(x, weight, bias, residual, eps)
-    return out if residual is None else (out, h)
-
-
-def rms_norm(x, weight, eps=1e-6, residual=None):
-    out, h, _ = rms_norm_fwd(x, weight, residual, eps)
-    return out if residual is None else (out, h)

@@ -151,6 +151,24 @@ def test_output_tensors_are_ordinary():
     assert out.shape == (4096, 1024) and out.sum().item() == 4096 * 1024
 
 
+@pytest.mark.parametrize("backend", NATIVE[:1] + (["triton"] if TRITON else []))
+@pytest.mark.parametrize("kind", ["ln", "rms"])
+def test_backward_through_the_residual_sum_alone(backend, kind):
+    """Only h = x + residual is used, so autograd hands the backward no gradient of the
+    normalised output: every form treats it as zero (C++, CUDA and Triton share one glue)."""
+    g = torch.Generator().manual_seed(3)
+    x, r = torch.randn(4, 24, generator=g, requires_grad=True), torch.randn(4, 24, generator=g, requires_grad=True)
+    w = (torch.rand(24, generator=g) + 0.5).requires_grad_()
+    with on_backend(backend):
+        if kind == "ln":
+            _, h = ops.layer_norm(x, w, torch.zeros(24), residual=r)
+        else:
+            _, h = ops.rms_norm(x, w, residual=r)
+    (3 * h).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0)) and torch.equal(r.grad, torch.full_like(r, 3.0))
+    assert torch.count_nonzero(w.grad) == 0
+
+
 @pytest.mark.parametrize("backend", NATIVE)
 def test_opcheck(backend):
     x = torch.randn(3, 5, 37, requires_grad=True)

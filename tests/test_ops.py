@@ -27,6 +27,31 @@ def test_backends_lists_reference_and_cpu():
     assert "cpu" in b, "the C++ extension must be built and loadable"
 
 
+def test_backends_status_names_every_backend_and_why_not():
+    status = ops.backends_status()
+    assert list(status) == ["reference", "cpu", "cuda", "triton"]
+    assert [n for n, st in status.items() if st.available] == ops.backends()
+    for name, st in status.items():
+        assert isinstance(st, ops.BackendStatus) and isinstance(st.why_unavailable, str)
+        assert (st.why_unavailable == "") == st.available, name
+        if not st.available:
+            with pytest.raises(RuntimeError, match="not available"):
+                ops.use_backend(name).__enter__()
+
+
+def test_every_fused_op_has_one_namespace_per_kernel_family():
+    """The Triton launchers are the C++ ops' schemas under ``fastlm_triton``: the same names,
+    so one glue in fastlm/ops serves both."""
+    if "triton" not in ops.backends():
+        pytest.skip("triton backend unavailable")
+    from fastlm import kernels
+
+    for name, launcher in kernels.OPS.items():
+        assert launcher._qualname == f"fastlm_triton::{name}"
+        if "cpu" in ops.backends():
+            assert hasattr(torch.ops.fastlm, name), f"{name}: no C++ op of that name"
+
+
 def test_kernels_folder_hands_the_top_level_name_to_an_installed_package(tmp_path):
     """With the checkout's root first on sys.path, ``import kernels`` (transformers' probe for
     Hugging Face's package) gets the installed package of that name, not this folder."""
@@ -54,8 +79,8 @@ def test_kernels_folder_under_another_name_leaves_the_triton_ops_alone(monkeypat
     root = pathlib.Path(__file__).resolve().parents[1]
     if not (root / "kernels" / "__init__.py").is_file():
         pytest.skip("not a source checkout")
-    libs = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm::")}
-    assert "fastlm::triton_layer_norm_fwd" in libs
+    libs = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm_triton::")}
+    assert "fastlm_triton::layer_norm_fwd" in libs
     monkeypatch.syspath_prepend(str(root))
     for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -71,7 +96,7 @@ def test_kernels_folder_under_another_name_leaves_the_triton_ops_alone(monkeypat
             for mod in ("norms", "loss", "attention"):
                 with pytest.raises(ImportError, match=f"fastlm.kernels.{mod}"):
                     importlib.import_module(f"kernels.{mod}")
-        now = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm::")}
+        now = {k: v for k, v in custom_ops.OPDEF_TO_LIB.items() if k.startswith("fastlm_triton::")}
         assert now.keys() == libs.keys() and all(now[k] is libs[k] for k in libs)
         x, w, b = torch.randn(3, 7, dtype=torch.float64), torch.rand(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
         with ops.use_backend("triton"):

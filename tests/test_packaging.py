@@ -61,3 +61,15 @@ def test_every_imported_package_is_declared():
         if not names & declared:
             missing.append(f"{mod} (distribution {sorted(names)})")
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_every_subpackage_is_installed():
+    """setup.py lists its packages by name: a new folder of fastlm must be listed, or a
+    non-editable install leaves it out."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    listed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "packages":
+            listed = {ast.literal_eval(e) for e in node.value.elts}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastlm").rglob("__init__.py")}
+    assert found and found <= listed, f"not in setup.py's packages: {sorted(found - listed)}"

@@ -262,7 +262,7 @@ def test_resume_skips_a_torn_log_line(data_dir, tmp_path, capsys):
 
 
 def test_failed_save_leaves_no_temporary_folder(data_dir, tmp_path, monkeypatch):
-    from fastlm import train as train_mod
+    from fastlm.train import state as train_mod  # where checkpoints are written
 
     out = tmp_path / "run"
     trainer = Trainer(tiny_model(), tiny_config(out, max_iters=20, eval_interval=10), data_dir)

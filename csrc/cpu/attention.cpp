@@ -1,7 +1,8 @@
 // Attention on the CPU, the torch side: input checks, float32 conversion, outputs and
-// scratch from the output pool (a fresh 3 MB buffer from glibc can be a new mapping whose
-// page faults cost about 15% of a (1, 12, 1024, 64) forward), then the kernel core of the
-// SIMD level in use (csrc/cpu/kernels/attention.h: the algorithm).
+// scratch from the output pool (a buffer of a few MB fresh from glibc can be a new mapping,
+// and faulting its pages in costs a visible part of a forward; bench/RESULTS.md, section
+// "Attention", runs 7 and 8), then the kernel core of the SIMD level in use
+// (csrc/cpu/kernels/attention.h: the algorithm).
 #include "common.h"
 #include "kernels.h"
 
@@ -132,7 +133,8 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   // Enough slices to keep every thread busy, each at least 256 positions.
   int64_t visible = 0;
   for (int64_t b = 0; b < B; ++b) visible += lp[b];
-  // bytes of K and V read: from 1 MB (tens of microseconds for one core) on, two threads pay
+  // work = 4 x the bytes of K and V read, so threads_for (one thread below 4e6) splits a
+  // call from 1 MB read on: a smaller read ends before a second thread would pay for itself
   const int64_t nthr = threads_for(double(visible) * Hkv * D * 8 * 4);
   int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(cdiv(L, 256), cdiv(4 * nthr, B * Hkv)));
   const int64_t chunk = cdiv(cdiv(L, nsplit), BK) * BK;

@@ -12,10 +12,11 @@
 //     (default 1024; 0 disables the cache) of free blocks are kept; beyond that a freed
 //     block is unmapped.
 //   * a new block is pre-faulted with one madvise(MADV_POPULATE_WRITE) call (Linux 5.14+;
-//     ignored elsewhere), which measured ~1.4x cheaper than taking each 4 KiB fault on
-//     first touch. Transparent huge pages (MADV_HUGEPAGE) were measured too and rejected:
-//     fast on a fresh machine, but 3-15x slower than 4 KiB faults once memory is
-//     fragmented (direct compaction).
+//     ignored elsewhere): one system call maps every page, cheaper than taking each 4 KiB
+//     fault on first touch. Transparent huge pages (MADV_HUGEPAGE) are not used: they fault
+//     fast on a fresh machine but far slower than 4 KiB pages once memory is fragmented
+//     (direct compaction). The figures: bench/RESULTS.md, section "Normalization and loss",
+//     "Page faults".
 // The tensors are ordinary resizable CPU tensors; only their allocator differs.
 #include "common.h"
 

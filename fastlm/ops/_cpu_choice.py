@@ -18,8 +18,8 @@ X86 = frozenset({"baseline", "avx2", "avx512"})
 # correct (checked under qemu) but not yet measured on ARM hardware, so torch serves there
 # until a benchmark shows otherwise.
 NATIVE_WINS: dict[str, frozenset] = {
-    # the backward loses to torch SDPA at the baseline level (0.74-0.86x) where the forward
-    # wins (1.06-1.46x): one op, one choice, and training needs both
+    # at the baseline level the forward wins and the backward loses to torch SDPA (bench/RESULTS.md,
+    # section "CPU kernels at each SIMD level"): one op, one choice, and training needs both
     "attention": frozenset({"avx2", "avx512"}),
     "decode_attention": X86,
     "layer_norm": X86,

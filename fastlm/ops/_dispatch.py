@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 
@@ -80,6 +80,24 @@ def get_backend(name: str) -> Backend:
 def backends() -> list[str]:
     """Names of the usable backends, in a fixed order."""
     return [n for n in BACKEND_NAMES if n in _BACKENDS and _BACKENDS[n].available]
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    why_unavailable: str  # "" when available
+
+
+def backends_status() -> dict[str, BackendStatus]:
+    """Every known backend, in a fixed order: whether it can run here, and why not if it cannot
+    (not built, its extension failed to load, no device)."""
+    out = {}
+    for name in BACKEND_NAMES:
+        b = _BACKENDS.get(name)
+        if b is None:
+            out[name] = BackendStatus(False, "it was not built")
+        else:
+            out[name] = BackendStatus(b.available, "" if b.available else b.why_unavailable)
+    return out
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
-"""Python side of the fused attention ops (torch.ops.fastlm.attention_{fwd,bwd},
-torch.ops.fastlm.decode_attention) and of the KV-cache write (torch.ops.fastlm.kv_cache_write).
+"""Attention: ``attention`` (causal or full, grouped-query) and ``decode_attention`` (the newest
+tokens over a ragged KV cache): the public ops, their checks, and the one autograd glue of
+their kernels.
 
-The kernels (csrc/cpu/attention.cpp, csrc/cuda/attention.cu) register per device; here we
-register, once for all devices, the fake (meta) kernels that give output shapes under
-torch.compile, and the autograd formula that ties the forward op to the backward op.
+The kernels (csrc/cpu/attention.cpp, csrc/cuda/attention.cu, kernels/attention.py) are the
+custom ops ``attention_fwd`` -> (out, lse), ``attention_bwd`` and ``decode_attention`` in the
+namespaces ``fastlm`` and ``fastlm_triton`` (see ``_forms``). The forward saves q, k, v, out
+and the per-row logsumexp; the backward recomputes the probabilities from them.
 """
 from __future__ import annotations
 
@@ -11,14 +13,60 @@ import math
 
 import torch
 
-_lib_ready = False
+from . import _forms
+from ._checks import check_float, check_index, check_same
+from ._dispatch import resolve
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused kernels take
 
 
-def _register() -> None:
-    global _lib_ready
-    if _lib_ready:
-        return
-    _lib_ready = True
+# ----------------------------------------------------------------------------- the public ops
+def _check_attention(q, k, v, kv_name="k"):
+    vn = kv_name.replace("k", "v", 1)
+    for n, t in (("q", q), (kv_name, k), (vn, v)):
+        check_float(n, t)
+        if t.dim() != 4:
+            raise ValueError(f"attention: {n} must have 4 dimensions (B, H, T, D), got shape {tuple(t.shape)}")
+    check_same(kv_name, k, "q", q)
+    check_same(vn, v, "q", q)
+    B, H, _, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: {kv_name} {tuple(k.shape)} and {vn} {tuple(v.shape)} must have one shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} and {kv_name} {tuple(k.shape)} must agree on batch size and head size"
+        )
+    hkv = k.shape[1]
+    if hkv < 1 or H % hkv != 0:
+        raise ValueError(f"attention: the number of query heads ({H}) must be a multiple of the key/value heads ({hkv})")
+    if D < 1 or D > 256:
+        raise ValueError(f"attention: head size must be between 1 and 256, got {D}")
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        raise ValueError(f"attention: sequence lengths must be at least 1 (q {tuple(q.shape)}, {kv_name} {tuple(k.shape)})")
+
+
+def attention(q, k, v, causal: bool = True, scale: float | None = None):
+    """Scaled dot-product attention on (B, H, Tq, D) queries and (B, Hkv, Tk, D) keys/values.
+
+    ``H % Hkv == 0`` (grouped-query attention); causal masking is bottom-right aligned when
+    Tq < Tk. Returns (B, H, Tq, D). See ``fastlm.reference.attention`` for the exact spec.
+    """
+    _check_attention(q, k, v)
+    return resolve("attention", q.device, q.dtype)[1](q, k, v, causal=causal, scale=scale)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
+    """Attention of the newest Tq tokens (q: (B, H, Tq, D)) over a ragged KV cache
+    ((B, Hkv, L_max, D), valid lengths ``cache_lens`` (B,)). See the reference for the spec."""
+    _check_attention(q, k_cache, v_cache, kv_name="k_cache")
+    check_index("decode_attention", "cache_lens", cache_lens, (q.shape[0],), q.device, "q")
+    return resolve("decode_attention", q.device, q.dtype)[1](q, k_cache, v_cache, cache_lens, scale=scale)
+
+
+# ----------------------------------------------------------------------------- the glue
+def _register_fakes() -> None:
+    """Output shapes of the C++/CUDA ops for fake tensors (torch.compile); the Triton ops get
+    theirs from triton_op."""
 
     @torch.library.register_fake("fastlm::attention_fwd")
     def _(q, k, v, causal, scale):
@@ -33,23 +81,24 @@ def _register() -> None:
     def _(q, k_cache, v_cache, cache_lens, scale):
         return q.new_empty(q.shape)
 
-    @torch.library.register_fake("fastlm::kv_cache_write")
-    def _(k_cache, v_cache, k, v, positions):
-        return None
 
-    def _setup(ctx, inputs, output):
-        q, k, v, causal, scale = inputs
-        out, lse = output
-        ctx.causal, ctx.scale = causal, scale
-        ctx.save_for_backward(q, k, v, out, lse)
+def _setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse)
 
-    def _backward(ctx, g_out, _g_lse):
+
+def _backward(ns):
+    bwd = _forms.op(ns, "attention_bwd")
+
+    def backward(ctx, g_out, _g_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        g_out = torch.zeros_like(out) if g_out is None else g_out
-        dq, dk, dv = torch.ops.fastlm.attention_bwd(g_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        g_out = torch.zeros_like(out) if g_out is None else g_out  # only lse was used
+        dq, dk, dv = bwd(g_out, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
-    torch.library.register_autograd("fastlm::attention_fwd", _backward, setup_context=_setup)
+    return backward
 
 
 def _empty_rows_like(like, t):
@@ -66,14 +115,25 @@ def _scale(q, scale):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def attention(q, k, v, causal: bool = True, scale: float | None = None):
-    out, _ = torch.ops.fastlm.attention_fwd(q, k, v, bool(causal), _scale(q, scale))
-    return out
+def _attention_form(ns):
+    fwd = _forms.op(ns, "attention_fwd")
+
+    def attention(q, k, v, causal: bool = True, scale: float | None = None):
+        out, _ = fwd(q, k, v, bool(causal), _scale(q, scale))
+        return out
+
+    return attention
 
 
-def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
-    return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_lens, _scale(q, scale))
+def _decode_attention_form(ns):
+    fwd = _forms.op(ns, "decode_attention")
+
+    def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
+        return fwd(q, k_cache, v_cache, cache_lens, _scale(q, scale))
+
+    return decode_attention
 
 
-def kv_cache_write(k_cache, v_cache, k, v, positions):
-    torch.ops.fastlm.kv_cache_write(k_cache, v_cache, k, v, positions)
+def _register() -> None:
+    _forms.install({"attention": (_attention_form, _DTYPES), "decode_attention": (_decode_attention_form, _DTYPES)},
+                   autograd={"attention_fwd": (_backward, _setup)}, fakes=_register_fakes)

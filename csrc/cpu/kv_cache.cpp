@@ -1,7 +1,8 @@
-// Writing a decode step's new keys and values into a preallocated KV cache: for each sequence b,
-// k_cache[b, :, positions[b], :] = k[b] and the same for v. Two index_put_ calls cost 5-11 us a
-// layer here (TensorIterator setup for advanced indexing); this is one call that copies
-// B x Hkv rows of D elements. Any dtype, any strides with a unit stride along D.
+// kv_cache_write on the CPU: a decode step's new keys and values written into a preallocated
+// KV cache, for each sequence b k_cache[b, :, positions[b], :] = k[b] and the same for v.
+// One call that copies B x Hkv rows of D elements, where two index_put_ calls a layer would
+// each set up a TensorIterator for advanced indexing (bench/RESULTS.md, section "Generation",
+// "The KV-cache write"). Any dtype, any strides with a unit stride along D.
 #include <cstring>
 
 #include "common.h"

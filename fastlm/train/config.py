@@ -1,0 +1,164 @@
+"""What a training run is told: ``TrainConfig`` (batches, schedule, optimiser, evaluation,
+checkpoints, machine, output), config files, and the pieces the config determines: the
+learning-rate schedule, the optimiser, the device and the autocast dtype."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out"
+    # batches
+    batch_size: int = 12
+    block_size: int | None = None  # None: the model's context
+    grad_accum: int = 1
+    # schedule
+    max_iters: int = 2000
+    max_minutes: float | None = None  # stop (and save) after this much training time
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None: max_iters
+    # optimiser
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: off
+    fused_adamw: bool = True
+    # evaluation and stopping
+    eval_interval: int = 250
+    eval_iters: int = 20
+    patience: int | None = None  # evaluations without improvement before stopping
+    min_delta: float = 0.0
+    log_interval: int = 10
+    # checkpoints
+    keep_last: int = 2
+    save_best: bool = True
+    resume: bool = False
+    # machine
+    seed: int = 1337
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | ...
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA GPUs that support it) | "float32" | "bfloat16"
+    backend: str | None = None  # fastlm.ops backend; None: the fastest available
+    compile: bool = False  # torch.compile the loss function
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    threads: int | None = None  # torch.set_num_threads
+    # output
+    progress: bool = True
+    plot: bool = True
+    tensorboard: bool = True
+    peak_flops: float | None = None  # for MFU; None: measured (CPU) or looked up (GPU)
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.max_iters >= 0, "max_iters must be >= 0"),
+            (self.lr >= 0 and self.min_lr >= 0, "lr and min_lr must be >= 0"),
+            (self.warmup_iters >= 0, "warmup_iters must be >= 0"),
+            (self.eval_interval >= 1, "eval_interval must be >= 1"),
+            (self.eval_iters >= 1, "eval_iters must be >= 1"),
+            (self.log_interval >= 1, "log_interval must be >= 1"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+            (self.patience is None or self.patience >= 1, "patience must be >= 1"),
+            (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be 'auto', 'float32' or 'bfloat16'"),
+            (self.block_size is None or self.block_size >= 1, "block_size must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def load_config_file(path) -> dict:
+    """A flat mapping from a TOML or JSON file; TOML tables ``[model]``, ``[train]`` and
+    ``[data]`` are flattened (their keys are the CLI flags' names with underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            d = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, as the tomli package
+                import tomli as tomllib
+
+            d = tomllib.loads(text)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"cannot parse config file {p}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {p} must hold a table/object")
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "train", "data"):
+            flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        else:
+            flat[k.replace("-", "_")] = v
+    return flat
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_iters``, cosine to ``min_lr`` at ``lr_decay_iters``."""
+    decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(decay - cfg.warmup_iters, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device):
+    """AdamW with weight decay on matrices (dim >= 2) only; fused where torch supports it."""
+    decay, no_decay = [], []
+    seen = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.fused_adamw:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, **kw)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
