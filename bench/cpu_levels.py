@@ -2,13 +2,14 @@
 with torch held to the same level, and print the table of median ratios (torch / fastlm:
 above 1 means fastlm is faster) for bench/RESULTS.md.
 
-    python bench/cpu_levels.py [--levels avx2 baseline] [--threads 2] [-k PATTERN]
+    python bench/cpu_levels.py [--levels avx2 baseline] [--threads 2] [-k PATTERN] [--tag run1]
 
 torch is held to a level through its own switches: ATEN_CPU_CAPABILITY (ATen's kernels),
 MKL_ENABLE_INSTRUCTIONS (MKL's BLAS) and ONEDNN_MAX_CPU_ISA (oneDNN), so an AVX-512 machine
 stands in fairly for an AVX2 one. glibc keeps freed memory for reuse (no fresh mappings), so
 neither side pays page faults for its outputs. Each level's JSON is written to
-bench/results/cpu_ops_<level>_<date>.json.
+bench/results/cpu_ops_<level>_<date>_<tag>.json (the one naming scheme of bench/results/:
+<subject>_<YYYY-MM-DD>_<tag>.json).
 """
 import argparse
 import datetime
@@ -28,8 +29,8 @@ TORCH_AT = {  # torch's own switches for each fastlm level
 NO_FAULTS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
-def run_level(level, threads, pattern):
-    out = HERE / "results" / f"cpu_ops_{level}_{datetime.date.today().isoformat()}.json"
+def run_level(level, threads, pattern, tag):
+    out = HERE / "results" / f"cpu_ops_{level}_{datetime.date.today().isoformat()}_{tag}.json"
     env = dict(os.environ, FASTLM_CPU_ISA=level, FASTLM_BENCH_THREADS=str(threads), **TORCH_AT[level], **NO_FAULTS)
     cmd = [sys.executable, "-m", "pytest", "-q", str(HERE / "test_cpu_ops.py"), "--benchmark-only",
            f"--benchmark-json={out}", "-p", "no:cacheprovider"]
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--levels", nargs="*", help="default: every level this machine runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-k", dest="pattern", default="")
+    ap.add_argument("--tag", default="run1", help="last part of the JSON's name, e.g. run2 or norms")
     ap.add_argument("--from-json", nargs="*", help="only print the table of earlier runs' JSON files")
     args = ap.parse_args()
     if args.from_json:
@@ -86,7 +88,7 @@ def main():
         import fastlm.ops as ops
 
         levels = args.levels or list(reversed(ops.cpu_isas()))
-        results = {lv: run_level(lv, args.threads, args.pattern) for lv in levels}
+        results = {lv: run_level(lv, args.threads, args.pattern, args.tag) for lv in levels}
     print(table(results))
 
 

@@ -2,7 +2,7 @@
 runs (FASTLM_CPU_ISA), fp32: the figures behind fastlm.ops._cpu_choice and issue targets.
 
 Run at every level the machine has, with torch held to the same level, by
-    python bench/cpu_levels.py                  # writes bench/results/cpu_ops_<level>_<date>.json
+    python bench/cpu_levels.py                  # writes bench/results/cpu_ops_<level>_<date>_<tag>.json
 or for the level in use alone:
     pytest bench/test_cpu_ops.py --benchmark-only --benchmark-json=out.json
 
