@@ -19,6 +19,9 @@ import pathlib
 import subprocess
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import tables  # noqa: E402  (bench/tables.py: the one table script)
+
 HERE = pathlib.Path(__file__).resolve().parent
 TORCH_AT = {  # torch's own switches for each fastlm level
     "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
@@ -41,33 +44,8 @@ def run_level(level, threads, pattern, tag):
 
 
 def table(results):
-    levels = list(results)
-    rows, ceilings = {}, {}
-    for level, data in results.items():
-        for b in data["benchmarks"]:
-            e = b["extra_info"]
-            if e.get("op") == "ceilings":
-                ceilings[level] = f"{e['matmul_gflops']:.0f} GFLOP/s, {e['copy_gbs']:.1f} GB/s"
-                continue
-            key = (e["op"], e["kind"], tuple(e["shape"]), e["competitor"])
-            rows.setdefault(key, {})[level] = (e["ratio"], e["fastlm_ms"], e["torch_ms"], e["torch_capability"])
-    head = "| op | case | shape | competitor | " + " | ".join(f"{lv}: ratio (fastlm / torch ms)" for lv in levels) + " |"
-    lines = [head, "|" + " --- |" * (4 + len(levels))]
-    for (op, kind, shape, comp), per in rows.items():
-        cells = []
-        for lv in levels:
-            if lv in per:
-                r, a, b, _ = per[lv]
-                cells.append(f"{r:.2f}x ({a:.2f} / {b:.2f})")
-            else:
-                cells.append("-")
-        lines.append(f"| {op} | {kind} | {shape} | {comp} | " + " | ".join(cells) + " |")
-    caps = {lv: next((b["extra_info"].get("torch_capability") for b in d["benchmarks"] if "torch_capability"
-                      in b["extra_info"]), "?") for lv, d in results.items()}
-    lines.append("")
-    lines.append("torch's capability per run: " + ", ".join(f"{lv}: {caps[lv]}" for lv in levels)
-                 + "; ceilings (matmul, copy): " + ", ".join(f"{lv}: {c}" for lv, c in ceilings.items()))
-    return "\n".join(lines)
+    """The markdown table of {level: pytest-benchmark JSON}, one column per level."""
+    return tables.cpu_ops_table(list(results.values()))
 
 
 def main():

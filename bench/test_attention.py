@@ -2,7 +2,7 @@
 CPU flash-attention kernel) and the reference backend, fp32, causal, on the same inputs.
 
     pytest bench/test_attention.py --benchmark-only --benchmark-json=attn.json
-    python bench/report.py attn.json          # ratios, GFLOP/s, fraction of the ceilings
+    python bench/tables.py attn.json          # ratios, GFLOP/s, fraction of the ceilings
 
 Groups: "fwd B,H,T,D", "fwdbwd B,H,T,D", "decode B=..", and the machine's ceilings measured
 in the same run: "ceiling matmul" (a large fp32 torch.mm) and "ceiling copy" (a large copy).

@@ -9,7 +9,7 @@ Each records its peak extra memory (VmHWM over the inputs, reset through
 floor: the three matmuls, timed alone, in the "matmul_floor" entry.
 
     pytest bench/test_loss.py --benchmark-only --benchmark-json=loss.json
-    python bench/summarize.py loss.json
+    python bench/tables.py loss.json
 """
 import pytest
 import torch

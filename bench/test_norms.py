@@ -10,7 +10,7 @@ Outputs are allocated by each call, as users allocate them; every benchmark reco
 minor page faults per call (getrusage) in extra_info["faults_per_call"].
 
     pytest bench/test_norms.py --benchmark-only --benchmark-json=norms.json
-    python bench/summarize.py norms.json
+    python bench/tables.py norms.json
 """
 import resource
 

@@ -3,7 +3,7 @@ vocabulary, same text, in one run (medians). Text: the Python stdlib corpus (abo
 and tinyshakespeare. Vocabularies: ../shared/data/{r50k,cl100k}_base.tiktoken.gz.
 
     python -m pytest bench/test_tokenizer.py --benchmark-only --benchmark-json=tok.json
-    python bench/tokenizer_table.py tok.json        # the ratio table for bench/RESULTS.md
+    python bench/tables.py tok.json                 # the ratio table for bench/RESULTS.md
 
 Encoding is timed single-threaded (one encode call on the whole text) with fastlm's
 pre-token cache emptied before every round ("cold"); "warm" keeps it, as a long-running
