@@ -5,6 +5,8 @@ width 128, dropout 0), then scored on the same 200 validation batches.
 
     python bench/equal_time.py [--minutes 2] [--threads 2] [--json out.json]
 
+Keep the JSON as bench/results/equal_time_<YYYY-MM-DD>_<tag>.json.
+
 Prints a markdown table: architecture, parameters, steps done, val loss (nats per byte).
 """
 import argparse

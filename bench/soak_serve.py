@@ -26,6 +26,7 @@ Prints a JSON summary and exits 1 when an honest request failed, /health failed,
 request got a 5xx other than 503::
 
     python bench/soak_serve.py --seconds 120 --clients 32    # the full soak
+    python bench/soak_serve.py --seconds 120 --clients 32 --json bench/results/serve_soak_<YYYY-MM-DD>_<tag>.json
     python bench/soak_serve.py --seconds 5 --clients 8       # a quick one
 
 ``tests/test_serve_hardening.py`` runs ``soak`` for a few seconds against an in-process server.

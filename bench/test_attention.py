@@ -2,10 +2,13 @@
 CPU flash-attention kernel) and the reference backend, fp32, causal, on the same inputs.
 
     pytest bench/test_attention.py --benchmark-only --benchmark-json=attn.json
-    python bench/report.py attn.json          # ratios, GFLOP/s, fraction of the ceilings
+    python bench/tables.py attn.json          # ratios, GFLOP/s, fraction of the ceilings
 
 Groups: "fwd B,H,T,D", "fwdbwd B,H,T,D", "decode B=..", and the machine's ceilings measured
 in the same run: "ceiling matmul" (a large fp32 torch.mm) and "ceiling copy" (a large copy).
+Before timing, fastlm's result and SDPA's are checked against the reference in float64
+(relative error under 1e-4, forward, and the gradients of forward + backward), so that both
+sides of a ratio compute the same attention.
 FLOPs counted for causal attention: forward 2*B*H*T*T*D, forward + backward 7*B*H*T*T*D
 (backward: five T x T x D products, half of them masked); decode reads K and V:
 2*B*Hkv*L*D*4 bytes.
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
+from checks import assert_close
 from fastlm import reference as R
 
 SHAPES = [(1, 12, 1024, 64), (4, 12, 512, 64), (8, 12, 256, 64), (1, 16, 2048, 128)]
@@ -48,6 +52,24 @@ def _name(shape):
     return ",".join(map(str, shape))
 
 
+_REF = {}  # (kind, shape) -> the reference's float64 result, shared by the group's implementations
+
+
+def _ref_fwd(shape, q, k, v):
+    if ("fwd", shape) not in _REF:
+        _REF["fwd", shape] = R.attention(q.double(), k.double(), v.double(), causal=True)
+    return _REF["fwd", shape]
+
+
+def _ref_fwdbwd(shape, q, k, v, do):
+    """dq, dk, dv of the reference in float64."""
+    if ("fwdbwd", shape) not in _REF:
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        out = R.attention(q64, k64, v64, causal=True)
+        _REF["fwdbwd", shape] = torch.autograd.grad(out, (q64, k64, v64), do.double())
+    return _REF["fwdbwd", shape]
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES, ids=_name)
 def test_fwd(benchmark, shape, impl):
@@ -56,6 +78,9 @@ def test_fwd(benchmark, shape, impl):
     benchmark.extra_info.update(kind="fwd", shape=list(shape), impl=impl, flops=2 * B * H * T * T * D)
     inputs = [_qkv(shape, s) for s in range(2)]  # rotate between two inputs
     fn = IMPLS[impl]
+    if impl != "reference":
+        with torch.no_grad():
+            assert_close(fn(*inputs[0]), _ref_fwd(shape, *inputs[0]), 1e-4, f"{impl}'s output")
     it = iter(range(10**9))
 
     def run():
@@ -73,8 +98,11 @@ def test_fwdbwd(benchmark, shape, impl):
     B, H, T, D = shape
     benchmark.extra_info.update(kind="fwdbwd", shape=list(shape), impl=impl, flops=7 * B * H * T * T * D)
     q, k, v = _qkv(shape, 7, grad=True)
-    do = torch.randn(shape)
+    do = torch.randn(shape, generator=torch.Generator().manual_seed(8))
     fn = IMPLS[impl]
+    if impl != "reference":
+        grads = torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+        assert_close(grads, _ref_fwdbwd(shape, q, k, v, do), 1e-4, f"{impl}'s dq, dk, dv")
 
     def run():
         out = fn(q, k, v)
@@ -109,6 +137,9 @@ def test_decode(benchmark, shape, impl):
     else:
         def run():
             return R.decode_attention(q, kc, vc, lens)
+    if impl in ("fastlm", "torch_sdpa"):
+        want = R.decode_attention(q.double(), kc.double(), vc.double(), lens)
+        assert_close(run(), want, 1e-4, f"{impl}'s decode output")
     benchmark.pedantic(run, rounds=50, warmup_rounds=3)
 
 

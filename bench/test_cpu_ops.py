@@ -2,7 +2,7 @@
 runs (FASTLM_CPU_ISA), fp32: the figures behind fastlm.ops._cpu_choice and issue targets.
 
 Run at every level the machine has, with torch held to the same level, by
-    python bench/cpu_levels.py                  # writes bench/results/cpu_ops_<level>_<date>.json
+    python bench/cpu_levels.py                  # writes bench/results/cpu_ops_<level>_<date>_<tag>.json
 or for the level in use alone:
     pytest bench/test_cpu_ops.py --benchmark-only --benchmark-json=out.json
 
@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import assert_close
 from fastlm import ops
 from fastlm import reference as R
 
@@ -32,10 +33,7 @@ def _faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _close(got, want, tol):
-    got, want = got.double(), want.double()
-    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
-    assert err < tol, f"fastlm's result is off the reference: relative error {err:.2e}"
+_close = assert_close  # relative error in float64 against the reference or torch's op
 
 
 def _pair(benchmark, ours, theirs, rounds, **info):
@@ -115,7 +113,7 @@ def test_attention_fwdbwd(benchmark, shape):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return torch.autograd.grad(out, (q, k, v), do)
 
-    _close(ours()[0], theirs()[0], 1e-4)
+    _close(ours(), theirs(), 1e-4)  # dq, dk, dv
     _pair(benchmark, ours, theirs, rounds=5, op="attention", kind="fwd+bwd", shape=list(shape),
           competitor="torch SDPA")
 
@@ -161,7 +159,7 @@ def test_residual_layer_norm_fwd(benchmark, shape):
         h = x + r
         return F.layer_norm(h, (C,), w, b), h
 
-    _close(ours()[0], theirs()[0], 1e-5)
+    _close(ours(), theirs(), 1e-5)  # out and h = x + r
     _pair(benchmark, ours, theirs, rounds=15, op="layer_norm", kind="residual fwd", shape=list(shape),
           competitor="x + r; F.layer_norm")
 
@@ -192,7 +190,7 @@ def test_norm_fwdbwd(benchmark, shape, kind):
         def theirs():
             return torch.autograd.grad(F.rms_norm(x, (C,), w, eps=1e-6), (x, w), dy)
 
-    _close(ours()[0], theirs()[0], 1e-5)
+    _close(ours(), theirs(), 1e-5)  # dx, dw (and db)
     _pair(benchmark, ours, theirs, rounds=15, op=kind, kind="fwd+bwd", shape=list(shape),
           competitor=f"F.{kind}")
 

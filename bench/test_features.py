@@ -94,6 +94,8 @@ def _bench(benchmark, corpus, impl, **options):
     docs, size = corpus
     make = IMPLS[impl]
     benchmark.pedantic(_round(lambda: make(**options)), args=(docs,), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: one plain run, no statistics
+        return
     median = benchmark.stats.stats.median
     key = tuple(sorted(options.items()))
     MEDIANS[key, impl] = median

@@ -20,6 +20,10 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
   "kv write"          one decode step's K/V writes into the small config's batch-8 cache (4
                       layers): fastlm.ops.kv_cache_write against two index_put_ calls a layer
   "ceiling copy"      a 256 MB copy: the memory bandwidth that bounds a weight-streaming decode
+Before timing, each group checks that its sides compute the same thing: fastlm's greedy tokens
+equal transformers' on the same weights and prompt (batch 1 and every row of batch 8), the 8
+prompts as one batch give the tokens they give one at a time, the prefill product is within
+1e-5 (relative) of the float64 product, and kv_cache_write leaves the cache index_put_ leaves.
 The floor of a batch-1 decode step is reading every weight once (fp32): 22 MB (small) and
 498 MB (124M) per token. At the end the ratios (median time of the competitor / fastlm, so
 > 1 is faster) and the fraction of the copy-bandwidth bound are printed.
@@ -31,6 +35,7 @@ import pytest
 import torch
 
 import fastlm.ops
+from checks import assert_close
 from fastlm import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -80,11 +85,29 @@ def _hf(hf, x, n):
     return run
 
 
+def _check_greedy(model, hf, x, n):
+    """fastlm's greedy continuation of prompt x (1, T) equals transformers' on the same weights."""
+    ours, theirs = model.generate(x, max_new_tokens=n), _hf(hf, x, n)()
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs), \
+        f"fastlm's tokens differ from transformers' from position {_first_difference(ours[0], theirs[0])}"
+
+
+def _first_difference(a, b):
+    a, b = list(map(int, a)), list(map(int, b))
+    return next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+
+
+def _record(key, benchmark, work):
+    """Keep the median for the closing report; none under --benchmark-disable (one plain run)."""
+    if benchmark.stats is not None:
+        MEDIANS[key] = (benchmark.stats.stats.median, work)
+
+
 def _bench(benchmark, group, impl, fn, rounds, tokens):
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, tokens=tokens)
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
-    MEDIANS[(group, impl)] = (benchmark.stats.stats.median, tokens)
+    _record((group, impl), benchmark, tokens)
 
 
 @pytest.mark.parametrize("impl", ["fastlm", "transformers"])
@@ -92,6 +115,8 @@ def test_decode_small(benchmark, small, impl):
     model, hf = small
     x = _prompt(32, SMALL["vocab_size"])
     fn = _fastlm(model, x, 128) if impl == "fastlm" else _hf(hf, x, 128)
+    if impl == "fastlm":
+        _check_greedy(model, hf, x, 128)
     _bench(benchmark, "decode small", impl, fn, 7, 128)
 
 
@@ -100,6 +125,8 @@ def test_decode_124m(benchmark, big, impl):
     model, hf = big
     x = _prompt(32, GPT2_124M["vocab_size"])
     fn = _fastlm(model, x, 64) if impl == "fastlm" else _hf(hf, x, 64)
+    if impl == "fastlm":
+        _check_greedy(model, hf, x, 64)
     _bench(benchmark, "decode 124M", impl, fn, 3, 64)
 
 
@@ -108,15 +135,20 @@ def test_ttft_124m(benchmark, big, impl):
     model, hf = big
     x = _prompt(512, GPT2_124M["vocab_size"], seed=1)
     fn = _fastlm(model, x, 1) if impl == "fastlm" else _hf(hf, x, 1)
+    if impl == "fastlm":
+        _check_greedy(model, hf, x, 1)
     _bench(benchmark, "ttft 124M", impl, fn, 5, 1)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_batch_small(benchmark, small, batch):
-    model, _ = small
+    model, hf = small
     g = torch.Generator().manual_seed(3)
     lengths = [8, 64, 20, 33, 47, 12, 58, 27][:batch]
     prompts = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    for p, row in zip(prompts, model.generate(prompts, max_new_tokens=128)):  # each row: transformers' alone
+        want = _hf(hf, torch.tensor([p]), 128)()[0].tolist()
+        assert row == want, f"batch {batch}: fastlm's row differs from transformers' from {_first_difference(row, want)}"
     _bench(benchmark, "batch small", f"fastlm batch {batch}", lambda: model.generate(prompts, max_new_tokens=128),
            5, 128 * batch)
 
@@ -130,6 +162,8 @@ def test_batch_pairs(benchmark, small):
     lengths = [8, 64, 20, 33, 47, 12, 58, 27]
     prompts = [torch.randint(0, SMALL["vocab_size"], (n,), generator=g).tolist() for n in lengths]
     times = {1: [], 8: []}
+    one_at_a_time = [model.generate([p], max_new_tokens=128)[0] for p in prompts]
+    assert model.generate(prompts, max_new_tokens=128) == one_at_a_time, "the batch's tokens differ from batch 1's"
 
     def round_():
         t = time.perf_counter()
@@ -165,11 +199,13 @@ def test_prefill_product(benchmark, shape, impl):
         fn = lambda: fastlm.ops.decode_linear(x, wp, b, N)  # noqa: E731
     else:
         fn = lambda: torch.nn.functional.linear(x, w, b)  # noqa: E731
+    with torch.inference_mode():
+        assert_close(fn(), torch.nn.functional.linear(x.double(), w.double(), b.double()), 1e-5, f"{impl}'s product")
     benchmark.group = f"prefill product {shape}"
     benchmark.extra_info.update(impl=impl, gflop=2 * M * K * N / 1e9)
     with torch.inference_mode():
         benchmark.pedantic(fn, rounds=30, warmup_rounds=3)
-    MEDIANS[(f"prefill product {shape}", impl)] = (benchmark.stats.stats.median, 2 * M * K * N)
+    _record((f"prefill product {shape}", impl), benchmark, 2 * M * K * N)
 
 
 @pytest.mark.parametrize("impl", ["fastlm", "index_put"])
@@ -180,23 +216,30 @@ def test_kv_write(benchmark, impl):
     qkv = torch.randn(B, 3 * Hkv * D, generator=g)  # k and v as a step makes them: slices of one row
     k, v = qkv[:, Hkv * D:2 * Hkv * D].view(B, Hkv, D), qkv[:, 2 * Hkv * D:].view(B, Hkv, D)
     pos = torch.randint(64, L, (B,), generator=g)
-    if impl == "fastlm":
-        write = fastlm.ops.resolve("kv_cache_write", k.device, k.dtype)[1]
+    write = fastlm.ops.resolve("kv_cache_write", k.device, k.dtype)[1]
+    rows = torch.arange(B)
 
-        def run():
-            for i in range(layers):
-                write(kv[i, 0], kv[i, 1], k, v, pos)
-    else:
-        rows = torch.arange(B)
+    def fastlm_write(cache):
+        for i in range(layers):
+            write(cache[i, 0], cache[i, 1], k, v, pos)
 
-        def run():
-            for i in range(layers):
-                kv[i, 0].transpose(1, 2).index_put_((rows, pos), k)
-                kv[i, 1].transpose(1, 2).index_put_((rows, pos), v)
+    def index_put(cache):
+        for i in range(layers):
+            cache[i, 0].transpose(1, 2).index_put_((rows, pos), k)
+            cache[i, 1].transpose(1, 2).index_put_((rows, pos), v)
+
+    ours, theirs = kv.clone(), kv.clone()
+    fastlm_write(ours)
+    index_put(theirs)
+    assert torch.equal(ours, theirs), "kv_cache_write leaves another cache than index_put_"
+    chosen = fastlm_write if impl == "fastlm" else index_put
+
+    def run():
+        chosen(kv)
     benchmark.group = "kv write"
     benchmark.extra_info.update(impl=impl)
     benchmark.pedantic(run, rounds=200, warmup_rounds=10)
-    MEDIANS[("kv write", impl)] = (benchmark.stats.stats.median, 0)
+    _record(("kv write", impl), benchmark, 0)
 
 
 def test_ceiling_copy(benchmark):

@@ -6,11 +6,13 @@ Groups (per shape (rows, C), float32, 2 threads):
                (x and r read, out and h written once: 16 * rows * C bytes).
   ln_fwdbwd:   LayerNorm forward + backward (dx, dw, db), no residual, vs F.layer_norm.
   rms_fwdbwd:  RMSNorm forward + backward vs torch.nn.functional.rms_norm.
-Outputs are allocated by each call, as users allocate them; every benchmark records its
+Before timing, fastlm's result and torch's are checked against the reference in float64
+(relative error under 1e-5: the forward's out and h, or dx, dw, db), so that both sides of a
+ratio compute the same thing. Outputs are allocated by each call, as users allocate them; every benchmark records its
 minor page faults per call (getrusage) in extra_info["faults_per_call"].
 
     pytest bench/test_norms.py --benchmark-only --benchmark-json=norms.json
-    python bench/summarize.py norms.json
+    python bench/tables.py norms.json
 """
 import resource
 
@@ -18,7 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import assert_close
 from fastlm import ops
+from fastlm import reference as R
 
 torch.set_num_threads(2)
 SHAPES = [(8192, 768), (16384, 1024), (4096, 4096)]
@@ -44,6 +48,12 @@ def _run(benchmark, fn, nbytes=None):
         benchmark.extra_info["bytes"] = nbytes
 
 
+def _ref_grads(norm, dy, *inputs, **kw):
+    """The gradients of the reference norm in float64 with respect to every input."""
+    xs = [t.detach().double().requires_grad_() for t in inputs]
+    return torch.autograd.grad(norm(*xs, **kw), xs, dy.double())
+
+
 def _data(rows, C, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, C, generator=g)
@@ -61,15 +71,15 @@ def test_res_ln_fwd(benchmark, shape, impl):
     benchmark.group = f"res_ln_fwd {rows}x{C}"
     x, r, w, b, _ = _data(rows, C)
     nbytes = 4 * rows * C * 4
+    want = R.layer_norm(x.double(), w.double(), b.double(), residual=r.double())  # (out, h)
     if impl == "fastlm":
-        out, h = ops.layer_norm(x, w, b, residual=r)
-        want = F.layer_norm(x + r, (C,), w, b)
-        assert torch.allclose(out, want, atol=1e-4) and torch.equal(h, x + r)
+        assert_close(ops.layer_norm(x, w, b, residual=r), want, 1e-5)
         _run(benchmark, lambda: ops.layer_norm(x, w, b, residual=r), nbytes)
     elif impl == "torch_two_ops":
         def two_ops():
             h = x + r
             return F.layer_norm(h, (C,), w, b), h
+        assert_close(two_ops(), want, 1e-5, "torch's result")
         _run(benchmark, two_ops, nbytes)
     else:
         src = torch.randn(2, rows, C)
@@ -88,6 +98,7 @@ def test_ln_fwdbwd(benchmark, shape, impl):
         fn = lambda: torch.autograd.grad(ops.layer_norm(x, w, b), (x, w, b), dy)  # noqa: E731
     else:
         fn = lambda: torch.autograd.grad(F.layer_norm(x, (C,), w, b), (x, w, b), dy)  # noqa: E731
+    assert_close(fn(), _ref_grads(R.layer_norm, dy, x, w, b), 1e-5, f"{impl}'s dx, dw, db")
     _run(benchmark, fn)
 
 
@@ -102,4 +113,5 @@ def test_rms_fwdbwd(benchmark, shape, impl):
         fn = lambda: torch.autograd.grad(ops.rms_norm(x, w, eps=1e-6), (x, w), dy)  # noqa: E731
     else:
         fn = lambda: torch.autograd.grad(F.rms_norm(x, (C,), w, eps=1e-6), (x, w), dy)  # noqa: E731
+    assert_close(fn(), _ref_grads(R.rms_norm, dy, x, w, eps=1e-6), 1e-5, f"{impl}'s dx, dw")
     _run(benchmark, fn)

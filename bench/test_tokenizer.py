@@ -3,11 +3,13 @@ vocabulary, same text, in one run (medians). Text: the Python stdlib corpus (abo
 and tinyshakespeare. Vocabularies: ../shared/data/{r50k,cl100k}_base.tiktoken.gz.
 
     python -m pytest bench/test_tokenizer.py --benchmark-only --benchmark-json=tok.json
-    python bench/tokenizer_table.py tok.json        # the ratio table for bench/RESULTS.md
+    python bench/tables.py tok.json                 # the ratio table for bench/RESULTS.md
 
 Encoding is timed single-threaded (one encode call on the whole text) with fastlm's
 pre-token cache emptied before every round ("cold"); "warm" keeps it, as a long-running
-process would. Set FASTLM_SHARED_DATA to the data folder when ../shared/data is elsewhere.
+process would. Before timing, fastlm's ids (and bpe-openai's) are checked equal to tiktoken's
+on the same text, and fastlm's decode equal to the text; Hugging Face's ids are checked after
+its (slow) timed calls. Set FASTLM_SHARED_DATA to the data folder when ../shared/data is elsewhere.
 """
 import os
 import pathlib
@@ -42,7 +44,7 @@ def corpora():
 
 
 _TOK = {}
-_WANT = {}
+_WANT = {}  # (vocabulary, text) -> tiktoken's ids: what every encoder must return
 
 
 def toks(name, tmp_path_factory=None):
@@ -72,7 +74,7 @@ def test_encode(benchmark, corpora, name, text, impl, tmp_path_factory):
     _info(benchmark, len(s.encode()), impl, "encode")
     key = (name, text)
     if key not in _WANT:
-        _WANT[key] = len(enc.encode_ordinary(s))
+        _WANT[key] = enc.encode_ordinary(s)
     want = _WANT[key]
     if impl == "fastlm":
         fn, setup = (lambda: ours.encode_ordinary(s)), (lambda: ours.clear_cache())
@@ -92,7 +94,7 @@ def test_encode(benchmark, corpora, name, text, impl, tmp_path_factory):
         fn, setup = (lambda: hf.encode(s, add_special_tokens=False).ids), None
         rounds = 2 if text == "stdlib" else 3
         ids = _run(benchmark, fn, setup, rounds)
-        assert len(ids) == want
+        assert ids == want, "Hugging Face's ids differ from tiktoken's"
         return
     else:
         bindings = pytest.importorskip("bpe_openai._bindings")
@@ -100,9 +102,8 @@ def test_encode(benchmark, corpora, name, text, impl, tmp_path_factory):
             pytest.skip(f"bpe-openai has no {name} (it has {bindings.supported_encodings()})")
         backend = bindings.tokenizer_for_encoding(name)
         fn, setup = (lambda: backend.encode(s)), None
-    ids = _run(benchmark, fn, setup)
-    if want is not None:
-        assert len(ids) == want
+    assert list(fn()) == want, f"{impl}'s ids differ from tiktoken's"
+    _run(benchmark, fn, setup)
 
 
 # ----------------------------------------------------------------------------- encode_batch threads
@@ -136,7 +137,8 @@ def test_decode(benchmark, corpora, text, impl):
     benchmark.group = f"decode r50k_base {text}"
     _info(benchmark, len(s.encode()), impl, "decode")
     fn = (lambda: ours.decode(ids)) if impl == "fastlm" else (lambda: enc.decode(ids))
-    assert _run(benchmark, fn) == s
+    assert fn() == s, f"{impl}'s decode is not the text"
+    _run(benchmark, fn)
 
 
 # ----------------------------------------------------------------------------- training
