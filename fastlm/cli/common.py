@@ -1,0 +1,30 @@
+"""Options that several subcommands share: where the model runs and in what type."""
+from __future__ import annotations
+
+
+def _add_device_args(p):
+    p.add_argument("--device", default=None, help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="weights' type (default: float32; bfloat16/float16 halve the memory, mostly for GPUs)")
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+           "fp16": "float16"}
+
+
+def _device_dtype(args):
+    """(device, dtype) from --device/--dtype, checked: a device torch cannot use is an error."""
+    import torch
+
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    device = None
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch sees no CUDA device")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    return device, dtype
