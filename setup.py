@@ -118,8 +118,8 @@ def _cmdclass():
 
 setup(
     packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.models", "fastlm.generation", "fastlm.serve",
-              "fastlm.train", "fastlm.evaluation", "fastlm.cli",
-              "fastlm.data"],
+              "fastlm.train", "fastlm.evaluation", "fastlm.cli", "fastlm.data", "fastlm.features",
+              "fastlm.tokenizer"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass=_cmdclass(),

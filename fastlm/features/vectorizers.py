@@ -1,10 +1,6 @@
-"""Classic text features, fast and exact: token counts, TF-IDF, and a TF-IDF search index.
-
-``CountVectorizer`` and ``TfidfVectorizer`` follow scikit-learn's interface (``fit``,
-``transform``, ``fit_transform``, ``get_feature_names_out``, ``vocabulary_``, ``idf_``) and
-options, and return ``scipy.sparse`` CSR matrices equal to scikit-learn's for the same
-tokenization. The counting runs in C++ (``fastlm._features``) on several threads with the
-GIL released; what is left in Python is numpy work on whole arrays.
+"""``CountVectorizer`` and ``TfidfVectorizer``: scikit-learn's interface (``fit``, ``transform``,
+``fit_transform``, ``get_feature_names_out``, ``vocabulary_``, ``idf_``) and options, returning
+``scipy.sparse`` CSR matrices equal to scikit-learn's for the same tokenization.
 
 The default analyzer is scikit-learn's ``analyzer="word"``: ``str.lower()`` (when
 ``lowercase``), then the tokens of the pattern ``(?u)\\b\\w\\w+\\b`` -- maximal runs of at
@@ -22,142 +18,22 @@ scikit-learn uses it: its output terms are counted as they are (no lowercasing, 
 """
 from __future__ import annotations
 
-import io
-import json
 import numbers
-import os
-import re
-import threading
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from ._io import atomic_write_bytes, atomic_write_json, read_json
-from .tokenizer import token_bytes_fn
+from ..tokenizer import token_bytes_fn
+from ._native import _CAPITAL_SIGMA, _n_threads, _native
+from ._text import _as_documents, _check_bool, _check_df, _encode_all, _is_tokenizer
 
-__all__ = ["CountVectorizer", "TfidfVectorizer", "TfidfIndex", "NotFittedError"]
-
-_CAPITAL_SIGMA = "\u03a3"
+__all__ = ["CountVectorizer", "TfidfVectorizer", "NotFittedError"]
 
 
 class NotFittedError(ValueError, AttributeError):
     """The vectorizer is used before ``fit`` (same bases as scikit-learn's NotFittedError)."""
 
 
-# ----------------------------------------------------------------------------- native part
-_NATIVE = None
-_NATIVE_LOCK = threading.Lock()
-
-
-def _unicode_tables():
-    """Python's \\w set (as a little-endian bitmap) and str.lower()'s mapping, from this interpreter."""
-    s = np.arange(0x110000, dtype="<u4").tobytes().decode("utf-32-le", "surrogatepass")
-    word = np.zeros(0x110000, dtype=bool)
-    for m in re.finditer(r"\w+", s):
-        word[m.start():m.end()] = True
-    lower_from, lower_to = [], []
-    step = 4096
-    for start in range(0, 0x110000, step):
-        chunk = s[start:start + step]
-        low = chunk.lower()
-        if low == chunk:
-            continue
-        if len(low) == len(chunk):
-            a = np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-            b = np.frombuffer(low.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-            for i in np.flatnonzero(a != b):
-                lower_from.append(start + int(i))
-                lower_to.append([int(b[i])])
-        else:  # a one-to-many mapping in this chunk (U+0130 -> "i\u0307")
-            for i, ch in enumerate(chunk):
-                low_ch = ch.lower()
-                if low_ch != ch:
-                    lower_from.append(start + i)
-                    lower_to.append([ord(c) for c in low_ch])
-    return np.packbits(word, bitorder="little").tobytes(), lower_from, lower_to
-
-
-def _native():
-    global _NATIVE
-    if _NATIVE is None:
-        with _NATIVE_LOCK:  # the tables are set once, before any counting starts
-            if _NATIVE is None:
-                try:
-                    from . import _features
-                except ImportError as e:  # pragma: no cover - only in a broken install
-                    raise ImportError(
-                        "fastlm.features needs the C++ extension fastlm._features, which is not built; "
-                        "reinstall fastlm from source (pip install -e .)"
-                    ) from e
-                if not _features.tables_ready():
-                    _features.set_unicode_tables(*_unicode_tables())
-                _NATIVE = _features
-    return _NATIVE
-
-
-def _n_threads(n_jobs) -> int:
-    if n_jobs is None or n_jobs == -1:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - not Linux
-            return max(1, os.cpu_count() or 1)
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral) or n_jobs < 1:
-        raise ValueError(f"n_jobs must be None, -1 or an int >= 1, got {n_jobs!r}")
-    return int(n_jobs)
-
-
-# ----------------------------------------------------------------------------- input checks
-def _as_documents(raw_documents) -> list:
-    if isinstance(raw_documents, (str, bytes)):
-        raise ValueError("Iterable over raw text documents expected, string object received.")
-    try:
-        docs = list(raw_documents)
-    except TypeError:
-        raise TypeError(
-            f"raw_documents must be an iterable of str, got {type(raw_documents).__name__}"
-        ) from None
-    if all(type(d) is str for d in docs):
-        return docs
-    out = []
-    for i, d in enumerate(docs):
-        if isinstance(d, str):
-            out.append(str(d))
-        elif isinstance(d, (bytes, bytearray)):
-            out.append(bytes(d).decode("utf-8"))  # scikit-learn's default encoding, strict
-        else:
-            raise TypeError(f"document {i} is a {type(d).__name__}, expected str (or UTF-8 bytes)")
-    return out
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_df(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be an int >= 0 (documents) or a float in [0.0, 1.0] (proportion), got {value!r}")
-    if isinstance(value, numbers.Integral):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0 when it is an int, got {value}")
-    elif not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0.0, 1.0] when it is a float, got {value}")
-
-
-def _is_tokenizer(obj) -> bool:
-    return any(callable(getattr(obj, name, None)) for name in ("encode_batch", "encode_ordinary_batch", "encode"))
-
-
-def _encode_all(tokenizer, docs):
-    for name in ("encode_ordinary_batch", "encode_batch"):
-        fn = getattr(tokenizer, name, None)
-        if callable(fn):
-            return list(fn(docs))
-    return [tokenizer.encode(d) for d in docs]
-
-
-# ----------------------------------------------------------------------------- vectorizers
 class CountVectorizer:
     """Token counts as a CSR matrix, like ``sklearn.feature_extraction.text.CountVectorizer``.
 
@@ -541,153 +417,3 @@ class TfidfVectorizer(CountVectorizer):
         return self._idf
 
 
-# ----------------------------------------------------------------------------- search index
-_INDEX_FILE = "tfidf_index.json"
-_INDEX_FORMAT = "fastlm.TfidfIndex"
-_INDEX_VERSION = 1
-
-
-class TfidfIndex:
-    """TF-IDF retrieval over a fixed collection of texts.
-
-    ``TfidfIndex(texts, ids=None, **options)`` fits a ``TfidfVectorizer(**options)`` (row
-    norm l2) on the texts; ``search(query, k=5)`` returns the ``k`` texts most similar to the
-    query by cosine similarity, best first (ties: collection order), as
-    ``{"id", "text", "score"}`` dicts. Texts that share no term with the query are not
-    returned. ``ids`` default to 0..n-1; they must be unique (and JSON values to ``save``).
-    ``save(directory)`` writes ``tfidf_index.json`` (options, ids, texts, vocabulary) and
-    ``tfidf_index.npz`` (the matrix and idf, plain arrays); ``TfidfIndex.load(directory)``
-    reads them back without unpickling anything.
-    """
-
-    def __init__(self, texts, ids=None, **options):
-        if "norm" in options and options["norm"] != "l2":
-            raise ValueError("TfidfIndex scores by cosine similarity: norm must be 'l2'")
-        texts = _as_documents(texts)
-        if ids is None:
-            ids = list(range(len(texts)))
-        else:
-            ids = list(ids)
-            if len(ids) != len(texts):
-                raise ValueError(f"got {len(ids)} ids for {len(texts)} texts")
-            try:
-                unique = len(set(ids)) == len(ids)
-            except TypeError:
-                raise TypeError("ids must be hashable (str or int)") from None
-            if not unique:
-                raise ValueError("ids must be unique")
-        self.texts = texts
-        self.ids = ids
-        self.vectorizer = TfidfVectorizer(**options)
-        self.matrix = self.vectorizer.fit_transform(texts) if texts else None
-
-    def __len__(self):
-        return len(self.texts)
-
-    def search(self, query, k=5):
-        """The k best texts for the query: a list of {"id", "text", "score"}, best first."""
-        if not isinstance(query, str):
-            raise TypeError(f"query must be a str, got {type(query).__name__}")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int >= 1, got {k!r}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if self.matrix is None:
-            return []
-        q = self.vectorizer.transform([query])
-        dense = np.zeros(self.matrix.shape[1])
-        dense[q.indices] = q.data
-        scores = self.matrix @ dense
-        hits = np.flatnonzero(scores > 0)
-        if len(hits) > k:  # keep the k best (ties broken by position) before sorting them
-            part = np.argpartition(-scores[hits], k - 1)[:k]
-            kth = scores[hits[part]].min()
-            hits = hits[scores[hits] >= kth]
-        order = hits[np.lexsort((hits, -scores[hits]))][:k]
-        return [{"id": self.ids[i], "text": self.texts[i], "score": float(scores[i])} for i in order]
-
-    # -- persistence
-    def save(self, directory):
-        """Writes the index to a directory (created if needed); every file is written atomically."""
-
-        v = self.vectorizer
-        if not isinstance(v.analyzer, str):
-            raise ValueError("only an index with the word analyzer can be saved (the analyzer is not serializable)")
-        options = {name: getattr(v, name) for name in v._param_names
-                   if name not in ("analyzer", "n_jobs", "vocabulary")}
-        options["ngram_range"] = list(options["ngram_range"])
-        options["dtype"] = np.dtype(options["dtype"]).name
-        for name in ("max_df", "min_df", "max_features"):
-            if isinstance(options[name], numbers.Integral):
-                options[name] = int(options[name])
-            elif options[name] is not None:
-                options[name] = float(options[name])
-        meta = {
-            "format": _INDEX_FORMAT,
-            "version": _INDEX_VERSION,
-            "options": options,
-            "ids": self.ids,
-            "texts": self.texts,
-            "vocabulary": [] if self.matrix is None else list(v._vocab.terms()),
-        }
-        try:
-            json.dumps(meta["ids"])
-        except TypeError:
-            raise ValueError("ids must be JSON values (str or int) to save the index") from None
-        arrays = {}
-        if self.matrix is not None:
-            m = self.matrix
-            arrays = {"indptr": m.indptr, "indices": m.indices, "data": m.data,
-                      "shape": np.array(m.shape, dtype=np.int64)}
-            if v._idf is not None:
-                arrays["idf"] = v._idf
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        directory = Path(directory)
-        atomic_write_bytes(directory / "tfidf_index.npz", buf.getvalue())
-        atomic_write_json(directory / _INDEX_FILE, meta)
-
-    @classmethod
-    def load(cls, directory):
-        """An index saved by ``save``."""
-        directory = Path(directory)
-        path = directory / _INDEX_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        meta = read_json(path)
-        if not isinstance(meta, dict) or meta.get("format") != _INDEX_FORMAT:
-            raise ValueError(f"{path} is not a fastlm TfidfIndex")
-        if meta.get("version") != _INDEX_VERSION:
-            raise ValueError(f"{path} has version {meta.get('version')!r}; this fastlm reads {_INDEX_VERSION}")
-        try:
-            options, ids, texts, terms = meta["options"], meta["ids"], meta["texts"], meta["vocabulary"]
-            options["ngram_range"] = tuple(options["ngram_range"])
-            options["dtype"] = np.dtype(options["dtype"])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path} is incomplete: {e}") from None
-        self = cls.__new__(cls)
-        self.texts, self.ids = list(texts), list(ids)
-        if len(self.texts) != len(self.ids):
-            raise ValueError(f"{path}: ids and texts differ in length")
-        self.vectorizer = v = TfidfVectorizer(**options)
-        v._validate()
-        with np.load(directory / "tfidf_index.npz", allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-        if not self.texts:
-            self.matrix = None
-            return self
-        try:
-            shape = tuple(int(s) for s in arrays["shape"])
-            self.matrix = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=shape)
-            self.matrix.check_format(full_check=True)
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{directory / 'tfidf_index.npz'} is not a valid index matrix: {e}") from None
-        if shape != (len(self.texts), len(terms)):
-            raise ValueError(f"{directory}: the matrix is {shape}, expected ({len(self.texts)}, {len(terms)})")
-        v._vocab = _native().Vocabulary.from_terms(terms)
-        v._fitted_kind = "word"
-        v._names = v._vocabulary = None
-        v._idf = arrays.get("idf")
-        if v.use_idf and (v._idf is None or v._idf.shape != (len(terms),)):
-            raise ValueError(f"{directory}: the idf does not match the vocabulary")
-        return self

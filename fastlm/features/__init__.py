@@ -1,0 +1,23 @@
+"""Classic text features, fast and exact: token counts, TF-IDF, and a TF-IDF search index.
+
+``CountVectorizer`` and ``TfidfVectorizer`` follow scikit-learn's interface (``fit``,
+``transform``, ``fit_transform``, ``get_feature_names_out``, ``vocabulary_``, ``idf_``) and
+options, and return ``scipy.sparse`` CSR matrices equal to scikit-learn's for the same
+tokenization. The counting runs in C++ (``fastlm._features``) on several threads with the
+GIL released; what is left in Python is numpy work on whole arrays.
+
+Submodules: ``vectorizers`` (``CountVectorizer``, ``TfidfVectorizer``, ``NotFittedError``;
+its docstring explains the analyzers), ``index`` (``TfidfIndex``), ``_native`` (the C++
+extension and its Unicode tables) and ``_text`` (checks on documents and options).
+"""
+from ._native import _native  # noqa: F401 - fastlm.features._native(), as before the split
+from .index import TfidfIndex
+from .vectorizers import CountVectorizer, NotFittedError, TfidfVectorizer
+
+__all__ = ["CountVectorizer", "TfidfVectorizer", "TfidfIndex", "NotFittedError"]
+
+# The public classes keep the module path they have always had (``fastlm.features.X``): in
+# pickles, reprs and documentation.
+for _cls in (CountVectorizer, TfidfVectorizer, TfidfIndex, NotFittedError):
+    _cls.__module__ = __name__
+del _cls
