@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import fastlm  # noqa: E402
+import fastlm.generate  # noqa: E402  (the submodule the checks below call, whatever ran before)
 from fastlm.serve import ChatTemplate  # noqa: E402
 
 from _serve import NAME, TEXT, engine, make_model, start, wait_until  # noqa: E402
