@@ -46,6 +46,14 @@ TORCH_LIBRARY(fastlm, m) {
   // format "bf16" / "f16" (panels of that dtype), "q8_0" or "q4_0" (uint8 blocks of 8- or
   // 4-bit values and float16 scales); x, bias and the output float32
   m.def("decode_linear_q(Tensor x, Tensor weight_q, Tensor? bias, int n, str format) -> Tensor");
+  // ---- a whole decode step of a GPT (csrc/cpu/decode_step.cpp): tokens, positions and
+  // attend_lens (B,); weights: 12 per layer (ln_1 w, b; attention in/out projections w, b;
+  // ln_2 w, b; MLP in/out projections w, b; linear weights packed as for decode_linear in
+  // `format`, "f32" or a decode_linear_q format) then the final norm's w, b; kv: each layer's
+  // key and value cache (B, Hkv, L, D), written at positions; returns the logits (B, vocab) ----
+  m.def("gpt_decode_step(Tensor tokens, Tensor positions, Tensor attend_lens, Tensor wte, Tensor? wpe,"
+        " Tensor?[] weights, Tensor(a!)[] kv, int n_head, int n_kv_head, int hidden, bool rms, float eps,"
+        " str format, Tensor head_weight, Tensor? head_bias, str head_format) -> Tensor");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");

@@ -128,7 +128,16 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
                 " is outside [0, L_max = ", L, "]");
   const at::Tensor q = f32(q_), kc = f32(kc_), vc = f32(vc_);
   at::Tensor out = empty_output({B, H, Tq, D}, at::kFloat);
-  if (B * H * Tq == 0) return out.to(q_.scalar_type());
+  run_decode_attention(q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), lp, out.data_ptr<float>(), B,
+                       H, Hkv, Tq, L, D, scale);
+  return q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type());
+}
+
+}  // namespace
+
+void run_decode_attention(const float* q, const float* kc, const float* vc, const int64_t* lp, float* out, int64_t B,
+                          int64_t H, int64_t Hkv, int64_t Tq, int64_t L, int64_t D, double scale) {
+  if (B * H * Tq == 0) return;
   const int64_t G = H / Hkv, rows = G * Tq, W = D + 2;
   // Enough slices to keep every thread busy, each at least 256 positions.
   int64_t visible = 0;
@@ -140,13 +149,10 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   const int64_t chunk = cdiv(cdiv(L, nsplit), BK) * BK;
   nsplit = std::max<int64_t>(1, cdiv(L, chunk));
   at::Tensor part = empty_output({B * Hkv * nsplit * rows * W}, at::kFloat);
-  const AttnDecodeArgs a{q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), lp, part.data_ptr<float>(),
-                         out.data_ptr<float>(), B, H, Hkv, Tq, L, D, nsplit, chunk, nthr, (float)scale};
+  const AttnDecodeArgs a{q, kc, vc, lp, part.data_ptr<float>(), out, B, H, Hkv, Tq, L, D, nsplit, chunk, nthr,
+                         (float)scale};
   cpu_kernels().decode_attention(a);
-  return q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type());
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);

@@ -17,7 +17,10 @@ code the full forward runs; only two parameters differ (see ``fastlm.models.laye
 2. **Step.** One token per row at position ``positions[b]``: each layer writes its key and
    value there (in place, nothing is reallocated) and attends with ``ops.decode_attention``
    over the valid prefix ``attend_lens[b]`` only, so rows of different lengths share a batch
-   without any padding being attended.
+   without any padding being attended. Where every op of the step is served by the CPU
+   kernels and the model is of the family the fused step covers (``_fused_step_ok``), the
+   whole step runs as one call of ``ops.gpt_decode_step``: the same kernels in the same
+   order, without the per-op cost of Python; the blocks below are its specification.
 
 The cache is any object whose ``layers[i]`` holds layer i's ``(k, v)``, each (B, Hkv, L, D)
 (``fastlm.generation.KVCache``).
@@ -30,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..ops import decode_step as _fused
 from .layers import Eager, Norm
 
 __all__ = ["decoder", "prefill", "step"]
@@ -46,13 +50,22 @@ class _Run(Eager):
         self.packed = backend != "reference"
         norm = "layer_norm" if model.config.norm == "layernorm" else "rms_norm"
         self.layer_norm = norm == "layer_norm"
+        served = [backend]
+        served.append(ops.resolve(norm, w.device, w.dtype)[0])
         self._norm = ops.resolve(norm, w.device, w.dtype)[1]
+        served.append(ops.resolve("gelu", w.device, w.dtype)[0])
         self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
+        served.append(ops.resolve("decode_attention", w.device, w.dtype)[0])
         self.attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
+        served.append(ops.resolve("kv_cache_write", w.device, w.dtype)[0])
         self.write_kv = ops.resolve("kv_cache_write", w.device, w.dtype)[1]
         self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, nn.Linear)}
         self.norms = {m: (m.weight, m.bias, m.eps) for m in model.modules() if isinstance(m, Norm)}
         self.key = _weights_key(model)
+        # the fused step: its arguments gathered once (see the module's doc)
+        self.fused = None
+        if all(b == "cpu" for b in served) and w.dtype == torch.float32 and _fused_step_ok(model):
+            self.fused = self._fused_args(model)
 
     def call(self, module, *args):
         return module.forward(*args)  # inference: no hooks to run
@@ -85,6 +98,46 @@ class _Run(Eager):
 
     def dropout(self, module, x):
         return x
+
+
+    def _fused_args(self, model):
+        cfg, t = model.config, model.transformer
+        weights = []
+        for block in t.h:
+            for norm, linears in ((block.ln_1, (block.attn.c_attn, block.attn.c_proj)),
+                                  (block.ln_2, (block.mlp.c_fc, block.mlp.c_proj))):
+                weights += [norm.weight, getattr(norm, "bias", None)]
+                for lin in linears:
+                    w, b, _ = self.weights[lin]
+                    weights += [w, b]
+        weights += [t.ln_f.weight, getattr(t.ln_f, "bias", None)]
+        head_w, head_b, _ = self.weights[model.lm_head]
+        return dict(wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach() if cfg.pos == "learned" else None,
+                    weights=[None if x is None else x.detach() for x in weights], n_head=cfg.n_head,
+                    n_kv_head=cfg.n_kv_head, hidden=cfg.hidden_dim, rms=cfg.norm == "rmsnorm",
+                    eps=t.ln_f.eps, head_weight=head_w, head_bias=head_b)
+
+
+def _fused_step_ok(model) -> bool:
+    """Whether ``model`` is of the family ``ops.gpt_decode_step`` computes: a plain fastlm GPT
+    (its own blocks, final norm and output layer), learned or no positions, a GELU MLP, and one
+    epsilon for every norm."""
+    from .gpt import GPT
+    from .layers import MLP, Block, CausalSelfAttention
+
+    cfg = model.config
+    if type(model) is not GPT or cfg.arch != "gpt" or not _fused.available():
+        return False
+    if cfg.pos != "learned" or cfg.mlp != "gelu":
+        return False
+    t = model.transformer
+    for block in t.h:
+        parts = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
+        if (type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP
+                or any(type(m) is not nn.Linear for m in parts)
+                or any(type(m) is not Norm or m.eps != t.ln_f.eps for m in (block.ln_1, block.ln_2))):
+            return False
+    return type(t.ln_f) is Norm and type(model.lm_head) is nn.Linear
 
 
 def _weights_key(model):
@@ -159,11 +212,25 @@ def prefill(model, cache, prompts, rows, run: "_Run | None" = None) -> torch.Ten
     return run.linear(model.lm_head, y)
 
 
+def _fused_caches(cache):
+    """The caches of each layer as the fused step takes them (k0, v0, k1, v1, ...), or None
+    where they are not float32 and contiguous (a view over fewer positions than its storage
+    holds is not)."""
+    kv = [t for pair in cache.layers for t in pair]
+    if all(t.dtype == torch.float32 and t.is_contiguous() for t in kv):
+        return kv
+    return None
+
+
 @torch.no_grad()
 def step(model, cache, tokens, positions, attend_lens, run: "_Run | None" = None) -> torch.Tensor:
     """One token per row (tokens (B,)) at ``positions`` (B,), attending over the first
     ``attend_lens`` (B,) cache positions of its row; returns the logits (B, vocab)."""
     run = run or _run(model)
+    if run.fused is not None:
+        kv = _fused_caches(cache)
+        if kv is not None:
+            return _fused.gpt_decode_step(tokens.view(-1), positions, attend_lens, kv=kv, **run.fused)
     x = model.embed(tokens.view(-1, 1), positions.view(-1, 1), run)
     rope = model.rope_at(positions.view(-1, 1, 1))  # (B, 1, 1, D/2): broadcast over heads
     h, delta = model.blocks(x, rope, _Step(cache, run, positions, attend_lens), run)
