@@ -73,6 +73,13 @@ def _check(backend, kind, shape, dtype, bias, residual, noncontig, seed):
     scale = (rstd * dy.double() * w.double()).norm().item()
     nout = 2 if r is not None else 1
     dx_idx = {nout, nout + 1} if r is not None else {nout}
+    # A row that is nearly constant against its mean (LayerNorm of a few elements) is
+    # ill-conditioned: a row mean held in the dtype is off by up to half an ulp of itself,
+    # which moves every normalised value by u |mean| rstd, however the rest is computed.
+    # The tolerance grows with that bound where it exceeds the dtype's own (never in float64).
+    u = 0.0 if dtype == torch.float64 else torch.finfo(dtype).eps / 2
+    cond = (hd.mean(-1, keepdim=True).abs() * rstd).max().item() if kind == "ln" else 0.0
+    tol = max(TOL[dtype], 4 * u * cond)
     for i, (g, wnt) in enumerate(zip(got, want)):
         assert g.shape == wnt.shape and g.dtype == x.dtype, (i, g.shape, wnt.shape, g.dtype)
         assert not torch.isnan(g).any(), f"output {i} has NaN"
@@ -80,7 +87,7 @@ def _check(backend, kind, shape, dtype, bias, residual, noncontig, seed):
             err = (g.double() - wnt).norm().item() / max(wnt.norm().item(), scale, 1e-300)
         else:
             err = rel_error(g, wnt)
-        assert err <= TOL[dtype], f"output {i}: rel err {err:.3g}"
+        assert err <= tol, f"output {i}: rel err {err:.3g} (tolerance {tol:.3g})"
 
 
 SHAPES = st.one_of(
