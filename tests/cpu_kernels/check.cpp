@@ -546,10 +546,13 @@ static void run_level(const KernelTable& kt) {
   for (int64_t M : {1, 2, 3, 7, 8, 9, 17, 33})
     for (auto kn : {std::pair<int64_t, int64_t>{1, 1}, {5, 47}, {64, 48}, {33, 100}, {256, 769}, {768, 2311}})
       check_linear(kt, M, kn.first, kn.second, M % 2 == 1);
+  // the blocked product of many rows, K over several of its blocks
+  for (int64_t M : {16, 40}) check_linear(kt, M, 1100, 70, true);
   for (WeightFormat f : {WeightFormat::q8_0, WeightFormat::q4_0, WeightFormat::bf16, WeightFormat::f16})
     for (int64_t M : {1, 2, 3, 8, 9, 33})
       for (auto kn : {std::pair<int64_t, int64_t>{1, 1}, {5, 47}, {32, 48}, {33, 100}, {256, 769}, {100, 2311}})
         check_linear_q(kt, f, M, kn.first, kn.second, M % 2 == 0);
+  for (WeightFormat f : {WeightFormat::q8_0, WeightFormat::bf16}) check_linear_q(kt, f, 40, 1100, 70, true);
   for (Dtype dt : {Dtype::f32, Dtype::f64})
     for (auto rv : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {9, 100}, {5, 5003}})
       for (bool grad : {false, true}) check_loss(kt, dt, rv.first, rv.second, grad, grad && rv.second == 100);

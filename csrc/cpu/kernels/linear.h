@@ -51,7 +51,33 @@ inline void pass_rows(int64_t r, int64_t nc, const float* A, int64_t K, const fl
   pass<First, 3>(nc, A, K, Bp, C, ldc, pf);
 }
 
+// Rows from which a panel goes through the GEMM register blocks below rather than passes.
+constexpr int64_t kBlockedRows = 4 * kRows > 16 ? 4 * kRows : 16;
+// Rows of K per block of the panel in the blocked product (see below).
+constexpr int64_t kKc = 512;
+
+// Many rows (a prefill): the panel in blocks of kKc rows of K; within a block, one
+// kGemmCols-wide strip at a time (512 x 16 floats on AVX2, 32 KB) goes under every row in
+// the level's GEMM register blocks (gemm.h: kGemmMR x kGemmCols, 6 x 16 on AVX2), so each
+// load of the weight feeds kGemmMR rows and the strip is re-read from the nearest caches,
+// where passes of kRows rows re-read the whole panel from L2 for every pair of rows.
+inline void panel_product_blocked(int64_t M, int64_t nc, int64_t K, const float* A, const float* Bp, float* C,
+                                  int64_t ldc) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    for (int64_t n0 = 0; n0 < nc; n0 += kGemmCols) {
+      const int64_t nn = std::min<int64_t>(kGemmCols, nc - n0);
+      const float* B = Bp + k0 * kPanel + n0;
+      int64_t m = 0;
+      for (; m + kGemmMR <= M; m += kGemmMR)
+        micro_cols<kGemmMR>(nn, A + m * K + k0, K, B, kPanel, C + m * ldc + n0, ldc, kc, true);
+      if (m < M) micro_rows(M - m, nn, A + m * K + k0, K, B, kPanel, C + m * ldc + n0, ldc, kc, true);
+    }
+  }
+}
+
 inline void panel_product(int64_t M, int64_t nc, int64_t K, const float* A, const float* Bp, float* C, int64_t ldc) {
+  if (M >= kBlockedRows) return panel_product_blocked(M, nc, K, A, Bp, C, ldc);
   for (int64_t m = 0; m < M;) {
     const int64_t r = std::min<int64_t>(kRows, M - m);
     if constexpr (kRows >= 8) {
