@@ -229,8 +229,15 @@ def load_weights(path) -> dict:
 
 
 def load_gpt(cls, path, dtype=None, device=None, **overrides):
-    """Load the checkpoint at ``path`` into ``cls(config)`` (a model class or factory)."""
+    """Load the checkpoint at ``path`` into ``cls(config)`` (a model class or factory): a
+    checkpoint directory, or a GGUF file (``fastlm.models.gguf``)."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from .gguf import load_gguf
+
+        if overrides:
+            raise ValueError("a GGUF file's configuration is its own: no overrides")
+        return load_gguf(cls, path, dtype=dtype, device=device)
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist. fastlm loads local checkpoint directories; download a hub model first "

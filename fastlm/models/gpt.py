@@ -164,3 +164,11 @@ class GPT(nn.Module):
 
     def save_pretrained(self, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
         save_gpt(self, path, max_shard_size=max_shard_size, state_dict=state_dict)
+
+    def save_gguf(self, path, dtype: str = "f32", tokenizer=None):
+        """Write the model and its ``tokenizer`` as a GGUF file llama.cpp runs, the matrices in
+        ``dtype`` ("f32", "f16", "q8_0" or "q4_0"); see ``fastlm.models.gguf``. ``from_pretrained``
+        reads GGUF files back."""
+        from .gguf import save_gguf
+
+        return save_gguf(self, path, dtype, tokenizer)

@@ -15,6 +15,7 @@ import json
 import pathlib
 import zlib
 
+from .. import _gguf
 from .._io import atomic_write_bytes
 from ._common import ENDOFTEXT, MAX_FILE_BYTES, _check_id, _check_token_length
 from .patterns import _PATTERN_ALIASES, PATTERNS, _pattern_name
@@ -82,7 +83,8 @@ def from_tiktoken_encoding(cls, encoding):
 
 def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, int] | None = None):
     """``cls.load``: a ``cls`` read from a directory or a file: Hugging Face ``tokenizer.json``,
-    GPT-2 ``vocab.json`` + ``merges.txt``, or a tiktoken rank file (``*.tiktoken[.gz]``). For a
+    GPT-2 ``vocab.json`` + ``merges.txt``, a tiktoken rank file (``*.tiktoken[.gz]``), or a
+    GGUF model file (its ``gpt2`` tokenizer). For a
     tiktoken file, the pattern and special tokens come from the encoding's name in the file
     name (r50k_base, p50k_base, cl100k_base) or from the arguments."""
     p = pathlib.Path(path)
@@ -98,6 +100,8 @@ def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, 
             return _load_tiktoken(cls, tk[0], pattern, special_tokens)
         raise ValueError(f"{p} has no tokenizer.json, no vocab.json + merges.txt and no single *.tiktoken file")
     name = p.name
+    if _gguf.is_gguf(p):
+        return _load_gguf(cls, p, pattern, special_tokens)
     if name.endswith(".tiktoken") or name.endswith(".tiktoken.gz"):
         return _load_tiktoken(cls, p, pattern, special_tokens)
     if name == "vocab.json" and (p.parent / "merges.txt").is_file():
@@ -170,6 +174,40 @@ def _load_gpt2(cls, vocab_path: pathlib.Path, merges_path: pathlib.Path, pattern
     if special_tokens is None:
         special_tokens = {ENDOFTEXT: vocab[ENDOFTEXT]} if ENDOFTEXT in vocab else {}
     return _from_vocab_merges(cls, vocab, merges, special_tokens, pattern or "gpt2", False, str(vocab_path))
+
+
+def _load_gguf(cls, p: pathlib.Path, pattern, special_tokens):
+    """The byte-level BPE tokenizer of a GGUF file (llama.cpp's ``gpt2`` tokenizer model): its
+    tokens, merges, and control tokens as special tokens. Entries of type UNUSED (ids a model
+    reserves without a token) are left out."""
+    gguf = _gguf.gguf_module()
+    rd = _gguf.reader(p)
+    model = _gguf.scalar(rd, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{p}: tokenizer model {model!r}; fastlm reads byte-level BPE ('gpt2')")
+    tokens = _gguf.strings(rd, "tokenizer.ggml.tokens")
+    types = _gguf.ints(rd, "tokenizer.ggml.token_type", required=False) or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    merges = _gguf.strings(rd, "tokenizer.ggml.merges", limit=4 * _gguf.MAX_VOCAB)
+    if len(types) != len(tokens):
+        raise ValueError(f"{p}: {len(tokens)} tokens but {len(types)} token types")
+    vocab, special = {}, {}
+    for i, (s, kind) in enumerate(zip(tokens, types)):
+        if kind == int(gguf.TokenType.UNUSED):
+            continue
+        if kind == int(gguf.TokenType.CONTROL):
+            special[s] = i
+        if s in vocab:
+            raise ValueError(f"{p}: token {s[:40]!r} appears twice")
+        vocab[s] = i
+    pairs = []
+    for k, m in enumerate(merges):
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{p}: merge {k} is {m[:80]!r}; expected 'A B'")
+        pairs.append(parts)
+    if special_tokens is not None:
+        special = special_tokens
+    return _from_vocab_merges(cls, vocab, pairs, special, pattern or "gpt2", False, str(p))
 
 
 def _load_hf(cls, p: pathlib.Path, pattern, special_tokens):
