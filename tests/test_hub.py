@@ -156,3 +156,17 @@ def test_cache_location_from_the_environment(monkeypatch, tmp_path):
     assert hub_cache_dir() == tmp_path / ".cache" / "huggingface" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "c"))
     assert hub_cache_dir() == tmp_path / "c"
+
+
+def test_cli_serve_resolves_the_repo_id(cache, monkeypatch):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("prometheus_client")
+    import fastlm.serve
+
+    served = {}
+    monkeypatch.setattr(fastlm.serve, "serve", lambda model_dir, **kw: served.update(dir=model_dir, **kw))
+    assert main(["serve", "--model", "openai-community/gpt2", "--revision", "main"]) == 0
+    assert served["dir"] == resolve_pretrained("gpt2") and served["config"].model_name == "gpt2"
+    model, tok, _ = fastlm.serve.server.load("gpt2")
+    assert tok.encode(TEXT) == fastlm.Tokenizer.load(served["dir"]).encode(TEXT)
