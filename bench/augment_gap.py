@@ -60,7 +60,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "task.jsonl"
         write_task(data)
-        print("| augmentation | train loss | val loss | gap | train acc | val acc |\n| --- | --- | --- | --- | --- | --- |")
+        print("| augmentation | train loss | val loss | gap | train acc | val acc |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for name, aug in RUNS.items():
             summary = finetune("classification", GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32), data,
                                Path(tmp) / name.replace(" ", "_"), vocab_size=300, val_fraction=0.5, augment=aug,

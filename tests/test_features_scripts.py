@@ -21,9 +21,10 @@ DATA = json.loads((Path(__file__).parent / "data" / "multilingual_passages.json"
 
 # Letters with accents and ligatures, decomposed forms, Greek sigma, CJK, kana, Thai, Hangul,
 # digits, punctuation and every kind of whitespace run.
-_PIECES = (list("abcdefgh xyzAEIOU ") + ["café", "Ångström", "naïve", "e\u0301", "ﬁ", "İ", "ß", "ΣΟΦΙΑ", "σς",
-           "自然语言处理", "什么", "日本語のテキスト", "カタカナ", "ภาษาไทย", "한국어", "ｱｲｳ", "42", "x_1", "—", "?!",
-           "  ", "\t", "\n\n", "the", "and", "of", "is", "about"])
+_PIECES = (list("abcdefgh xyzAEIOU ")
+           + ["café", "Ångström", "naïve", "e\u0301", "ﬁ", "İ", "ß", "ΣΟΦΙΑ", "σς"]
+           + ["自然语言处理", "什么", "日本語のテキスト", "カタカナ", "ภาษาไทย", "한국어", "ｱｲｳ"]
+           + ["42", "x_1", "—", "?!", "  ", "\t", "\n\n", "the", "and", "of", "is", "about"])
 
 
 def _random_docs(seed, n=40):

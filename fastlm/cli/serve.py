@@ -9,7 +9,8 @@ def _add_serve(sub):
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs fastlm[serve])")
     p.add_argument("--model", required=True,
                    help="checkpoint directory (Hugging Face layout, with its tokenizer) or Hugging Face repo id "
-                        "(e.g. gpt2), looked up in the local Hugging Face cache, else downloaded unless HF_HUB_OFFLINE=1")
+                        "(e.g. gpt2), looked up in the local Hugging Face cache, else downloaded unless "
+                        "HF_HUB_OFFLINE=1")
     p.add_argument("--revision", help="branch, tag or commit of a repo id (default main)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -76,7 +76,8 @@ def stop_word_set(stop_words):
     try:
         words = frozenset(stop_words)
     except TypeError:
-        raise TypeError(f"stop_words must be None, 'english' or a list of str, got {type(stop_words).__name__}") from None
+        raise TypeError(f"stop_words must be None, 'english' or a list of str, "
+                        f"got {type(stop_words).__name__}") from None
     if not all(isinstance(w, str) for w in words):
         raise TypeError("stop_words must hold str only")
     return words

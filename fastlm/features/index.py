@@ -29,13 +29,15 @@ class TfidfIndex:
     norm l2) on the texts, by default with ``analyzer="multilingual"``: scikit-learn's word
     terms for scripts written with spaces, character bigrams for runs of Chinese, Japanese,
     Korean, Thai, Lao, Khmer or Myanmar (see ``fastlm.features.analyzers``), so a question
-    finds its passage with or without spaces between words; ``search(query, k=5)`` returns the ``k`` texts most similar to the
-    query by cosine similarity, best first (ties: collection order), as
-    ``{"id", "text", "score"}`` dicts. Texts that share no term with the query are not
-    returned. ``ids`` default to 0..n-1; they must be unique (and JSON values to ``save``).
-    ``save(directory)`` writes ``tfidf_index.json`` (options, ids, texts, vocabulary) and
-    ``tfidf_index.npz`` (the matrix and idf, plain arrays); ``TfidfIndex.load(directory)``
-    reads them back without unpickling anything.
+    finds its passage with or without spaces between words. ``search(query, k=5)`` returns
+    the ``k`` texts most similar to the query by cosine similarity, best first (ties:
+    collection order), as ``{"id", "text", "score"}`` dicts. Texts that share no term with
+    the query are not returned. ``ids`` default to 0..n-1; they must be unique (and JSON
+    values to ``save``). ``save(directory)`` writes ``tfidf_index.json`` (options with the
+    analyzer's name, ids, texts, vocabulary) and ``tfidf_index.npz`` (the matrix and idf,
+    plain arrays); ``TfidfIndex.load(directory)`` reads them back without unpickling
+    anything (a file without an analyzer name was written with "word"). An index with a
+    callable analyzer or option cannot be saved.
     """
 
     def __init__(self, texts, ids=None, **options):
