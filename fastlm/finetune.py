@@ -17,7 +17,9 @@ checkpoints are the Trainer's own:
 Both save as pipeline directories: the GPT in the Hugging Face layout, ``pipeline.json``
 with the task's settings, and ``head.safetensors`` for the classifier. So every checkpoint
 the Trainer writes, ``OUT/best`` included, loads with ``fastlm.pipelines.load_pipeline``.
-``finetune(task, model, data, out_dir, ...)`` runs it all.
+``finetune(task, model, data, out_dir, ...)`` runs it all; ``augment=`` perturbs the
+training examples (``fastlm.augment``: deletion, swap, insertion, token dropout for
+classification; token dropout and span masking of the inputs for translation).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from ._io import iter_jsonl
+from .augment import Augmentation, AugmentedData, augment_ids
 from .models import GPT, GPTConfig
 from .models.heads import (HEAD_NAME, IGNORE_INDEX, POOLINGS, PROMPT_TEMPLATE, SequenceClassifier, TranslationLM,
                            translation_prompt)
@@ -79,16 +82,24 @@ class ExampleData:
     Classification rows are ``(ids, label_index)``: a batch is x (B, T) right-padded with -1
     and y (B,) the label indices. Translation rows are ``(ids, n_prompt)``: a batch is x (B, T)
     = ids[:-1] padded with ``pad_id`` and y (B, T) = ids[1:] with the prompt's targets and the
-    padding set to -100 (ignored by the loss)."""
+    padding set to -100 (ignored by the loss).
+
+    ``augment`` (classification only; an ``Augmentation``): each training example of a batch
+    is augmented afresh (``fastlm.augment.augment_ids``); validation examples never are."""
 
     def __init__(self, rows, kind: str, vocab_size: int, val_fraction: float = 0.1, seed: int = 0,
-                 pad_id: int = 0, n_bytes: int = 0, path=None):
+                 pad_id: int = 0, n_bytes: int = 0, path=None, augment: Augmentation | None = None):
         if kind not in TASK_FIELDS:
             raise ValueError(f"kind must be one of {sorted(TASK_FIELDS)}, got {kind!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.kind, self.vocab_size, self.pad_id = kind, int(vocab_size), int(pad_id)
         self.path = Path(path).resolve() if path is not None else None
+        self.augment = Augmentation.coerce(augment)
+        if self.augment is not None and kind != "classification":
+            raise ValueError("ExampleData augments classification examples; wrap translation data in "
+                             "fastlm.augment.AugmentedData")
+        self._aug_rng = self.augment.rng() if self.augment is not None else None
         self.meta = {}
         order = np.random.default_rng(seed).permutation(len(rows))
         n_val = int(round(len(rows) * val_fraction))
@@ -148,6 +159,9 @@ class ExampleData:
         if not rows:
             raise ValueError(f"the {split} split has no examples")
         picked = [rows[i] for i in rng.integers(0, len(rows), size=batch_size)]
+        if self.kind == "classification" and split == "train" and self.augment is not None and self.augment.enabled:
+            picked = [(augment_ids(ids, self.augment, self._aug_rng, self.vocab_size)[:block_size], label)
+                      for ids, label in picked]
         if self.kind == "classification":
             T = min(max(len(ids) for ids, _ in picked), block_size)
             x = torch.full((batch_size, T), -1, dtype=torch.long)
@@ -184,7 +198,7 @@ def _tokenizer_for(model, tokenizer, texts, vocab_size):
 
 def finetune(task: str, model, data, out_dir, *, tokenizer=None, vocab_size: int | None = None, labels=None,
              pooling: str = "mean", src_lang: str = "source", tgt_lang: str = "target", val_fraction: float = 0.1,
-             train_config=None, **train_options) -> dict:
+             augment=None, train_config=None, **train_options) -> dict:
     """Fine-tune ``model`` for ``task`` ("classification" or "translation") on the JSONL file
     ``data`` with ``fastlm.Trainer``; checkpoints and logs go to ``out_dir``.
 
@@ -193,10 +207,16 @@ def finetune(task: str, model, data, out_dir, *, tokenizer=None, vocab_size: int
     model directory's, or, for a fresh model, one trained on the data (``vocab_size``, default
     512). ``labels``: the classes in order (default: the sorted labels of the data; a label
     outside them is an error). ``train_config`` a ``TrainConfig``, or ``train_options`` its
-    fields (defaults ``FINETUNE_DEFAULTS``). Returns the Trainer's summary plus ``pipeline_dir``
+    fields (defaults ``FINETUNE_DEFAULTS``). ``augment``: a ``fastlm.augment.Augmentation`` (or a
+    dict of its fields) applied to the training examples; classification takes every method,
+    translation token dropout and span masking (of its inputs). Returns the Trainer's summary plus ``pipeline_dir``
     (the best checkpoint, a pipeline directory) and ``task_model``."""
     if task not in TASK_FIELDS:
         raise ValueError(f"task must be one of {sorted(TASK_FIELDS)}, got {task!r}")
+    augment = Augmentation.coerce(augment)
+    if augment is not None and task == "translation" and augment.changes_length:
+        raise ValueError("translation takes token_dropout and span_mask; deletion, swap and insertion are for "
+                         "classification (they would misalign source and target)")
     examples = read_examples(data, TASK_FIELDS[task])
     texts = [ex[f] for ex in examples for f in TASK_FIELDS[task] if f != "label"]
     tok = _tokenizer_for(model, tokenizer, texts, vocab_size)
@@ -223,10 +243,12 @@ def finetune(task: str, model, data, out_dir, *, tokenizer=None, vocab_size: int
     if task == "classification":
         labels = sorted({ex["label"] for ex in examples}) if labels is None else [str(x) for x in labels]
         task_model = SequenceClassifier(model, labels, pooling)
-        dataset = ExampleData.for_classification(examples, tok, labels, block, **split)
+        dataset = ExampleData.for_classification(examples, tok, labels, block, augment=augment, **split)
     else:
         task_model = TranslationLM(model, src_lang, tgt_lang)
         dataset = ExampleData.for_translation(examples, tok, src_lang, tgt_lang, block, **split)
+        if augment is not None and augment.enabled:
+            dataset = AugmentedData(dataset, augment)
     trainer = Trainer(task_model, train_config, dataset, tokenizer=tok)
     summary = trainer.train()
     summary["pipeline_dir"] = summary["best_dir"] or summary["last_checkpoint"]

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ._io import CheckpointError, read_json
+from .hub import resolve_pretrained
 from .generation.generate import GenerateOutput, encode_prompt, generate
 from .models import GPT, ids_in_vocab
 from .models.checkpoint import read_pipeline_config, write_pipeline_config
@@ -44,14 +45,17 @@ _TASKS = {"text-generation": "text-generation", "question-answering": "question-
           "translation": "translation"}
 
 
-def pipeline(task: str, model=None, tokenizer=None, device=None, dtype=None, **kwargs):
-    """A pipeline for ``task`` (see the module's doc); ``model`` is an object or a directory."""
+def pipeline(task: str, model=None, tokenizer=None, device=None, dtype=None, revision: str | None = None, **kwargs):
+    """A pipeline for ``task`` (see the module's doc); ``model`` is an object, a directory, or a
+    Hugging Face repo id (``"gpt2"``; found in the local cache or downloaded, see ``fastlm.hub``),
+    at ``revision`` (a branch, tag or commit) for a repo id."""
     name = _TASKS.get(task)
     if name is None:
         raise ValueError(f"fastlm.pipeline supports the tasks {', '.join(repr(t) for t in _TASKS)}, got {task!r}")
     if model is None:
         raise ValueError(f"pipeline({task!r}) needs model= (a model object or a directory)")
     if isinstance(model, (str, os.PathLike)):
+        model = resolve_pretrained(model, revision)
         saved = read_pipeline_config(model)
         if saved is not None and saved["task"] != name:
             raise ValueError(f"{model} holds a {saved['task']!r} pipeline, not {task!r}; "
@@ -82,7 +86,7 @@ class TextGenerationPipeline:
     def __init__(self, model, tokenizer=None, device=None, dtype=None, **defaults):
         path = None
         if isinstance(model, (str, os.PathLike)):
-            path = Path(model)
+            path = resolve_pretrained(model)
             model = GPT.from_pretrained(path, dtype=dtype, device=device)
         elif not isinstance(model, GPT):
             raise TypeError(f"model must be a fastlm.GPT or a checkpoint directory, got {type(model).__name__}")

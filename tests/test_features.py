@@ -254,7 +254,8 @@ def test_sklearn_clone_and_params():
     assert c.get_params() == v.get_params() and c is not v
     assert "min_df=2" in repr(v)
     with pytest.raises(ValueError, match="invalid parameter"):
-        v.set_params(token_pattern="x")
+        v.set_params(tokenizer_pattern="x")
+    assert v.set_params(token_pattern=r"\w+").token_pattern == r"\w+"
 
 
 # ----------------------------------------------------------------------------- other analyzers
@@ -363,8 +364,8 @@ def test_bad_inputs_raise_clear_errors():
         CountVectorizer(max_features=0).fit(docs)
     with pytest.raises(TypeError, match="max_features"):
         CountVectorizer(max_features=2.5).fit(docs)
-    with pytest.raises(ValueError, match="analyzer='char'"):
-        CountVectorizer(analyzer="char").fit(docs)
+    with pytest.raises(ValueError, match="analyzer='chars'"):
+        CountVectorizer(analyzer="chars").fit(docs)
     with pytest.raises(TypeError, match="analyzer"):
         CountVectorizer(analyzer=3).fit(docs)
     with pytest.raises(ValueError, match="n_jobs"):
@@ -479,5 +480,7 @@ def test_index_bad_inputs(tmp_path):
     (tmp_path / "bad" / "tfidf_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="tfidf_index.json"):
         TfidfIndex.load(tmp_path / "bad")
-    with pytest.raises(ValueError, match="word analyzer"):
+    with pytest.raises(ValueError, match="named analyzer"):
         TfidfIndex(texts, analyzer=str.split).save(tmp_path / "x")
+    with pytest.raises(ValueError, match="callable option"):
+        TfidfIndex(texts, strip_accents=str.upper).save(tmp_path / "x")

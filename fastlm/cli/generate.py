@@ -10,7 +10,10 @@ from .common import _add_device_args, _device_dtype
 # ----------------------------------------------------------------------------- generate
 def _add_generate(sub):
     p = sub.add_parser("generate", help="continue a prompt with a model, streaming the text to the terminal")
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (Hugging Face layout) or Hugging Face repo id (e.g. gpt2), "
+                        "looked up in the local Hugging Face cache, else downloaded unless HF_HUB_OFFLINE=1")
+    p.add_argument("--revision", help="branch, tag or commit of a repo id (default main)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 50)")
@@ -30,7 +33,10 @@ def _run_generate(args):
     from fastlm.pipelines import TextGenerationPipeline
 
     device, dtype = _device_dtype(args)
-    pipe = TextGenerationPipeline(args.model, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    from fastlm.hub import resolve_pretrained
+
+    model = resolve_pretrained(args.model, args.revision)
+    pipe = TextGenerationPipeline(model, tokenizer=args.tokenizer, device=device, dtype=dtype)
     opts = {k: v for k, v in dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}

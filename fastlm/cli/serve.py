@@ -7,7 +7,11 @@ from .common import _add_device_args, _device_dtype
 # ----------------------------------------------------------------------------- serve
 def _add_serve(sub):
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs fastlm[serve])")
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout, with its tokenizer)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (Hugging Face layout, with its tokenizer) or Hugging Face repo id "
+                        "(e.g. gpt2), looked up in the local Hugging Face cache, else downloaded unless "
+                        "HF_HUB_OFFLINE=1")
+    p.add_argument("--revision", help="branch, tag or commit of a repo id (default main)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -51,6 +55,7 @@ def _run_serve(args):
     except ImportError:
         raise RuntimeError("fastlm serve needs FastAPI, uvicorn and prometheus_client: pip install 'fastlm[serve]'"
                            ) from None
+    from fastlm.hub import resolve_pretrained
     from fastlm.serve import serve
 
     if args.threads:
@@ -60,8 +65,8 @@ def _run_serve(args):
     cfg = _serve_config(args, api_key=args.api_key or os.environ.get("FASTLM_API_KEY") or None,
                         model_name=args.served_model_name or pathlib.Path(args.model).resolve().name)
     device, dtype = _device_dtype(args)
-    serve(args.model, host=args.host, port=args.port, tokenizer=args.tokenizer, config=cfg, log_level=args.log_level,
-          device=device, dtype=dtype)
+    serve(resolve_pretrained(args.model, args.revision), host=args.host, port=args.port, tokenizer=args.tokenizer,
+          config=cfg, log_level=args.log_level, device=device, dtype=dtype)
     return 0
 
 

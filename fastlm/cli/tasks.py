@@ -23,6 +23,10 @@ def _add_finetune(sub):
     p.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean", help="classification: how tokens are pooled")
     p.add_argument("--labels", nargs="+", help="classification: the labels in order (default: those of the data)")
+    p.add_argument("--augment", nargs="+", metavar="NAME=VALUE",
+                   help="augment the training examples: deletion, swap, insertion, token_dropout (classification), "
+                        "token_dropout, span_mask (translation) =PROBABILITY; span_length, replace_with, seed "
+                        "(e.g. --augment deletion=0.1 swap=0.1 seed=1)")
     p.add_argument("--src-lang", default="source", help="translation: source language name in the prompt")
     p.add_argument("--tgt-lang", default="target", help="translation: target language name in the prompt")
     for name, typ in (("seed", int), ("device", str), ("threads", int)):
@@ -34,6 +38,7 @@ def _run_finetune(args):
     from pathlib import Path
 
     from fastlm import GPTConfig
+    from fastlm.augment import parse_augmentation
     from fastlm.finetune import finetune
     from fastlm.train import load_config_file
 
@@ -46,7 +51,7 @@ def _run_finetune(args):
              if v is not None}
     summary = finetune(args.task, model, args.data, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                        labels=args.labels, pooling=args.pooling, src_lang=args.src_lang, tgt_lang=args.tgt_lang,
-                       val_fraction=args.val_fraction, **train)
+                       val_fraction=args.val_fraction, augment=parse_augmentation(args.augment), **train)
     print(f"stopped at step {summary['step']} ({summary['stop_reason']}); best val loss "
           f"{summary['best_val_loss']} at step {summary['best_step']}; pipeline: {summary['pipeline_dir']}")
     return 0

@@ -7,7 +7,9 @@ tokenization. The counting runs in C++ (``fastlm._features``) on several threads
 GIL released; what is left in Python is numpy work on whole arrays.
 
 Submodules: ``vectorizers`` (``CountVectorizer``, ``TfidfVectorizer``, ``NotFittedError``;
-its docstring explains the analyzers), ``index`` (``TfidfIndex``), ``_native`` (the C++
+its docstring explains the analyzers), ``analyzers`` (the analyzers made in Python: char,
+char_wb, the word options, multilingual), ``stop_words`` (the English list), ``index``
+(``TfidfIndex``), ``_native`` (the C++
 extension and its Unicode tables) and ``_text`` (checks on documents and options).
 """
 from ._native import _native  # noqa: F401 - fastlm.features._native(), as before the split

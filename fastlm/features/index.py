@@ -26,13 +26,18 @@ class TfidfIndex:
     """TF-IDF retrieval over a fixed collection of texts.
 
     ``TfidfIndex(texts, ids=None, **options)`` fits a ``TfidfVectorizer(**options)`` (row
-    norm l2) on the texts; ``search(query, k=5)`` returns the ``k`` texts most similar to the
-    query by cosine similarity, best first (ties: collection order), as
-    ``{"id", "text", "score"}`` dicts. Texts that share no term with the query are not
-    returned. ``ids`` default to 0..n-1; they must be unique (and JSON values to ``save``).
-    ``save(directory)`` writes ``tfidf_index.json`` (options, ids, texts, vocabulary) and
-    ``tfidf_index.npz`` (the matrix and idf, plain arrays); ``TfidfIndex.load(directory)``
-    reads them back without unpickling anything.
+    norm l2) on the texts, by default with ``analyzer="multilingual"``: scikit-learn's word
+    terms for scripts written with spaces, character bigrams for runs of Chinese, Japanese,
+    Korean, Thai, Lao, Khmer or Myanmar (see ``fastlm.features.analyzers``), so a question
+    finds its passage with or without spaces between words. ``search(query, k=5)`` returns
+    the ``k`` texts most similar to the query by cosine similarity, best first (ties:
+    collection order), as ``{"id", "text", "score"}`` dicts. Texts that share no term with
+    the query are not returned. ``ids`` default to 0..n-1; they must be unique (and JSON
+    values to ``save``). ``save(directory)`` writes ``tfidf_index.json`` (options with the
+    analyzer's name, ids, texts, vocabulary) and ``tfidf_index.npz`` (the matrix and idf,
+    plain arrays); ``TfidfIndex.load(directory)`` reads them back without unpickling
+    anything (a file without an analyzer name was written with "word"). An index with a
+    callable analyzer or option cannot be saved.
     """
 
     def __init__(self, texts, ids=None, **options):
@@ -53,6 +58,7 @@ class TfidfIndex:
                 raise ValueError("ids must be unique")
         self.texts = texts
         self.ids = ids
+        options.setdefault("analyzer", "multilingual")
         self.vectorizer = TfidfVectorizer(**options)
         self.matrix = self.vectorizer.fit_transform(texts) if texts else None
 
@@ -86,10 +92,14 @@ class TfidfIndex:
         """Writes the index to a directory (created if needed); every file is written atomically."""
 
         v = self.vectorizer
-        if not isinstance(v.analyzer, str):
-            raise ValueError("only an index with the word analyzer can be saved (the analyzer is not serializable)")
+        if not isinstance(v.analyzer, str) or any(
+                callable(getattr(v, n)) for n in ("preprocessor", "tokenizer", "strip_accents")):
+            raise ValueError("only an index with a named analyzer ('word', 'char', 'char_wb', 'multilingual') and no "
+                             "callable option can be saved (a function is not serializable)")
         options = {name: getattr(v, name) for name in v._param_names
-                   if name not in ("analyzer", "n_jobs", "vocabulary")}
+                   if name not in ("n_jobs", "vocabulary")}
+        if isinstance(options["stop_words"], (set, frozenset, tuple, list)):
+            options["stop_words"] = sorted(options["stop_words"])
         options["ngram_range"] = list(options["ngram_range"])
         options["dtype"] = np.dtype(options["dtype"]).name
         for name in ("max_df", "min_df", "max_features"):
@@ -136,6 +146,9 @@ class TfidfIndex:
             raise ValueError(f"{path} has version {meta.get('version')!r}; this fastlm reads {_INDEX_VERSION}")
         try:
             options, ids, texts, terms = meta["options"], meta["ids"], meta["texts"], meta["vocabulary"]
+            options.setdefault("analyzer", "word")  # files written before the analyzer was saved
+            if not isinstance(options["analyzer"], str):
+                raise TypeError("the analyzer must be a name")
             options["ngram_range"] = tuple(options["ngram_range"])
             options["dtype"] = np.dtype(options["dtype"])
         except (KeyError, TypeError) as e:
@@ -160,7 +173,7 @@ class TfidfIndex:
         if shape != (len(self.texts), len(terms)):
             raise ValueError(f"{directory}: the matrix is {shape}, expected ({len(self.texts)}, {len(terms)})")
         v._vocab = _native().Vocabulary.from_terms(terms)
-        v._fitted_kind = "word"
+        v._fitted_kind = v._kind()
         v._names = v._vocabulary = None
         v._idf = arrays.get("idf")
         if v.use_idf and (v._idf is None or v._idf.shape != (len(terms),)):

@@ -15,19 +15,31 @@ capital sigma (U+03A3) is lowered by Python itself. Columns are the terms in sor
 columns ordered by id sequence, ``vocabulary_`` keys are tuples of ids and feature names
 are the n-grams' decoded text. A plain callable (str -> list of str) is used as
 scikit-learn uses it: its output terms are counted as they are (no lowercasing, no n-grams).
+
+scikit-learn's ``analyzer="char"`` and ``"char_wb"``, and the options ``stop_words`` (a list,
+or ``"english"``: scikit-learn's list, shipped in ``stop_words.py``), ``token_pattern``,
+``strip_accents`` ("ascii", "unicode" or a callable), ``tokenizer`` and ``preprocessor``
+(callables) give the same terms as scikit-learn's; those terms are made in Python
+(``analyzers.py``) and counted in C++. ``analyzer="multilingual"`` (fastlm's) adds character
+bigrams for scripts written without spaces (see ``analyzers.py``).
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
 
 from ..tokenizer import token_bytes_fn
 from ._native import _CAPITAL_SIGMA, _n_threads, _native
+from .analyzers import DEFAULT_TOKEN_PATTERN, build_analyzer, compile_token_pattern, stop_word_set
 from ._text import _as_documents, _check_bool, _check_df, _encode_all, _is_tokenizer
 
 __all__ = ["CountVectorizer", "TfidfVectorizer", "NotFittedError"]
+
+
+_STRING_ANALYZERS = ("word", "char", "char_wb", "multilingual")
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -38,18 +50,27 @@ class CountVectorizer:
     """Token counts as a CSR matrix, like ``sklearn.feature_extraction.text.CountVectorizer``.
 
     Options (scikit-learn's meaning): ``lowercase``, ``ngram_range``, ``analyzer``
-    (``"word"``, a tokenizer, or a callable), ``max_df``/``min_df`` (int: documents, float:
+    (``"word"``, ``"char"``, ``"char_wb"``, fastlm's ``"multilingual"``, a tokenizer, or a
+    callable), ``preprocessor``, ``tokenizer``, ``token_pattern``, ``stop_words``,
+    ``strip_accents``, ``max_df``/``min_df`` (int: documents, float:
     proportion), ``max_features``, ``vocabulary`` (a fixed vocabulary: a mapping term ->
     column or an iterable of terms; with a tokenizer analyzer a term is a tuple of ids),
     ``binary``, ``dtype``; and ``n_jobs``, the threads that count (None or -1: every CPU
     this process may use).
     """
 
-    _param_names = ("lowercase", "ngram_range", "analyzer", "max_df", "min_df", "max_features", "vocabulary",
-                    "binary", "dtype", "n_jobs")
+    _param_names = ("strip_accents", "lowercase", "preprocessor", "tokenizer", "stop_words", "token_pattern",
+                    "ngram_range", "analyzer", "max_df", "min_df", "max_features", "vocabulary", "binary", "dtype",
+                    "n_jobs")
 
-    def __init__(self, *, lowercase=True, ngram_range=(1, 1), analyzer="word", max_df=1.0, min_df=1,
+    def __init__(self, *, strip_accents=None, lowercase=True, preprocessor=None, tokenizer=None, stop_words=None,
+                 token_pattern=DEFAULT_TOKEN_PATTERN, ngram_range=(1, 1), analyzer="word", max_df=1.0, min_df=1,
                  max_features=None, vocabulary=None, binary=False, dtype=np.int64, n_jobs=None):
+        self.strip_accents = strip_accents
+        self.preprocessor = preprocessor
+        self.tokenizer = tokenizer
+        self.stop_words = stop_words
+        self.token_pattern = token_pattern
         self.lowercase = lowercase
         self.vocabulary = vocabulary
         self.ngram_range = ngram_range
@@ -113,13 +134,29 @@ class CountVectorizer:
                 raise ValueError(f"max_features must be None or an int >= 1, got {mf}")
         a = self.analyzer
         if isinstance(a, str):
-            if a != "word":
+            if a not in _STRING_ANALYZERS:
                 raise ValueError(
-                    f"analyzer={a!r} is not supported: use 'word', a tokenizer (with encode_batch/encode) "
-                    "or a callable returning a list of str"
+                    f"analyzer={a!r} is not supported: use 'word', 'char', 'char_wb', 'multilingual', a tokenizer "
+                    "(with encode_batch/encode) or a callable returning a list of str"
                 )
         elif not (_is_tokenizer(a) or callable(a)):
-            raise TypeError(f"analyzer must be 'word', a tokenizer or a callable, got {type(a).__name__}")
+            raise TypeError(f"analyzer must be 'word', 'char', 'char_wb', 'multilingual', a tokenizer or a callable, "
+                            f"got {type(a).__name__}")
+        sa = self.strip_accents
+        if not (sa is None or sa in ("ascii", "unicode") or callable(sa)):
+            raise ValueError(f"strip_accents must be None, 'ascii', 'unicode' or a callable, got {sa!r}")
+        for name in ("preprocessor", "tokenizer"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be None or a callable, got {type(getattr(self, name)).__name__}")
+        stop_word_set(self.stop_words)
+        if self.token_pattern is not None:
+            compile_token_pattern(self.token_pattern)
+        elif a in ("word", "multilingual") and self.tokenizer is None:
+            raise ValueError("token_pattern=None needs a tokenizer= callable")
+        if a == "multilingual" and (self.tokenizer is not None or self.token_pattern != DEFAULT_TOKEN_PATTERN):
+            raise ValueError("analyzer='multilingual' uses the default token pattern; tokenizer= and token_pattern= "
+                             "go with analyzer='word'")
+        self._warn_unused()
         try:
             dt = np.dtype(self.dtype)
         except TypeError:
@@ -128,11 +165,53 @@ class CountVectorizer:
             raise TypeError(f"dtype must be a numeric numpy dtype, got {dt}")
         _n_threads(self.n_jobs)
 
+    def _warn_unused(self):
+        """scikit-learn's warnings for options the analyzer does not use."""
+        a = self.analyzer
+        unused = []
+        if a not in ("word", "multilingual"):
+            unused += [n for n in ("stop_words", "tokenizer") if getattr(self, n) is not None]
+            if self.token_pattern not in (None, DEFAULT_TOKEN_PATTERN):
+                unused.append("token_pattern")
+        if not isinstance(a, str):
+            unused += [n for n in ("preprocessor", "strip_accents") if getattr(self, n) is not None]
+            if tuple(self.ngram_range) != (1, 1) and not _is_tokenizer(a):
+                unused.append("ngram_range")
+        for name in unused:
+            warnings.warn(f"The parameter {name!r} will not be used since analyzer={a!r}", UserWarning, stacklevel=4)
+        if a == "word" and self.tokenizer is not None and self.token_pattern is not None:
+            warnings.warn("The parameter 'token_pattern' will not be used since 'tokenizer' is not None",
+                          UserWarning, stacklevel=4)
+
     def _kind(self):
+        """How documents become terms: "word" (C++: the default word analyzer), "terms" (a
+        string analyzer with options, in Python), "tokens" (a tokenizer) or "callable"."""
         a = self.analyzer
         if isinstance(a, str):
-            return "word"
+            plain = (self.tokenizer is None and self.preprocessor is None and self.stop_words is None
+                     and self.strip_accents is None and self.token_pattern == DEFAULT_TOKEN_PATTERN)
+            return "word" if a == "word" and plain else "terms"
         return "tokens" if _is_tokenizer(a) else "callable"
+
+    def _analyzer_fn(self, kind):
+        """text -> list of terms, for the kinds counted from Python's terms."""
+        if kind == "callable":
+            return self.analyzer
+        return build_analyzer(self.analyzer, lowercase=self.lowercase, strip_accents=self.strip_accents,
+                              preprocessor=self.preprocessor, tokenizer=self.tokenizer,
+                              token_pattern=self.token_pattern, stop_words=self.stop_words,
+                              ngram_range=self.ngram_range)
+
+    def build_analyzer(self):
+        """The function text -> list of terms this vectorizer counts (scikit-learn's method).
+        Not for a tokenizer analyzer, whose terms are token ids."""
+        self._validate()
+        kind = self._kind()
+        if kind == "tokens":
+            raise TypeError("with a tokenizer analyzer the terms are token-id n-grams; encode with the tokenizer")
+        if kind == "word":  # what the C++ counter computes
+            return build_analyzer("word", lowercase=self.lowercase, ngram_range=self.ngram_range)
+        return self._analyzer_fn(kind)
 
     def _check_fitted(self):
         if getattr(self, "_vocab", None) is None:
@@ -167,9 +246,10 @@ class CountVectorizer:
             if vocab is None:
                 return nat.fit_sequences(seqs, min_n, max_n, threads)
             return (vocab,) + tuple(nat.transform_sequences(vocab, seqs, min_n, max_n, threads))
+        analyze = self._analyzer_fn(kind)
         term_lists = []
         for i, d in enumerate(docs):
-            terms = self.analyzer(d)
+            terms = analyze(d)
             if isinstance(terms, str):
                 raise TypeError(f"the analyzer returned a str for document {i}; it must return a list of str")
             term_lists.append(terms if type(terms) is list else list(terms))
@@ -350,10 +430,13 @@ class TfidfVectorizer(CountVectorizer):
 
     _param_names = CountVectorizer._param_names + ("norm", "use_idf", "smooth_idf", "sublinear_tf")
 
-    def __init__(self, *, lowercase=True, ngram_range=(1, 1), analyzer="word", max_df=1.0, min_df=1,
+    def __init__(self, *, strip_accents=None, lowercase=True, preprocessor=None, tokenizer=None, stop_words=None,
+                 token_pattern=DEFAULT_TOKEN_PATTERN, ngram_range=(1, 1), analyzer="word", max_df=1.0, min_df=1,
                  max_features=None, vocabulary=None, binary=False, dtype=np.float64, norm="l2", use_idf=True,
                  smooth_idf=True, sublinear_tf=False, n_jobs=None):
-        super().__init__(lowercase=lowercase, ngram_range=ngram_range, analyzer=analyzer, max_df=max_df,
+        super().__init__(strip_accents=strip_accents, lowercase=lowercase, preprocessor=preprocessor,
+                         tokenizer=tokenizer, stop_words=stop_words, token_pattern=token_pattern,
+                         ngram_range=ngram_range, analyzer=analyzer, max_df=max_df,
                          min_df=min_df, max_features=max_features, vocabulary=vocabulary, binary=binary,
                          dtype=dtype, n_jobs=n_jobs)
         self.norm = norm

@@ -25,6 +25,7 @@ def build_model(config: GPTConfig) -> nn.Module:
     return RecurrentLM(config)
 
 
-def load_model(path, dtype=None, device=None, **overrides):
-    """The model a checkpoint directory holds, whatever its architecture (GPT, LSTM, GRU)."""
-    return load_gpt(build_model, path, dtype=dtype, device=device, **overrides)
+def load_model(path, dtype=None, device=None, revision=None, **overrides):
+    """The model a checkpoint directory (or Hugging Face repo id) holds, whatever its
+    architecture (GPT, LSTM, GRU)."""
+    return load_gpt(build_model, path, dtype=dtype, device=device, revision=revision, **overrides)

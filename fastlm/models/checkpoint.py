@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..hub import MODEL_FILES, resolve_pretrained
 from .._io import CheckpointError, atomic_write_json, load_tensors, read_json, save_tensors
 from .config import GPTConfig
 
@@ -228,21 +229,17 @@ def load_weights(path) -> dict:
 # ----------------------------------------------------------------------------- model I/O
 
 
-def load_gpt(cls, path, dtype=None, device=None, **overrides):
-    """Load the checkpoint at ``path`` into ``cls(config)`` (a model class or factory): a
-    checkpoint directory, or a GGUF file (``fastlm.models.gguf``)."""
-    path = Path(path)
-    if path.suffix.lower() == ".gguf" and path.is_file():
+def load_gpt(cls, path, dtype=None, device=None, revision=None, **overrides):
+    """Load the checkpoint at ``path`` into ``cls(config)`` (a model class or factory). ``path``
+    is a directory, a GGUF file (``fastlm.models.gguf``), or a Hugging Face repo id (``"gpt2"``),
+    found as ``fastlm.hub`` describes."""
+    if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():
         from .gguf import load_gguf
 
         if overrides:
             raise ValueError("a GGUF file's configuration is its own: no overrides")
-        return load_gguf(cls, path, dtype=dtype, device=device)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist. fastlm loads local checkpoint directories; download a hub model first "
-            f"(e.g. `huggingface-cli download gpt2 --local-dir {path}`)"
-        )
+        return load_gguf(cls, Path(path), dtype=dtype, device=device)
+    path = resolve_pretrained(path, revision, need=MODEL_FILES)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path / CONFIG_NAME} not found: a checkpoint directory needs a config.json")
     cfg = config_from_hf(read_json(path / CONFIG_NAME))

@@ -159,8 +159,11 @@ class GPT(nn.Module):
 
     # -- checkpoints (Hugging Face directory layout; see fastlm.models.checkpoint)
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **overrides) -> "GPT":
-        return load_gpt(cls, path, dtype=dtype, device=device, **overrides)
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, revision: str | None = None,
+                        **overrides) -> "GPT":
+        """The checkpoint at ``path``: a directory, or a Hugging Face repo id (``"gpt2"``) found in
+        the local cache or downloaded (see ``fastlm.hub``); ``revision`` a branch, tag or commit."""
+        return load_gpt(cls, path, dtype=dtype, device=device, revision=revision, **overrides)
 
     def save_pretrained(self, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
         save_gpt(self, path, max_shard_size=max_shard_size, state_dict=state_dict)

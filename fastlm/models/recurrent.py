@@ -73,8 +73,8 @@ class RecurrentLM(nn.Module):
                                         ignore_index=ignore_index)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, **overrides):
-        return load_gpt(cls, path, dtype=dtype, device=device, **overrides)
+    def from_pretrained(cls, path, dtype=None, device=None, revision=None, **overrides):
+        return load_gpt(cls, path, dtype=dtype, device=device, revision=revision, **overrides)
 
     def save_pretrained(self, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
         save_gpt(self, path, max_shard_size=max_shard_size, state_dict=state_dict)

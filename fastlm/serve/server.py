@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..hub import resolve_pretrained
 from ..models import GPT
 from ..tokenizer import load_tokenizer
 from .app import create_app
@@ -21,7 +22,8 @@ __all__ = ["load", "serve", "ServerThread"]
 
 
 def load(model_dir, tokenizer=None, dtype=None, device=None):
-    """(model, tokenizer, chat template) from a checkpoint directory."""
+    """(model, tokenizer, chat template) from a checkpoint directory or a Hugging Face repo id."""
+    model_dir = resolve_pretrained(model_dir)
     model = GPT.from_pretrained(model_dir, dtype=dtype, device=device)
     tok = load_tokenizer(tokenizer or model_dir)
     eot = getattr(tok, "eot_token", None)

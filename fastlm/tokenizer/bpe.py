@@ -235,12 +235,14 @@ class Tokenizer:
         return formats.from_tiktoken_encoding(cls, encoding)
 
     @classmethod
-    def load(cls, path, *, pattern: str | None = None, special_tokens: dict[str, int] | None = None) -> "Tokenizer":
-        """Read a tokenizer from a directory or a file: Hugging Face ``tokenizer.json``, GPT-2
+    def load(cls, path, *, pattern: str | None = None, special_tokens: dict[str, int] | None = None,
+             revision: str | None = None) -> "Tokenizer":
+        """Read a tokenizer from a directory, a file, or a Hugging Face repo id (``"gpt2"``, found
+        in the local cache or downloaded; see ``fastlm.hub``): Hugging Face ``tokenizer.json``, GPT-2
         ``vocab.json`` + ``merges.txt``, or a tiktoken rank file (``*.tiktoken[.gz]``). For a
         tiktoken file, the pattern and special tokens come from the encoding's name in the file
         name (r50k_base, p50k_base, cl100k_base) or from the arguments."""
-        return formats.load_files(cls, path, pattern, special_tokens)
+        return formats.load_files(cls, path, pattern, special_tokens, revision)
 
     def save(self, directory) -> pathlib.Path:
         """Write ``tokenizer.json`` (Hugging Face), ``vocab.json`` + ``merges.txt`` (GPT-2) and

@@ -17,6 +17,7 @@ import zlib
 
 from .. import _gguf
 from .._io import atomic_write_bytes
+from ..hub import TOKENIZER_FILES, HubNotFoundError, resolve_pretrained
 from ._common import ENDOFTEXT, MAX_FILE_BYTES, _check_id, _check_token_length
 from .patterns import _PATTERN_ALIASES, PATTERNS, _pattern_name
 
@@ -81,15 +82,17 @@ def from_tiktoken_encoding(cls, encoding):
                pattern=_pattern_name(encoding._pat_str), name=encoding.name)
 
 
-def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, int] | None = None):
+def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, int] | None = None,
+               revision: str | None = None):
     """``cls.load``: a ``cls`` read from a directory or a file: Hugging Face ``tokenizer.json``,
     GPT-2 ``vocab.json`` + ``merges.txt``, a tiktoken rank file (``*.tiktoken[.gz]``), or a
     GGUF model file (its ``gpt2`` tokenizer). For a
     tiktoken file, the pattern and special tokens come from the encoding's name in the file
     name (r50k_base, p50k_base, cl100k_base) or from the arguments."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no tokenizer at {p}")
+    try:
+        p = resolve_pretrained(path, revision, need=TOKENIZER_FILES)
+    except HubNotFoundError as e:
+        raise FileNotFoundError(f"no tokenizer at {path}: {e}") from None
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
             return _load_hf(cls, p / "tokenizer.json", pattern, special_tokens)
