@@ -13,7 +13,8 @@ _MODEL_FLAGS = {"arch": (str, "gpt"), "n_layer": (int, 6), "n_head": (int, 6), "
 _TRAIN_FLAGS = {"batch_size": int, "grad_accum": int, "max_iters": int, "max_minutes": float, "lr": float,
                 "min_lr": float, "warmup_iters": int, "lr_decay_iters": int, "weight_decay": float, "grad_clip": float,
                 "eval_interval": int, "eval_iters": int, "log_interval": int, "patience": int, "keep_last": int,
-                "seed": int, "backend": str, "device": str, "dtype": str, "threads": int}
+                "seed": int, "backend": str, "device": str, "dtype": str, "threads": int,
+                "optimizer": str, "muon_lr": float, "muon_momentum": float}
 
 
 def _add_train(sub):

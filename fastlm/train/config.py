@@ -27,7 +27,10 @@ class TrainConfig:
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None: max_iters
     # optimiser
-    weight_decay: float = 0.1
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon for the blocks' matrices, AdamW at lr for the rest)
+    muon_lr: float = 0.02  # the Muon group's peak learning rate (it follows the schedule scaled by muon_lr / lr)
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.1  # AdamW's, on matrices (embeddings, output layer) only
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -71,6 +74,15 @@ class TrainConfig:
             (self.patience is None or self.patience >= 1, "patience must be >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be 'auto', 'float32' or 'bfloat16'"),
             (self.block_size is None or self.block_size >= 1, "block_size must be >= 1"),
+            (self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}"),
+            (self.optimizer != "muon" or self.lr > 0, "optimizer='muon' needs lr > 0 (the Muon group's schedule is "
+                                                      "lr's scaled by muon_lr / lr)"),
+            (self.muon_lr > 0, "muon_lr must be > 0"),
+            (0 <= self.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
+            # Muon orthogonalises each whole matrix; FSDP leaves each rank a shard of it.
+            (self.optimizer != "muon" or not self.fsdp,
+             "optimizer='muon' does not run with fsdp=True (FSDP shards the matrices Muon orthogonalises "
+             "whole); train Muon with DDP (drop --fsdp) or use optimizer='adamw'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -129,17 +141,43 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
+def muon_parameters(model) -> set:
+    """The ids of the parameters Muon trains: every 2-D parameter except those of embeddings
+    (``nn.Embedding``) and of the output layer (``model.lm_head``, tied or not), which stay
+    with AdamW as in the modded-nanogpt recipe. For a GPT these are the blocks' projection
+    matrices."""
+    keep_out = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, torch.nn.Module):
+        keep_out |= {id(p) for p in head.parameters()}
+    return {id(p) for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in keep_out}
+
+
 def make_optimizer(model, cfg: TrainConfig, device: torch.device):
-    """AdamW with weight decay on matrices (dim >= 2) only; fused where torch supports it."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices (dim >= 2) only; fused where torch supports it.
+    With ``optimizer="muon"``: ``fastlm.optim.MuonWithAdamW``, Muon (``muon_lr``,
+    ``muon_momentum``, no weight decay) for ``muon_parameters(model)``, AdamW (``lr``, decay
+    on matrices only) for the rest. Every group's lr is scaled by its ``lr_ratio`` when the
+    Trainer sets the schedule's lr."""
+    muon = muon_parameters(model) if cfg.optimizer == "muon" else set()
+    decay, no_decay, matrices = [], [], []
     seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (matrices if id(p) in muon else decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "muon":
+        from ..optim import MuonWithAdamW
+
+        if not matrices:
+            raise ValueError("optimizer='muon': the model has no weight matrices for Muon (2-D parameters "
+                             "outside its embeddings and output layer)")
+        adam = [dict(g, use_muon=False, **kw) for g in groups if g["params"]]
+        return MuonWithAdamW([{"params": matrices, "use_muon": True, "lr": cfg.muon_lr, "lr_ratio": cfg.muon_lr / cfg.lr,
+                               "momentum": cfg.muon_momentum, "weight_decay": 0.0}] + adam)
     if cfg.fused_adamw:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)

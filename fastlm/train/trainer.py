@@ -3,7 +3,8 @@
 One optimisation step is ``grad_accum`` micro-batches of ``batch_size`` windows of
 ``block_size`` tokens, forward + backward (``model.loss``: the output layer and the loss
 fused), gradient clipping, then AdamW (weight decay on matrices only, ``fused=True``
-where torch supports it) at a learning rate that warms up linearly and then follows a
+where torch supports it), or with ``optimizer="muon"`` Muon for the blocks' matrices and
+AdamW for the rest (``fastlm.optim.MuonWithAdamW``), at a learning rate that warms up linearly and then follows a
 cosine down to ``min_lr``. Losses stay on the device; the host reads them only at
 ``log_interval`` and at evaluations.
 
@@ -157,7 +158,7 @@ class Trainer:
         """One optimisation step; returns the mean loss over the micro-batches (a tensor)."""
         cfg = self.config
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_ratio", 1.0)  # the Muon group's schedule is lr's, scaled
         total = None
         for i in range(cfg.grad_accum):
             x, y = self._batch("train", self.train_rng)
