@@ -156,7 +156,7 @@ def prefill(model, cache, prompts, rows, run: "_Run | None" = None) -> torch.Ten
     h, delta = model.blocks(x, model.rope_at(positions[0]), _Prefill(cache, segments), run)
     last = torch.tensor([s0 + n - 1 for s0, n in zip(starts, lengths)], device=device)
     y = model.final_norm(h[0, last], None if delta is None else delta[0, last], run)
-    return run.linear(model.lm_head, y)
+    return model.logits(y, run)
 
 
 @torch.no_grad()
@@ -168,4 +168,4 @@ def step(model, cache, tokens, positions, attend_lens, run: "_Run | None" = None
     rope = model.rope_at(positions.view(-1, 1, 1))  # (B, 1, 1, D/2): broadcast over heads
     h, delta = model.blocks(x, rope, _Step(cache, run, positions, attend_lens), run)
     y = model.final_norm(h[:, 0], None if delta is None else delta[:, 0], run)
-    return run.linear(model.lm_head, y)
+    return model.logits(y, run)
