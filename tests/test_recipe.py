@@ -88,3 +88,62 @@ def test_muon_refusals(data_dir, tmp_path):
     # no block matrices (no layers): nothing for Muon to train
     with pytest.raises(ValueError, match="no weight matrices"):
         Trainer(tiny_model(n_layer=0), tiny_config(tmp_path), data_dir)
+
+
+# ----------------------------------------------------------------------------- the fast recipe
+def test_linear_schedule():
+    from fastlm.train import lr_at
+
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=10, max_iters=110, lr_schedule="linear")
+    assert lr_at(9, cfg) == pytest.approx(10 / 11)
+    assert [lr_at(s, cfg) for s in (10, 35, 60, 110, 200)] == pytest.approx([1.0, 0.75, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="target_val_loss"):
+        TrainConfig(target_val_loss=float("nan"))
+
+
+def test_fast_recipe_and_its_toml_agree(tmp_path):
+    from pathlib import Path
+
+    from fastlm.train import RECIPES, load_config_file
+
+    fast = TrainConfig.fast(max_iters=300)
+    assert fast.optimizer == "muon" and fast.lr_schedule == "linear" and fast.max_iters == 300
+    for k, v in RECIPES["fast"]["train"].items():
+        if k != "max_iters":
+            assert getattr(fast, k) == v
+    GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, **RECIPES["fast"]["model"])  # valid switches
+    toml = load_config_file(Path(__file__).resolve().parent.parent / "configs" / "fast.toml")
+    assert toml == {**RECIPES["fast"]["model"], **RECIPES["fast"]["train"]}
+
+
+def test_target_val_loss_stops_training(data_dir, tmp_path):
+    cfg = dict(max_iters=24, eval_interval=4, optimizer="adamw")
+    free = Trainer(tiny_model(), tiny_config(tmp_path / "free", **cfg), data_dir)
+    free.train()
+    vals = [r["val_loss"] for r in free.history]
+    # the target: the val loss of the 3rd evaluation, above every earlier one's
+    assert vals[2] < min(vals[:2])
+    stopped = Trainer(tiny_model(), tiny_config(tmp_path / "stop", target_val_loss=vals[2], **cfg), data_dir)
+    summary = stopped.train()
+    assert summary["step"] == 12 and summary["stop_reason"].startswith("target val loss")
+    assert [r["val_loss"] for r in stopped.history] == vals[:3]
+
+
+def test_cli_recipe_fast(data_dir, tmp_path):
+    from fastlm.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "fast", "--data", str(data_dir), "--out", str(out), "--n-layer", "1",
+                 "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4", "--max-iters", "4",
+                 "--eval-interval", "4", "--eval-iters", "1", "--threads", "1", "--mlp", "gelu",
+                 "--target-val-loss", "0.5", "--no-progress"]) == 0
+    state = json.loads((out / "best" / "trainer_state.json").read_text())
+    assert state["config"]["optimizer"] == "muon" and state["config"]["lr_schedule"] == "linear"
+    assert state["config"]["target_val_loss"] == 0.5 and state["config"]["max_iters"] == 4  # flags win
+    model = state["model_config"]
+    assert model["qk_norm"] and model["zero_init_proj"] and not model["tie_word_embeddings"]
+    assert model["pos"] == "rope" and model["mlp"] == "gelu"  # the flag won over the recipe
+    with pytest.raises(SystemExit):  # argparse: not one of the recipes
+        main(["train", "--recipe", "slow", "--data", str(data_dir), "--out", str(tmp_path / "x")])

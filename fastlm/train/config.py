@@ -12,6 +12,22 @@ from pathlib import Path
 import torch
 
 
+# Named recipes: GPTConfig switches ("model") and TrainConfig settings ("train"). "fast" is the
+# modded-nanogpt speedrun's algorithm at the small end: Muon for the hidden matrices, RMSNorm,
+# rotary positions, QK-norm, ReLU^2 MLP, an untied zero-initialised output layer and
+# zero-initialised projections, no biases, warmup then linear decay to zero. Its learning rates
+# were chosen on character-level tiny Shakespeare at 4 layers x 4 heads x 128 wide, context 64,
+# batch 12 (bench/RESULTS.md). configs/fast.toml holds the same settings for --config.
+RECIPES = {
+    "fast": {
+        "model": dict(norm="rmsnorm", pos="rope", qk_norm=True, mlp="relu2", bias=False,
+                      tie_word_embeddings=False, zero_init_proj=True),
+        "train": dict(optimizer="muon", muon_lr=0.02, muon_momentum=0.95, lr=3e-3, min_lr=0.0, warmup_iters=30,
+                      lr_schedule="linear", max_iters=800, weight_decay=0.0, eval_interval=50),
+    },
+}
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "out"
@@ -26,6 +42,7 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None: max_iters
+    lr_schedule: str = "cosine"  # after the warmup, "cosine" or "linear" down to min_lr at lr_decay_iters
     # optimiser
     optimizer: str = "adamw"  # "adamw" | "muon" (Muon for the blocks' matrices, AdamW at lr for the rest)
     muon_lr: float = 0.02  # the Muon group's peak learning rate (it follows the schedule scaled by muon_lr / lr)
@@ -40,6 +57,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     patience: int | None = None  # evaluations without improvement before stopping
+    target_val_loss: float | None = None  # stop at the first evaluation whose val loss is at or below it
     min_delta: float = 0.0
     log_interval: int = 10
     # checkpoints
@@ -74,6 +92,10 @@ class TrainConfig:
             (self.patience is None or self.patience >= 1, "patience must be >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be 'auto', 'float32' or 'bfloat16'"),
             (self.block_size is None or self.block_size >= 1, "block_size must be >= 1"),
+            (self.lr_schedule in ("cosine", "linear"), f"lr_schedule must be 'cosine' or 'linear', got {self.lr_schedule!r}"),
+            (self.target_val_loss is None or (isinstance(self.target_val_loss, (int, float))
+                                              and math.isfinite(self.target_val_loss)),
+             f"target_val_loss must be None or a finite number, got {self.target_val_loss!r}"),
             (self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}"),
             (self.optimizer != "muon" or self.lr > 0, "optimizer='muon' needs lr > 0 (the Muon group's schedule is "
                                                       "lr's scaled by muon_lr / lr)"),
@@ -90,6 +112,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def fast(cls, **overrides) -> "TrainConfig":
+        """The ``fast`` recipe's training settings (``RECIPES["fast"]["train"]``: Muon for the
+        blocks' matrices, AdamW for the rest, a short warmup, then a linear decay to zero over
+        ``max_iters``), with ``overrides`` on top. Its model switches are
+        ``RECIPES["fast"]["model"]``."""
+        return cls(**{**RECIPES["fast"]["train"], **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -131,13 +161,16 @@ def load_config_file(path) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup_iters``, cosine to ``min_lr`` at ``lr_decay_iters``."""
+    """Linear warmup to ``lr`` over ``warmup_iters``, then cosine (``lr_schedule="cosine"``) or
+    linear (``"linear"``) decay to ``min_lr`` at ``lr_decay_iters``."""
     decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if step >= decay:
         return cfg.min_lr
     ratio = (step - cfg.warmup_iters) / max(decay - cfg.warmup_iters, 1)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr + ratio * (cfg.min_lr - cfg.lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
