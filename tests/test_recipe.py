@@ -76,6 +76,14 @@ def test_muon_run_resumes_bit_for_bit(data_dir, tmp_path):
     assert la[-1]["loss"] < la[0]["loss"]
 
 
+def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path):
+    from fastlm.checkpoint import CheckpointError
+
+    Trainer(tiny_model(), tiny_config(tmp_path, max_iters=8), data_dir).train()
+    with pytest.raises(CheckpointError, match="optimizer='muon'"):
+        Trainer(tiny_model(), tiny_config(tmp_path, max_iters=16, optimizer="adamw", resume=True), data_dir).train()
+
+
 def test_muon_refusals(data_dir, tmp_path):
     with pytest.raises(ValueError, match="optimizer must be"):
         TrainConfig(optimizer="sgd")
