@@ -15,8 +15,8 @@ import torch
 # Named recipes: GPTConfig switches ("model") and TrainConfig settings ("train"). "fast" is the
 # modded-nanogpt speedrun's algorithm at the small end: Muon for the hidden matrices, RMSNorm,
 # rotary positions, QK-norm, ReLU^2 MLP, an untied zero-initialised output layer and
-# zero-initialised projections, no biases, warmup then linear decay to zero. Its learning rates
-# were chosen on character-level tiny Shakespeare at 4 layers x 4 heads x 128 wide, context 64,
+# zero-initialised projections, no biases, warmup then linear decay to zero. Its settings are
+# checked on character-level tiny Shakespeare at 4 layers x 4 heads x 128 wide, context 64,
 # batch 12 (bench/RESULTS.md). configs/fast.toml holds the same settings for --config.
 RECIPES = {
     "fast": {
