@@ -127,7 +127,7 @@ def test_fast_recipe_and_its_toml_agree(tmp_path):
 
 
 def test_target_val_loss_stops_training(data_dir, tmp_path):
-    cfg = dict(max_iters=24, eval_interval=4, optimizer="adamw")
+    cfg = dict(max_iters=16, eval_interval=4, optimizer="adamw")
     free = Trainer(tiny_model(), tiny_config(tmp_path / "free", **cfg), data_dir)
     free.train()
     vals = [r["val_loss"] for r in free.history]
