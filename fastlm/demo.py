@@ -44,11 +44,15 @@ def _calibrate(model, cfg, data, steps: int = 3) -> float:
 
 def run_demo(out="fastlm-demo", minutes: float = 3.0, vocab_size: int = 2048, max_files: int | None = None,
              n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 128, batch_size: int = 16,
-             seed: int = 1337, max_new_tokens: int = 80, progress: bool = True) -> dict:
+             seed: int = 1337, max_new_tokens: int = 80, progress: bool = True, recipe: str = "fast") -> dict:
+    """``recipe``: "fast" (``fastlm.train.RECIPES["fast"]``: Muon and the modded-nanogpt
+    switches, linear decay) or "classic" (GPT-2's layers, AdamW 2e-3, cosine decay)."""
     from . import GPT, GPTConfig
     from .data import TokenData, prepare, stdlib_corpus
-    from .train import Trainer, TrainConfig
+    from .train import RECIPES, Trainer, TrainConfig
 
+    if recipe not in ("fast", "classic"):
+        raise ValueError(f"recipe must be 'fast' or 'classic', got {recipe!r}")
     out = Path(out)
     t_start = time.perf_counter()
     data_dir = out / "data"
@@ -61,20 +65,26 @@ def run_demo(out="fastlm-demo", minutes: float = 3.0, vocab_size: int = 2048, ma
     tokenizer = data.tokenizer()
 
     torch.manual_seed(seed)
+    switches = RECIPES["fast"]["model"] if recipe == "fast" else {}
     model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd, dropout=0.0, eos_token_id=data.eot_token, bos_token_id=data.eot_token))
+                          n_embd=n_embd, dropout=0.0, eos_token_id=data.eot_token, bos_token_id=data.eot_token,
+                          **switches))
     budget = max(minutes * 60.0 - (time.perf_counter() - t_start), 5.0)
-    cfg = TrainConfig(out_dir=str(out), batch_size=batch_size, lr=2e-3, min_lr=2e-4, weight_decay=0.1, seed=seed,
-                      grad_clip=1.0, eval_iters=10, log_interval=5, keep_last=1, progress=progress)
+    common = dict(out_dir=str(out), batch_size=batch_size, seed=seed, grad_clip=1.0, eval_iters=10, log_interval=5,
+                  keep_last=1, progress=progress)
+    if recipe == "fast":
+        cfg = TrainConfig.fast(**common)
+    else:
+        cfg = TrainConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.1, warmup_iters=100, **common)
     sec = _calibrate(model, cfg, data)
     # evaluations and checkpoints take about 10% of the budget
     iters = max(int(0.88 * budget / sec), 10)
     cfg.max_iters = iters
-    cfg.warmup_iters = min(100, iters // 10)
+    cfg.warmup_iters = min(cfg.warmup_iters, iters // 10)
     cfg.eval_interval = max(iters // 8, 1)
     cfg.max_minutes = budget / 60.0
     print(f"[2/4] training a {model.num_parameters() / 1e6:.2f}M-parameter GPT ({n_layer} layers, {n_head} heads, "
-          f"{n_embd} wide, context {block_size}) for about {budget / 60:.1f} minutes: {iters} steps of "
+          f"{n_embd} wide, context {block_size}; the {recipe} recipe) for about {budget / 60:.1f} minutes: {iters} steps of "
           f"{batch_size * block_size} tokens ({sec * 1000:.0f} ms a step)", file=sys.stderr)
     trainer = Trainer(model, cfg, data, tokenizer=tokenizer)
     summary = trainer.train()
@@ -100,7 +110,7 @@ Everything is in {out}/:
   metrics.jsonl    train/val loss, learning rate and tokens/s at each evaluation
   loss.png         the loss curves
 
-Continue training:  fastlm train --data {data_dir} --out {out} --resume --max-iters {2 * iters}
+Continue training:  fastlm train --data {data_dir} --out {out} --resume --max-iters {2 * iters}{" --recipe fast" if recipe == "fast" else ""}
 Generate:           fastlm generate --model {best} --prompt "def fibonacci(n):" --do-sample
 Serve:              fastlm serve --model {best}""")
     return {"summary": summary, "completions": completions, "out": str(out), "best": str(best)}

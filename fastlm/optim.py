@@ -9,13 +9,16 @@ The step is scaled by sqrt(max(1, rows / cols)) so that tall and wide matrices m
 and weight decay is decoupled (p <- p (1 - lr wd)), as in AdamW.
 
 Muon is meant for the hidden matrices (attention and MLP projections); embeddings, the output
-layer, gains and biases train better with AdamW (the trainer builds the two groups). The
+layer, gains and biases train better with AdamW. ``MuonWithAdamW`` is one optimizer over both
+kinds of parameter group (``use_muon=True`` or not), so a training run saves, loads and
+schedules one optimizer state; the Trainer builds it for ``TrainConfig(optimizer="muon")``. The
 method, the iteration's coefficients and the recipe around it are Keller Jordan's (the
 modded-nanogpt speedrun, 2024).
 """
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw as _adamw_step
 
 # (a, b, c) of X <- a X + (b A + c A^2) X, A = X X^T: chosen to push every singular value of
 # the normalised update into about [0.7, 1.2] in five steps rather than to converge exactly.
@@ -42,6 +45,42 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return x.to(g.dtype)
 
 
+def _muon_update(p, state, group):
+    """One Muon step of the matrix ``p`` (its gradient set) with ``group``'s settings."""
+    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+    g = p.grad
+    if g.is_sparse:
+        raise RuntimeError("Muon does not take sparse gradients")
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g)
+    buf = state["momentum_buffer"]
+    buf.mul_(mu).add_(g)
+    update = g.add(buf, alpha=mu) if group["nesterov"] else buf
+    update = orthogonalize(update, steps=group["ns_steps"])
+    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.add_(update, alpha=-lr * scale)
+
+
+def _check_muon_settings(lr, momentum, ns_steps, weight_decay, who="Muon"):
+    if lr <= 0:
+        raise ValueError(f"{who}: lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"{who}: momentum must be in [0, 1), got {momentum}")
+    if ns_steps < 1:
+        raise ValueError(f"{who}: ns_steps must be >= 1, got {ns_steps}")
+    if weight_decay < 0:
+        raise ValueError(f"{who}: weight_decay must be >= 0, got {weight_decay}")
+
+
+def _check_matrices(params):
+    for p in params:
+        if p.dim() != 2:
+            raise ValueError(f"Muon trains matrices only; got a parameter of shape {tuple(p.shape)} "
+                             "(give embeddings, gains and biases to AdamW)")
+
+
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D parameters (see the module's docstring).
 
@@ -54,21 +93,11 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  weight_decay: float = 0.0):
-        if lr <= 0:
-            raise ValueError(f"Muon: lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"Muon: momentum must be in [0, 1), got {momentum}")
-        if ns_steps < 1:
-            raise ValueError(f"Muon: ns_steps must be >= 1, got {ns_steps}")
-        if weight_decay < 0:
-            raise ValueError(f"Muon: weight_decay must be >= 0, got {weight_decay}")
+        _check_muon_settings(lr, momentum, ns_steps, weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay))
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"Muon trains matrices only; got a parameter of shape {tuple(p.shape)} "
-                                     "(give embeddings, gains and biases to AdamW)")
+            _check_matrices(group["params"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -77,22 +106,79 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    _muon_update(p, self.state[p], group)
+        return loss
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the parameter groups marked ``use_muon=True`` (2-D matrices), AdamW for the
+    others, in one optimizer: one ``state_dict`` and one list of ``param_groups``, each group
+    with its own learning rate.
+
+    A Muon group takes ``lr``, ``momentum``, ``nesterov``, ``ns_steps``, ``weight_decay``
+    (defaults: Muon's); an AdamW group ``lr``, ``betas``, ``eps``, ``weight_decay`` (defaults:
+    torch's AdamW). The AdamW groups step with torch's own AdamW function (``foreach`` where
+    the device has it), so they compute exactly what ``torch.optim.AdamW`` computes; their
+    state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``), a Muon matrix's its
+    ``momentum_buffer``.
+    """
+
+    _MUON = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0)
+    _ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+    def __init__(self, param_groups):
+        groups = []
+        for g in param_groups:
+            if not isinstance(g, dict) or "params" not in g:
+                raise TypeError("MuonWithAdamW takes a list of parameter groups (dicts with 'params' and 'use_muon')")
+            g = dict(g)
+            g["params"] = list(g["params"])
+            g["use_muon"] = bool(g.get("use_muon", False))
+            for k, v in (self._MUON if g["use_muon"] else self._ADAMW).items():
+                g.setdefault(k, v)
+            if g["use_muon"]:
+                _check_muon_settings(g["lr"], g["momentum"], g["ns_steps"], g["weight_decay"], "MuonWithAdamW")
+                _check_matrices(g["params"])
+            else:
+                b1, b2 = g["betas"]
+                if g["lr"] < 0 or g["eps"] < 0 or g["weight_decay"] < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+                    raise ValueError(f"MuonWithAdamW: bad AdamW settings lr={g['lr']}, betas={g['betas']}, "
+                                     f"eps={g['eps']}, weight_decay={g['weight_decay']}")
+            groups.append(g)
+        super().__init__(groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        _muon_update(p, self.state[p], group)
+                continue
+            params, grads, avgs, sqs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("Muon does not take sparse gradients")
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not take sparse gradients")
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(g)
-                update = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                update = orthogonalize(update, steps=group["ns_steps"])
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * scale)
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                avgs.append(state["exp_avg"])
+                sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if params:
+                beta1, beta2 = group["betas"]
+                _adamw_step(params, grads, avgs, sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+                            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         return loss

@@ -80,7 +80,8 @@ def test_generate_uses_it_and_matches_the_full_forward():
     assert torch.equal(logits[0, 4:].argmax(-1), out[0, 5:])
 
 
-@pytest.mark.parametrize("change", [dict(pos="rope"), dict(mlp="swiglu")])
+@pytest.mark.parametrize("change", [dict(pos="rope"), dict(mlp="swiglu"), dict(mlp="relu2"), dict(qk_norm=True),
+                                    dict(logit_softcap=5.0)])
 def test_other_architectures_take_the_python_step(change):
     model = _model({**CONFIGS[0], **change}, seed=1)
     run = decode._Run(model)

@@ -80,7 +80,7 @@ def test_untied_head_and_tokenizer_inside(tmp_path, tok):
 
 def test_only_gpt2_architectures_export(tmp_path, tok):
     for change in (dict(pos="rope"), dict(norm="rmsnorm"), dict(mlp="swiglu"), dict(bias=False),
-                   dict(n_kv_head=2)):
+                   dict(n_kv_head=2), dict(qk_norm=True), dict(mlp="relu2"), dict(logit_softcap=5.0)):
         with pytest.raises(ValueError, match="GPT-2 architecture"):
             _model(**change).save_gguf(tmp_path / "x.gguf", "f32", tok)
     with pytest.raises(ValueError, match="tokenizer"):

@@ -113,3 +113,57 @@ def test_trains_a_small_regression():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05 * first
+
+
+def test_muon_with_adamw_steps_each_group_as_its_own_optimizer_would():
+    """MuonWithAdamW = Muon on the use_muon groups + torch's AdamW on the others, each group at
+    its own learning rate; its state_dict resumes exactly."""
+    from fastlm.optim import MuonWithAdamW
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(24, 16), (16,), (40, 16)]
+    init = [torch.randn(*s, generator=gen) for s in shapes]
+    grads = [[torch.randn(*s, generator=gen) for s in shapes] for _ in range(6)]
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = MuonWithAdamW([{"params": [ps[0]], "use_muon": True, "lr": 0.03, "momentum": 0.9},
+                         {"params": [ps[1], ps[2]], "lr": 2e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}])
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_muon = Muon([ref[0]], lr=0.03, momentum=0.9)
+    ref_adam = torch.optim.AdamW([ref[1], ref[2]], lr=2e-3, betas=(0.9, 0.99), weight_decay=0.1, foreach=False)
+    for step, gs in enumerate(grads):
+        for p, r, g in zip(ps, ref, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        ref_muon.step()
+        ref_adam.step()
+        if step == 2:
+            saved = copy.deepcopy(opt.state_dict())
+            mid = [p.detach().clone() for p in ps]
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ps[0].detach(), init[0])
+    # resume from the state after step 3 and replay the last three steps: the same weights, bit for bit
+    qs = [torch.nn.Parameter(t) for t in mid]
+    opt2 = MuonWithAdamW([{"params": [qs[0]], "use_muon": True, "lr": 0.03, "momentum": 0.9},
+                          {"params": [qs[1], qs[2]], "lr": 2e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}])
+    opt2.load_state_dict(saved)
+    for gs in grads[3:]:
+        for q, g in zip(qs, gs):
+            q.grad = g.clone()
+        opt2.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+
+
+def test_muon_with_adamw_refuses_bad_groups():
+    from fastlm.optim import MuonWithAdamW
+
+    w, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="matrices only"):
+        MuonWithAdamW([{"params": [b], "use_muon": True}])
+    with pytest.raises(ValueError, match="momentum"):
+        MuonWithAdamW([{"params": [w], "use_muon": True, "momentum": 1.5}])
+    with pytest.raises(ValueError, match="AdamW settings"):
+        MuonWithAdamW([{"params": [b], "lr": -1.0}])
+    with pytest.raises(TypeError, match="parameter groups"):
+        MuonWithAdamW([w])

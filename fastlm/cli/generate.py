@@ -73,6 +73,8 @@ def _add_demo(sub):
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--recipe", choices=("fast", "classic"), default="fast",
+                   help="fast (default): Muon and the modded-nanogpt switches; classic: GPT-2's layers and AdamW")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -86,5 +88,5 @@ def _run_demo(args):
         raise ValueError(f"{args.out} already holds a run; remove it or choose another --out")
     run_demo(out=Path(args.out), minutes=args.minutes, vocab_size=args.vocab_size, max_files=args.max_files,
              n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-             batch_size=args.batch_size, seed=args.seed, progress=args.progress)
+             batch_size=args.batch_size, seed=args.seed, progress=args.progress, recipe=args.recipe)
     return 0

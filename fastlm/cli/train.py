@@ -13,7 +13,13 @@ _MODEL_FLAGS = {"arch": (str, "gpt"), "n_layer": (int, 6), "n_head": (int, 6), "
 _TRAIN_FLAGS = {"batch_size": int, "grad_accum": int, "max_iters": int, "max_minutes": float, "lr": float,
                 "min_lr": float, "warmup_iters": int, "lr_decay_iters": int, "weight_decay": float, "grad_clip": float,
                 "eval_interval": int, "eval_iters": int, "log_interval": int, "patience": int, "keep_last": int,
-                "seed": int, "backend": str, "device": str, "dtype": str, "threads": int}
+                "seed": int, "backend": str, "device": str, "dtype": str, "threads": int,
+                "optimizer": str, "muon_lr": float, "muon_momentum": float, "lr_schedule": str,
+                "target_val_loss": float}
+# GPTConfig's architecture switches: flags for the valued ones; all of them in a config file or a recipe
+_SWITCH_FLAGS = {"norm": str, "pos": str, "mlp": str, "logit_softcap": float}
+_SWITCHES = set(_SWITCH_FLAGS) | {"bias", "qk_norm", "tie_word_embeddings", "zero_init_proj", "n_kv_head",
+                                  "rope_theta"}
 
 
 def _add_train(sub):
@@ -21,8 +27,15 @@ def _add_train(sub):
     _add_data_args(p, required=False)
     p.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with the same keys as the flags; flags win")
+    from fastlm.train.config import RECIPES
+
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="a named set of model switches and training settings (fast: Muon, RMSNorm, rotary, "
+                        "QK-norm, ReLU^2, untied zero-init head, linear decay); the config file and flags win")
     for name, (typ, default) in _MODEL_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=f"model: default {default}")
+    for name, typ in _SWITCH_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help="model switch (see GPTConfig)")
     for name, typ in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model's loss")
@@ -72,11 +85,14 @@ def _run_train(args):
     from fastlm.train import distributed
     from fastlm._io import read_json
     from fastlm.data import TokenData
-    from fastlm.train import Trainer, TrainConfig, find_checkpoints, load_config_file
+    from fastlm.train import RECIPES, Trainer, TrainConfig, find_checkpoints, load_config_file
 
-    opts = load_config_file(args.config) if args.config else {}
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config")})
-    known = set(_MODEL_FLAGS) | set(_TRAIN_FLAGS) | {"data", "tokenizer", "vocab_size", "val_fraction", "text_field",
+    opts = {}
+    if args.recipe:
+        opts.update({**RECIPES[args.recipe]["model"], **RECIPES[args.recipe]["train"]})
+    opts.update(load_config_file(args.config) if args.config else {})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("command", "config", "recipe")})
+    known = set(_MODEL_FLAGS) | _SWITCHES | set(_TRAIN_FLAGS) | {"data", "tokenizer", "vocab_size", "val_fraction", "text_field",
                                                      "extensions", "min_chars", "max_chars", "scrub_pii", "no_nfc",
                                                      "no_newlines", "no_control_chars", "no_dedup", "out", "out_dir",
                                                      "compile", "resume", "progress"} | {
@@ -92,12 +108,13 @@ def _run_train(args):
     data_dir = _prepared_data(opts, out)
     data = TokenData(data_dir)
 
-    model_kw = {k: opts[k] for k in _MODEL_FLAGS if k in opts}
+    model_keys = set(_MODEL_FLAGS) | _SWITCHES
+    model_kw = {k: opts[k] for k in model_keys if k in opts}
     if opts.get("resume"):
         ckpts = find_checkpoints(out)
         if ckpts:  # the model is the checkpoint's; given flags must agree (Trainer checks)
             saved = read_json(ckpts[-1] / "trainer_state.json").get("model_config", {})
-            model_kw = {**{k: saved[k] for k in _MODEL_FLAGS if k in saved}, **model_kw}
+            model_kw = {**{k: saved[k] for k in model_keys if k in saved}, **model_kw}
     for k, (_, default) in _MODEL_FLAGS.items():
         model_kw.setdefault(k, default)
     torch.manual_seed(opts.get("seed", 1337))  # the initial weights are part of a reproducible run

@@ -135,6 +135,7 @@ def config_from_hf(hf: dict):
             raise CheckpointError(f"config.json sets {flag}=true, which fastlm's GPT does not implement")
     if hf.get("scale_attn_weights") is False:
         raise CheckpointError("config.json sets scale_attn_weights=false, which fastlm's GPT does not implement")
+    own = hf.get("fastlm") if isinstance(hf.get("fastlm"), dict) else {}
     try:
         return GPTConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -147,6 +148,8 @@ def config_from_hf(hf: dict):
             layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
             initializer_range=float(hf.get("initializer_range", 0.02)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            # how fastlm initialised the weights: GPT-2 has no key for it, fastlm's object keeps it
+            zero_init_proj=bool(own.get("zero_init_proj", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )

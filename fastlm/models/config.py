@@ -3,7 +3,11 @@
 GPT-2 (the defaults): learned positions, pre-LayerNorm blocks, tanh-GELU MLP of width
 4 * n_embd, biases everywhere, tied input/output embeddings. Modern options:
 ``norm="rmsnorm"``, ``pos="rope"``, ``mlp="swiglu"``, ``bias=False``, ``n_kv_head < n_head``
-(grouped-query attention); ``arch="lstm"``/``"gru"`` for the recurrent baselines.
+(grouped-query attention); ``arch="lstm"``/``"gru"`` for the recurrent baselines. The
+modded-nanogpt speedrun's switches: ``qk_norm`` (queries and keys RMS-normalised per head),
+``mlp="relu2"`` (ReLU squared), ``tie_word_embeddings=False`` (an output layer of its own),
+``zero_init_proj`` (output projections, and an untied output layer, start at zero),
+``logit_softcap`` (logits = cap * tanh(logits / cap)).
 """
 from __future__ import annotations
 
@@ -43,10 +47,13 @@ class GPTConfig:
     bias: bool = True
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     pos: str = "learned"  # "learned" | "rope"
-    mlp: str = "gelu"  # "gelu" (tanh approximation) | "swiglu"
+    mlp: str = "gelu"  # "gelu" (tanh approximation) | "swiglu" | "relu2" (ReLU squared)
     layer_norm_epsilon: float = 1e-5
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no gain) before rotary and attention
+    zero_init_proj: bool = False  # attention's and the MLP's c_proj, and an untied lm_head, initialised to zero
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), in the loss too; None: off
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -66,7 +73,13 @@ class GPTConfig:
              f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
             (self.pos in ("learned", "rope"), f"pos must be 'learned' or 'rope', got {self.pos!r}"),
-            (self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}"),
+            (self.mlp in ("gelu", "swiglu", "relu2"), f"mlp must be 'gelu', 'swiglu' or 'relu2', got {self.mlp!r}"),
+            (isinstance(self.qk_norm, bool), f"qk_norm must be True or False, got {self.qk_norm!r}"),
+            (isinstance(self.zero_init_proj, bool), f"zero_init_proj must be True or False, got {self.zero_init_proj!r}"),
+            (self.logit_softcap is None or (isinstance(self.logit_softcap, (int, float))
+                                            and not isinstance(self.logit_softcap, bool)
+                                            and 0 < self.logit_softcap < math.inf),
+             f"logit_softcap must be None or a positive finite number, got {self.logit_softcap!r}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0, "rotary positions need an even head size"),
         ]
@@ -92,7 +105,8 @@ class GPTConfig:
     def is_gpt2(self) -> bool:
         """True when transformers' GPT2LMHeadModel can hold this configuration exactly."""
         return (self.arch == "gpt" and self.norm == "layernorm" and self.pos == "learned" and self.mlp == "gelu" and self.bias
-                and self.n_kv_head == self.n_head and self.tie_word_embeddings)
+                and self.n_kv_head == self.n_head and self.tie_word_embeddings and not self.qk_norm
+                and self.logit_softcap is None)
 
     def to_dict(self) -> dict:
         return asdict(self)

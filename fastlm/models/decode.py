@@ -120,15 +120,15 @@ class _Run(Eager):
 
 def _fused_step_ok(model) -> bool:
     """Whether ``model`` is of the family ``ops.gpt_decode_step`` computes: a plain fastlm GPT
-    (its own blocks, final norm and output layer), learned or no positions, a GELU MLP, and one
-    epsilon for every norm."""
+    (its own blocks, final norm and output layer), learned positions, a GELU MLP, no QK-norm,
+    no logit soft-cap, and one epsilon for every norm."""
     from .gpt import GPT
     from .layers import MLP, Block, CausalSelfAttention
 
     cfg = model.config
     if type(model) is not GPT or cfg.arch != "gpt" or not _fused.available():
         return False
-    if cfg.pos != "learned" or cfg.mlp != "gelu":
+    if cfg.pos != "learned" or cfg.mlp != "gelu" or cfg.qk_norm or cfg.logit_softcap is not None:
         return False
     t = model.transformer
     for block in t.h:
@@ -209,7 +209,7 @@ def prefill(model, cache, prompts, rows, run: "_Run | None" = None) -> torch.Ten
     h, delta = model.blocks(x, model.rope_at(positions[0]), _Prefill(cache, segments), run)
     last = torch.tensor([s0 + n - 1 for s0, n in zip(starts, lengths)], device=device)
     y = model.final_norm(h[0, last], None if delta is None else delta[0, last], run)
-    return run.linear(model.lm_head, y)
+    return model.logits(y, run)
 
 
 def _fused_caches(cache):
@@ -235,4 +235,4 @@ def step(model, cache, tokens, positions, attend_lens, run: "_Run | None" = None
     rope = model.rope_at(positions.view(-1, 1, 1))  # (B, 1, 1, D/2): broadcast over heads
     h, delta = model.blocks(x, rope, _Step(cache, run, positions, attend_lens), run)
     y = model.final_norm(h[:, 0], None if delta is None else delta[:, 0], run)
-    return run.linear(model.lm_head, y)
+    return model.logits(y, run)

@@ -76,9 +76,10 @@ def check_gguf_config(cfg: GPTConfig) -> None:
         bad.append("bias=False")
     if cfg.n_kv_head != cfg.n_head:
         bad.append(f"n_kv_head={cfg.n_kv_head} (grouped-query)")
-    for name in ("qk_norm", "logit_softcap"):
-        if getattr(cfg, name, None):
-            bad.append(f"{name}={getattr(cfg, name)!r}")
+    if cfg.qk_norm:
+        bad.append("qk_norm=True")
+    if cfg.logit_softcap is not None:
+        bad.append(f"logit_softcap={cfg.logit_softcap!r}")
     if bad:
         raise ValueError("GGUF export covers the GPT-2 architecture (llama.cpp's gpt2); this model has "
                          + ", ".join(bad))

@@ -1,8 +1,8 @@
 """The GPT model: GPT-2's architecture, with options for the modern variant.
 
 token ids -> token embeddings (+ learned positions) -> n_layer blocks (norm, attention, norm,
-MLP, each with a residual add) -> final norm -> output layer (tied to the token embeddings)
--> logits. The pieces are in ``fastlm.models.layers``; the options in ``GPTConfig``. The
+MLP, each with a residual add) -> final norm -> output layer (tied to the token embeddings
+unless ``tie_word_embeddings=False``) -> logits (soft-capped with ``logit_softcap``). The pieces are in ``fastlm.models.layers``; the options in ``GPTConfig``. The
 parameter names are Hugging Face GPT-2's (``transformer.h.0.attn.c_attn`` ...), stored as
 ``nn.Linear`` (GPT-2's Conv1D weights are transposed on load and save; see
 ``fastlm.models.checkpoint``). Generation runs the same blocks over a KV cache
@@ -46,6 +46,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=cfg.initializer_range / math.sqrt(2 * max(cfg.n_layer, 1)))
+        if cfg.zero_init_proj:
+            # modded-nanogpt: each block starts as the identity on the residual stream, and an
+            # output layer of its own starts at uniform predictions.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not cfg.tie_word_embeddings):
+                    nn.init.zeros_(p)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -114,6 +120,15 @@ class GPT(nn.Module):
             return run.norm(self.transformer.ln_f, h)
         return run.norm(self.transformer.ln_f, delta, h)[0]
 
+    def logits(self, y, run: Eager = EAGER):
+        """The output layer over final hidden states y (..., n_embd): logits (..., vocab),
+        ``cap * tanh(logits / cap)`` when ``logit_softcap`` is set."""
+        logits = run.linear(self.lm_head, y)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
     def hidden_states(self, idx):
         """Final normalised hidden states (B, T, n_embd) for token ids idx (B, T)."""
         self._check_idx(idx)
@@ -129,8 +144,7 @@ class GPT(nn.Module):
         ``targets`` (B, T) are already shifted: position t is scored on ``targets[:, t]``.
         Positions whose label is ``ignore_index`` do not count."""
         targets = next_token_targets(idx, targets, labels, ignore_index)
-        y = self.hidden_states(idx)
-        logits = self.lm_head(y)
+        logits = self.logits(self.hidden_states(idx))
         if targets is None:
             return logits
         loss = ops.cross_entropy(logits, targets, ignore_index=ignore_index)
@@ -139,11 +153,15 @@ class GPT(nn.Module):
     def loss(self, idx, targets=None, ignore_index: int = -100, *, labels=None):
         """Mean cross-entropy of next-token targets (``targets``, already shifted, or
         ``labels`` aligned with ``idx``, as in ``forward``) without materialising every logit:
-        the output layer and the loss are fused (``fastlm.ops.linear_cross_entropy``)."""
+        the output layer and the loss are fused (``fastlm.ops.linear_cross_entropy``). With
+        ``logit_softcap`` the fused kernels do not apply the cap, so the capped logits are made
+        and scored (``ops.cross_entropy``)."""
         targets = next_token_targets(idx, targets, labels, ignore_index)
         if targets is None:
             raise TypeError("loss() needs targets (already shifted) or labels (aligned with idx)")
         y = self.hidden_states(idx)
+        if self.config.logit_softcap is not None:
+            return ops.cross_entropy(self.logits(y), targets, ignore_index=ignore_index)
         return ops.linear_cross_entropy(y, self.lm_head.weight, targets, ignore_index=ignore_index)
 
     def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):

@@ -93,17 +93,22 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.layer_norm_epsilon
         qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
         self.c_attn = nn.Linear(cfg.n_embd, qkv, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def split_heads(self, x, rope=None):
-        """(B, T, C_qkv) -> q (B, H, T, D), k and v (B, Hkv, T, D); rotary positions applied."""
+        """(B, T, C_qkv) -> q (B, H, T, D), k and v (B, Hkv, T, D); with qk_norm q and k
+        RMS-normalised over each head's D features (no gain), then rotary positions applied."""
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         heads = x.view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
         q, k, v = heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]
+        if self.qk_norm:  # bounds the attention logits whatever the weights' scale (modded-nanogpt)
+            q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -132,6 +137,8 @@ class MLP(nn.Module):
     def forward(self, x, run: Eager = EAGER):
         if self.kind == "swiglu":
             hidden = F.silu(run.linear(self.c_gate, x)) * run.linear(self.c_fc, x)
+        elif self.kind == "relu2":
+            hidden = F.relu(run.linear(self.c_fc, x)).square()
         else:
             hidden = run.gelu(run.linear(self.c_fc, x))
         return run.dropout(self.dropout, run.linear(self.c_proj, hidden))

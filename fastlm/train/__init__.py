@@ -11,7 +11,7 @@ selection.py    ``cross_validate`` (k folds by document), ``sweep`` (grid or ran
 distributed.py  torchrun: process group, DDP or FSDP2, the whole state gathered to rank 0
 ==============  =====================================================================
 """
-from .config import TrainConfig, load_config_file, lr_at, make_optimizer, resolve_device
+from .config import RECIPES, TrainConfig, load_config_file, lr_at, make_optimizer, resolve_device
 from .selection import cross_validate, model_for_data, sweep, sweep_trials
 from .state import OPTIMIZER_NAME, STATE_NAME, find_checkpoints
 from .trainer import NonFiniteLossError, Trainer, flops_per_token
@@ -19,6 +19,7 @@ from .trainer import NonFiniteLossError, Trainer, flops_per_token
 __all__ = [
     "Trainer",
     "TrainConfig",
+    "RECIPES",
     "NonFiniteLossError",
     "load_config_file",
     "lr_at",

@@ -12,6 +12,22 @@ from pathlib import Path
 import torch
 
 
+# Named recipes: GPTConfig switches ("model") and TrainConfig settings ("train"). "fast" is the
+# modded-nanogpt speedrun's algorithm at the small end: Muon for the hidden matrices, RMSNorm,
+# rotary positions, QK-norm, ReLU^2 MLP, an untied zero-initialised output layer and
+# zero-initialised projections, no biases, warmup then linear decay to zero. Its settings are
+# checked on character-level tiny Shakespeare at 4 layers x 4 heads x 128 wide, context 64,
+# batch 12 (bench/RESULTS.md). configs/fast.toml holds the same settings for --config.
+RECIPES = {
+    "fast": {
+        "model": dict(norm="rmsnorm", pos="rope", qk_norm=True, mlp="relu2", bias=False,
+                      tie_word_embeddings=False, zero_init_proj=True),
+        "train": dict(optimizer="muon", muon_lr=0.02, muon_momentum=0.95, lr=3e-3, min_lr=0.0, warmup_iters=30,
+                      lr_schedule="linear", max_iters=800, weight_decay=0.0, eval_interval=50),
+    },
+}
+
+
 @dataclass
 class TrainConfig:
     out_dir: str = "out"
@@ -26,8 +42,12 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # None: max_iters
+    lr_schedule: str = "cosine"  # after the warmup, "cosine" or "linear" down to min_lr at lr_decay_iters
     # optimiser
-    weight_decay: float = 0.1
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon for the blocks' matrices, AdamW at lr for the rest)
+    muon_lr: float = 0.02  # the Muon group's peak learning rate (it follows the schedule scaled by muon_lr / lr)
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.1  # AdamW's, on matrices (embeddings, output layer) only
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -37,6 +57,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 20
     patience: int | None = None  # evaluations without improvement before stopping
+    target_val_loss: float | None = None  # stop at the first evaluation whose val loss is at or below it
     min_delta: float = 0.0
     log_interval: int = 10
     # checkpoints
@@ -71,6 +92,19 @@ class TrainConfig:
             (self.patience is None or self.patience >= 1, "patience must be >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be 'auto', 'float32' or 'bfloat16'"),
             (self.block_size is None or self.block_size >= 1, "block_size must be >= 1"),
+            (self.lr_schedule in ("cosine", "linear"), f"lr_schedule must be 'cosine' or 'linear', got {self.lr_schedule!r}"),
+            (self.target_val_loss is None or (isinstance(self.target_val_loss, (int, float))
+                                              and math.isfinite(self.target_val_loss)),
+             f"target_val_loss must be None or a finite number, got {self.target_val_loss!r}"),
+            (self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}"),
+            (self.optimizer != "muon" or self.lr > 0, "optimizer='muon' needs lr > 0 (the Muon group's schedule is "
+                                                      "lr's scaled by muon_lr / lr)"),
+            (self.muon_lr > 0, "muon_lr must be > 0"),
+            (0 <= self.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
+            # Muon orthogonalises each whole matrix; FSDP leaves each rank a shard of it.
+            (self.optimizer != "muon" or not self.fsdp,
+             "optimizer='muon' does not run with fsdp=True (FSDP shards the matrices Muon orthogonalises "
+             "whole); train Muon with DDP (drop --fsdp) or use optimizer='adamw'"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -78,6 +112,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def fast(cls, **overrides) -> "TrainConfig":
+        """The ``fast`` recipe's training settings (``RECIPES["fast"]["train"]``: Muon for the
+        blocks' matrices, AdamW for the rest, a short warmup, then a linear decay to zero over
+        ``max_iters``), with ``overrides`` on top. Its model switches are
+        ``RECIPES["fast"]["model"]``."""
+        return cls(**{**RECIPES["fast"]["train"], **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -119,27 +161,56 @@ def load_config_file(path) -> dict:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup_iters``, cosine to ``min_lr`` at ``lr_decay_iters``."""
+    """Linear warmup to ``lr`` over ``warmup_iters``, then cosine (``lr_schedule="cosine"``) or
+    linear (``"linear"``) decay to ``min_lr`` at ``lr_decay_iters``."""
     decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     if step >= decay:
         return cfg.min_lr
     ratio = (step - cfg.warmup_iters) / max(decay - cfg.warmup_iters, 1)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr + ratio * (cfg.min_lr - cfg.lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
+def muon_parameters(model) -> set:
+    """The ids of the parameters Muon trains: every 2-D parameter except those of embeddings
+    (``nn.Embedding``) and of the output layer (``model.lm_head``, tied or not), which stay
+    with AdamW as in the modded-nanogpt recipe. For a GPT these are the blocks' projection
+    matrices."""
+    keep_out = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, torch.nn.Module):
+        keep_out |= {id(p) for p in head.parameters()}
+    return {id(p) for p in model.parameters() if p.requires_grad and p.dim() == 2 and id(p) not in keep_out}
+
+
 def make_optimizer(model, cfg: TrainConfig, device: torch.device):
-    """AdamW with weight decay on matrices (dim >= 2) only; fused where torch supports it."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices (dim >= 2) only; fused where torch supports it.
+    With ``optimizer="muon"``: ``fastlm.optim.MuonWithAdamW``, Muon (``muon_lr``,
+    ``muon_momentum``, no weight decay) for ``muon_parameters(model)``, AdamW (``lr``, decay
+    on matrices only) for the rest. Every group's lr is scaled by its ``lr_ratio`` when the
+    Trainer sets the schedule's lr."""
+    muon = muon_parameters(model) if cfg.optimizer == "muon" else set()
+    decay, no_decay, matrices = [], [], []
     seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (matrices if id(p) in muon else decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "muon":
+        from ..optim import MuonWithAdamW
+
+        if not matrices:
+            raise ValueError("optimizer='muon': the model has no weight matrices for Muon (2-D parameters "
+                             "outside its embeddings and output layer)")
+        adam = [dict(g, use_muon=False, **kw) for g in groups if g["params"]]
+        return MuonWithAdamW([{"params": matrices, "use_muon": True, "lr": cfg.muon_lr, "lr_ratio": cfg.muon_lr / cfg.lr,
+                               "momentum": cfg.muon_momentum, "weight_decay": 0.0}] + adam)
     if cfg.fused_adamw:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)

@@ -198,6 +198,10 @@ def load_checkpoint(trainer, path) -> None:
             raise CheckpointError(
                 f"checkpoint {path} was trained with a different model: "
                 + ", ".join(f"{k}={want.get(k)!r} (now {have.get(k)!r})" for k in diff))
+        saved_opt = state["config"].get("optimizer", "adamw")
+        if saved_opt != trainer.config.optimizer:
+            raise CheckpointError(f"checkpoint {path} was trained with optimizer={saved_opt!r}, this run has "
+                                  f"optimizer={trainer.config.optimizer!r} (--optimizer {saved_opt}, or its --recipe)")
         if state["data"]["vocab_size"] != trainer.data.vocab_size:
             raise CheckpointError(f"checkpoint {path} was trained on data with vocabulary "
                                   f"{state['data']['vocab_size']}, this data has {trainer.data.vocab_size}")

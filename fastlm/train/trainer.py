@@ -3,7 +3,8 @@
 One optimisation step is ``grad_accum`` micro-batches of ``batch_size`` windows of
 ``block_size`` tokens, forward + backward (``model.loss``: the output layer and the loss
 fused), gradient clipping, then AdamW (weight decay on matrices only, ``fused=True``
-where torch supports it) at a learning rate that warms up linearly and then follows a
+where torch supports it), or with ``optimizer="muon"`` Muon for the blocks' matrices and
+AdamW for the rest (``fastlm.optim.MuonWithAdamW``), at a learning rate that warms up linearly and then follows a
 cosine down to ``min_lr``. Losses stay on the device; the host reads them only at
 ``log_interval`` and at evaluations.
 
@@ -11,7 +12,8 @@ Every ``eval_interval`` steps: val loss, perplexity and bits per byte over ``eva
 batches (the same batches every time, from a generator of their own, so evaluation never
 disturbs the training stream), a line in ``OUT/metrics.jsonl``, the loss-curve PNG, TensorBoard
 scalars when tensorboard is installed, a checkpoint, the best checkpoint, and early
-stopping after ``patience`` evaluations without improvement.
+stopping after ``patience`` evaluations without improvement or at the first evaluation at or
+below ``target_val_loss``.
 
 Checkpoints are folders in the Hugging Face layout (``config.json``, ``model.safetensors``,
 tokenizer) plus ``optimizer.safetensors`` and ``trainer_state.json`` (step, data and RNG
@@ -157,7 +159,7 @@ class Trainer:
         """One optimisation step; returns the mean loss over the micro-batches (a tensor)."""
         cfg = self.config
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_ratio", 1.0)  # the Muon group's schedule is lr's, scaled
         total = None
         for i in range(cfg.grad_accum):
             x, y = self._batch("train", self.train_rng)
@@ -397,7 +399,9 @@ class Trainer:
             self.best_val, self.best_step, self.bad_evals = val_loss, self.step, 0
         else:
             self.bad_evals += 1
-        if cfg.patience is not None and self.bad_evals >= cfg.patience:
+        if cfg.target_val_loss is not None and val_loss <= cfg.target_val_loss:
+            self.stop_reason = f"target val loss {cfg.target_val_loss} reached: {val_loss:.4f} at step {self.step}"
+        elif cfg.patience is not None and self.bad_evals >= cfg.patience:
             self.stop_reason = f"early stopping: no val improvement in {cfg.patience} evaluations (best {self.best_val:.4f} at step {self.best_step})"
         record["best_val_loss"] = self.best_val
         self.history.append(record)
