@@ -64,6 +64,19 @@ def test_workers_one_and_a_seed_repeat_exactly(corpus):
     assert not np.allclose(a.wv.vectors, c.wv.vectors)
 
 
+def test_the_baseline_kernel_trains_as_well(corpus, monkeypatch):
+    """FASTLM_CPU_ISA=baseline: the plain-loop kernel (the AVX2 one serves otherwise, where
+    the CPU has it) solves the analogies too, repeatably."""
+    from fastlm.features._native import _extension
+
+    assert _extension().word2vec_isa("baseline") == "baseline"
+    monkeypatch.setenv("FASTLM_CPU_ISA", "baseline")
+    a = Word2Vec(corpus[:6000], sg=1, workers=1, **SETTINGS)
+    b = Word2Vec(corpus[:6000], sg=1, workers=1, **SETTINGS)
+    np.testing.assert_array_equal(a.wv.vectors, b.wv.vectors)
+    assert analogy_accuracy(a.wv, analogies(16)) >= 0.95
+
+
 def test_two_workers_train_well_and_release_the_gil(corpus):
     """Hogwild threads: the answer is as good, and Python keeps running meanwhile."""
     box = {}

@@ -16,11 +16,15 @@
 //   - alpha falls linearly from alpha0 to min_alpha with the fraction of all words (every
 //     epoch, before subsampling) the threads have passed; a thread refreshes it every
 //     10,000 words from a shared atomic count.
-// The loops over the vector dimension are plain loops that the compiler vectorises; on x86-64
-// the training function is compiled twice, for the baseline ISA and for AVX2 + FMA, and the
-// AVX2 one runs when the CPU reports both (the extension is built without -march).
+// The loop itself is in word2vec_kernel.h, compiled twice on x86-64: for the baseline ISA
+// (plain loops the compiler vectorises) and for AVX2 + FMA (intrinsics); the AVX2 one runs
+// when the CPU reports both (the extension is built without -march).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -71,141 +75,37 @@ struct W2VArgs {
 #define W2V_INLINE inline
 #endif
 
-W2V_INLINE float dot(const float* a, const float* b, int n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
+}  // namespace
 
-// acc += g * w; w += g * h: the hidden gradient and the output vector's update in one pass.
-W2V_INLINE void update_output(float* __restrict acc, float* __restrict w, const float* __restrict h, float g, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) {
-        acc[i] += g * w[i];
-        w[i] += g * h[i];
-    }
-}
+namespace w2v_baseline {
+#define W2V_AVX2 0
+#include "features/word2vec_kernel.h"
+#undef W2V_AVX2
+}  // namespace w2v_baseline
 
-W2V_INLINE void axpy(float* __restrict y, const float* __restrict x, float a, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; ++i) y[i] += a * x[i];
-}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define W2V_HAVE_AVX2 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace w2v_avx2 {
+#define W2V_AVX2 1
+#include "features/word2vec_kernel.h"
+#undef W2V_AVX2
+}  // namespace w2v_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
 
-W2V_INLINE uint64_t next_random(uint64_t& r) {
-    r = r * 25214903917ULL + 11ULL;  // word2vec.c's linear congruential generator
-    return r;
-}
+namespace {
 
-// uniform in [0, 1) from the generator's high bits (its low bits have short periods)
-W2V_INLINE float uniform01(uint64_t& r) {
-    return static_cast<float>((next_random(r) >> 24) & 0xFFFFFF) * (1.0f / 16777216.0f);
-}
-
-// h predicts `word` (label 1) against `negative` noise words (label 0); the hidden gradient
-// is accumulated into acc.
-W2V_INLINE void predict(const W2VArgs& a, const float* h, float* acc, int32_t word, float alpha, uint64_t& rnd) {
-    const int dim = a.dim;
-    for (int d = 0; d <= a.negative; ++d) {
-        int32_t target;
-        float label;
-        if (d == 0) {
-            target = word;
-            label = 1.0f;
-        } else {
-            target = a.table[(next_random(rnd) >> 16) % static_cast<uint64_t>(a.table_size)];
-            if (target == word) continue;
-            label = 0.0f;
-        }
-        float* w = a.syn1neg + static_cast<int64_t>(target) * dim;
-        const float f = dot(h, w, dim);
-        float g;
-        if (f >= kMaxExp)
-            g = (label - 1.0f) * alpha;
-        else if (f <= -kMaxExp)
-            g = label * alpha;
-        else
-            g = (label - a.exp_table[static_cast<int>((f + kMaxExp) * (kExpTableSize / kMaxExp / 2))]) * alpha;
-        update_output(acc, w, h, g, dim);
-    }
-}
-
-W2V_INLINE void train_thread_impl(const W2VArgs& a, int64_t s_begin, int64_t s_end, int thread_id) {
-    const int dim = a.dim;
-    uint64_t rnd = a.seed * 0x9E3779B97F4A7C15ULL + static_cast<uint64_t>(thread_id) * 0xBF58476D1CE4E5B9ULL + 1;
-    std::vector<int32_t> sen;
-    std::vector<float> acc(dim), h(dim);
-    const double total = static_cast<double>(a.n_words) * a.epochs;
-    int64_t local = 0;  // words passed since the last refresh of alpha
-    float alpha = a.alpha0;
-    auto refresh = [&]() {
-        const int64_t done = a.words_done->fetch_add(local) + local;
-        local = 0;
-        alpha = a.alpha0 - (a.alpha0 - a.min_alpha) * static_cast<float>(done / total);
-        if (alpha < a.min_alpha) alpha = a.min_alpha;
-    };
-    for (int epoch = 0; epoch < a.epochs; ++epoch) {
-        for (int64_t s = s_begin; s < s_end; ++s) {
-            const int64_t begin = s == 0 ? 0 : a.sent_ends[s - 1], end = a.sent_ends[s];
-            sen.clear();
-            for (int64_t i = begin; i < end; ++i) {
-                const int32_t w = a.corpus[i];
-                if (a.keep[w] < 1.0f && a.keep[w] < uniform01(rnd)) continue;
-                sen.push_back(w);
-            }
-            local += end - begin;
-            const int64_t n = static_cast<int64_t>(sen.size());
-            for (int64_t pos = 0; pos < n; ++pos) {
-                const int32_t word = sen[pos];
-                const int64_t b = static_cast<int64_t>((next_random(rnd) >> 16) % static_cast<uint64_t>(a.window));
-                const int64_t lo = std::max<int64_t>(0, pos - a.window + b), hi = std::min<int64_t>(n - 1, pos + a.window - b);
-                if (a.sg) {
-                    for (int64_t c = lo; c <= hi; ++c) {
-                        if (c == pos) continue;
-                        float* l1 = a.syn0 + static_cast<int64_t>(sen[c]) * dim;
-                        std::fill(acc.begin(), acc.end(), 0.0f);
-                        predict(a, l1, acc.data(), word, alpha, rnd);
-                        axpy(l1, acc.data(), 1.0f, dim);
-                    }
-                } else {
-                    int cw = 0;
-                    std::fill(h.begin(), h.end(), 0.0f);
-                    for (int64_t c = lo; c <= hi; ++c) {
-                        if (c == pos) continue;
-                        axpy(h.data(), a.syn0 + static_cast<int64_t>(sen[c]) * dim, 1.0f, dim);
-                        ++cw;
-                    }
-                    if (cw == 0) continue;
-                    const float inv = 1.0f / static_cast<float>(cw);
-                    if (a.cbow_mean)
-                        for (int i = 0; i < dim; ++i) h[i] *= inv;
-                    std::fill(acc.begin(), acc.end(), 0.0f);
-                    predict(a, h.data(), acc.data(), word, alpha, rnd);
-                    // gensim's rule: the mean's gradient goes to each context vector unscaled,
-                    // the sum's is divided by the number of context words.
-                    const float scale = a.cbow_mean ? 1.0f : inv;
-                    for (int64_t c = lo; c <= hi; ++c) {
-                        if (c == pos) continue;
-                        axpy(a.syn0 + static_cast<int64_t>(sen[c]) * dim, acc.data(), scale, dim);
-                    }
-                }
-            }
-            if (local >= kAlphaRefresh) refresh();
-        }
-    }
-    if (local) a.words_done->fetch_add(local);
-}
-
-void train_thread_base(const W2VArgs& a, int64_t s_begin, int64_t s_end, int thread_id) {
-    train_thread_impl(a, s_begin, s_end, thread_id);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2,fma"))) void train_thread_avx2(const W2VArgs& a, int64_t s_begin, int64_t s_end,
-                                                            int thread_id) {
-    train_thread_impl(a, s_begin, s_end, thread_id);
-}
-
+#if W2V_HAVE_AVX2
 bool cpu_has_avx2_fma() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -214,15 +114,16 @@ bool cpu_has_avx2_fma() {
 
 using ThreadFn = void (*)(const W2VArgs&, int64_t, int64_t, int);
 
-ThreadFn pick_thread_fn(std::string* name) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (cpu_has_avx2_fma()) {
+// The best kernel the CPU runs, or the baseline one when `isa` is "baseline".
+ThreadFn pick_thread_fn(const std::string& isa, std::string* name) {
+#if W2V_HAVE_AVX2
+    if (isa != "baseline" && cpu_has_avx2_fma()) {
         if (name) *name = "avx2";
-        return &train_thread_avx2;
+        return &w2v_avx2::train_thread;
     }
 #endif
     if (name) *name = "baseline";
-    return &train_thread_base;
+    return &w2v_baseline::train_thread;
 }
 
 template <class T>
@@ -242,7 +143,7 @@ T* checked(py::array& arr, const char* what, int64_t size, bool writable) {
 
 int64_t train(py::array corpus, py::array sent_ends, py::array syn0, py::array syn1neg, py::array keep,
               py::array table, bool sg, bool cbow_mean, int window, int negative, int epochs, double alpha,
-              double min_alpha, uint64_t seed, int n_threads) {
+              double min_alpha, uint64_t seed, int n_threads, const std::string& isa) {
     if (syn0.ndim() != 2) throw py::value_error("syn0 must be 2-D (vocabulary, dim)");
     const int64_t vocab = syn0.shape(0), dim = syn0.shape(1);
     if (vocab < 1 || dim < 1 || dim > (1 << 20)) throw py::value_error("syn0 has an invalid shape");
@@ -300,7 +201,7 @@ int64_t train(py::array corpus, py::array sent_ends, py::array syn0, py::array s
         const int64_t target = a.n_words * t / n;
         bounds[t] = std::upper_bound(a.sent_ends, a.sent_ends + a.n_sent, target) - a.sent_ends;
     }
-    ThreadFn fn = pick_thread_fn(nullptr);
+    ThreadFn fn = pick_thread_fn(isa, nullptr);
     {
         py::gil_scoped_release release;
         std::vector<std::thread> threads;
@@ -317,13 +218,16 @@ void register_word2vec(py::module_& m) {
     m.def("word2vec_train", &train, py::arg("corpus"), py::arg("sent_ends"), py::arg("syn0"), py::arg("syn1neg"),
           py::arg("keep"), py::arg("table"), py::arg("sg"), py::arg("cbow_mean"), py::arg("window"),
           py::arg("negative"), py::arg("epochs"), py::arg("alpha"), py::arg("min_alpha"), py::arg("seed"),
-          py::arg("n_threads"),
+          py::arg("n_threads"), py::arg("isa") = "",
           "Train syn0 and syn1neg in place (skip-gram or CBOW, negative sampling); returns the words passed");
-    m.def("word2vec_isa", [] {
-        std::string name;
-        pick_thread_fn(&name);
-        return name;
-    });
+    m.def(
+        "word2vec_isa",
+        [](const std::string& isa) {
+            std::string name;
+            pick_thread_fn(isa, &name);
+            return name;
+        },
+        py::arg("isa") = "", "the kernel word2vec_train runs with this isa argument: avx2 or baseline");
 }
 
 }  // namespace fastlm_features

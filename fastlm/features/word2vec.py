@@ -27,7 +27,9 @@ are drawn from the unigram distribution raised to ``ns_exponent``; the learning 
 linearly from ``alpha`` to ``min_alpha`` over all epochs. Training runs in the C++ extension
 (``csrc/features/word2vec.cpp``) on ``workers`` threads with the GIL released, updating the
 shared matrices without locks (Hogwild), so results with ``workers > 1`` vary from run to run
-as gensim's do; with ``workers=1`` and a ``seed`` they are the same every run.
+as gensim's do; with ``workers=1`` and a ``seed`` they are the same every run (on one
+machine: the AVX2 kernel, used where the CPU has AVX2 and FMA, rounds differently from the
+baseline one, which ``FASTLM_CPU_ISA=baseline`` selects).
 
 Only negative sampling is implemented (``hs=0``, ``negative >= 1``).
 """
@@ -132,7 +134,7 @@ class Word2Vec:
         passed = native.word2vec_train(
             corpus, ends, self.wv.vectors, self.syn1neg, self._keep_probabilities(), self._noise_table(),
             bool(self.sg), bool(self.cbow_mean), self.window, self.negative, epochs, float(alpha),
-            float(min_alpha), self.seed, self.workers,
+            float(min_alpha), self.seed, self.workers, _isa(),
         )
         self.wv.fill_norms(force=True)
         return int(passed), int(passed)
@@ -225,6 +227,11 @@ class Word2Vec:
     def __repr__(self) -> str:
         return (f"Word2Vec<vocab={len(self.wv)}, vector_size={self.vector_size}, "
                 f"{'skip-gram' if self.sg else 'CBOW'}, window={self.window}, negative={self.negative}>")
+
+
+def _isa() -> str:
+    """FASTLM_CPU_ISA=baseline selects the baseline kernel, as it does for fastlm.ops."""
+    return "baseline" if os.environ.get("FASTLM_CPU_ISA", "").strip().lower() == "baseline" else ""
 
 
 # ---------------------------------------------------------------------- argument checks
