@@ -12,17 +12,21 @@ import numpy as np
 
 def planted_corpus(concepts=20, sentences=20000, seed=0, context=6, forms_context=6, fillers=200):
     rng = np.random.default_rng(seed)
+    n = sentences
+    concept = rng.integers(concepts, size=n)
+    form = rng.integers(2, size=n)
+    # three distinct concept-context and three distinct form-context words a sentence
+    ctx = np.argsort(rng.random((n, context)), axis=1)[:, :3]
+    fctx = np.argsort(rng.random((n, forms_context)), axis=1)[:, :3]
     filler_p = 1.0 / np.arange(1, fillers + 1)
-    filler_p /= filler_p.sum()
+    fill = rng.choice(fillers, size=(n, 4), p=filler_p / filler_p.sum())
+    order = np.argsort(rng.random((n, 10)), axis=1)
     out = []
-    for _ in range(sentences):
-        i = int(rng.integers(concepts))
-        f = "ab"[int(rng.integers(2))]
-        words = [f"k{i}_{j}" for j in rng.choice(context, 3, replace=False)]
-        words += [f"f{f}_{j}" for j in rng.choice(forms_context, 3, replace=False)]
-        words += [f"z{j}" for j in rng.choice(fillers, 4, p=filler_p)]
-        rng.shuffle(words)
-        words.insert(len(words) // 2, f"c{i}_{f}")
+    for s in range(n):
+        i, f = int(concept[s]), "ab"[form[s]]
+        words = [f"k{i}_{j}" for j in ctx[s]] + [f"f{f}_{j}" for j in fctx[s]] + [f"z{j}" for j in fill[s]]
+        words = [words[j] for j in order[s]]
+        words.insert(5, f"c{i}_{f}")
         out.append(words)
     return out
 
