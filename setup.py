@@ -92,7 +92,7 @@ def extensions():
             Extension(
                 "fastlm._features",
                 sources=features_sources,
-                # Term counting for fastlm.features: pure C++17 + pybind11 (torch's copy), no torch header.
+                # Term counting and Word2Vec for fastlm.features: pure C++17 + pybind11 (torch's copy), no torch header.
                 include_dirs=[os.path.join(ROOT, "csrc")] + include_paths()[:1],
                 extra_compile_args=cxx + ["-fvisibility=hidden"],
                 extra_link_args=["-fopenmp"],
