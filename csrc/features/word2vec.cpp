@@ -205,7 +205,12 @@ int64_t train(py::array corpus, py::array sent_ends, py::array syn0, py::array s
     {
         py::gil_scoped_release release;
         std::vector<std::thread> threads;
-        for (int t = 1; t < n; ++t) threads.emplace_back(fn, std::cref(a), bounds[t], bounds[t + 1], t);
+        try {
+            for (int t = 1; t < n; ++t) threads.emplace_back(fn, std::cref(a), bounds[t], bounds[t + 1], t);
+        } catch (...) {  // no thread could be started: join those that were, then report it
+            for (auto& th : threads) th.join();
+            throw;
+        }
         fn(a, bounds[0], bounds[1], 0);
         for (auto& th : threads) th.join();
     }

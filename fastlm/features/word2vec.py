@@ -118,7 +118,8 @@ class Word2Vec:
               start_alpha=None, end_alpha=None, **_ignored):
         """Train (more) on a corpus with the vocabulary fixed: tokens outside it are skipped.
         ``total_examples``/``total_words`` are accepted for gensim's sake and not needed (the
-        corpus is read once before training); returns (words trained, words passed)."""
+        corpus is read once before training); returns (words passed, words passed), gensim's
+        pair, both counted before subsampling."""
         if len(self.wv) == 0:
             raise ValueError("build the vocabulary first (build_vocab) or pass sentences to Word2Vec(...)")
         epochs = self.epochs if epochs is None else _int("epochs", epochs, 1)
