@@ -220,6 +220,21 @@ def test_a_file_corpus_trains_like_the_same_token_lists(tmp_path, corpus):
         Word2Vec(bad, min_count=1)
 
 
+def test_max_vocab_size_prunes_the_rarest_while_counting(corpus):
+    small = corpus[:2000]
+    full = Word2Vec(small, workers=1, **SETTINGS)
+    roomy = Word2Vec(small, workers=1, max_vocab_size=10_000, **SETTINGS)
+    assert roomy.wv.index_to_key == full.wv.index_to_key
+    np.testing.assert_array_equal(roomy.wv.vectors, full.wv.vectors)
+    rare = [[f"rare{i}", "c0_a", "k0_1"] for i in range(3000)]  # 3000 words seen once
+    tight = Word2Vec(rare + small, workers=1, max_vocab_size=400, **{**SETTINGS, "min_count": 1})
+    loose = Word2Vec(rare + small, workers=1, **{**SETTINGS, "min_count": 1})
+    assert len(loose.wv) > 3000 > 400 >= len(tight.wv)
+    assert {"c0_a", "k0_1", "c5_b", "fa_0"} <= set(tight.wv.index_to_key)
+    with pytest.raises(ValueError, match="twice"):
+        Word2Vec(iter(small), max_vocab_size=100)
+
+
 def test_chinese_texts_through_a_bpe_tokenizer():
     from fastlm import Tokenizer
 

@@ -31,6 +31,9 @@ as gensim's do; with ``workers=1`` and a ``seed`` they are the same every run (o
 machine: the AVX2 kernel, used where the CPU has AVX2 and FMA, rounds differently from the
 baseline one, which ``FASTLM_CPU_ISA=baseline`` selects).
 
+``max_vocab_size`` bounds the distinct tokens held while counting (word2vec.c's pruning of
+the rarest; the corpus is then read a second time, so it must be a list or a file).
+
 Only negative sampling is implemented (``hs=0``, ``negative >= 1``).
 """
 from __future__ import annotations
@@ -55,11 +58,12 @@ _FORMAT = "fastlm-word2vec"
 
 class Word2Vec:
     def __init__(self, sentences=None, corpus_file=None, vector_size=100, alpha=0.025, window=5, min_count=5,
-                 sample=1e-3, seed=1, workers=3, min_alpha=0.0001, sg=0, hs=0, negative=5, ns_exponent=0.75,
-                 cbow_mean=1, epochs=5, tokenizer=None):
+                 max_vocab_size=None, sample=1e-3, seed=1, workers=3, min_alpha=0.0001, sg=0, hs=0, negative=5,
+                 ns_exponent=0.75, cbow_mean=1, epochs=5, tokenizer=None):
         self.vector_size = _int("vector_size", vector_size, 1, 1 << 16)
         self.window = _int("window", window, 1, 1 << 20)
         self.min_count = _int("min_count", min_count, 1)
+        self.max_vocab_size = None if max_vocab_size is None else _int("max_vocab_size", max_vocab_size, 1)
         self.negative = _int("negative", negative, 1, 1000)
         self.epochs = _int("epochs", epochs, 1)
         self.workers = _int("workers", workers, 1, 1024)
@@ -90,28 +94,63 @@ class Word2Vec:
     def build_vocab(self, corpus_iterable=None, corpus_file=None, _keep_corpus=False):
         """Count the tokens (one pass), keep those seen ``min_count`` times, and set up fresh
         vectors (uniform in [-0.5, 0.5) / vector_size, seeded) and zero output weights."""
+        if self.max_vocab_size is not None:
+            return self._build_vocab_pruned(corpus_iterable, corpus_file, _keep_corpus)
         ids, ends, index = _encode_new(_sentences(corpus_iterable, corpus_file, self.tokenizer))
         counts = np.bincount(ids, minlength=len(index)).astype(np.int64) if len(index) else np.zeros(0, np.int64)
-        kept = np.flatnonzero(counts >= self.min_count)
-        if kept.size == 0:
-            raise ValueError(f"no token occurs at least min_count={self.min_count} times: the vocabulary would be empty")
-        order = kept[np.argsort(-counts[kept], kind="stable")]
-        if order.size > np.iinfo(np.int32).max:  # pragma: no cover - billions of distinct words
-            raise ValueError("the vocabulary is too large")
+        order = self._vocab_order(counts)
         words = list(index)
         keys = [words[i] for i in order]
         remap = np.full(len(index), -1, dtype=np.int32)
         remap[order] = np.arange(order.size, dtype=np.int32)
-        self.counts = counts[order]
-        rng = np.random.default_rng(self.seed)
-        vectors = ((rng.random((len(keys), self.vector_size), dtype=np.float32) - 0.5) / self.vector_size)
-        self.wv = KeyedVectors._from(keys, vectors)
-        self.syn1neg = np.zeros_like(vectors)
+        self._set_vocab(keys, counts[order])
         corpus, ends = _remap(ids, ends, remap)
         self.corpus_total_words = int(corpus.size)
         if _keep_corpus:
             return corpus, ends
         return None
+
+    def _build_vocab_pruned(self, corpus_iterable, corpus_file, keep_corpus):
+        """max_vocab_size: count with at most that many distinct tokens held (word2vec.c's
+        rule: when there are more, drop those seen at most `reduce` times, `reduce` = 1, 2, ...;
+        a dropped token counts from zero if it comes back), then read the corpus again to
+        encode it."""
+        if corpus_file is None and hasattr(corpus_iterable, "__next__"):
+            raise ValueError("max_vocab_size reads the corpus twice: pass a list or a file, not an iterator")
+        counter: dict = {}
+        reduce = 1
+        for sent in _sentences(corpus_iterable, corpus_file, self.tokenizer):
+            _check_sentence(sent)
+            for w in sent:
+                if not isinstance(w, str):
+                    raise TypeError(f"tokens must be str, got {type(w).__name__} ({w!r})")
+                counter[w] = counter.get(w, 0) + 1
+            if len(counter) > self.max_vocab_size:
+                counter = {w: c for w, c in counter.items() if c > reduce}
+                reduce += 1
+        words = list(counter)
+        counts = np.fromiter(counter.values(), dtype=np.int64, count=len(words))
+        order = self._vocab_order(counts)
+        self._set_vocab([words[i] for i in order], counts[order])
+        corpus, ends = _encode_known(_sentences(corpus_iterable, corpus_file, self.tokenizer), self.wv.key_to_index)
+        self.corpus_total_words = int(corpus.size)
+        return (corpus, ends) if keep_corpus else None
+
+    def _vocab_order(self, counts):
+        """Indices of the tokens kept (count >= min_count), most frequent first, ties in order."""
+        kept = np.flatnonzero(counts >= self.min_count)
+        if kept.size == 0:
+            raise ValueError(f"no token occurs at least min_count={self.min_count} times: the vocabulary would be empty")
+        if kept.size > np.iinfo(np.int32).max:  # pragma: no cover - billions of distinct words
+            raise ValueError("the vocabulary is too large")
+        return kept[np.argsort(-counts[kept], kind="stable")]
+
+    def _set_vocab(self, keys, counts):
+        self.counts = counts
+        rng = np.random.default_rng(self.seed)
+        vectors = ((rng.random((len(keys), self.vector_size), dtype=np.float32) - 0.5) / self.vector_size)
+        self.wv = KeyedVectors._from(keys, vectors)
+        self.syn1neg = np.zeros_like(vectors)
 
     # ------------------------------------------------------------------ training
     def train(self, corpus_iterable=None, corpus_file=None, total_examples=None, total_words=None, epochs=None,
@@ -178,7 +217,7 @@ class Word2Vec:
         atomic_write_json(path / _CONFIG, {"format": _FORMAT, **self._settings()})
 
     def _settings(self) -> dict:
-        return {k: getattr(self, k) for k in ("vector_size", "alpha", "window", "min_count", "sample", "seed",
+        return {k: getattr(self, k) for k in ("vector_size", "alpha", "window", "min_count", "max_vocab_size", "sample", "seed",
                                               "workers", "min_alpha", "sg", "hs", "negative", "ns_exponent",
                                               "cbow_mean", "epochs", "corpus_total_words")}
 
