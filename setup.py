@@ -5,7 +5,8 @@ Extensions:
   fastlm._C_cuda     CUDA kernels + torch glue (built when torch has CUDA and nvcc is found;
                      FASTLM_CUDA=0/1 forces it off/on).
   fastlm._tokenizer  the byte-level BPE tokenizer (pure C++17 + pybind11, no torch headers).
-  fastlm._features   term counting and TF-IDF weighting for fastlm.features (C++17 + pybind11).
+  fastlm._features   term counting, TF-IDF weighting and Word2Vec training for fastlm.features
+                     (C++17 + pybind11).
 
 Environment knobs:
   MAX_JOBS               parallel compile jobs (ninja), honoured by torch's BuildExtension.
@@ -91,7 +92,7 @@ def extensions():
             Extension(
                 "fastlm._features",
                 sources=features_sources,
-                # Term counting for fastlm.features: pure C++17 + pybind11 (torch's copy), no torch header.
+                # Term counting and Word2Vec for fastlm.features: pure C++17 + pybind11 (torch's copy), no torch header.
                 include_dirs=[os.path.join(ROOT, "csrc")] + include_paths()[:1],
                 extra_compile_args=cxx + ["-fvisibility=hidden"],
                 extra_link_args=["-fopenmp"],

@@ -1,4 +1,5 @@
-"""TF-IDF on 20 MB of text: fastlm.features.TfidfVectorizer vs scikit-learn's, same run.
+"""TF-IDF on 20 MB of text: fastlm.features.TfidfVectorizer vs scikit-learn's, same run; and
+Word2Vec against gensim (training words/s with 2 workers, similarity agreement), at the end.
 
 One round = fit_transform(docs) + transform(docs) with the default options (the word
 analyzer, l2 norm, smoothed idf; then the same with ngram_range=(1, 2)), on ~20 MB of
@@ -12,11 +13,15 @@ matrices are checked equal to scikit-learn's (to 1e-9).
     (add --benchmark-json=out.json to keep the figures; the speedups are in extra_info)
 
 Target: fastlm at least 3x scikit-learn's median.
+
+Word2Vec alone: pytest bench/test_features.py -k word2vec --benchmark-columns=median,min,max,rounds -s
 """
 import glob
 import os
 import pathlib
 import sysconfig
+
+import numpy as np
 
 import pytest
 
@@ -118,3 +123,98 @@ def test_tfidf_20mb(benchmark, corpus, impl):
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_tfidf_bigrams_20mb(benchmark, corpus, impl):
     _bench(benchmark, corpus, impl, ngram_range=(1, 2))
+
+
+# ----------------------------------------------------------------------------- Word2Vec
+# Training words/s of fastlm.features.Word2Vec against gensim's, same corpus, same settings,
+# 2 workers each, in the same run: tiny Shakespeare, lowercased \w+ tokens a line, the text
+# repeated W2V_REPEAT times. A round is the whole constructor (vocabulary + training), as a
+# user calls it; words/s = epochs * corpus words / median round. Target: fastlm >= 1.5x gensim.
+# Then the agreement of the two models: the Spearman correlation of their cosine similarities
+# over all pairs of the W2V_PAIR_WORDS most frequent words (and, as the ceiling, of gensim
+# with itself under another seed).
+W2V_REPEAT = 1
+W2V_SETTINGS = dict(vector_size=100, window=5, min_count=5, negative=5, epochs=5, workers=2, sample=1e-3)
+W2V_PAIR_WORDS = 300
+W2V_MEDIANS = {}
+
+
+@pytest.fixture(scope="module")
+def shakespeare_sentences():
+    import re
+
+    for path in (SHAKESPEARE, pathlib.Path("/work/shared/data/tinyshakespeare.txt")):
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").lower().splitlines()
+            sents = [s for s in (re.findall(r"\w+", line) for line in lines) if s]
+            return sents
+    pytest.skip("tinyshakespeare.txt not found")
+
+
+def _w2v_impls():
+    gensim_models = pytest.importorskip("gensim.models")
+    from fastlm.features import Word2Vec
+
+    return {"gensim": gensim_models.Word2Vec, "fastlm": Word2Vec}
+
+
+@pytest.mark.benchmark(group="word2vec-train-2-workers")
+@pytest.mark.parametrize("sg", [1, 0], ids=["skipgram", "cbow"])
+@pytest.mark.parametrize("impl", ["gensim", "fastlm"])
+def test_word2vec_words_per_second(benchmark, shakespeare_sentences, impl, sg):
+    import statistics
+    import time
+
+    cls = _w2v_impls()[impl]
+    sents = shakespeare_sentences * W2V_REPEAT
+    words = sum(map(len, sents))
+    cpu = []
+
+    def run():  # the process's CPU seconds too: on a shared box they vary less than the wall time
+        t = time.process_time()
+        cls(sents, sg=sg, **W2V_SETTINGS)
+        cpu.append(time.process_time() - t)
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:
+        return
+    median, cpu_median = benchmark.stats.stats.median, statistics.median(cpu[1:])
+    W2V_MEDIANS[sg, impl] = median, cpu_median
+    rate = W2V_SETTINGS["epochs"] * words / median
+    benchmark.extra_info.update(corpus_words=words, words_per_s=round(rate), cpu_s=round(cpu_median, 3))
+    if impl == "fastlm" and (sg, "gensim") in W2V_MEDIANS:
+        base, base_cpu = W2V_MEDIANS[sg, "gensim"]
+        benchmark.extra_info["speedup_vs_gensim"] = round(base / median, 2)
+        benchmark.extra_info["cpu_speedup_vs_gensim"] = round(base_cpu / cpu_median, 2)
+        print(f"\nword2vec {'skip-gram' if sg else 'CBOW'}: fastlm {rate / 1e6:.2f} M words/s, "
+              f"{base / median:.2f}x gensim ({median:.2f} s vs {base:.2f} s, {words} words x "
+              f"{W2V_SETTINGS['epochs']} epochs); CPU time {base_cpu / cpu_median:.2f}x less "
+              f"({cpu_median:.2f} s vs {base_cpu:.2f} s)")
+
+
+@pytest.mark.parametrize("sg", [1, 0], ids=["skipgram", "cbow"])
+def test_word2vec_similarity_agreement_with_gensim(shakespeare_sentences, sg):
+    from scipy.stats import spearmanr
+
+    impls = _w2v_impls()
+    models = {
+        "fastlm": impls["fastlm"](shakespeare_sentences, sg=sg, seed=1, **W2V_SETTINGS),
+        "gensim": impls["gensim"](shakespeare_sentences, sg=sg, seed=1, **W2V_SETTINGS),
+        "gensim-seed-2": impls["gensim"](shakespeare_sentences, sg=sg, seed=2, **W2V_SETTINGS),
+    }
+    words = models["gensim"].wv.index_to_key[:W2V_PAIR_WORDS]
+    assert set(words) <= set(models["fastlm"].wv.index_to_key)
+    iu = np.triu_indices(len(words), 1)
+
+    def sims(m):
+        v = m.wv[words]
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return (v @ v.T)[iu]
+
+    s = {k: sims(m) for k, m in models.items()}
+    rho = spearmanr(s["fastlm"], s["gensim"]).statistic
+    ceiling = spearmanr(s["gensim-seed-2"], s["gensim"]).statistic
+    print(f"\nword2vec {'skip-gram' if sg else 'CBOW'} on tiny Shakespeare, {len(iu[0])} pairs of the "
+          f"{len(words)} most frequent words: Spearman(fastlm, gensim) = {rho:.3f}; "
+          f"gensim seed 1 vs seed 2 = {ceiling:.3f}")
+    assert rho > 0.5

@@ -24,6 +24,8 @@ namespace py = pybind11;
 
 namespace fastlm_features {
 
+void register_word2vec(py::module_& m);  // word2vec.cpp
+
 UnicodeTables& tables() {
     static UnicodeTables t;
     return t;
@@ -455,4 +457,5 @@ PYBIND11_MODULE(_features, m) {
         py::arg("vocab"), py::arg("term_lists"), py::arg("n_threads"));
     m.def("tfidf", &tfidf, py::arg("indptr"), py::arg("indices"), py::arg("counts"), py::arg("idf"),
           py::arg("binary"), py::arg("sublinear"), py::arg("norm"), py::arg("n_threads"));
+    register_word2vec(m);
 }

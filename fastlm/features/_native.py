@@ -48,18 +48,24 @@ def _unicode_tables():
     return np.packbits(word, bitorder="little").tobytes(), lower_from, lower_to
 
 
+def _extension():
+    """The extension module itself, without the Unicode tables (Word2Vec needs none)."""
+    try:
+        from .. import _features
+    except ImportError as e:  # pragma: no cover - only in a broken install
+        raise ImportError(
+            "fastlm.features needs the C++ extension fastlm._features, which is not built; "
+            "reinstall fastlm from source (pip install -e .)"
+        ) from e
+    return _features
+
+
 def _native():
     global _NATIVE
     if _NATIVE is None:
         with _NATIVE_LOCK:  # the tables are set once, before any counting starts
             if _NATIVE is None:
-                try:
-                    from .. import _features
-                except ImportError as e:  # pragma: no cover - only in a broken install
-                    raise ImportError(
-                        "fastlm.features needs the C++ extension fastlm._features, which is not built; "
-                        "reinstall fastlm from source (pip install -e .)"
-                    ) from e
+                _features = _extension()
                 if not _features.tables_ready():
                     _features.set_unicode_tables(*_unicode_tables())
                 _NATIVE = _features
