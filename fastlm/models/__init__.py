@@ -1,7 +1,8 @@
 """fastlm's models: the config, the GPT and its pieces, the recurrent baselines, the task
 heads, checkpoints in the Hugging Face layout, and the incremental forward over a KV cache.
 
-config.py -> layers.py -> checkpoint.py -> gpt.py, recurrent.py, decode.py, heads.py; this
+config.py -> layers.py -> quant.py (reduced-precision weights) -> checkpoint.py -> gpt.py,
+recurrent.py, decode.py, heads.py; this
 file builds a model from a config (``build_model``) or a checkpoint (``load_model``).
 """
 from __future__ import annotations

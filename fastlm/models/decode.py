@@ -8,7 +8,9 @@ code the full forward runs; only two parameters differ (see ``fastlm.models.laye
 - the linear layers, norms and GELU run through ``_Run``: the op implementations chosen once
   per model, the projection weights kept in the layout their product reads fastest (packed
   into column panels for the CPU kernel of ``ops.decode_linear``, which reads each weight
-  once, in address order, for all rows; else transposed, (in, out), for BLAS).
+  once, in address order, for all rows; else transposed, (in, out), for BLAS). The layers of
+  a quantized model (``fastlm.models.quant.QuantLinear``) are already packed, and run
+  ``ops.decode_linear_q`` over every row of a step or a prefill, as their forward does.
 
 1. **Prefill.** Prompts of any lengths run in one pass without padding: their tokens are
    packed into one (1, N, C) sequence for the per-token work (norms, projections, MLP), and
@@ -31,6 +33,7 @@ import torch.nn as nn
 
 from .. import ops
 from .layers import Eager, Norm
+from .quant import QuantLinear
 
 __all__ = ["decoder", "prefill", "step"]
 
@@ -44,31 +47,37 @@ class _Run(Eager):
         w = model.transformer.wte.weight
         backend, self._linear = ops.resolve("decode_linear", w.device, w.dtype)
         self.packed = backend != "reference"
+        self._linear_q = ops.resolve("decode_linear_q", w.device, w.dtype)[1]
         norm = "layer_norm" if model.config.norm == "layernorm" else "rms_norm"
         self.layer_norm = norm == "layer_norm"
         self._norm = ops.resolve(norm, w.device, w.dtype)[1]
         self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
         self.attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
         self.write_kv = ops.resolve("kv_cache_write", w.device, w.dtype)[1]
-        self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, nn.Linear)}
+        self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))}
         self.norms = {m: (m.weight, m.bias, m.eps) for m in model.modules() if isinstance(m, Norm)}
         self.key = _weights_key(model)
 
     def call(self, module, *args):
         return module.forward(*args)  # inference: no hooks to run
 
-    def _layout(self, linear: nn.Linear):
-        """(weight in the layout the product reads, bias or None, out features)."""
-        weight = linear.weight.detach()
+    def _layout(self, linear):
+        """(weight in the layout the product reads, bias or None, out features, packed format or
+        None for a float weight)."""
         bias = None if linear.bias is None else linear.bias.detach()
+        if isinstance(linear, QuantLinear):
+            return linear.weight_q, bias, linear.out_features, linear.format
+        weight = linear.weight.detach()
         if self.packed:
-            return ops.pack_decode_weight(weight), bias, weight.shape[0]
-        return weight.t().contiguous(), bias, weight.shape[0]
+            return ops.pack_decode_weight(weight), bias, weight.shape[0], None
+        return weight.t().contiguous(), bias, weight.shape[0], None
 
     def linear(self, module, x):
-        w, b, n = self.weights[module]
+        w, b, n, fmt = self.weights[module]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.packed:
+        if fmt is not None:
+            y = self._linear_q(x2, w, b, n, fmt)
+        elif self.packed:
             y = self._linear(x2, w, b, n)
         else:
             y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
@@ -88,7 +97,8 @@ class _Run(Eager):
 
 
 def _weights_key(model):
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    # the parameters and the buffers: a quantized layer's packed weight is a buffer
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in (*model.parameters(), *model.buffers()))
 
 
 _RUNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
