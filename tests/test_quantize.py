@@ -145,3 +145,104 @@ def test_bad_requests_are_refused():
     model.quantize("int8")
     with pytest.raises(ValueError, match="already quantized"):
         model.quantize("int4")
+
+
+# ----------------------------------------------------------------------------- quantized checkpoints
+@pytest.mark.parametrize("weights,keep_head", [("int8", False), ("int4", True), ("bf16", False), ("fp16", False)])
+def test_saved_quantized_checkpoint_loads_back_quantized(tmp_path, weights, keep_head):
+    import json
+
+    from fastlm import load_model
+    from fastlm._io import load_tensors
+
+    model = _model().quantize(weights, keep_head=keep_head)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "fastlm", "weights": weights, "keep_head": keep_head}
+    stored = load_tensors(tmp_path / "model.safetensors")
+    wq = model.transformer.h[0].mlp.c_fc.weight_q
+    assert torch.equal(stored["transformer.h.0.mlp.c_fc.weight_q"], wq)  # the packed blocks, as they are
+    assert not any(k.endswith("c_fc.weight") for k in stored)
+    assert ("lm_head.weight_q" in stored) != keep_head
+    for loaded in (GPT.from_pretrained(tmp_path), load_model(tmp_path), GPT.from_pretrained(tmp_path, weights=weights)):
+        assert loaded.quantization == {"weights": weights, "keep_head": keep_head}
+        assert isinstance(loaded.lm_head, nn.Linear if keep_head else QuantLinear)
+        sd, want = loaded.state_dict(), model.state_dict()
+        assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd)
+        ids = [4, 8, 15, 16, 23, 42]
+        assert loaded.generate(torch.tensor([ids]), max_new_tokens=6).tolist() == \
+            model.generate(torch.tensor([ids]), max_new_tokens=6).tolist()
+    with pytest.raises(ValueError, match="cannot be loaded as"):
+        GPT.from_pretrained(tmp_path, weights="fp32")
+    with pytest.raises(ValueError, match="cannot be loaded as"):
+        GPT.from_pretrained(tmp_path, weights="int4" if weights != "int4" else "int8")
+
+
+def test_float_checkpoint_quantized_on_load_and_bad_configs(tmp_path):
+    import json
+
+    from fastlm.models import CheckpointError
+
+    fp32 = _model()
+    fp32.save_pretrained(tmp_path / "f")
+    model = GPT.from_pretrained(tmp_path / "f", weights="int8")
+    want = copy.deepcopy(fp32).quantize("int8")
+    assert model.quantization == want.quantization
+    assert torch.equal(model.transformer.h[1].attn.c_proj.weight_q, want.transformer.h[1].attn.c_proj.weight_q)
+    assert GPT.from_pretrained(tmp_path / "f", weights="fp32").quantization is None
+    with pytest.raises(ValueError, match="weights must be fp32 or one of"):
+        GPT.from_pretrained(tmp_path / "f", weights="q8_0")
+    # a config.json that claims a format its tensors do not have, or a foreign quantizer
+    want.save_pretrained(tmp_path / "q")
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for bad, match in [({"quant_method": "fastlm", "weights": "int4", "keep_head": False}, "wrongly shaped"),
+                       ({"quant_method": "fastlm", "weights": "int8", "keep_head": True}, "unexpected tensors: lm_head.weight_q"),
+                       ({"quant_method": "gptq", "bits": 4}, "not fastlm's"),
+                       ({"quant_method": "fastlm", "weights": "int2"}, "needs weights in"),
+                       ("int8", "not fastlm's")]:
+        cfg_path.write_text(json.dumps({**cfg, "quantization_config": bad}))
+        with pytest.raises(CheckpointError, match=match):
+            GPT.from_pretrained(tmp_path / "q")
+
+
+# ----------------------------------------------------------------------------- the CLI: --weights
+def test_cli_generate_and_serve_take_weights(tmp_path, capsys, monkeypatch):
+    import fastlm
+    import fastlm.serve
+    from fastlm.cli import main
+
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer " * 4
+    tok = fastlm.Tokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    fp32 = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=2, n_head=4, n_embd=32,
+                         initializer_range=0.3, eos_token_id=tok.eot_token)).eval()
+    fp32.save_pretrained(tmp_path / "f")
+    tok.save(tmp_path / "f")
+    args = ["--prompt", "whether", "--max-new-tokens", "8"]
+    for weights in ("int8", "int4", "bf16", "fp16", "fp32"):
+        assert main(["generate", "--model", str(tmp_path / "f"), "--weights", weights, *args]) == 0
+        printed = capsys.readouterr().out
+        model = copy.deepcopy(fp32) if weights == "fp32" else copy.deepcopy(fp32).quantize(weights)
+        pipe = fastlm.pipeline("text-generation", model=model, tokenizer=tok)
+        assert printed == pipe("whether", max_new_tokens=8)[0]["generated_text"] + "\n"
+    with pytest.raises(ValueError, match="model.quantize"):
+        fastlm.pipeline("text-generation", model=fp32, tokenizer=tok, weights="int8")
+    # a saved quantized checkpoint: quantized without the flag; another format is refused
+    copy.deepcopy(fp32).quantize("int4").save_pretrained(tmp_path / "q")
+    tok.save(tmp_path / "q")
+    assert main(["generate", "--model", str(tmp_path / "q"), *args]) == 0
+    assert main(["generate", "--model", str(tmp_path / "q"), "--weights", "int4", *args]) == 0
+    assert main(["generate", "--model", str(tmp_path / "q"), "--weights", "int8", *args]) == 2
+    assert "holds int4 weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tmp_path / "f"), "--weights", "int3", *args])
+    # serve: the flag reaches the loader, which quantizes
+    import uvicorn
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw, app=app))
+    assert main(["serve", "--model", str(tmp_path / "f"), "--weights", "int8"]) == 0
+    assert ran["app"].state.fastlm.model.quantization == {"weights": "int8", "keep_head": False}
+    fastlm.serve.serve(tmp_path / "q")
+    assert ran["app"].state.fastlm.model.quantization == {"weights": "int4", "keep_head": False}

@@ -26,6 +26,7 @@ def build_model(config: GPTConfig) -> nn.Module:
     return RecurrentLM(config)
 
 
-def load_model(path, dtype=None, device=None, **overrides):
-    """The model a checkpoint directory holds, whatever its architecture (GPT, LSTM, GRU)."""
-    return load_gpt(build_model, path, dtype=dtype, device=device, **overrides)
+def load_model(path, dtype=None, device=None, weights=None, **overrides):
+    """The model a checkpoint directory holds, whatever its architecture (GPT, LSTM, GRU);
+    ``weights`` as in ``GPT.from_pretrained``."""
+    return load_gpt(build_model, path, dtype=dtype, device=device, weights=weights, **overrides)

@@ -180,8 +180,12 @@ class GPT(nn.Module):
 
     # -- checkpoints (Hugging Face directory layout; see fastlm.models.checkpoint)
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, **overrides) -> "GPT":
-        return load_gpt(cls, path, dtype=dtype, device=device, **overrides)
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, weights: str | None = None,
+                        **overrides) -> "GPT":
+        """The model of a checkpoint directory; a quantized checkpoint loads quantized.
+        ``weights`` ("fp32", "int8", "int4", "bf16", "fp16"): quantize a float checkpoint on load
+        (a quantized one must already hold that format)."""
+        return load_gpt(cls, path, dtype=dtype, device=device, weights=weights, **overrides)
 
     def save_pretrained(self, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
         save_gpt(self, path, max_shard_size=max_shard_size, state_dict=state_dict)

@@ -33,7 +33,7 @@ from .. import ops
 from ..ops.linear import _q_shape
 
 __all__ = ["QuantLinear", "WEIGHT_FORMATS", "quantize", "apply_layout", "quantization_of", "QUANT_KEY",
-           "read_quantization"]
+           "read_quantization", "write_quantization", "choose_weights"]
 
 # the name a user gives -> the packed format of ops.decode_linear_q
 WEIGHT_FORMATS = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
@@ -107,6 +107,8 @@ def _targets(model, keep_head: bool):
 
 
 def _check_request(model, weights, keep_head):
+    if getattr(model.config, "arch", "gpt") != "gpt":
+        raise ValueError(f"quantized weights are for the GPT, not arch {model.config.arch!r}")
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     if not isinstance(keep_head, bool):
@@ -164,3 +166,21 @@ def write_quantization(model) -> dict:
     """config.json's entry for ``model``'s quantization ({} for a float model)."""
     q = quantization_of(model)
     return {} if q is None else {QUANT_KEY: {"quant_method": QUANT_METHOD, **q}}
+
+
+def choose_weights(model, weights: str | None, keep_head: bool = False):
+    """``model`` (just loaded) in the weight format a caller asks for: None or the format it
+    already has, as it is; "fp32" for a float model, as it is; a format of ``WEIGHT_FORMATS``
+    for a float model, quantized to it. A quantized model is not converted to another format
+    (its float weights are gone): asking for one is an error."""
+    if weights is None:
+        return model
+    if weights != "fp32" and weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be fp32 or one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+    have = quantization_of(model)
+    if have is None:
+        return model if weights == "fp32" else quantize(model, weights, keep_head=keep_head)
+    if weights != have["weights"]:
+        raise ValueError(f"the checkpoint holds {have['weights']} weights; it cannot be loaded as {weights} "
+                         "(quantize its float checkpoint instead)")
+    return model
