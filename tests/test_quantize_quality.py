@@ -36,16 +36,7 @@ def _perplexity(model, data):
     return math.exp(float(sum(losses)) / n)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    data = torch.frombuffer(bytearray(_text()), dtype=torch.uint8).long()
-    split = int(0.9 * len(data))
-    train, held_out = data[:split], data[split:split + 64 * BLOCK + 1]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=256, block_size=BLOCK, n_layer=2, n_head=4, n_embd=64))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    steps = 300
+def _train(model, opt, train, g, steps):
     for step in range(steps):
         for group in opt.param_groups:  # linear warmup, then cosine decay to a tenth
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
@@ -56,6 +47,26 @@ def trained():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = torch.frombuffer(bytearray(_text()), dtype=torch.uint8).long()
+    split = int(0.9 * len(data))
+    train, held_out = data[:split], data[split:split + 64 * BLOCK + 1]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=BLOCK, n_layer=2, n_head=4, n_embd=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    steps = 300
+    threads = torch.get_num_threads()
+    # a few hundred small steps on one thread: a second core that other work keeps busy then
+    # cannot stall every step at the threads' join
+    torch.set_num_threads(1)
+    try:
+        _train(model, opt, train, g, steps)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     # the perplexity of the training text's byte frequencies (add-one smoothed) on the held-out text
     counts = torch.bincount(train, minlength=256).double() + 1
