@@ -204,5 +204,6 @@ def test_opcheck_autograd_and_compile():
         ops.decode_linear_q(x, wq, b, 70, fmt).backward(cot)
         assert rel_error(x.grad, cot.double() @ wd.double()) < 1e-5
         assert rel_error(b.grad, cot.sum(0)) < 1e-6
-        f = torch.compile(lambda x, b: ops.decode_linear_q(x, wq, b, 70, fmt), fullgraph=True)
-        assert torch.allclose(f(x.detach(), b.detach()), ops.decode_linear_q(x.detach(), wq, b.detach(), 70, fmt))
+        if fmt == "q8_0":  # one compile: the fake shape does not depend on the format
+            f = torch.compile(lambda x, b: ops.decode_linear_q(x, wq, b, 70, fmt), fullgraph=True)
+            assert torch.allclose(f(x.detach(), b.detach()), ops.decode_linear_q(x.detach(), wq, b.detach(), 70, fmt))
