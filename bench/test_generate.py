@@ -20,6 +20,10 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
   "kv write"          one decode step's K/V writes into the small config's batch-8 cache (4
                       layers): fastlm.ops.kv_cache_write against two index_put_ calls a layer
   "ceiling copy"      a 256 MB copy: the memory bandwidth that bounds a weight-streaming decode
+  "decode formats"    fastlm alone, batch 1, at each weight format (fp32, bf16, fp16, int8 = q8_0,
+                      int4 = q4_0; ``model.quantize``) on the small config with GPT-2's vocabulary
+                      (4 layers, 256 wide, vocab 50257, where the output layer is most of the
+                      weights); 32-token prompt, 128 new tokens
 Before timing, each group checks that its sides compute the same thing: fastlm's greedy tokens
 equal transformers' on the same weights and prompt (batch 1 and every row of batch 8), the 8
 prompts as one batch give the tokens they give one at a time, the prefill product is within
@@ -248,9 +252,36 @@ def test_ceiling_copy(benchmark):
     _bench(benchmark, "ceiling copy", "copy", lambda: b.copy_(a), 7, 0)
 
 
-def _weights_bytes(cfg):
+# ----------------------------------------------------------------------------- weight formats
+SMALL_50K = dict(SMALL, vocab_size=50257)
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+# bytes a weight takes: q8_0 is 32 int8 values + a float16 scale a block, q4_0 32 nibbles + a scale
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 34 / 32, "int4": 18 / 32}
+# relative logit change from fp32 a format may make on the random weights (its rounding, no more)
+FORMAT_ERROR = {"fp32": 0, "bf16": 1e-2, "fp16": 2e-3, "int8": 2e-2, "int4": 0.5}
+
+
+@pytest.fixture(scope="module")
+def small_50k():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**SMALL_50K)).eval()
+
+
+@pytest.mark.parametrize("weights", FORMATS)
+def test_decode_formats(benchmark, small_50k, weights):
+    import copy
+
+    model = small_50k if weights == "fp32" else copy.deepcopy(small_50k).quantize(weights)
+    x = _prompt(32, SMALL_50K["vocab_size"])
+    with torch.no_grad():  # the quantized model computes the fp32 one's logits up to its format's rounding
+        got, want = model(x), small_50k(x)
+    assert ((got - want).norm() / want.norm()).item() <= FORMAT_ERROR[weights]
+    _bench(benchmark, "decode formats", weights, _fastlm(model, x, 128), 7, 128)
+
+
+def _weights_bytes(cfg, weights="fp32"):
     C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
-    return 4 * (L * 12 * C * C + V * C)
+    return BYTES_PER_WEIGHT[weights] * (L * 12 * C * C + V * C)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -291,6 +322,18 @@ def _report():
         if pf and pm:
             print(f"  prefill product {shape}: fastlm {pf[1] / pf[0] / 1e9:.0f} GFLOP/s, F.linear "
                   f"{pm[1] / pm[0] / 1e9:.0f} GFLOP/s, ratio {pm[0] / pf[0]:.2f}x", file=out)
+    f32 = MEDIANS.get(("decode formats", "fp32"))
+    for weights in FORMATS:
+        m = MEDIANS.get(("decode formats", weights))
+        if not m:
+            continue
+        line = f"  decode formats (4 x 256, vocab 50257), {weights}: {m[1] / m[0]:.0f} tok/s"
+        if f32:
+            line += f", {f32[0] / m[0]:.2f}x fp32"
+        if gbs:
+            bound = gbs * 1e9 / _weights_bytes(SMALL_50K, weights)
+            line += f", {m[1] / m[0] / bound:.0%} of the weight-read bound ({bound:.0f} tok/s)"
+        print(line, file=out)
     kf, ki = MEDIANS.get(("kv write", "fastlm")), MEDIANS.get(("kv write", "index_put"))
     if kf and ki:
         print(f"  kv write (batch 8, 4 layers): fastlm {kf[0] * 1e6:.1f} us, index_put {ki[0] * 1e6:.1f} us, "

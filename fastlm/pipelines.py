@@ -83,13 +83,15 @@ def _save_tokenizer(tokenizer, path) -> None:
 class TextGenerationPipeline:
     task = "text-generation"
 
-    def __init__(self, model, tokenizer=None, device=None, dtype=None, **defaults):
+    def __init__(self, model, tokenizer=None, device=None, dtype=None, weights=None, **defaults):
         path = None
         if isinstance(model, (str, os.PathLike)):
             path = resolve_pretrained(model)
-            model = GPT.from_pretrained(path, dtype=dtype, device=device)
+            model = GPT.from_pretrained(path, dtype=dtype, device=device, weights=weights)
         elif not isinstance(model, GPT):
             raise TypeError(f"model must be a fastlm.GPT or a checkpoint directory, got {type(model).__name__}")
+        elif weights is not None:
+            raise ValueError("weights= quantizes a checkpoint as it loads; for a model object call model.quantize(...)")
         self.model = model
         self.tokenizer = resolve_tokenizer(tokenizer, path, "pipeline")
         self.defaults = {}

@@ -95,6 +95,17 @@ def _inputs(op, data, dtype, gen):
         w_p = ops.pack_decode_weight(_rand([N, K], dtype, data.draw(st.booleans(), label="noncontiguous w"), gen))
         b = _rand([N], dtype, False, gen) if data.draw(st.booleans(), label="bias") else None
         return [x, w_p, b, N], {}, [0, 1] + ([2] if b is not None else [])
+    if op == "decode_linear_q":
+        # the integer formats: their packed weight is bytes, which the float64 oracle takes as
+        # they are (bf16/f16 weights are checked in test_linear_quant.py)
+        M = data.draw(st.integers(1, 20), label="M")
+        K = data.draw(st.sampled_from([1, 3, 16, 33, 64, 100, 257]), label="K")
+        N = data.draw(st.sampled_from([1, 5, 16, 47, 48, 49, 64, 65, 130]), label="N")
+        fmt = data.draw(st.sampled_from(["q8_0", "q4_0"]), label="format")
+        x = _rand([M, K], dtype, nc, gen)
+        w_q = ops.pack_decode_weight_q(_rand([N, K], torch.float32, False, gen), fmt)
+        b = _rand([N], dtype, False, gen) if data.draw(st.booleans(), label="bias") else None
+        return [x, w_q, b, N, fmt], {}, [0] + ([2] if b is not None else [])
     if op in ("cross_entropy", "linear_cross_entropy"):
         N = data.draw(st.integers(1, 40), label="N")
         V = data.draw(st.integers(1, 300), label="V")

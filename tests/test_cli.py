@@ -24,7 +24,8 @@ def test_info_json():
     assert info["extension_cpu"]["cpu_isa"] == info["cpu_isa"] in ("baseline", "avx2", "avx512", "neon")
     assert info["cpu_isa"] in info["cpu_isas_supported"]
     assert set(info["cpu_native_ops"]) <= {"attention", "decode_attention", "layer_norm", "rms_norm", "gelu",
-                                           "decode_linear", "linear_cross_entropy", "kv_cache_write"}
+                                           "decode_linear", "decode_linear_q", "linear_cross_entropy",
+                                           "kv_cache_write"}
     assert info["threads"] >= 1
 
 

@@ -99,7 +99,7 @@ def test_dispatcher_follows_the_table_at_every_level():
     x = torch.randn(4, 64)
     q = torch.randn(1, 2, 8, 16)
     probes = {"attention": q, "decode_attention": q, "layer_norm": x, "rms_norm": x, "gelu": x,
-              "decode_linear": x, "linear_cross_entropy": x, "kv_cache_write": x}
+              "decode_linear": x, "decode_linear_q": x, "linear_cross_entropy": x, "kv_cache_write": x}
     assert set(probes) == set(_cpu_choice.NATIVE_WINS)
     for level in ops.cpu_isas():
         with ops.use_cpu_isa(level):

@@ -36,10 +36,7 @@ def _valid(cache, b, n):
     return [t[b, :, :n] for pair in cache.layers for t in pair]
 
 
-@pytest.mark.parametrize("backend", CPU_LEVEL_BACKENDS)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['n_layer']}C{c['n_embd']}H{c['n_head']}")
-def test_fused_step_equals_the_python_step(backend, cfg):
-    model = _model(cfg, seed=len(cfg) + cfg["n_embd"])
+def _steps_agree(model, cfg, backend):
     gen = torch.Generator().manual_seed(cfg["vocab_size"])
     with on_backend(backend):
         run = decode._Run(model)
@@ -67,6 +64,20 @@ def test_fused_step_equals_the_python_step(backend, cfg):
             for c in caches:
                 c.lens = [n + 1 for n in c.lens]
             tok = got.argmax(-1)
+
+
+@pytest.mark.parametrize("backend", CPU_LEVEL_BACKENDS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"L{c['n_layer']}C{c['n_embd']}H{c['n_head']}")
+def test_fused_step_equals_the_python_step(backend, cfg):
+    _steps_agree(_model(cfg, seed=len(cfg) + cfg["n_embd"]), cfg, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_LEVEL_BACKENDS)
+@pytest.mark.parametrize("weights,keep_head", [("int8", False), ("int4", False), ("bf16", True), ("fp16", False)])
+def test_fused_step_with_quantized_weights(backend, weights, keep_head):
+    cfg = dict(CONFIGS[0], n_embd=64, n_head=4)  # K = 64 and 256: whole blocks of 32
+    model = _model(cfg, seed=11).quantize(weights, keep_head=keep_head)
+    _steps_agree(model, cfg, backend)
 
 
 def test_generate_uses_it_and_matches_the_full_forward():

@@ -129,3 +129,81 @@ def test_bad_input_is_refused():
         torch.ops.fastlm.decode_linear_q(x, wq, torch.randn(59), 60, "q8_0")
     with pytest.raises(ValueError, match="weight format"):
         R.pack_decode_weight_q(w, "int3")
+
+
+# ----------------------------------------------------------------------------- the public op: fastlm.ops.decode_linear_q
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_public_op_dispatches_and_matches_the_reference(fmt):
+    g = torch.Generator().manual_seed(11)
+    w, x, b = _weight(70, 40, 4), torch.randn(3, 40, generator=g), torch.randn(70, generator=g)
+    wq = ops.pack_decode_weight_q(w, fmt)
+    assert torch.equal(wq, R.pack_decode_weight_q(w, fmt))
+    assert ops.implementation("decode_linear_q", x) == "cpu"
+    want = R.decode_linear_q(x.double(), wq, b.double(), 70, fmt)
+    assert rel_error(ops.decode_linear_q(x, wq, b, 70, fmt), want) < 1e-5
+    # n left out: every packed column, the padding ones (zero weights) giving 0
+    every = ops.decode_linear_q(x, wq, None, format=fmt)
+    assert every.shape == (3, 96) and torch.equal(every[:, 70:], torch.zeros(3, 26))
+    assert rel_error(every[:, :70], R.decode_linear_q(x.double(), wq, None, 70, fmt)) < 1e-5
+    with ops.use_backend("reference"):
+        assert ops.implementation("decode_linear_q", x) == "reference"
+        assert rel_error(ops.decode_linear_q(x, wq, b, 70, fmt), want) < 1e-6
+    # float64 input: the reference serves it, in float64
+    got = ops.decode_linear_q(x.double(), wq, b.double(), 70, fmt)
+    assert got.dtype == torch.float64 and rel_error(got, want) < 1e-12
+
+
+def test_public_op_refuses_bad_input_with_python_errors():
+    w = _weight(60, 40, 2)
+    wq, wb = ops.pack_decode_weight_q(w, "q8_0"), ops.pack_decode_weight_q(w, "bf16")
+    x = torch.randn(2, 40)
+    with pytest.raises(ValueError, match="format must be one of"):
+        ops.decode_linear_q(x, wq, None, 60, "int8")
+    with pytest.raises(ValueError, match="format must be one of"):
+        ops.pack_decode_weight_q(w, "q5_1")
+    with pytest.raises(ValueError, match=r"weight must be \(N, K\)"):
+        ops.pack_decode_weight_q(w[0], "q8_0")
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.pack_decode_weight_q(w.to(torch.int32), "q8_0")
+    with pytest.raises(ValueError, match="has shape"):
+        ops.decode_linear_q(x, wq, None, 200, "q8_0")  # n does not match the panels
+    with pytest.raises(ValueError, match="has shape"):
+        ops.decode_linear_q(torch.randn(2, 70), wq, None, 60, "q8_0")  # K does not match
+    with pytest.raises(ValueError, match="has shape"):
+        ops.decode_linear_q(x, wq, None, 60, "q4_0")  # q8_0 blocks given as q4_0
+    with pytest.raises(TypeError, match="a bf16 weight is torch.bfloat16"):
+        ops.decode_linear_q(x, wq, None, 60, "bf16")
+    with pytest.raises(TypeError, match="a f16 weight is torch.float16"):
+        ops.decode_linear_q(x, wb, None, 60, "f16")
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.decode_linear_q(x.long(), wq, None, 60, "q8_0")
+    with pytest.raises(TypeError, match="weight_q must be a torch.Tensor"):
+        ops.decode_linear_q(x, wq.numpy(), None, 60, "q8_0")
+    with pytest.raises(ValueError, match=r"x must be \(M, K\)"):
+        ops.decode_linear_q(x[0], wq, None, 60, "q8_0")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.decode_linear_q(x, wq, torch.randn(59), 60, "q8_0")
+    with pytest.raises(TypeError, match="bias has dtype"):
+        ops.decode_linear_q(x, wq, torch.randn(60, dtype=torch.float64), 60, "q8_0")
+    with pytest.raises(ValueError, match="meta"):
+        ops.decode_linear_q(x, wq.to("meta"), None, 60, "q8_0")
+
+
+def test_opcheck_autograd_and_compile():
+    g = torch.Generator().manual_seed(5)
+    w = _weight(70, 40, 6)
+    for fmt in ("q8_0", "bf16"):
+        wq = ops.pack_decode_weight_q(w, fmt)
+        x = torch.randn(3, 40, generator=g, requires_grad=True)
+        b = torch.randn(70, generator=g, requires_grad=True)
+        torch.library.opcheck(torch.ops.fastlm.decode_linear_q.default, (x, wq, b, 70, fmt))
+        torch.library.opcheck(torch.ops.fastlm.decode_linear_q.default, (x.detach(), wq, None, 70, fmt))
+        # gradients of x and the bias: those of the product with the dequantized weight
+        wd = R.unpack_decode_weight_q(wq, fmt, 70, 40)
+        cot = torch.randn(3, 70, generator=g)
+        ops.decode_linear_q(x, wq, b, 70, fmt).backward(cot)
+        assert rel_error(x.grad, cot.double() @ wd.double()) < 1e-5
+        assert rel_error(b.grad, cot.sum(0)) < 1e-6
+        if fmt == "q8_0":  # one compile: the fake shape does not depend on the format
+            f = torch.compile(lambda x, b: ops.decode_linear_q(x, wq, b, 70, fmt), fullgraph=True)
+            assert torch.allclose(f(x.detach(), b.detach()), ops.decode_linear_q(x.detach(), wq, b.detach(), 70, fmt))

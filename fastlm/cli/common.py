@@ -8,6 +8,12 @@ def _add_device_args(p):
                    help="weights' type (default: float32; bfloat16/float16 halve the memory, mostly for GPUs)")
 
 
+def _add_weights_arg(p):
+    p.add_argument("--weights", choices=["fp32", "bf16", "fp16", "int8", "int4"], default=None,
+                   help="linear layers' weights for inference: a float checkpoint is quantized on load "
+                        "(int8/int4: llama.cpp's q8_0/q4_0); default: as the checkpoint holds them")
+
+
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
            "fp16": "float16"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import _add_device_args, _device_dtype
+from .common import _add_device_args, _add_weights_arg, _device_dtype
 
 
 # ----------------------------------------------------------------------------- generate
@@ -26,6 +26,7 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--context-overflow", choices=["stop", "slide"], default="stop")
     _add_device_args(p)
+    _add_weights_arg(p)
 
 
 def _run_generate(args):
@@ -36,7 +37,7 @@ def _run_generate(args):
     from fastlm.hub import resolve_pretrained
 
     model = resolve_pretrained(args.model, args.revision)
-    pipe = TextGenerationPipeline(model, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    pipe = TextGenerationPipeline(model, tokenizer=args.tokenizer, device=device, dtype=dtype, weights=args.weights)
     opts = {k: v for k, v in dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed).items() if v is not None}

@@ -1,7 +1,7 @@
 """``fastlm serve``: an OpenAI-compatible HTTP server, its flags checked into a ServeConfig."""
 from __future__ import annotations
 
-from .common import _add_device_args, _device_dtype
+from .common import _add_device_args, _add_weights_arg, _device_dtype
 
 
 # ----------------------------------------------------------------------------- serve
@@ -41,6 +41,7 @@ def _add_serve(sub):
     p.add_argument("--send-timeout", type=float, default=30.0,
                    help="seconds a stream may wait for its client to read (default 30; then it is dropped)")
     _add_device_args(p)
+    _add_weights_arg(p)
     p.add_argument("--log-level", default="info")
 
 
@@ -66,7 +67,7 @@ def _run_serve(args):
                         model_name=args.served_model_name or pathlib.Path(args.model).resolve().name)
     device, dtype = _device_dtype(args)
     serve(resolve_pretrained(args.model, args.revision), host=args.host, port=args.port, tokenizer=args.tokenizer,
-          config=cfg, log_level=args.log_level, device=device, dtype=dtype)
+          config=cfg, log_level=args.log_level, device=device, dtype=dtype, weights=args.weights)
     return 0
 
 

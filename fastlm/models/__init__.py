@@ -1,7 +1,8 @@
 """fastlm's models: the config, the GPT and its pieces, the recurrent baselines, the task
 heads, checkpoints in the Hugging Face layout, and the incremental forward over a KV cache.
 
-config.py -> layers.py -> checkpoint.py -> gpt.py, recurrent.py, decode.py, heads.py; this
+config.py -> layers.py -> quant.py (reduced-precision weights) -> checkpoint.py -> gpt.py,
+recurrent.py, decode.py, heads.py; this
 file builds a model from a config (``build_model``) or a checkpoint (``load_model``).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def build_model(config: GPTConfig) -> nn.Module:
     return RecurrentLM(config)
 
 
-def load_model(path, dtype=None, device=None, revision=None, **overrides):
+def load_model(path, dtype=None, device=None, revision=None, weights=None, **overrides):
     """The model a checkpoint directory (or Hugging Face repo id) holds, whatever its
-    architecture (GPT, LSTM, GRU)."""
-    return load_gpt(build_model, path, dtype=dtype, device=device, revision=revision, **overrides)
+    architecture (GPT, LSTM, GRU); ``weights`` as in ``GPT.from_pretrained``."""
+    return load_gpt(build_model, path, dtype=dtype, device=device, revision=revision, weights=weights, **overrides)

@@ -24,6 +24,7 @@ import torch
 from ..hub import MODEL_FILES, resolve_pretrained
 from .._io import CheckpointError, atomic_write_json, load_tensors, read_json, save_tensors
 from .config import GPTConfig
+from .quant import apply_layout, choose_weights, read_quantization, write_quantization
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -191,7 +192,7 @@ def config_to_hf(cfg) -> dict:
 def _to_model_key(k: str) -> str | None:
     if k.endswith(IGNORED_SUFFIXES):
         return None
-    if k == "lm_head.weight" or k.startswith("transformer."):
+    if k.startswith(("lm_head.", "transformer.")):
         return k
     return "transformer." + k
 
@@ -232,20 +233,29 @@ def load_weights(path) -> dict:
 # ----------------------------------------------------------------------------- model I/O
 
 
-def load_gpt(cls, path, dtype=None, device=None, revision=None, **overrides):
+def load_gpt(cls, path, dtype=None, device=None, revision=None, weights=None, **overrides):
     """Load the checkpoint at ``path`` into ``cls(config)`` (a model class or factory). ``path``
     is a directory, a GGUF file (``fastlm.models.gguf``), or a Hugging Face repo id (``"gpt2"``),
-    found as ``fastlm.hub`` describes."""
+    found as ``fastlm.hub`` describes.
+
+    A quantized checkpoint (config.json's ``quantization_config``, written by
+    ``save_pretrained`` of a quantized model) loads quantized, its packed weights as saved.
+    ``weights`` ("fp32", "int8", "int4", "bf16", "fp16"): the format wanted; a float checkpoint
+    (or GGUF file) is quantized to it on load, a quantized one must already be in it."""
     if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():
         from .gguf import load_gguf
 
         if overrides:
             raise ValueError("a GGUF file's configuration is its own: no overrides")
-        return load_gguf(cls, Path(path), dtype=dtype, device=device)
+        return choose_weights(load_gguf(cls, Path(path), dtype=dtype, device=device), weights)
     path = resolve_pretrained(path, revision, need=MODEL_FILES)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path / CONFIG_NAME} not found: a checkpoint directory needs a config.json")
-    cfg = config_from_hf(read_json(path / CONFIG_NAME))
+    hf = read_json(path / CONFIG_NAME)
+    cfg = config_from_hf(hf)
+    quant = read_quantization(hf)
+    if quant is not None and cfg.arch != "gpt":
+        raise CheckpointError(f"checkpoint {path}: quantized weights are for the GPT, not arch {cfg.arch!r}")
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown GPTConfig override {k!r}")
@@ -253,11 +263,12 @@ def load_gpt(cls, path, dtype=None, device=None, revision=None, **overrides):
     sd = load_weights(path)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    model = _build_fitting(cls, cfg, sd, path)
+    model = _build_fitting(cls, cfg, sd, path, quant)
     with torch.no_grad():
         for k, p in model.state_dict().items():
             if k in sd:
                 p.copy_(sd[k].to(p.dtype))
+    model = choose_weights(model, weights)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -265,7 +276,7 @@ def load_gpt(cls, path, dtype=None, device=None, revision=None, **overrides):
     return model.eval()
 
 
-def _build_fitting(cls, cfg, sd: dict, path):
+def _build_fitting(cls, cfg, sd: dict, path, quant: dict | None = None):
     """``cls(cfg)``, built only once the config is known to fit the weights ``sd``: the model is
     first built on the meta device (no memory), its tensors' names and shapes compared with
     the weights', and the memory it needs beyond them (buffers no weight backs) bounded, so a
@@ -277,6 +288,8 @@ def _build_fitting(cls, cfg, sd: dict, path):
     try:
         with torch.device("meta"):
             shell = cls(cfg)
+            if quant is not None:
+                apply_layout(shell, quant)
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
         raise CheckpointError(f"checkpoint {path}: config.json describes no buildable model: {e}") from None
     expected = shell.state_dict()
@@ -302,7 +315,8 @@ def _build_fitting(cls, cfg, sd: dict, path):
         raise CheckpointError(f"checkpoint {path}: config.json asks for {extra} bytes of buffers beyond the weights' "
                               f"{weight_bytes} (block_size {cfg.block_size}); at most "
                               f"max(the weights' size, {MAX_EXTRA_BYTES}) is allowed")
-    return cls(cfg)
+    model = cls(cfg)
+    return model if quant is None else apply_layout(model, quant)
 
 
 def _weight_files(path: Path) -> set[str]:
@@ -393,6 +407,6 @@ def save_gpt(model, path, max_shard_size: int | None = None, state_dict: dict | 
             raise
         for name in staged:
             (path / name).unlink(missing_ok=True)
-    atomic_write_json(path / CONFIG_NAME, config_to_hf(cfg))
+    atomic_write_json(path / CONFIG_NAME, {**config_to_hf(cfg), **write_quantization(model)})
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)) if v is not None}
     atomic_write_json(path / GENERATION_CONFIG_NAME, gen)

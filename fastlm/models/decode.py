@@ -8,7 +8,9 @@ code the full forward runs; only two parameters differ (see ``fastlm.models.laye
 - the linear layers, norms and GELU run through ``_Run``: the op implementations chosen once
   per model, the projection weights kept in the layout their product reads fastest (packed
   into column panels for the CPU kernel of ``ops.decode_linear``, which reads each weight
-  once, in address order, for all rows; else transposed, (in, out), for BLAS).
+  once, in address order, for all rows; else transposed, (in, out), for BLAS). The layers of
+  a quantized model (``fastlm.models.quant.QuantLinear``) are already packed, and run
+  ``ops.decode_linear_q`` over every row of a step or a prefill, as their forward does.
 
 1. **Prefill.** Prompts of any lengths run in one pass without padding: their tokens are
    packed into one (1, N, C) sequence for the per-token work (norms, projections, MLP), and
@@ -35,6 +37,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops import decode_step as _fused
 from .layers import Eager, Norm
+from .quant import QuantLinear
 
 __all__ = ["decoder", "prefill", "step"]
 
@@ -48,6 +51,7 @@ class _Run(Eager):
         w = model.transformer.wte.weight
         backend, self._linear = ops.resolve("decode_linear", w.device, w.dtype)
         self.packed = backend != "reference"
+        self._linear_q = ops.resolve("decode_linear_q", w.device, w.dtype)[1]
         norm = "layer_norm" if model.config.norm == "layernorm" else "rms_norm"
         self.layer_norm = norm == "layer_norm"
         served = [backend]
@@ -59,7 +63,9 @@ class _Run(Eager):
         self.attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
         served.append(ops.resolve("kv_cache_write", w.device, w.dtype)[0])
         self.write_kv = ops.resolve("kv_cache_write", w.device, w.dtype)[1]
-        self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, nn.Linear)}
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            served.append(ops.resolve("decode_linear_q", w.device, w.dtype)[0])
+        self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))}
         self.norms = {m: (m.weight, m.bias, m.eps) for m in model.modules() if isinstance(m, Norm)}
         self.key = _weights_key(model)
         # the fused step: its arguments gathered once (see the module's doc)
@@ -70,18 +76,23 @@ class _Run(Eager):
     def call(self, module, *args):
         return module.forward(*args)  # inference: no hooks to run
 
-    def _layout(self, linear: nn.Linear):
-        """(weight in the layout the product reads, bias or None, out features)."""
-        weight = linear.weight.detach()
+    def _layout(self, linear):
+        """(weight in the layout the product reads, bias or None, out features, packed format or
+        None for a float weight)."""
         bias = None if linear.bias is None else linear.bias.detach()
+        if isinstance(linear, QuantLinear):
+            return linear.weight_q, bias, linear.out_features, linear.format
+        weight = linear.weight.detach()
         if self.packed:
-            return ops.pack_decode_weight(weight), bias, weight.shape[0]
-        return weight.t().contiguous(), bias, weight.shape[0]
+            return ops.pack_decode_weight(weight), bias, weight.shape[0], None
+        return weight.t().contiguous(), bias, weight.shape[0], None
 
     def linear(self, module, x):
-        w, b, n = self.weights[module]
+        w, b, n, fmt = self.weights[module]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.packed:
+        if fmt is not None:
+            y = self._linear_q(x2, w, b, n, fmt)
+        elif self.packed:
             y = self._linear(x2, w, b, n)
         else:
             y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
@@ -101,21 +112,27 @@ class _Run(Eager):
 
 
     def _fused_args(self, model):
+        """The arguments of ``ops.gpt_decode_step`` for ``model``, or None where its block
+        projections are not all in one weight format."""
         cfg, t = model.config, model.transformer
-        weights = []
+        weights, formats = [], set()
         for block in t.h:
             for norm, linears in ((block.ln_1, (block.attn.c_attn, block.attn.c_proj)),
                                   (block.ln_2, (block.mlp.c_fc, block.mlp.c_proj))):
                 weights += [norm.weight, getattr(norm, "bias", None)]
                 for lin in linears:
-                    w, b, _ = self.weights[lin]
+                    w, b, _, fmt = self.weights[lin]
+                    formats.add(fmt or "f32")
                     weights += [w, b]
+        if len(formats) > 1:
+            return None
         weights += [t.ln_f.weight, getattr(t.ln_f, "bias", None)]
-        head_w, head_b, _ = self.weights[model.lm_head]
+        head_w, head_b, _, head_fmt = self.weights[model.lm_head]
         return dict(wte=t.wte.weight.detach(), wpe=t.wpe.weight.detach() if cfg.pos == "learned" else None,
                     weights=[None if x is None else x.detach() for x in weights], n_head=cfg.n_head,
                     n_kv_head=cfg.n_kv_head, hidden=cfg.hidden_dim, rms=cfg.norm == "rmsnorm",
-                    eps=t.ln_f.eps, head_weight=head_w, head_bias=head_b)
+                    eps=t.ln_f.eps, weight_format=formats.pop() if formats else "f32", head_weight=head_w,
+                    head_bias=head_b, head_format=head_fmt or "f32")
 
 
 def _fused_step_ok(model) -> bool:
@@ -134,14 +151,15 @@ def _fused_step_ok(model) -> bool:
     for block in t.h:
         parts = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         if (type(block) is not Block or type(block.attn) is not CausalSelfAttention or type(block.mlp) is not MLP
-                or any(type(m) is not nn.Linear for m in parts)
+                or any(type(m) not in (nn.Linear, QuantLinear) for m in parts)
                 or any(type(m) is not Norm or m.eps != t.ln_f.eps for m in (block.ln_1, block.ln_2))):
             return False
-    return type(t.ln_f) is Norm and type(model.lm_head) is nn.Linear
+    return type(t.ln_f) is Norm and type(model.lm_head) in (nn.Linear, QuantLinear)
 
 
 def _weights_key(model):
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+    # the parameters and the buffers: a quantized layer's packed weight is a buffer
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in (*model.parameters(), *model.buffers()))
 
 
 _RUNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

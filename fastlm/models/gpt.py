@@ -20,6 +20,7 @@ from .. import ops
 from .checkpoint import load_gpt, save_gpt
 from .config import GPTConfig
 from .layers import EAGER, Block, Eager, Norm, next_token_targets, rope_tables
+from .quant import QuantLinear, quantization_of, quantize
 
 __all__ = ["GPT"]
 
@@ -160,9 +161,28 @@ class GPT(nn.Module):
         if targets is None:
             raise TypeError("loss() needs targets (already shifted) or labels (aligned with idx)")
         y = self.hidden_states(idx)
-        if self.config.logit_softcap is not None:
+        if self.config.logit_softcap is not None or isinstance(self.lm_head, QuantLinear):
+            # soft-capped logits, or a packed output layer: the logits, then the loss
             return ops.cross_entropy(self.logits(y), targets, ignore_index=ignore_index)
         return ops.linear_cross_entropy(y, self.lm_head.weight, targets, ignore_index=ignore_index)
+
+    # -- reduced-precision weights (see fastlm.models.quant)
+    def quantize(self, weights: str, keep_head: bool = False) -> "GPT":
+        """Put the weights of every linear layer in ``weights`` ("int8", "int4", "bf16", "fp16"),
+        in place, and return the model. The attention and MLP projections and the output layer
+        then hold only their packed weights, and the forward, the prefill and every decode step
+        multiply by them through ``fastlm.ops.decode_linear_q``; ``keep_head=True`` keeps the
+        output layer (tied to the token embeddings) in float. int8 and int4 are llama.cpp's q8_0
+        and q4_0 (blocks of 32 weights along the input, a float16 scale each). Weight-only:
+        activations, the embeddings and the KV cache stay float32. For inference;
+        ``save_pretrained`` writes the packed weights and ``from_pretrained`` loads them back
+        quantized. A quantized model cannot be quantized again."""
+        return quantize(self, weights, keep_head=keep_head)
+
+    @property
+    def quantization(self) -> dict | None:
+        """{"weights": ..., "keep_head": ...} after ``quantize``, else None."""
+        return quantization_of(self)
 
     def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
         """Continue token ids with a KV cache; Hugging Face's parameters (do_sample, temperature,
@@ -178,10 +198,13 @@ class GPT(nn.Module):
     # -- checkpoints (Hugging Face directory layout; see fastlm.models.checkpoint)
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, revision: str | None = None,
-                        **overrides) -> "GPT":
-        """The checkpoint at ``path``: a directory, or a Hugging Face repo id (``"gpt2"``) found in
-        the local cache or downloaded (see ``fastlm.hub``); ``revision`` a branch, tag or commit."""
-        return load_gpt(cls, path, dtype=dtype, device=device, revision=revision, **overrides)
+                        weights: str | None = None, **overrides) -> "GPT":
+        """The checkpoint at ``path``: a directory, a GGUF file, or a Hugging Face repo id
+        (``"gpt2"``) found in the local cache or downloaded (see ``fastlm.hub``); ``revision`` a
+        branch, tag or commit. A quantized checkpoint loads quantized; ``weights`` ("fp32",
+        "int8", "int4", "bf16", "fp16") quantizes a float checkpoint on load (a quantized one
+        must already hold that format)."""
+        return load_gpt(cls, path, dtype=dtype, device=device, revision=revision, weights=weights, **overrides)
 
     def save_pretrained(self, path, max_shard_size: int | None = None, state_dict: dict | None = None) -> None:
         save_gpt(self, path, max_shard_size=max_shard_size, state_dict=state_dict)

@@ -19,7 +19,8 @@ and why the others cannot.
 
 One module an op (or a pair of ops that share kernels): ``attention`` (attention,
 decode_attention), ``kv_cache``, ``norms`` (layer_norm, rms_norm), ``gelu``, ``linear``
-(decode_linear, pack_decode_weight), ``loss`` (cross_entropy, linear_cross_entropy). Each
+(decode_linear, pack_decode_weight, decode_linear_q, pack_decode_weight_q), ``loss``
+(cross_entropy, linear_cross_entropy). Each
 holds the public function with its checks and the one autograd glue its C++, CUDA and Triton
 kernels share (``_forms``).
 """
@@ -45,7 +46,7 @@ from ._native import cpu_isa, cpu_isas, use_cpu_isa
 from .attention import attention, decode_attention
 from .gelu import gelu
 from .kv_cache import kv_cache_write
-from .linear import decode_linear, pack_decode_weight
+from .linear import decode_linear, decode_linear_q, pack_decode_weight, pack_decode_weight_q
 from .loss import cross_entropy, linear_cross_entropy
 from .norms import layer_norm, rms_norm
 
@@ -58,6 +59,8 @@ __all__ = [
     "gelu",
     "decode_linear",
     "pack_decode_weight",
+    "decode_linear_q",
+    "pack_decode_weight_q",
     "cross_entropy",
     "linear_cross_entropy",
     "backends",
@@ -89,7 +92,7 @@ def _triton_status():
 
 _reference = add_backend(Backend("reference", _ALL_DEVICES))
 for _name in ("attention", "decode_attention", "kv_cache_write", "layer_norm", "rms_norm", "gelu", "decode_linear",
-              "cross_entropy", "linear_cross_entropy"):
+              "decode_linear_q", "cross_entropy", "linear_cross_entropy"):
     _reference.register(_name, getattr(_ref, _name), FLOATS)
 
 add_backend(Backend("cpu", ("cpu",), available=_native.cpu_ext is not None,

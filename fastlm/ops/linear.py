@@ -1,10 +1,13 @@
 """``decode_linear``: ``x @ weight.T + bias`` over a weight packed once into column panels, for
-the few rows of a decode step (or the many of a prefill); the public op, its checks, the
-packing, and the autograd glue of its kernel.
+the few rows of a decode step (or the many of a prefill); ``decode_linear_q``: the same product
+with the weight in a reduced-precision format (bf16, f16, int8 q8_0, 4-bit q4_0); the public
+ops, their checks, the packing, and the autograd glue of their kernels.
 
-The kernel is the custom op ``fastlm::decode_linear`` (csrc/cpu/linear.cpp; the CPU only). Its
-backward is written in torch over the packed layout: the gradient of the packed weight has
-the packed shape, and the padding columns of the last panel get none.
+The kernels are the custom ops ``fastlm::decode_linear`` and ``fastlm::decode_linear_q``
+(csrc/cpu/linear.cpp; the CPU only). ``decode_linear``'s backward is written in torch over the
+packed layout: the gradient of the packed weight has the packed shape, and the padding columns
+of the last panel get none. ``decode_linear_q``'s weight is a constant (quantized weights are
+for inference): its backward gives x and the bias their gradients only.
 """
 from __future__ import annotations
 
@@ -85,7 +88,102 @@ def _register_fakes() -> None:
     def _(x, weight_p, bias, n):
         return x.new_empty((x.shape[0], n))
 
+    @torch.library.register_fake("fastlm::decode_linear_q")
+    def _(x, weight_q, bias, n, format):
+        return x.new_empty((x.shape[0], n))
+
 
 def _register() -> None:
-    _forms.install({"decode_linear": (_decode_linear_form, (torch.float32,))},
-                   autograd={"decode_linear": (_backward, _setup)}, fakes=_register_fakes, backends=("cpu",))
+    _forms.install({"decode_linear": (_decode_linear_form, (torch.float32,)),
+                    "decode_linear_q": (_decode_linear_q_form, (torch.float32,))},
+                   autograd={"decode_linear": (_backward, _setup), "decode_linear_q": (_backward_q, _setup_q)},
+                   fakes=_register_fakes, backends=("cpu",))
+
+
+# ----------------------------------------------------------------------------- reduced-precision weights
+WEIGHT_FORMATS = _ref.WEIGHT_FORMATS  # ("bf16", "f16", "q8_0", "q4_0")
+_Q_DTYPE = {"bf16": torch.bfloat16, "f16": torch.float16, "q8_0": torch.uint8, "q4_0": torch.uint8}
+
+
+def _check_format(op, format):
+    if format not in WEIGHT_FORMATS:
+        raise ValueError(f"{op}: format must be one of {', '.join(WEIGHT_FORMATS)}, got {format!r}")
+
+
+def pack_decode_weight_q(weight, format: str):
+    """Pack a linear layer's weight (N, K) once for ``decode_linear_q`` in ``format``:
+    "bf16" / "f16": ``pack_decode_weight``'s panels in that dtype, (ceil(N / 48), K, 48);
+    "q8_0" / "q4_0": uint8 (ceil(N / 48), ceil(K / 32), bytes per block): each block of 32
+    weights along K of 48 columns as int8 values (q8_0) or 4-bit values (q4_0), then the 48
+    columns' float16 scales (llama.cpp's formats; ``fastlm.reference.pack_decode_weight_q``
+    states the layout)."""
+    _check_format("pack_decode_weight_q", format)
+    check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"pack_decode_weight_q: weight must be (N, K), got shape {tuple(weight.shape)}")
+    return _ref.pack_decode_weight_q(weight.detach(), format)
+
+
+def _q_shape(format, n, k):
+    """The shape of ``pack_decode_weight_q``'s output for a (n, k) weight."""
+    W, B = _ref.DECODE_PANEL, _ref.QUANT_BLOCK
+    P = -(-n // W)
+    if format in ("bf16", "f16"):
+        return (P, k, W)
+    values = B * W if format == "q8_0" else B // 2 * W
+    return (P, -(-k // B), values + 2 * W)
+
+
+def decode_linear_q(x, weight_q, bias=None, n: int | None = None, format: str = "q8_0"):
+    """``x @ weight.T + bias`` with the weight (N, K) packed by ``pack_decode_weight_q`` in
+    ``format`` ("bf16", "f16", "q8_0", "q4_0"): x (M, K), bias (N,) or None, n = N (default:
+    every packed column). Exactly the product with the dequantized weight
+    (``reference.unpack_decode_weight_q``). The CPU kernel (x float32) converts each weight to
+    float32 in registers as it reads it, once for all rows; other dtypes and devices get the
+    reference, which dequantizes the whole weight on every call."""
+    _check_format("decode_linear_q", format)
+    check_float("x", x)
+    if not isinstance(weight_q, torch.Tensor):
+        raise TypeError(f"weight_q must be a torch.Tensor, got {type(weight_q).__name__}")
+    check_same("weight_q", weight_q, "x", x, dtype=False)
+    if x.dim() != 2 or weight_q.dim() != 3:
+        raise ValueError(f"decode_linear_q: x must be (M, K) and weight_q 3-dimensional, got {tuple(x.shape)} "
+                         f"and {tuple(weight_q.shape)}")
+    if weight_q.dtype != _Q_DTYPE[format]:
+        raise TypeError(f"decode_linear_q: a {format} weight is {_Q_DTYPE[format]}, got {weight_q.dtype}")
+    W = _ref.DECODE_PANEL
+    P = weight_q.shape[0]
+    n = P * W if n is None else int(n)
+    if n < 0 or tuple(weight_q.shape) != _q_shape(format, n, x.shape[1]):
+        raise ValueError(f"decode_linear_q: a {format} weight for n = {n} outputs and K = {x.shape[1]} inputs has "
+                         f"shape {_q_shape(format, max(n, 0), x.shape[1])}, got {tuple(weight_q.shape)}")
+    if bias is not None:
+        check_float("bias", bias)
+        check_same("bias", bias, "x", x)
+        if bias.shape != (n,):
+            raise ValueError(f"decode_linear_q: bias must have shape ({n},), got {tuple(bias.shape)}")
+    return resolve("decode_linear_q", x.device, x.dtype)[1](x, weight_q, bias, n, format)
+
+
+def _setup_q(ctx, inputs, output):
+    x, weight_q, bias, n, format = inputs
+    ctx.has_bias, ctx.n, ctx.format, ctx.k = bias is not None, n, format, x.shape[1]
+    ctx.save_for_backward(weight_q)
+
+
+def _backward_q(ns):
+    def backward(ctx, g):
+        (weight_q,) = ctx.saved_tensors
+        w = _ref.unpack_decode_weight_q(weight_q, ctx.format, ctx.n, ctx.k).to(g.dtype)
+        return g @ w, None, g.sum(0) if ctx.has_bias else None, None, None
+
+    return backward
+
+
+def _decode_linear_q_form(ns):
+    fwd = _forms.op(ns, "decode_linear_q")
+
+    def decode_linear_q(x, weight_q, bias=None, n=None, format="q8_0"):
+        return fwd(x, weight_q, bias, weight_q.shape[0] * _ref.DECODE_PANEL if n is None else n, format)
+
+    return decode_linear_q

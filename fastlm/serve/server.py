@@ -21,10 +21,10 @@ log = logging.getLogger("fastlm.serve")
 __all__ = ["load", "serve", "ServerThread"]
 
 
-def load(model_dir, tokenizer=None, dtype=None, device=None):
+def load(model_dir, tokenizer=None, dtype=None, device=None, weights=None):
     """(model, tokenizer, chat template) from a checkpoint directory or a Hugging Face repo id."""
     model_dir = resolve_pretrained(model_dir)
-    model = GPT.from_pretrained(model_dir, dtype=dtype, device=device)
+    model = GPT.from_pretrained(model_dir, dtype=dtype, device=device, weights=weights)
     tok = load_tokenizer(tokenizer or model_dir)
     eot = getattr(tok, "eot_token", None)
     eos_text = tok.decode([eot]) if eot is not None else ""
@@ -32,15 +32,17 @@ def load(model_dir, tokenizer=None, dtype=None, device=None):
 
 
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, tokenizer=None, config: ServeConfig | None = None,
-          log_level: str = "info", dtype=None, device=None):
-    """Load a checkpoint directory (onto ``device``, in ``dtype``) and serve it until interrupted.
+          log_level: str = "info", dtype=None, device=None, weights=None):
+    """Load a checkpoint directory (onto ``device``, in ``dtype``; ``weights``: as
+    ``GPT.from_pretrained``'s, e.g. "int8" to quantize a float checkpoint) and serve it until
+    interrupted.
     Bound to loopback, the server answers only to the loopback names unless
     ``config.allowed_hosts`` widens them; bound elsewhere, to any name unless it narrows them."""
     import uvicorn
 
     from .net import is_loopback
 
-    model, tok, chat = load(model_dir, tokenizer, dtype=dtype, device=device)
+    model, tok, chat = load(model_dir, tokenizer, dtype=dtype, device=device, weights=weights)
     cfg = config or ServeConfig(model_name=Path(model_dir).resolve().name)
     if cfg.allowed_hosts is None and not is_loopback(host):
         cfg.allowed_hosts = ("*",)
