@@ -41,12 +41,21 @@ def tokenizer():
 
 
 def _pair(cfg, tokenizer, tmp_path_factory, dtype="f32"):
+    """fastlm's model (quantized to ``dtype``'s format unless f32) and llama.cpp's on the GGUF
+    file written from the same float weights in ``dtype``."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**cfg)).eval()
     path = model.save_gguf(tmp_path_factory.mktemp("llama") / f"model-{dtype}.gguf", dtype, tokenizer)
+    if dtype != "f32":
+        model.quantize(FASTLM_FORMAT[dtype])
     llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=2, n_threads_batch=2, logits_all=True,
                           verbose=False)
     return model, llm, path
+
+
+# fastlm's weight format against each of llama.cpp's: the same blocks (save_gguf writes fastlm's
+# own q8_0 / q4_0 quantization); f16 against fastlm's bf16 as well as its fp16
+FASTLM_FORMAT = {"f16": "fp16", "q8_0": "int8", "q4_0": "int4"}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +121,47 @@ def test_llama_decode_124m(benchmark, big, impl):
     _bench(benchmark, "llama decode 124M", impl, fn, 3, 64)
 
 
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("impl", ["fastlm", "llama.cpp"])
+def test_llama_decode_small_formats(benchmark, tokenizer, tmp_path_factory, dtype, impl):
+    model, llm, _ = _formats(SMALL, "small", tokenizer, tmp_path_factory, dtype)
+    prompt = _prompt(32)
+    if impl == "fastlm":
+        _report_agreement(model, llm, prompt, f"small {dtype}")
+    fn = (lambda: _fastlm_greedy(model, prompt, 128)) if impl == "fastlm" else (lambda: _llama_greedy(llm, prompt, 128))
+    _bench(benchmark, f"llama decode small {dtype}", impl, fn, 7, 128)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("impl", ["fastlm", "llama.cpp"])
+def test_llama_decode_124m_formats(benchmark, tokenizer, tmp_path_factory, dtype, impl):
+    model, llm, _ = _formats(GPT2_124M, "124M", tokenizer, tmp_path_factory, dtype)
+    prompt = _prompt(32)
+    if impl == "fastlm":
+        _report_agreement(model, llm, prompt, f"124M {dtype}")
+    fn = (lambda: _fastlm_greedy(model, prompt, 64)) if impl == "fastlm" else (lambda: _llama_greedy(llm, prompt, 64))
+    _bench(benchmark, f"llama decode 124M {dtype}", impl, fn, 3, 64)
+
+
+_FORMATS = {}
+
+
+def _formats(cfg, name, tokenizer, tmp_path_factory, dtype):
+    key = (name, dtype)
+    if key not in _FORMATS:
+        _FORMATS.clear()  # one model pair alive at a time
+        _FORMATS[key] = _pair(cfg, tokenizer, tmp_path_factory, dtype)
+    return _FORMATS[key]
+
+
+def _report_agreement(model, llm, prompt, what):
+    """Reduced formats: llama.cpp also rounds the activations (q8_0 dot products, f16 GELU), so
+    the greedy tokens may part; how many agree is printed, not asserted."""
+    ours, theirs = _fastlm_greedy(model, prompt, 32), _llama_greedy(llm, prompt, 32)
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 32)
+    print(f"\n  {what}: the first {same} of 32 greedy tokens agree")
+
+
 @pytest.mark.parametrize("impl", ["fastlm", "llama.cpp"])
 def test_llama_ttft_124m(benchmark, big, impl):
     model, _, path = big
@@ -132,7 +182,7 @@ def test_llama_ttft_124m(benchmark, big, impl):
 def teardown_module(module):
     if not MEDIANS:
         return
-    print("\nfastlm vs llama.cpp (f32, 2 threads): medians, ratio = llama.cpp time / fastlm time")
+    print("\nfastlm vs llama.cpp (2 threads; f32 unless named): medians, ratio = llama.cpp time / fastlm time")
     for group in dict.fromkeys(g for g, _ in MEDIANS):
         f, l = MEDIANS.get((group, "fastlm")), MEDIANS.get((group, "llama.cpp"))
         if f and l:
