@@ -40,8 +40,18 @@ def test_orthogonalize_matches_float64_and_flattens_the_spectrum(shape):
 def test_orthogonalize_keeps_float64_and_refuses_non_matrices():
     g = torch.randn(5, 9, dtype=torch.float64)
     assert orthogonalize(g).dtype == torch.float64
-    with pytest.raises(ValueError, match="matrix"):
-        orthogonalize(torch.randn(3, 4, 5))
+    for bad in (torch.randn(5), torch.randn(2, 3, 4, 5)):
+        with pytest.raises(ValueError, match="matrix"):
+            orthogonalize(bad)
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 5), (3, 5, 9), (1, 7, 7)])
+def test_a_batch_is_each_matrix_orthogonalized_on_its_own(shape):
+    g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(shape[0]))
+    g[0] *= 1e3  # the scaling is per matrix, not over the batch
+    batch = orthogonalize(g)
+    for i in range(shape[0]):
+        assert torch.allclose(batch[i], orthogonalize(g[i]), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
