@@ -130,6 +130,12 @@ def test_hostile_and_foreign_files(tmp_path, tok):
     alien = _write(tmp_path / "alien.gguf", tensors={"token_embd.weight": emb, "blk.7.attn_qkv.weight": emb})
     with pytest.raises(CheckpointError, match="unexpected tensor"):
         GPT.from_pretrained(alien)
+    # a header declaring a model of about 200 GB beside a few bytes of weights: refused before
+    # anything is allocated for the model (it is built on the meta device first)
+    wide = _write(tmp_path / "wide.gguf", n_layer=64, n_embd=8192, head=64,
+                  tensors={"token_embd.weight": np.zeros((2, 8192), np.float32)})
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        GPT.from_pretrained(wide)
     huge = _write(tmp_path / "huge.gguf", n_layer=10 ** 6, tensors={"token_embd.weight": emb})
     with pytest.raises(CheckpointError, match="block_count"):
         GPT.from_pretrained(huge)

@@ -88,28 +88,23 @@ def check_gguf_config(cfg: GPTConfig) -> None:
 def _tokenizer_fields(tok, vocab_size: int):
     """(tokens, types, merges, special ids) of a byte-level BPE tokenizer, for vocab_size ids;
     ids the tokenizer does not use get a placeholder token of type UNUSED."""
-    from ..tokenizer.formats import _to_unicode
+    from ..tokenizer.formats import byte_level_vocab
 
     gguf = _gguf()
     specials = {i: s for s, i in tok.special_tokens.items()}
+    ordinary, pairs = byte_level_vocab(tok)
     tokens, types = [], []
     for i in range(vocab_size):
         if i in specials:
             tokens.append(specials[i])
             types.append(int(gguf.TokenType.CONTROL))
-            continue
-        try:
-            b = tok._core.token_bytes(i) if i < tok._n_ordinary else None
-        except ValueError:
-            b = None
-        if b is None:
+        elif i in ordinary:
+            tokens.append(ordinary[i])
+            types.append(int(gguf.TokenType.NORMAL))
+        else:
             tokens.append(f"[fastlm-unused-{i}]")
             types.append(int(gguf.TokenType.UNUSED))
-        else:
-            tokens.append(_to_unicode(b))
-            types.append(int(gguf.TokenType.NORMAL))
-    merges = [f"{_to_unicode(tok._core.token_bytes(a))} {_to_unicode(tok._core.token_bytes(b))}"
-              for a, b, _ in tok._core.merges()]
+    merges = [f"{a} {b}" for a, b in pairs]
     return tokens, types, merges
 
 
@@ -244,42 +239,49 @@ def gguf_config(reader) -> GPTConfig:
 
 def load_gguf(cls, path, dtype=None, device=None) -> torch.nn.Module:
     """A fastlm model (``cls(config)``) with the weights of the GPT-2 GGUF file ``path``,
-    dequantized to float32 (f16, bf16, q8_0 and q4_0 tensors)."""
+    dequantized to float32 (f16, bf16, q8_0 and q4_0 tensors).
+
+    Every tensor's name, shape and type is checked against the model the header declares,
+    built first on the meta device, before any memory is allocated: a model is made only when
+    the file holds all of its weights (whose bytes the reader has mapped from the file), so a
+    header cannot make fastlm allocate more than the file backs (8 floats per stored byte at
+    most, for q4_0)."""
     gguf = _gguf()
     reader = _reader(path)
     cfg = gguf_config(reader)
-    model = cls(cfg)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
     names = {v: k for k, v in _names(cfg.n_layer).items()}
-    sd = model.state_dict()
-    want = {k for k in sd if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
-    seen = set()
+    want = {k for k in shapes if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
     readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
                 gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0}
-    with torch.no_grad():
-        for t in reader.tensors:
-            key = names.get(t.name)
-            if key is None or key not in want:
-                raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {cfg.n_layer}-layer GPT-2")
-            if key in seen:
-                raise CheckpointError(f"{path}: tensor {t.name!r} appears twice")
-            seen.add(key)
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
-            target = sd[key]
-            if shape != tuple(target.shape):
-                raise CheckpointError(f"{path}: {t.name} has shape {shape}, the configuration needs "
-                                      f"{tuple(target.shape)}")
-            if t.tensor_type not in readable:
-                raise CheckpointError(f"{path}: {t.name} is stored as {t.tensor_type.name}; fastlm reads "
-                                      "F32, F16, BF16, Q8_0 and Q4_0")
-            a = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type != gguf.GGMLQuantizationType.F32 \
-                else np.asarray(t.data)
-            a = np.array(a, dtype=np.float32).reshape(shape)  # a copy: the reader's map is read-only
-            if not np.isfinite(a).all():
-                raise CheckpointError(f"{path}: {t.name} holds non-finite values")
-            target.copy_(torch.from_numpy(a))
-    missing = sorted(want - seen)
+    found = {}
+    for t in reader.tensors:
+        key = names.get(t.name)
+        if key is None or key not in want:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {cfg.n_layer}-layer GPT-2")
+        if key in found:
+            raise CheckpointError(f"{path}: tensor {t.name!r} appears twice")
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        if shape != shapes[key]:
+            raise CheckpointError(f"{path}: {t.name} has shape {shape}, the configuration needs {shapes[key]}")
+        if t.tensor_type not in readable:
+            raise CheckpointError(f"{path}: {t.name} is stored as {t.tensor_type.name}; fastlm reads "
+                                  "F32, F16, BF16, Q8_0 and Q4_0")
+        found[key] = t
+    missing = sorted(want - set(found))
     if missing:
         raise CheckpointError(f"{path}: missing tensors for {', '.join(missing[:5])}")
+    model = cls(cfg)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for key, t in found.items():
+            a = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type != gguf.GGMLQuantizationType.F32 \
+                else np.asarray(t.data)
+            a = np.array(a, dtype=np.float32).reshape(shapes[key])  # a copy: the reader's map is read-only
+            if not np.isfinite(a).all():
+                raise CheckpointError(f"{path}: {t.name} holds non-finite values")
+            sd[key].copy_(torch.from_numpy(a))
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:

@@ -274,26 +274,34 @@ def _from_vocab_merges(cls, vocab: dict, merges: list, special_tokens: dict, pat
                name=pathlib.Path(where).parent.name)
 
 
+def byte_level_vocab(tok):
+    """The ordinary tokens of ``tok`` in GPT-2's byte-level alphabet, {id: string} (special
+    tokens and ids without a token left out), and its merges as (string, string) pairs in rank
+    order: what vocab.json / merges.txt and a GGUF vocabulary hold."""
+    special_ids = set(tok.special_tokens.values())
+    ordinary = {}
+    for i in range(tok._n_ordinary):
+        if i in special_ids:
+            continue
+        try:
+            ordinary[i] = _to_unicode(tok._core.token_bytes(i))
+        except ValueError:
+            continue
+    merges = [(_to_unicode(tok._core.token_bytes(a)), _to_unicode(tok._core.token_bytes(b)))
+              for a, b, _ in tok._core.merges()]
+    return ordinary, merges
+
+
 def save_files(tok, directory) -> pathlib.Path:
     """``tok.save``: write ``tokenizer.json`` (Hugging Face), ``vocab.json`` + ``merges.txt`` (GPT-2) and
     ``tokenizer_config.json`` into ``directory``; Hugging Face tokenizers and transformers
     load them."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    special_ids = set(tok.special_tokens.values())
-    vocab = {}
-    for i in range(tok._n_ordinary):
-        if i in special_ids:
-            continue
-        try:
-            b = tok._core.token_bytes(i)
-        except ValueError:
-            continue
-        vocab[_to_unicode(b)] = i
+    ordinary, merges = byte_level_vocab(tok)
+    vocab = {t: i for i, t in ordinary.items()}
     for s, i in tok.special_tokens.items():
         vocab[s] = i
-    merges = [(_to_unicode(tok._core.token_bytes(a)), _to_unicode(tok._core.token_bytes(b)))
-              for a, b, _ in tok._core.merges()]
     if tok.pattern == "gpt2":
         pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     else:
