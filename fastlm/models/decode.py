@@ -49,22 +49,17 @@ class _Run(Eager):
 
     def __init__(self, model):
         w = model.transformer.wte.weight
-        backend, self._linear = ops.resolve("decode_linear", w.device, w.dtype)
-        self.packed = backend != "reference"
-        self._linear_q = ops.resolve("decode_linear_q", w.device, w.dtype)[1]
         norm = "layer_norm" if model.config.norm == "layernorm" else "rms_norm"
         self.layer_norm = norm == "layer_norm"
-        served = [backend]
-        served.append(ops.resolve(norm, w.device, w.dtype)[0])
-        self._norm = ops.resolve(norm, w.device, w.dtype)[1]
-        served.append(ops.resolve("gelu", w.device, w.dtype)[0])
-        self._gelu = ops.resolve("gelu", w.device, w.dtype)[1]
-        served.append(ops.resolve("decode_attention", w.device, w.dtype)[0])
-        self.attend = ops.resolve("decode_attention", w.device, w.dtype)[1]
-        served.append(ops.resolve("kv_cache_write", w.device, w.dtype)[0])
-        self.write_kv = ops.resolve("kv_cache_write", w.device, w.dtype)[1]
-        if any(isinstance(m, QuantLinear) for m in model.modules()):
-            served.append(ops.resolve("decode_linear_q", w.device, w.dtype)[0])
+        chosen = {op: ops.resolve(op, w.device, w.dtype) for op in
+                  ("decode_linear", "decode_linear_q", norm, "gelu", "decode_attention", "kv_cache_write")}
+        self.packed = chosen["decode_linear"][0] != "reference"
+        self._linear, self._linear_q = chosen["decode_linear"][1], chosen["decode_linear_q"][1]
+        self._norm, self._gelu = chosen[norm][1], chosen["gelu"][1]
+        self.attend, self.write_kv = chosen["decode_attention"][1], chosen["kv_cache_write"][1]
+        # the ops this model's step runs (decode_linear_q only for a quantized model)
+        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+        served = [b for op, (b, _) in chosen.items() if op != "decode_linear_q" or quantized]
         self.weights = {m: self._layout(m) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))}
         self.norms = {m: (m.weight, m.bias, m.eps) for m in model.modules() if isinstance(m, Norm)}
         self.key = _weights_key(model)
