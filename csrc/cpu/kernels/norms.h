@@ -15,13 +15,14 @@
 
 namespace norms {
 
-// Rows are read a few ahead of their use with software prefetches, about this many bytes
-// (of all inputs together) ahead: the hardware prefetchers alone leave memory idle at each row's start
-// (where the row's statistics are being formed), and issuing the next rows' loads early
-// keeps it streaming.
+// The plain forward reads its rows a few ahead of their use with software prefetches, about
+// this many bytes ahead: the hardware prefetchers alone leave memory idle at each row's start
+// (where the row's statistics are being formed), and issuing the next rows' loads early keeps
+// it streaming. (Prefetching the backward's two input streams as well was slower: their rows
+// share L1 sets.)
 constexpr int64_t kPrefetchBytes = 12 << 10;
 
-// How many rows ahead to prefetch rows of row_bytes (of all inputs together).
+// How many rows ahead to prefetch rows of row_bytes.
 inline int64_t rows_ahead(int64_t row_bytes) {
   return std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(row_bytes, 1));
 }
@@ -127,9 +128,27 @@ struct NormFwd {
     store(buf + j, v);
     s = add(s, v);
   }
-  inline void prefetch_inputs(int64_t r, int64_t rb) const {
-    prefetch_row(x + r * C, rb);
-    if (kRes) prefetch_row(res + r * C, rb);
+  // sum over the row's C values p[j] of (p[j] - mean)^2 (vm: the mean in every lane); p is
+  // the row in the input (plain forward) or in the float row buffer (residual forward)
+  template <typename P>
+  inline float sum_sq_dev(const P* p, simd::vf vm) const {
+    using namespace simd;
+    vf q0 = zero(), q1 = zero();
+    int64_t j = 0;
+    for (; j + 2 * W <= Cv; j += 2 * W) {
+      const vf d0 = sub(load(p + j), vm), d1 = sub(load(p + j + W), vm);
+      q0 = fma(d0, d0, q0);
+      q1 = fma(d1, d1, q1);
+    }
+    for (; j < Cv; j += W) {
+      const vf d = sub(load(p + j), vm);
+      q0 = fma(d, d, q0);
+    }
+    if (nt) {
+      const vf d = first_n(nt, sub(load(p + j, nt), vm), zero());
+      q1 = fma(d, d, q1);
+    }
+    return reduce_add(add(q0, q1));
   }
   inline void pass1_row(int64_t r, float* buf, simd::vf& s) const {
     const bool nth = kRes && nts && simd::vector_aligned(h + r * C);
@@ -170,26 +189,11 @@ struct NormFwd {
         mean = reduce_add(add(s0, s1)) * inv_c;
         vm = set1(mean);
       }
-      vf q0 = zero(), q1 = zero();
-      int64_t j = 0;
-      for (; j + 2 * W <= Cv; j += 2 * W) {
-        const vf d0 = sub(load(xr + j), vm), d1 = sub(load(xr + j + W), vm);
-        q0 = fma(d0, d0, q0);
-        q1 = fma(d1, d1, q1);
-      }
-      for (; j < Cv; j += W) {
-        const vf d = sub(load(xr + j), vm);
-        q0 = fma(d, d, q0);
-      }
-      if (nt) {
-        const vf d = first_n(nt, sub(load(xr + j, nt), vm), zero());
-        q1 = fma(d, d, q1);
-      }
-      const float rstd = 1.0f / std::sqrt(reduce_add(add(q0, q1)) * inv_c + eps);
+      const float rstd = 1.0f / std::sqrt(sum_sq_dev(xr, vm) * inv_c + eps);
       const vf vr = set1(rstd);
       T* orow = out + r * C;
       const bool nto = nts && vector_aligned(orow);
-      for (j = 0; j < Cv; j += W) {
+      for (int64_t j = 0; j < Cv; j += W) {
         const vf xh = mul(sub(load(xr + j), vm), vr);
         const vf y = b ? fma(xh, load(w + j), load(b + j)) : mul(xh, load(w + j));
         put(orow + j, y, nto);
@@ -216,22 +220,8 @@ struct NormFwd {
     for (int64_t r = begin; r < end; ++r) {
       const float mean = kRms ? 0.0f : reduce_add(s) * inv_c;
       const vf vm = set1(mean);
-      vf q0 = zero(), q1 = zero();
-      int64_t j = 0;
-      for (; j + 2 * W <= Cv; j += 2 * W) {
-        const vf d0 = sub(load(cur + j), vm), d1 = sub(load(cur + j + W), vm);
-        q0 = fma(d0, d0, q0);
-        q1 = fma(d1, d1, q1);
-      }
-      for (; j < Cv; j += W) {
-        const vf d = sub(load(cur + j), vm);
-        q0 = fma(d, d, q0);
-      }
-      if (nt) {
-        const vf d = first_n(nt, sub(load(cur + j), vm), zero());
-        q1 = fma(d, d, q1);
-      }
-      const float rstd = 1.0f / std::sqrt(reduce_add(add(q0, q1)) * inv_c + eps);
+      const float rstd = 1.0f / std::sqrt(sum_sq_dev(cur, vm) * inv_c + eps);
+      int64_t j;
       const vf vr = set1(rstd);
       T* orow = out + r * C;
       const bool nto = nts && vector_aligned(orow);
