@@ -54,6 +54,13 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("gpt_decode_step(Tensor tokens, Tensor positions, Tensor attend_lens, Tensor wte, Tensor? wpe,"
         " Tensor?[] weights, Tensor(a!)[] kv, int n_head, int n_kv_head, int hidden, bool rms, float eps,"
         " str format, Tensor head_weight, Tensor? head_bias, str head_format) -> Tensor");
+  // ---- the optimizer step (csrc/cpu/optim.cpp): float32 CPU tensors, contiguous ----
+  // sum over every tensor of its squared elements (a float64 result): the squared global norm
+  m.def("sum_squares(Tensor[] xs) -> float");
+  // AdamW in place on each (param, exp_avg, exp_avg_sq) with its gradient scaled by
+  // grad_scale; steps[i]: tensor i's step count, this step included
+  m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
+        " float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale) -> ()");
   // ---- activation (csrc/cpu/gelu.cpp) ----
   m.def("gelu_fwd(Tensor x) -> Tensor");
   m.def("gelu_bwd(Tensor grad_out, Tensor x) -> Tensor");

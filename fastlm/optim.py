@@ -14,11 +14,209 @@ kinds of parameter group (``use_muon=True`` or not), so a training run saves, lo
 schedules one optimizer state; the Trainer builds it for ``TrainConfig(optimizer="muon")``. The
 method, the iteration's coefficients and the recipe around it are Keller Jordan's (the
 modded-nanogpt speedrun, 2024).
+
+``AdamW`` is AdamW over CPU float32 parameters in two passes of a C++ kernel per step (the
+global gradient norm for clipping, then the update of every tensor, chunked across threads),
+instead of a separate clipping pass and one kernel launch per tensor.
+
+Both keep torch's optimizer protocol (``param_groups``, ``state``, ``state_dict`` in torch's
+layout, ``load_state_dict``, ``zero_grad``, ``add_param_group``) without subclassing
+``torch.optim.Optimizer``: its methods import TorchDynamo on first use, which costs a short
+training run more start-up time than anything else it loads.
 """
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 import torch
-from torch.optim.adamw import adamw as _adamw_step
+
+class ParamGroupOptimizer:
+    """The optimizer protocol fastlm's optimizers share with ``torch.optim.Optimizer``:
+    ``param_groups`` (dicts with ``params`` and the group's settings), ``state`` (per parameter),
+    ``state_dict`` / ``load_state_dict`` in torch's layout (parameters numbered in group order,
+    so a state saved by a torch optimizer of the same groups loads here and back), ``zero_grad``
+    and ``add_param_group``. Subclasses implement ``step``."""
+
+    def __init__(self, params, defaults: dict):
+        self.defaults = dict(defaults)
+        self.state: defaultdict = defaultdict(dict)
+        self.param_groups: list = []
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for g in groups:
+            self.add_param_group(g)
+
+    def add_param_group(self, group: dict) -> None:
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("a parameter group is a dict with 'params'")
+        group = dict(group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in group["params"]:
+            if not isinstance(p, torch.Tensor) or not p.is_leaf:
+                raise ValueError("optimizers take leaf tensors (parameters) only")
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in group["params"]):
+            raise ValueError("a parameter appears in more than one parameter group")
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict:
+        index, groups, i = {}, [], 0
+        for g in self.param_groups:
+            ids = []
+            for p in g["params"]:
+                index.setdefault(id(p), i)
+                ids.append(index[id(p)])
+                i += 1
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        state = {index[id(p)]: dict(st) for p, st in self.state.items() if id(p) in index}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved)} parameter groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        for s, g in zip(saved, self.param_groups):
+            if len(s["params"]) != len(g["params"]):
+                raise ValueError("loaded state dict contains a parameter group that does not match the size of the "
+                                 "optimizer's group")
+        by_index = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s["params"], g["params"])}
+        state = defaultdict(dict)
+        for i, st in state_dict["state"].items():
+            p = by_index.get(int(i))
+            if p is None:
+                continue
+            # moments follow their parameter's dtype and device; a step count stays as saved
+            state[p] = {k: (v.detach().clone() if k == "step" else v.detach().to(p.device, p.dtype).clone())
+                        if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        self.state = state
+        for s, g in zip(saved, self.param_groups):
+            g.update({k: v for k, v in s.items() if k != "params"})
+
+    def step(self, closure=None):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.defaults.items())
+        return f"{type(self).__name__}({len(self.param_groups)} groups, {settings})"
+
+
+def native_adamw_available() -> bool:
+    """Whether the C++ extension with the fused AdamW kernel is loaded."""
+    try:
+        return hasattr(torch.ops.fastlm, "adamw_step_")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fits_native_adamw(params) -> bool:
+    """Whether ``AdamW`` takes these parameters: plain (not distributed-tensor) float32 CPU
+    tensors, contiguous, and the extension loaded."""
+    return native_adamw_available() and all(
+        type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu" and p.dtype == torch.float32
+        and p.is_contiguous() for p in params)
+
+
+def _adamw_state(p, state):
+    st = state.get(p)
+    if st is None or "step" not in st:
+        st = state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                         "exp_avg": torch.zeros_like(p, memory_format=torch.contiguous_format),
+                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+    return st
+
+
+def _adamw_groups_step(groups, state, grad_scale: float = 1.0) -> None:
+    """One AdamW step of every group (dicts with params, lr, betas, eps, weight_decay) through
+    the C++ kernel, gradients multiplied by grad_scale."""
+    for group in groups:
+        params, grads, avgs, sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not take sparse gradients")
+            st = _adamw_state(p, state)
+            st["step"] += 1
+            params.append(p.data)
+            grads.append(p.grad.contiguous())
+            avgs.append(st["exp_avg"])
+            sqs.append(st["exp_avg_sq"])
+            steps.append(float(st["step"]))
+        if params:
+            beta1, beta2 = group["betas"]
+            torch.ops.fastlm.adamw_step_(params, grads, avgs, sqs, steps, float(group["lr"]), float(beta1),
+                                         float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                                         float(grad_scale))
+
+
+def grad_norm(params) -> float:
+    """The global L2 norm of the gradients of ``params`` (CPU float32), one pass in C++."""
+    grads = [p.grad.contiguous() for p in params if p.grad is not None]
+    return math.sqrt(torch.ops.fastlm.sum_squares(grads)) if grads else 0.0
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """What ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by."""
+    return min(max_norm / (norm + 1e-6), 1.0) if norm == norm else norm
+
+
+class AdamW(ParamGroupOptimizer):
+    """AdamW (decoupled weight decay) for CPU float32 parameters through fastlm's C++ kernel:
+    the same update as ``torch.optim.AdamW`` (same settings, same state layout), with optional
+    clipping of the global gradient norm to ``max_grad_norm`` inside the step (what
+    ``torch.nn.utils.clip_grad_norm_`` before the step computes; the norm before clipping is
+    kept in ``last_grad_norm``). Parameters elsewhere (CUDA, bf16, DTensor shards) belong to
+    ``torch.optim.AdamW``; ``fits_native_adamw`` says which."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 max_grad_norm: float | None = None):
+        b1, b2 = betas
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"AdamW: bad settings lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"AdamW: max_grad_norm must be positive or None, got {max_grad_norm}")
+        super().__init__(params, dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay))
+        if not native_adamw_available():
+            raise RuntimeError("fastlm.optim.AdamW needs fastlm's C++ extension; use torch.optim.AdamW")
+        for g in self.param_groups:
+            if not fits_native_adamw(g["params"]):
+                raise ValueError("fastlm.optim.AdamW takes contiguous float32 CPU tensors; use torch.optim.AdamW "
+                                 "for other devices and dtypes")
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = 1.0
+        if self.max_grad_norm is not None:
+            self.last_grad_norm = grad_norm([p for g in self.param_groups for p in g["params"]])
+            scale = clip_coefficient(self.last_grad_norm, self.max_grad_norm)
+        _adamw_groups_step(self.param_groups, self.state, scale)
+        return loss
+
 
 # (a, b, c) of X <- a X + (b A + c A^2) X, A = X X^T: chosen to push every singular value of
 # the normalised update into about [0.7, 1.2] in five steps rather than to converge exactly.
@@ -101,7 +299,7 @@ def _check_matrices(params):
                              "(give embeddings, gains and biases to AdamW)")
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(ParamGroupOptimizer):
     """Muon over 2-D parameters (see the module's docstring).
 
     lr: the step of an orthogonalized update (its singular values are about 1), so typical
@@ -130,15 +328,15 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
+class MuonWithAdamW(ParamGroupOptimizer):
     """Muon for the parameter groups marked ``use_muon=True`` (2-D matrices), AdamW for the
     others, in one optimizer: one ``state_dict`` and one list of ``param_groups``, each group
     with its own learning rate.
 
     A Muon group takes ``lr``, ``momentum``, ``nesterov``, ``ns_steps``, ``weight_decay``
     (defaults: Muon's); an AdamW group ``lr``, ``betas``, ``eps``, ``weight_decay`` (defaults:
-    torch's AdamW). The AdamW groups step with torch's own AdamW function (``foreach`` where
-    the device has it), so they compute exactly what ``torch.optim.AdamW`` computes; their
+    torch's AdamW). The AdamW groups step with fastlm's AdamW kernel on CPU float32 parameters
+    and torch's own AdamW function elsewhere, the update ``torch.optim.AdamW`` computes; their
     state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq``), a Muon matrix's its
     ``momentum_buffer``.
     """
@@ -173,10 +371,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        adam = []
         for group in self.param_groups:
             if group["use_muon"]:
                 _muon_group_step(group["params"], self.state, group)
-                continue
+            else:
+                adam.append(group)
+        if not adam:
+            return loss
+        if fits_native_adamw([p for g in adam for p in g["params"]]):
+            _adamw_groups_step(adam, self.state)
+            return loss
+        from torch.optim.adamw import adamw as torch_adamw  # other devices and dtypes
+
+        for group in adam:
             params, grads, avgs, sqs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -195,6 +403,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 steps.append(state["step"])
             if params:
                 beta1, beta2 = group["betas"]
-                _adamw_step(params, grads, avgs, sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+                torch_adamw(params, grads, avgs, sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
                             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         return loss

@@ -177,3 +177,159 @@ def test_muon_with_adamw_refuses_bad_groups():
         MuonWithAdamW([{"params": [b], "lr": -1.0}])
     with pytest.raises(TypeError, match="parameter groups"):
         MuonWithAdamW([w])
+
+
+# ----------------------------------------------------------------------------- fastlm's AdamW
+def _adamw_float64(params, grads_seq, lr, betas, eps, wd, max_norm=None):
+    """AdamW with optional global-norm clipping, from its definition, in float64."""
+    b1, b2 = betas
+    p = [t.double().clone() for t in params]
+    m = [torch.zeros_like(t) for t in p]
+    v = [torch.zeros_like(t) for t in p]
+    for t, grads in enumerate(grads_seq, start=1):
+        g = [x.double() for x in grads]
+        if max_norm is not None:
+            norm = torch.sqrt(sum((x * x).sum() for x in g)).item()
+            g = [x * min(1.0, max_norm / (norm + 1e-6)) for x in g]
+        for i in range(len(p)):
+            p[i] = p[i] * (1 - lr * wd)
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+            mhat, vhat = m[i] / (1 - b1 ** t), v[i] / (1 - b2 ** t)
+            p[i] = p[i] - lr * mhat / (vhat.sqrt() + eps)
+    return p
+
+
+needs_native = pytest.mark.skipif(not __import__("fastlm.optim", fromlist=["x"]).native_adamw_available(),
+                                  reason="fastlm's C++ extension is not built")
+
+
+@needs_native
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e9])
+@pytest.mark.parametrize("shapes", [[(1,)], [(7, 3), (5,)], [(3, 40000), (130,), (1, 1), (17, 33)]])
+def test_adamw_matches_float64_definition(shapes, max_norm):
+    from fastlm.optim import AdamW
+
+    gen = torch.Generator().manual_seed(len(shapes) * 7 + (0 if max_norm is None else 1))
+    init = [torch.randn(*s, generator=gen) for s in shapes]
+    grads = [[torch.randn(*s, generator=gen) * 3 for s in shapes] for _ in range(5)]
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = AdamW(ps, lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, max_grad_norm=max_norm)
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+    want = _adamw_float64(init, grads, 3e-3, (0.8, 0.95), 1e-6, 0.1, max_norm)
+    for p, w in zip(ps, want):
+        assert (p.detach().double() - w).abs().max().item() < 1e-5
+    if max_norm is not None:
+        last = torch.sqrt(sum((g.double() ** 2).sum() for g in grads[-1])).item()
+        assert opt.last_grad_norm == pytest.approx(last, rel=1e-5)
+
+
+@needs_native
+def test_adamw_matches_torch_adamw_with_clipping_and_groups_and_resumes_exactly():
+    """The same groups through torch.optim.AdamW + clip_grad_norm_ and through fastlm's AdamW with
+    max_grad_norm: the same weights to float32 rounding; state dicts move between the two."""
+    from fastlm.optim import AdamW
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(24, 16), (16,), (40, 16), (3,)]
+    init = [torch.randn(*s, generator=gen) for s in shapes]
+    grads = [[torch.randn(*s, generator=gen) for s in shapes] for _ in range(6)]
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    rs = [torch.nn.Parameter(t.clone()) for t in init]
+    groups = lambda q: [{"params": [q[0], q[2]], "weight_decay": 0.1}, {"params": [q[1], q[3]], "weight_decay": 0.0}]
+    opt = AdamW(groups(ps), lr=2e-3, betas=(0.9, 0.99), max_grad_norm=1.0)
+    ref = torch.optim.AdamW(groups(rs), lr=2e-3, betas=(0.9, 0.99), foreach=False)
+    for step, gs in enumerate(grads):
+        for p, r, g in zip(ps, rs, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(rs, 1.0)
+        ref.step()
+        opt.zero_grad()
+        assert all(p.grad is None for p in ps)
+        if step == 2:
+            saved = copy.deepcopy(opt.state_dict())
+            mid = [p.detach().clone() for p in ps]
+    for p, r in zip(ps, rs):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=2e-6, atol=1e-7)
+    # torch's state dict loads into fastlm's AdamW and the other way round
+    sd = ref.state_dict()
+    assert set(opt.state_dict()["state"]) == set(sd["state"]) == {0, 1, 2, 3}
+    assert opt.state_dict()["param_groups"][1]["params"] == sd["param_groups"][1]["params"]
+    qs = [torch.nn.Parameter(t.clone()) for t in init]
+    AdamW(groups(qs), lr=2e-3).load_state_dict(sd)
+    torch.optim.AdamW(groups(qs), lr=2e-3).load_state_dict(opt.state_dict())
+    # resume from the state after step 3: the last three steps again, bit for bit
+    qs = [torch.nn.Parameter(t) for t in mid]
+    opt2 = AdamW(groups(qs), lr=2e-3, betas=(0.9, 0.99), max_grad_norm=1.0)
+    opt2.load_state_dict(saved)
+    for gs in grads[3:]:
+        for q, g in zip(qs, gs):
+            q.grad = g.clone()
+        opt2.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@needs_native
+def test_adamw_refuses_bad_input():
+    from fastlm.optim import AdamW
+
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="bad settings"):
+        AdamW([w], lr=-1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        AdamW([w], max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="float32 CPU"):
+        AdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="more than one"):
+        AdamW([{"params": [w]}, {"params": [w]}])
+    opt = AdamW([w])
+    with pytest.raises(ValueError, match="groups"):
+        opt.load_state_dict({"state": {}, "param_groups": []})
+    w.grad = torch.randn(3, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="one length"):
+        torch.ops.fastlm.adamw_step_([w.data], [], [], [], [1.0], 1e-3, 0.9, 0.99, 1e-8, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.fastlm.adamw_step_([w.data], [torch.zeros(9)], [torch.zeros(3, 3)], [torch.zeros(3, 3)], [1.0],
+                                     1e-3, 0.9, 0.99, 1e-8, 0.0, 1.0)
+
+
+@needs_native
+def test_trainer_uses_fastlm_adamw_on_cpu_and_never_imports_dynamo(tmp_path):
+    """A CPU float32 run trains through fastlm's AdamW (clipping inside its step), and a training
+    step never imports TorchDynamo (torch.optim.Optimizer's methods would)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from fastlm import GPT, GPTConfig, Trainer\n"
+        "from fastlm.train import TrainConfig\n"
+        "from fastlm.optim import AdamW\n"
+        "torch.manual_seed(0)\n"
+        "from fastlm.data import prepare, stdlib_corpus\n"
+        "docs = stdlib_corpus(max_files=8)\n"
+        f"prepare(None, {str(tmp_path / 'data')!r}, vocab_size=256, documents=docs, val_fraction=0.1, "
+        "progress=False, verbose=False)\n"
+        "m = GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16))\n"
+        f"cfg = TrainConfig(out_dir={str(tmp_path / 'run')!r}, batch_size=2, block_size=16, grad_clip=1.0, "
+        "progress=False, plot=False, device='cpu', lr=1e-2)\n"
+        f"t = Trainer(m, cfg, {str(tmp_path / 'data')!r})\n"
+        "assert isinstance(t.optimizer, AdamW), type(t.optimizer)\n"
+        "first = t.train_step(1e-2).item()\n"
+        "for _ in range(20): last = t.train_step(1e-2).item()\n"
+        "assert t.optimizer.last_grad_norm is not None and t.optimizer.last_grad_norm > 0\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    # without the suite's TRITON_INTERPRET, under which the Triton kernels (and TorchDynamo) load on the CPU
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

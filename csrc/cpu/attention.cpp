@@ -93,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   at::Tensor delta = empty_output({B * H, Tqp}, at::kFloat);
   const int64_t nkt = cdiv(Tk, BK), nitems = B * Hkv * nkt;
   const int64_t nthr = std::max<int64_t>(1, std::min<int64_t>(threads_for(5.0 * B * H * Tq * Tk * D), nitems));
-  at::Tensor dqt = empty_output({nthr, B * H, D, Tqp}, at::kFloat);
+  const bool one_tile = nkt == 1 && Tqp == BQ;  // each head's dQ from one item: no per-thread sums
+  at::Tensor dqt = one_tile ? at::Tensor() : empty_output({nthr, B * H, D, Tqp}, at::kFloat);
   at::Tensor dk = empty_rows_like(k, k.sizes()), dv = empty_rows_like(v, v.sizes());
   at::Tensor dq = empty_rows_like(q, q.sizes());
   at::Tensor qc = apart(q) ? empty_output({B * H * Tq * D}, at::kFloat) : at::Tensor();
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const AttnBwdArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), dout.data_ptr<float>(),
                       out.data_ptr<float>(), lse.data_ptr<float>(),
                       qt.data_ptr<float>(), dot_t.data_ptr<float>(), lse2.data_ptr<float>(), delta.data_ptr<float>(),
-                      dqt.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                      one_tile ? nullptr : dqt.data_ptr<float>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
                       qc.defined() ? qc.data_ptr<float>() : nullptr, doc.defined() ? doc.data_ptr<float>() : nullptr,
                       nthr,
                       B, H, Hkv, Tq, Tqp, Tk, D, causal, (float)scale,

@@ -55,7 +55,8 @@ struct AttnFwdArgs {
 struct AttnBwdArgs {
   const float *q, *k, *v, *dout, *out, *lse;
   float *qt, *dot, *lse2, *delta;  // scratch: (B H, D, Tqp) twice, (B H, Tqp) twice
-  float* dqt;                      // scratch: (nthr, B H, D, Tqp), one dQ^T per thread
+  float* dqt;                      // scratch: (nthr, B H, D, Tqp), one dQ^T per thread; null when Tq <= BQ
+                                   // and Tk <= BK: each head's dQ then comes from one tile, written to dq
   float *dq, *dk, *dv;             // outputs
   float *qc, *doc;                 // scratch when q's / dout's rows are not adjacent: B * H * Tq * D floats; else null
   int64_t nthr;
@@ -149,6 +150,30 @@ struct LossRowsArgs {
   double scale;
 };
 
+// ---- the optimizer step (kernels/optim.h) over n float32 tensors of sizes[i] elements ----
+// sum_squares: the sum of x_i[j]^2 over every tensor (the squared global gradient norm).
+struct SumSquaresArgs {
+  const float* const* x;
+  const int64_t* sizes;
+  int64_t n;
+};
+
+// AdamW (decoupled weight decay, bias-corrected moments), in place, tensor i at step
+// steps[i] (counted from 1, this step included), its gradient multiplied by grad_scale first
+// (the clipping coefficient; 1 for none):
+//   g = grad_scale grad; p = p (1 - lr wd); m = m + (1 - beta1) (g - m);
+//   v = beta2 v + (1 - beta2) g^2; p = p - lr / (1 - beta1^t) m / (sqrt(v / (1 - beta2^t)) + eps)
+struct AdamWArgs {
+  float* const* params;
+  const float* const* grads;
+  float* const* exp_avg;
+  float* const* exp_avg_sq;
+  const int64_t* sizes;
+  const double* steps;
+  int64_t n;
+  double lr, beta1, beta2, eps, weight_decay, grad_scale;
+};
+
 struct KernelTable {
   const char* name;
   void (*attention_fwd)(const AttnFwdArgs&);
@@ -160,6 +185,8 @@ struct KernelTable {
   void (*decode_linear)(const LinearArgs&);
   void (*loss_rows)(const LossRowsArgs&);
   void (*decode_linear_q)(const LinearQArgs&);
+  double (*sum_squares)(const SumSquaresArgs&);
+  void (*adamw)(const AdamWArgs&);
 };
 
 // One table per level compiled into this build (csrc/cpu/isa/*.cpp).

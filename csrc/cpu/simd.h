@@ -35,6 +35,7 @@ inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf sqrt(vf a) { return _mm512_sqrt_ps(a); }
 inline vf max(vf a, vf b) { return _mm512_max_ps(a, b); }
 inline vf min(vf a, vf b) { return _mm512_min_ps(a, b); }
 inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
@@ -128,6 +129,7 @@ inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf sqrt(vf a) { return _mm256_sqrt_ps(a); }
 inline vf max(vf a, vf b) { return _mm256_max_ps(a, b); }
 inline vf min(vf a, vf b) { return _mm256_min_ps(a, b); }
 inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
@@ -204,6 +206,7 @@ inline vf add(vf a, vf b) { return vaddq_f32(a, b); }
 inline vf sub(vf a, vf b) { return vsubq_f32(a, b); }
 inline vf mul(vf a, vf b) { return vmulq_f32(a, b); }
 inline vf div(vf a, vf b) { return vdivq_f32(a, b); }
+inline vf sqrt(vf a) { return vsqrtq_f32(a); }
 inline vf max(vf a, vf b) { return vmaxq_f32(a, b); }
 inline vf min(vf a, vf b) { return vminq_f32(a, b); }
 inline vf fma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
@@ -263,6 +266,7 @@ inline vf add(vf a, vf b) { return a + b; }
 inline vf sub(vf a, vf b) { return a - b; }
 inline vf mul(vf a, vf b) { return a * b; }
 inline vf div(vf a, vf b) { return a / b; }
+inline vf sqrt(vf a) { return vf{std::sqrt(a[0]), std::sqrt(a[1]), std::sqrt(a[2]), std::sqrt(a[3])}; }
 inline vf max(vf a, vf b) { return a > b ? a : b; }
 inline vf min(vf a, vf b) { return a < b ? a : b; }
 inline vf fma(vf a, vf b, vf c) { return a * b + c; }

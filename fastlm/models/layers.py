@@ -104,8 +104,12 @@ class CausalSelfAttention(nn.Module):
         RMS-normalised over each head's D features (no gain), then rotary positions applied."""
         B, T, _ = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        heads = x.view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
-        q, k, v = heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]
+        # split along the heads before moving them ahead of time: the backward then joins the
+        # three gradients, each in (B, T, heads, D) order, with one concatenation straight into
+        # the projection's layout (slices would fill zero tensors of the whole width, and a
+        # split after the transpose would concatenate in (B, heads, T, D) order and copy back)
+        heads = x.view(B, T, H + 2 * Hkv, self.head_dim).split([H, Hkv, Hkv], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in heads)
         if self.qk_norm:  # bounds the attention logits whatever the weights' scale (modded-nanogpt)
             q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
             k = F.rms_norm(k, (self.head_dim,), eps=self.eps)

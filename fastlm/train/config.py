@@ -187,7 +187,9 @@ def muon_parameters(model) -> set:
 
 
 def make_optimizer(model, cfg: TrainConfig, device: torch.device):
-    """AdamW with weight decay on matrices (dim >= 2) only; fused where torch supports it.
+    """AdamW with weight decay on matrices (dim >= 2) only: ``fastlm.optim.AdamW`` (clipping to
+    ``grad_clip`` inside its step) for CPU float32 parameters, else torch's, fused where torch
+    supports it.
     With ``optimizer="muon"``: ``fastlm.optim.MuonWithAdamW``, Muon (``muon_lr``,
     ``muon_momentum``, no weight decay) for ``muon_parameters(model)``, AdamW (``lr``, decay
     on matrices only) for the rest. Every group's lr is scaled by its ``lr_ratio`` when the
@@ -211,6 +213,12 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
         adam = [dict(g, use_muon=False, **kw) for g in groups if g["params"]]
         return MuonWithAdamW([{"params": matrices, "use_muon": True, "lr": cfg.muon_lr, "lr_ratio": cfg.muon_lr / cfg.lr,
                                "momentum": cfg.muon_momentum, "weight_decay": 0.0}] + adam)
+    if cfg.fused_adamw and not cfg.fsdp:
+        from ..optim import AdamW, fits_native_adamw
+
+        if fits_native_adamw(decay + no_decay):  # CPU float32: clipping and update in C++
+            return AdamW(groups, max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else None,
+                         **kw)
     if cfg.fused_adamw:
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)

@@ -48,6 +48,7 @@ from .config import TrainConfig, autocast_dtype, lr_at, make_optimizer, resolve_
 from .state import METRICS_NAME, TRAIN_LOG_NAME, find_checkpoints
 
 PLOT_NAME = "loss.png"
+PLOT_EVERY_S = 60.0  # redraw loss.png at an evaluation at most this often; always at the end
 
 
 class NonFiniteLossError(RuntimeError):
@@ -175,7 +176,7 @@ class Trainer:
                     loss = self._loss_fn(x, y)
                 (loss / cfg.grad_accum).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and getattr(self.optimizer, "max_grad_norm", None) is None:  # else the step clips
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,6 +228,7 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _plot(self):
+        self._plotted_at, self._plotted_len = time.perf_counter(), len(self.history)
         if not self.dist.is_main:
             return
         try:
@@ -320,6 +322,7 @@ class Trainer:
         bad_step = None
         tokens_per_s = 0.0
         start_wall = time.perf_counter()
+        self._plotted_at, self._plotted_len = start_wall, len(self.history)
         try:
             with self._backend():
                 while self.step < cfg.max_iters and self.stop_reason is None:
@@ -365,6 +368,8 @@ class Trainer:
             where = f"; the last good checkpoint is {last[-1]}" if last else "; no checkpoint was written before it"
             raise NonFiniteLossError(f"{e}: training stopped at step {bad_step}{where}. Lower --lr or check the data.") from None
         bar.close()
+        if cfg.plot and len(self.history) != self._plotted_len:
+            self._plot()
         if self._tb:
             self._tb.close()
         if self.stop_reason is None:
@@ -414,7 +419,8 @@ class Trainer:
         self._save_step_checkpoint()
         if improved and cfg.save_best:
             self.save_checkpoint(self.out / "best")
-        if cfg.plot:
+        # drawing loss.png (and importing matplotlib the first time) is slow next to a small model's steps
+        if cfg.plot and time.perf_counter() - getattr(self, "_plotted_at", 0.0) >= PLOT_EVERY_S:
             self._plot()
         self._tensorboard(record)
         distributed.barrier(self.dist)  # the checkpoint is complete before any rank goes on

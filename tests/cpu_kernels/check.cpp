@@ -521,6 +521,47 @@ static void check_loss(const KernelTable& kt, Dtype dt, int64_t R, int64_t V, bo
   if (grad) check(std::string(name) + " grad", zb.values(), gw, tol(dt, 1e-5));
 }
 
+// ------------------------------------------------------------------ optimizer step
+static void check_optim(const KernelTable& kt, std::vector<int64_t> sizes, double gscale) {
+  const int64_t n = int64_t(sizes.size());
+  std::vector<std::vector<float>> p(n), g(n), m(n), v(n);
+  std::vector<Vec> pw(n), mw(n), vw(n);
+  std::vector<float *> pp(n), mp(n), vp(n);
+  std::vector<const float*> gp(n);
+  std::vector<double> steps(n);
+  double ss = 0;
+  const double lr = 3e-3, b1 = 0.85, b2 = 0.97, eps = 1e-6, wd = 0.1;
+  for (int64_t t = 0; t < n; ++t) {
+    p[t] = tof(randn(sizes[t]));
+    g[t] = tof(randn(sizes[t], 2.0));
+    m[t] = tof(randn(sizes[t], 0.1));
+    v[t] = tof(randn(sizes[t], 0.1, 0.5));
+    for (auto& x : v[t]) x = x * x;
+    pw[t] = f32v(p[t]), mw[t] = f32v(m[t]), vw[t] = f32v(v[t]);
+    pp[t] = p[t].data(), gp[t] = g[t].data(), mp[t] = m[t].data(), vp[t] = v[t].data();
+    steps[t] = double(t % 5 + 1);
+    for (float x : g[t]) ss += double(x) * x;
+    const double bc1 = 1 - std::pow(b1, steps[t]), bc2 = 1 - std::pow(b2, steps[t]);
+    for (int64_t j = 0; j < sizes[t]; ++j) {
+      const double gj = gscale * double(g[t][j]);
+      mw[t][j] = b1 * mw[t][j] + (1 - b1) * gj;
+      vw[t][j] = b2 * vw[t][j] + (1 - b2) * gj * gj;
+      pw[t][j] = pw[t][j] * (1 - lr * wd) - lr / bc1 * mw[t][j] / (std::sqrt(vw[t][j] / bc2) + eps);
+    }
+  }
+  const double got_ss = kt.sum_squares(SumSquaresArgs{gp.data(), sizes.data(), n});
+  char name[96];
+  std::snprintf(name, sizeof name, "%s optim n=%ld scale=%g", kt.name, (long)n, gscale);
+  check(std::string(name) + " sum_squares", Vec{got_ss}, Vec{ss}, 1e-6);
+  kt.adamw(AdamWArgs{pp.data(), gp.data(), mp.data(), vp.data(), sizes.data(), steps.data(), n, lr, b1, b2, eps, wd,
+                     gscale});
+  for (int64_t t = 0; t < n; ++t) {
+    check(std::string(name) + " param", f32v(p[t]), pw[t], 1e-5);
+    check(std::string(name) + " exp_avg", f32v(m[t]), mw[t], 1e-5);
+    check(std::string(name) + " exp_avg_sq", f32v(v[t]), vw[t], 1e-5);
+  }
+}
+
 static void run_level(const KernelTable& kt) {
   const int before = g_failed;
   // attention: tails of every kind, GQA, D not a multiple of any vector width, Tq < Tk
@@ -556,6 +597,9 @@ static void run_level(const KernelTable& kt) {
   for (Dtype dt : {Dtype::f32, Dtype::f64})
     for (auto rv : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {9, 100}, {5, 5003}})
       for (bool grad : {false, true}) check_loss(kt, dt, rv.first, rv.second, grad, grad && rv.second == 100);
+  check_optim(kt, {1}, 1.0);
+  check_optim(kt, {7, 3, 16, 17, 1}, 0.25);
+  check_optim(kt, {16384 + 9, 40000, 130, 5}, 1.0);
   std::printf("level %s: %d checks failed\n", kt.name, g_failed - before);
 }
 

@@ -367,10 +367,11 @@ struct BwdWork {
   const AttnBwdArgs& a;
   std::atomic<int>* prepared;  // per (batch, head): qt, dot, lse2, delta ready, its dqt zeroed
   struct State {
-    std::vector<float> kt, s, dp, dk, dv, kc, vc;
+    std::vector<float> kt, s, dp, dk, dv, kc, vc, dq;
   };
   State make_state() const {
     State st;
+    if (!a.dqt) st.dq.resize(a.D * BQ);
     st.kt.resize(a.D * BK);
     st.kc.resize(BK * a.D);
     st.vc.resize(BK * a.D);
@@ -406,6 +407,7 @@ struct BwdWork {
     }
     std::fill(a.lse2 + bh * Tqp + Tq, a.lse2 + (bh + 1) * Tqp, kInf);
     std::fill(a.delta + bh * Tqp + Tq, a.delta + (bh + 1) * Tqp, 0.f);
+    if (!a.dqt) return;  // dQ goes straight to dq (see AttnBwdArgs)
     const int64_t per = a.B * a.H * D * Tqp;
     for (int64_t th = 0; th < a.nthr; ++th)
       std::fill(a.dqt + th * per + bh * D * Tqp, a.dqt + th * per + (bh + 1) * D * Tqp, 0.f);
@@ -435,6 +437,8 @@ struct BwdWork {
         std::fill(dK + c * dks, dK + c * dks + D, 0.f);
         std::fill(dV + c * dvs, dV + c * dvs + D, 0.f);
       }
+      for (int64_t g = 0; !a.dqt && g < G; ++g)  // no query sees the only key tile
+        for (int64_t t = 0; t < a.Tq; ++t) std::fill_n(a.dq + a.ldq.at(b, hk * G + g, t), D, 0.f);
       return;
     }
     for (int64_t g = 0; g < G; ++g) wait_flag(prepared[b * a.H + hk * G + g]);
@@ -464,24 +468,56 @@ struct BwdWork {
       const int64_t qs = a.qc ? D : a.lq.st, dos = a.doc ? D : a.ldo.st;
       const float* lse2 = a.lse2 + bh * a.Tqp;
       const float* delta = a.delta + bh * a.Tqp;
-      float* dQT = a.dqt + tid * BHTD + bh * D * a.Tqp;
+      // dQ^T: this thread's buffer, or (one query tile, one key tile) the tile's own, written to dq below
+      float* dQT = a.dqt ? a.dqt + tid * BHTD + bh * D * a.Tqp : st.dq.data();
+      const int64_t ldq = a.dqt ? a.Tqp : BQ;
+      if (!a.dqt) std::fill(dQT, dQT + D * BQ, 0.f);
       for (int64_t q0 = (qstart / BQ) * BQ; q0 < a.Tq; q0 += BQ) {
         const int64_t nq = std::min(BQ, a.Tq - q0);
-        gemm(nk, BQ, D, K, ks, QT + q0, a.Tqp, S, BQ, false);    // S^T (scaled by scale*log2e)
-        gemm(nk, BQ, D, V, vs, dOT + q0, a.Tqp, dP, BQ, false);  // dP^T
+        float* dQTq = a.dqt ? dQT + q0 : dQT;
         const bool diag = a.causal && (k0 + nk - 1 > q0 + off);
-        for (int64_t r = 0; r < nk; ++r) {
-          bwd_row(S + r * BQ, dP + r * BQ, lse2 + q0, delta + q0, BQ);
-          if (diag) {
-            // key k0 + r is visible to query c iff k0 + r <= q0 + c + off
-            const int64_t cfirst = std::min<int64_t>(BQ, std::max<int64_t>(0, k0 + r - off - q0));
-            std::fill(S + r * BQ, S + r * BQ + cfirst, 0.f);
-            std::fill(dP + r * BQ, dP + r * BQ + cfirst, 0.f);
-          }
+        if (!diag) {
+          gemm(nk, BQ, D, K, ks, QT + q0, a.Tqp, S, BQ, false);    // S^T (scaled by scale*log2e)
+          gemm(nk, BQ, D, V, vs, dOT + q0, a.Tqp, dP, BQ, false);  // dP^T
+          for (int64_t r = 0; r < nk; ++r) bwd_row(S + r * BQ, dP + r * BQ, lse2 + q0, delta + q0, BQ);
+          gemm(nk, D, nq, S, BQ, dOr + q0 * dos, dos, dVa, D, true);  // dV += P^T dO
+          gemm(nk, D, nq, dP, BQ, Qr + q0 * qs, qs, dKa, D, true);     // dK += dS^T Q
+          gemm(D, BQ, nk, KT, BK, dP, BQ, dQTq, ldq, true);           // dQ^T += K^T dS^T
+          continue;
         }
-        gemm(nk, D, nq, S, BQ, dOr + q0 * dos, dos, dVa, D, true);  // dV += P^T dO
-        gemm(nk, D, nq, dP, BQ, Qr + q0 * qs, qs, dKa, D, true);     // dK += dS^T Q
-        gemm(D, BQ, nk, KT, BK, dP, BQ, dQT + q0, a.Tqp, true);  // dQ^T += K^T dS^T
+        // The diagonal tile: key k0 + r is visible to query q0 + c iff c >= r + shift. Each
+        // product covers only what some row (or column) block sees, from the block's first
+        // visible column rounded down to the micro-kernel's width; the rest is zero.
+        const int64_t shift = k0 - off - q0;
+        auto first = [&](int64_t r) { return std::min<int64_t>(BQ, std::max<int64_t>(0, r + shift)); };
+        auto aligned = [](int64_t c) { return c / kGemmCols * kGemmCols; };
+        for (int64_t m = 0; m < nk; m += kGemmMR) {
+          const int64_t R = std::min<int64_t>(kGemmMR, nk - m), ca = aligned(first(m));
+          if (ca >= BQ) continue;
+          gemm(R, BQ - ca, D, K + m * ks, ks, QT + q0 + ca, a.Tqp, S + m * BQ + ca, BQ, false);
+          gemm(R, BQ - ca, D, V + m * vs, vs, dOT + q0 + ca, a.Tqp, dP + m * BQ + ca, BQ, false);
+        }
+        for (int64_t r = 0; r < nk; ++r) {
+          const int64_t cf = first(r), ca = aligned(cf);
+          if (ca < BQ) bwd_row(S + r * BQ + ca, dP + r * BQ + ca, lse2 + q0 + ca, delta + q0 + ca, BQ - ca);
+          std::fill(S + r * BQ, S + r * BQ + cf, 0.f);
+          std::fill(dP + r * BQ, dP + r * BQ + cf, 0.f);
+        }
+        for (int64_t m = 0; m < nk; m += kGemmMR) {
+          const int64_t R = std::min<int64_t>(kGemmMR, nk - m), ca = aligned(first(m));
+          if (ca >= nq) continue;
+          gemm(R, D, nq - ca, S + m * BQ + ca, BQ, dOr + (q0 + ca) * dos, dos, dVa + m * D, D, true);
+          gemm(R, D, nq - ca, dP + m * BQ + ca, BQ, Qr + (q0 + ca) * qs, qs, dKa + m * D, D, true);
+        }
+        for (int64_t c0 = 0; c0 < BQ; c0 += kGemmCols) {  // keys r <= c0 + kGemmCols - 1 - shift
+          const int64_t kc = std::min<int64_t>(nk, std::max<int64_t>(0, c0 + kGemmCols - shift));
+          if (kc > 0) gemm(D, std::min<int64_t>(kGemmCols, BQ - c0), kc, KT, BK, dP + c0, BQ, dQTq + c0, ldq, true);
+        }
+      }
+      if (!a.dqt) {  // dq = scale dQ^T, transposed
+        float* dq = a.dq + a.ldq.at(b, hk * G + g, 0);
+        for (int64_t t = 0; t < a.Tq; ++t)
+          for (int64_t d = 0; d < D; ++d) dq[t * a.ldq.st + d] = dQT[d * BQ + t] * a.scale;
       }
     }
     for (int64_t c = 0; c < nk; ++c)
@@ -497,6 +533,7 @@ void backward(const AttnBwdArgs& a) {
   for (auto& f : prepared) f.store(0);
   BwdWork w{a, prepared.data()};
   run_dynamic(a.B * a.H + a.B * a.Hkv * cdiv(a.Tk, BK), w, a.nthr);
+  if (!a.dqt) return;  // written by the tiles
   // dq = scale * (sum over threads of dQ^T), transposed back
   const float* src = a.dqt;
   const int64_t per = a.B * a.H * a.D * a.Tqp, D = a.D, Tq = a.Tq, Tqp = a.Tqp, nthr = a.nthr;
