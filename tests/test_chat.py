@@ -135,9 +135,10 @@ def test_session_keeps_the_system_message_and_drops_the_oldest_turns(tmp_path):
     assert len(s.window()) < 13  # but only the latest turns are sent
     assert len(s.template.encode(s.window()[:-1], tok)) <= 60
     # a message that cannot fit even alone: an error, and it leaves no trace
+    window = s.window()
     with pytest.raises(ContextFull, match="does not fit"):
         list(s.send("to be or not to be " * 20))
-    assert len(s.messages) == 13
+    assert len(s.messages) == 13 and s.window() == window
     s.reset()
     assert s.messages == [{"role": "system", "content": "Be brief."}] and s.start == 0
     s.set_system(None)

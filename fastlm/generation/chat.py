@@ -88,13 +88,15 @@ class ChatSession:
     def prompt_ids(self) -> list[int]:
         """The next prompt's ids; the oldest turns leave the window until it fits
         ``prompt_budget``. ``ContextFull`` when the system message and the last message alone
-        do not fit."""
+        do not fit (the window is then left as it was)."""
+        start = self.start
         while True:
             ids = self.template.encode(self.window(), self.tokenizer, add_generation_prompt=True)
             if len(ids) <= self.prompt_budget:
                 return ids
             turns = self._turns()
             if len(turns) - self.start <= 1:
+                self.start = start
                 raise ContextFull(f"the message does not fit the model's context: the prompt is {len(ids)} tokens, "
                                   f"the room for it {self.prompt_budget} (context {self.model.config.block_size}, "
                                   f"{self.model.config.block_size - self.prompt_budget} kept for the reply)")
