@@ -238,3 +238,22 @@ def test_stream_takes_token_ids(plain_dir):
     assert "".join(fastlm.stream(model, tok, ids, max_new_tokens=10)) == want.texts[0]
     with pytest.raises(ValueError, match="token ids"):
         list(fastlm.stream(model, tok, [tok.n_vocab + 5], max_new_tokens=2))
+
+
+def test_server_load_uses_the_shared_template(tmp_path):
+    pytest.importorskip("fastapi")
+    transformers = pytest.importorskip("transformers")
+    from fastlm.serve import load
+
+    template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    d = _model_dir(tmp_path / "m", template)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(bos_token={"__type": "AddedToken", "content": "<|im_start|>"}, eos_token="<|im_end|>")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _, tok, chat = load(d)
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    want = hf.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    assert want.startswith("<|im_start|>[system] Be brief.<|im_end|>")
+    assert chat.render(MSGS) == want and chat.stop == []
+    assert chat.encode(MSGS, tok) == tok.encode(want, allowed_special="all")
