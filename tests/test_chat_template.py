@@ -55,13 +55,16 @@ ZEPHYR = """{% for message in messages %}
 {% endif %}
 {% endfor %}"""
 
-# {% continue %} / {% break %} (jinja2.ext.loopcontrols), a namespace, dict(), strftime_now.
+# {% continue %} / {% break %} (jinja2.ext.loopcontrols), a namespace, dict(), strftime_now,
+# {% generation %} blocks (transformers' marks of the assistant's text).
 LOOPS = """{% set ns = namespace(count=0) %}
 {% for m in messages %}
     {% if m['role'] == 'system' %}{% continue %}{% endif %}
     {% if m['content'] == 'STOP' %}{% break %}{% endif %}
     {% set ns.count = ns.count + 1 %}
-{{ ns.count }}. {{ m['role'] }}: {{ m['content'] }}
+{% if m['role'] == 'assistant' %}{% generation %}{{ ns.count }}. assistant: {{ m['content'] }}{% endgeneration %}
+{% else %}{{ ns.count }}. {{ m['role'] }}: {{ m['content'] }}
+{% endif %}
 {% endfor %}
 {% set d = dict(turns=ns.count) %}
 turns={{ d['turns'] }} pct={{ strftime_now('%%') }}
