@@ -31,8 +31,8 @@ __all__ = ["resolve_pretrained", "hub_cache_dir", "is_repo_id", "HubNotFoundErro
 # What makes a snapshot usable: a model needs its config, a tokenizer one of its file sets.
 MODEL_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-# What a download fetches: configs, safetensors weights, tokenizer files; never pickles.
-_ALLOW_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "*.tiktoken"]
+# What a download fetches: configs, safetensors weights, tokenizer files, the chat template; never pickles.
+_ALLOW_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "*.tiktoken", "chat_template.jinja"]
 
 # Names users type for GPT-2 that are not repo ids, and the legacy names the hub moved under an
 # organisation (the cache keeps the id as it was asked for, so either spelling may be present).

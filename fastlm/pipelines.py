@@ -1,6 +1,9 @@
 """``fastlm.pipeline(task, model=...)``, shaped like Hugging Face's pipelines.
 
-- ``"text-generation"``: ``pipe("Once upon a time")`` returns ``[{"generated_text": ...}]``.
+- ``"text-generation"``: ``pipe("Once upon a time")`` returns ``[{"generated_text": ...}]``; a chat
+  (a list of ``{"role", "content"}`` dicts, or a list of chats) is rendered with the model's chat
+  template and returns ``[{"generated_text": messages + [{"role": "assistant", "content": reply}]}]``,
+  as transformers' pipeline does.
 - ``"question-answering"``: ``pipeline(..., documents=...)`` cuts the documents into passages
   (paragraphs, long ones at sentence boundaries), indexes them with ``fastlm.features.TfidfIndex``,
   and ``pipe("question")`` puts the best passages in the prompt and returns ``{"answer",
@@ -34,6 +37,7 @@ from .models import GPT, ids_in_vocab
 from .models.checkpoint import read_pipeline_config, write_pipeline_config
 from .models.heads import PROMPT_TEMPLATE, SequenceClassifier, TranslationLM, translation_prompt
 from .tokenizer import load_tokenizer, resolve_tokenizer
+from .tokenizer.chat_template import ChatTemplate
 
 __all__ = ["pipeline", "load_pipeline", "load_tokenizer", "split_passages", "TextGenerationPipeline",
            "QuestionAnsweringPipeline", "TextClassificationPipeline", "TranslationPipeline"]
@@ -93,7 +97,9 @@ class TextGenerationPipeline:
         elif weights is not None:
             raise ValueError("weights= quantizes a checkpoint as it loads; for a model object call model.quantize(...)")
         self.model = model
+        self.model_dir = path
         self.tokenizer = resolve_tokenizer(tokenizer, path, "pipeline")
+        self._chat_template = None
         self.defaults = {}
         if path is not None and (path / "generation_config.json").is_file():
             cfg = read_json(path / "generation_config.json")
@@ -113,24 +119,31 @@ class TextGenerationPipeline:
             if eot is not None and 0 <= eot < model.config.vocab_size:  # an id the model can produce
                 self.defaults["eos_token_id"] = eot
 
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The template chats are rendered with: the tokenizer's, else the model directory's,
+        else the plain one (``ChatTemplate.for_tokenizer``)."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer, self.model_dir)
+        return self._chat_template
+
     def __call__(self, text_inputs, num_return_sequences: int = 1, return_full_text: bool = True,
-                 return_tensors: bool = False, **kwargs):
+                 return_tensors: bool = False, continue_final_message: bool | None = None, **kwargs):
+        """Continue a text or a list of texts, or a chat or a list of chats (each a list of
+        ``{"role", "content"}`` dicts). A chat is rendered with ``chat_template``, ending with the
+        generation prompt, or, when its last message is the assistant's (or
+        ``continue_final_message=True``), inside that message so the reply continues it; its
+        results hold the chat with the reply appended as the assistant's message (or the
+        reply alone with ``return_full_text=False``), as transformers' pipeline returns them."""
+        chats = _as_chats(text_inputs)
+        if chats is not None:
+            return self._chat(chats[0], chats[1], num_return_sequences, return_full_text, return_tensors,
+                              continue_final_message, kwargs)
         single = isinstance(text_inputs, str)
         texts = [text_inputs] if single else list(text_inputs)
         if not texts:
             raise ValueError("pipeline: no text given")
-        if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-        opts = {**self.defaults, **kwargs}
-        unknown = set(opts) - set(_GEN_KEYS) - {"stop", "seed", "context_overflow"}
-        if unknown:
-            raise TypeError(f"pipeline got unexpected keyword arguments {sorted(unknown)}")
-        if num_return_sequences > 1 and not (opts.get("do_sample") and opts.get("temperature", 1.0) != 0):
-            raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat one answer)")
-        if opts.get("max_new_tokens") is None and opts.get("max_length") is None:
-            opts["max_new_tokens"] = 50
-        if opts.get("max_new_tokens") is not None:
-            opts.pop("max_length", None)
+        opts = self._options(num_return_sequences, kwargs)
         prompts = [encode_prompt(self.tokenizer, t) for t in texts]
         batch = [p for p in prompts for _ in range(num_return_sequences)]
         out: GenerateOutput = generate(self.model, batch, tokenizer=self.tokenizer, return_dict_in_generate=True, **opts)
@@ -146,6 +159,60 @@ class TextGenerationPipeline:
             results.append(group)
         return results[0] if single else results
 
+    def _options(self, num_return_sequences, kwargs) -> dict:
+        """The generation options of a call: the pipeline's defaults updated by ``kwargs``, checked."""
+        n = num_return_sequences
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {n!r}")
+        opts = {**self.defaults, **kwargs}
+        unknown = set(opts) - set(_GEN_KEYS) - {"stop", "seed", "context_overflow"}
+        if unknown:
+            raise TypeError(f"pipeline got unexpected keyword arguments {sorted(unknown)}")
+        if num_return_sequences > 1 and not (opts.get("do_sample") and opts.get("temperature", 1.0) != 0):
+            raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat one answer)")
+        if opts.get("max_new_tokens") is None and opts.get("max_length") is None:
+            opts["max_new_tokens"] = 50
+        if opts.get("max_new_tokens") is not None:
+            opts.pop("max_length", None)
+        return opts
+
+    def _chat(self, chats, single, num_return_sequences, return_full_text, return_tensors, continue_final_message,
+              kwargs):
+        opts = self._options(num_return_sequences, kwargs)
+        template = self.chat_template
+        if template.stop:  # the plain template's next user turn ends the reply
+            stop = opts.get("stop")
+            opts["stop"] = ([stop] if isinstance(stop, str) else list(stop or [])) + template.stop
+        prompts, prefill = [], []
+        for messages in chats:
+            cont = bool(continue_final_message) if continue_final_message is not None \
+                else messages[-1]["role"] == "assistant"  # a chat ending with the assistant's words: a prefill
+            ids = template.encode(messages, self.tokenizer, add_generation_prompt=not cont,
+                                  continue_final_message=cont)
+            if not ids:
+                raise ValueError("empty prompt: the chat template rendered these messages as no tokens")
+            prompts.append(ids)
+            prefill.append(cont)
+        batch = [p for p in prompts for _ in range(num_return_sequences)]
+        out: GenerateOutput = generate(self.model, batch, tokenizer=self.tokenizer, return_dict_in_generate=True,
+                                       **opts)
+        results = []
+        for i, messages in enumerate(chats):
+            group = []
+            for j in range(i * num_return_sequences, (i + 1) * num_return_sequences):
+                if return_tensors:
+                    group.append({"generated_token_ids": (prompts[i] if return_full_text else []) + out.tokens[j]})
+                elif not return_full_text:
+                    group.append({"generated_text": out.texts[j]})
+                elif prefill[i]:  # the reply continues the last message
+                    last = messages[-1]
+                    group.append({"generated_text": list(messages[:-1]) + [
+                        {"role": last["role"], "content": last["content"] + out.texts[j]}]})
+                else:
+                    group.append({"generated_text": list(messages) + [{"role": "assistant", "content": out.texts[j]}]})
+            results.append(group)
+        return results[0] if single else results
+
     def generate_ids(self, prompts, **kwargs) -> list[str]:
         """The generated text (prompt excluded) for each list of prompt token ids; options are
         the pipeline's defaults updated by ``kwargs``."""
@@ -158,6 +225,27 @@ class TextGenerationPipeline:
         """The model (Hugging Face layout) and its tokenizer, in one directory."""
         self.model.save_pretrained(path)
         _save_tokenizer(self.tokenizer, path)
+
+
+def _as_chats(inputs):
+    """(list of chats, whether one chat was given) when ``inputs`` is a chat (a list of message
+    dicts) or a list of chats, else None (text input). Every message needs a role and content."""
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        return None
+    first = inputs[0]
+    if isinstance(first, dict):
+        chats, single = [inputs], True
+    elif isinstance(first, (list, tuple)) and first and isinstance(first[0], dict):
+        chats, single = list(inputs), False
+    else:
+        return None
+    for c, chat in enumerate(chats):
+        if not isinstance(chat, (list, tuple)) or not chat:
+            raise ValueError(f"pipeline: chat {c} must be a non-empty list of messages")
+        for m in chat:
+            if not (isinstance(m, dict) and "role" in m and "content" in m):
+                raise ValueError("pipeline: each message of a chat must be a dict with 'role' and 'content'")
+    return chats, single
 
 
 # ----------------------------------------------------------------------------- question answering

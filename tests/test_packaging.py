@@ -46,7 +46,7 @@ def test_torch_floor_and_version_dependent_packages():
     assert "torch>=2.6" in deps and "torch>=2.6" in project["build-system"]["requires"]
     assert "tomli>=1.1; python_version < '3.11'" in deps  # tomllib is in the standard library from 3.11
     assert project["project"]["requires-python"] == ">=3.10"
-    assert "jinja2>=3.1" in project["project"]["optional-dependencies"]["serve"]
+    assert "jinja2>=3.1.6" in project["project"]["optional-dependencies"]["serve"]
 
 
 def test_every_imported_package_is_declared():

@@ -360,6 +360,22 @@ def test_chat_injection_over_http(model, tok):
         s.stop()
 
 
+def test_chat_template_refusal_is_400(model, tok):
+    strict = "{% if messages[-1]['role'] != 'user' %}{{ raise_exception('the last message must be the user\\'s') }}" \
+             "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    s = start(model, tok, ChatTemplate(strict), max_batch=2)
+    try:
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        r = post(s, {"model": NAME, "messages": msgs, "max_tokens": 1}, path="/v1/chat/completions")
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "the last message must be the user's" in err["message"] and err["param"] == "messages"
+        r = post(s, {"model": NAME, "messages": msgs[:1], "max_tokens": 1}, path="/v1/chat/completions")
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_metrics_label_routes_not_paths(server):
     def families():

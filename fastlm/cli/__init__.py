@@ -1,13 +1,14 @@
 """The ``fastlm`` command line. Each subcommand is a pair of functions: ``_add_NAME(sub)``
 declares its arguments and ``_run_NAME(args)`` calls the library. Front end only: the work
 is done by the library modules. The subcommands live in modules by subject (``info``,
-``data``, ``train``, ``evaluate``, ``generate``, ``serve``, ``tasks``); none of them imports
+``data``, ``train``, ``evaluate``, ``generate``, ``chat``, ``serve``, ``tasks``); none of them imports
 torch or fastlm's subpackages until a command runs, so ``fastlm --help`` stays quick."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .chat import _add_chat, _run_chat  # noqa: F401
 from .common import _DTYPES, _add_device_args, _device_dtype  # noqa: F401
 from .data import _add_data_args, _add_prepare, _add_tokenizer, _data_options, _run_prepare, _run_tokenizer  # noqa: F401
 from .evaluate import _add_eval, _run_eval  # noqa: F401
@@ -19,8 +20,8 @@ from .tasks import (_add_classify, _add_finetune, _add_qa, _add_translate, _run_
 from .train import (_MODEL_FLAGS, _TRAIN_FLAGS, _add_sweep, _add_train, _parse_grid, _prepared_data,  # noqa: F401
                     _run_sweep, _run_train)
 
-COMMANDS = ["info", "tokenizer", "prepare", "train", "sweep", "eval", "generate", "serve", "demo", "finetune",
-            "classify", "translate", "qa"]
+COMMANDS = ["info", "tokenizer", "prepare", "train", "sweep", "eval", "generate", "chat", "serve", "demo",
+            "finetune", "classify", "translate", "qa"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -299,19 +299,29 @@ def encode_prompt(tokenizer, text) -> list:
     return ids
 
 
+def _is_ids(prompt) -> bool:
+    """Whether ``prompt`` is one prompt of token ids: a non-empty list or tuple of ints."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in prompt)
+
+
 def stream(model, tokenizer, prompt, max_new_tokens: int | None = None, **kwargs) -> Iterator:
     """Generate and yield text as it is settled: ``for delta in stream(model, tok, "Hi"): ...``
 
     A multi-byte character split across tokens is yielded only whole, and text that could be
     the start of a stop string is held back until decided, so ``"".join(deltas)`` equals the
     final text. ``prompt`` a list of strings: yields, per step, a list of deltas (one per
-    prompt, "" when nothing new). Keyword arguments are those of ``generate`` (``eos_token_id``
-    defaults to the tokenizer's ``eot_token``, then the model's)."""
-    batch = not isinstance(prompt, str)
-    texts = list(prompt) if batch else [prompt]
-    if not texts:
-        raise ValueError("stream: no prompts given")
-    prompts = [encode_prompt(tokenizer, t) for t in texts]
+    prompt, "" when nothing new); a list of token ids is one prompt already encoded (a chat
+    prompt whose template's special tokens are ids). Keyword arguments are those of
+    ``generate`` (``eos_token_id`` defaults to the tokenizer's ``eot_token``, then the model's)."""
+    if _is_ids(prompt):
+        batch, prompts = False, _prompts(model, list(prompt), None)[0]  # checked against the vocabulary
+    else:
+        batch = not isinstance(prompt, str)
+        texts = list(prompt) if batch else [prompt]
+        if not texts:
+            raise ValueError("stream: no prompts given")
+        prompts = [encode_prompt(tokenizer, t) for t in texts]
     eot = getattr(tokenizer, "eot_token", None)
     if kwargs.get("eos_token_id") is None and model.config.eos_token_id is None and eot is not None \
             and 0 <= eot < model.config.vocab_size:  # an id past the model's vocabulary is never generated

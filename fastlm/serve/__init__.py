@@ -39,9 +39,10 @@ refused in prompts and never generated, sampling options are bounded, and an err
 row ends its request alone. A model whose config names an end-of-text id outside its
 vocabulary has it dropped with a warning when it loads.
 
-Chat template: the model directory's ``chat_template.jinja`` or the ``chat_template`` of its
-``tokenizer_config.json`` (Hugging Face's convention, rendered in a sandboxed Jinja2 with
-``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``) when present; only the
+Chat template: the tokenizer's, else the model directory's ``chat_template.jinja`` or the
+``chat_template`` of its ``tokenizer_config.json`` (Hugging Face's convention, rendered exactly
+as transformers renders it by ``fastlm.tokenizer.chat_template``, with the named special tokens
+of ``tokenizer_config.json``; a template's ``raise_exception`` is a 400) when present; only the
 template's own special tokens are encoded as special tokens, the messages' content always as
 ordinary text (a user who types ``<|endoftext|>`` gets those characters, not the control
 token). Otherwise the plain template for base models::
@@ -55,7 +56,8 @@ token). Otherwise the plain template for base models::
 with ``"\\nUser:"`` as an extra stop string, so that a base model does not write the user's turn.
 
 The package: ``app.py`` (routes, authentication, limits, server-sent events), ``protocol.py``
-(request validation), ``responses.py`` (response shapes), ``chat_template.py``, ``metrics.py``,
+(request validation), ``responses.py`` (response shapes), ``chat_template.py`` (a re-export of
+``fastlm.tokenizer.chat_template``), ``metrics.py``,
 ``net.py`` (connection limits and deadlines under uvicorn), ``config.py`` (``ServeConfig``),
 ``server.py`` (``serve``, ``ServerThread``).
 """

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from ..generation.engine import Engine, QueueFull, Request
 from ..generation.sampling import undecodable_ids
-from .chat_template import ChatTemplate, encode_text
+from ..tokenizer.chat_template import ChatTemplate, ChatTemplateError, encode_text
 from .config import ServeConfig
 from .metrics import Metrics, route_label
 from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, Sampling, bad, check_fields, disconnected, get_bool,
@@ -141,9 +141,12 @@ class Handlers:
 
     async def encode_chat(self, messages) -> list:
         st = self.st
-        if sum(len(m["content"]) for m in messages) < 2048:
-            return st.chat.encode(messages, st.tokenizer)
-        return await asyncio.get_running_loop().run_in_executor(None, st.chat.encode, messages, st.tokenizer)
+        try:
+            if sum(len(m["content"]) for m in messages) < 2048:
+                return st.chat.encode(messages, st.tokenizer)
+            return await asyncio.get_running_loop().run_in_executor(None, st.chat.encode, messages, st.tokenizer)
+        except ChatTemplateError as e:  # the template refused these messages (raise_exception) or failed on them
+            raise bad(str(e), "messages", "invalid_value") from None
 
     def check_lengths(self, prompts, max_tokens, param):
         st = self.st

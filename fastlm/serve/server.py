@@ -12,8 +12,8 @@ from pathlib import Path
 from ..hub import resolve_pretrained
 from ..models import GPT
 from ..tokenizer import load_tokenizer
+from ..tokenizer.chat_template import ChatTemplate
 from .app import create_app
-from .chat_template import ChatTemplate
 from .config import ServeConfig
 
 log = logging.getLogger("fastlm.serve")
@@ -26,9 +26,7 @@ def load(model_dir, tokenizer=None, dtype=None, device=None, weights=None):
     model_dir = resolve_pretrained(model_dir)
     model = GPT.from_pretrained(model_dir, dtype=dtype, device=device, weights=weights)
     tok = load_tokenizer(tokenizer or model_dir)
-    eot = getattr(tok, "eot_token", None)
-    eos_text = tok.decode([eot]) if eot is not None else ""
-    return model, tok, ChatTemplate.from_dir(model_dir, eos_token=eos_text)
+    return model, tok, ChatTemplate.for_tokenizer(tok, model_dir)
 
 
 def serve(model_dir, host: str = "127.0.0.1", port: int = 8000, tokenizer=None, config: ServeConfig | None = None,

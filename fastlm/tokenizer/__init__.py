@@ -24,8 +24,9 @@ merges that would make a longer token). Character classes follow Python's Unicod
 database, completed with tiktoken's classes for code points that are newer
 (``scripts/gen_unicode_tables.py``).
 
-Submodules: ``bpe`` (``Tokenizer``), ``formats`` (the files above), ``patterns`` (the
-pre-tokenizer patterns), ``load`` (``load_tokenizer``, ``resolve_tokenizer``,
+Submodules: ``bpe`` (``Tokenizer``), ``formats`` (the files above), ``chat_template`` (chat
+templates rendered as transformers renders them; ``Tokenizer.apply_chat_template``), ``patterns``
+(the pre-tokenizer patterns), ``load`` (``load_tokenizer``, ``resolve_tokenizer``,
 ``token_bytes_fn``) and ``_common`` (the core, the limits and their checks).
 """
 from ._common import ENDOFTEXT, MAX_FILE_BYTES, MAX_TOKEN_BYTES, MAX_VOCAB  # noqa: F401 (ENDOFTEXT)

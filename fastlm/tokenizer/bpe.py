@@ -53,6 +53,12 @@ class Tokenizer:
         self._n_ordinary = len(token_bytes)
         self._core = _core().Core([bytes(t) for t in token_bytes], merges, rank_by_id, self._special_list,
                                   _PATTERN_CODE[self.pattern])
+        # The chat template (Jinja2 text, or None: the plain template) and the named special
+        # tokens it sees ({"bos_token": text, ...}); a directory's tokenizer_config.json and
+        # chat_template.jinja set them when loading, ``save`` writes them back.
+        self.chat_template: str | None = None
+        self.special_tokens_map: dict[str, str] = (
+            {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT} if ENDOFTEXT in specials else {})
 
     # ------------------------------------------------------------------ properties
     @property
@@ -179,6 +185,25 @@ class Tokenizer:
     def decode_single_token_bytes(self, id: int) -> bytes:
         return self.token_bytes(id)
 
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False, *,
+                            chat_template: str | None = None, tools=None, documents=None,
+                            continue_final_message: bool | str = False, **kwargs):
+        """Chat messages (``[{"role": ..., "content": ...}, ...]``, or a list of such
+        conversations) to prompt text as transformers' ``apply_chat_template`` renders it, with
+        ``chat_template``, else this tokenizer's ``chat_template`` (from its directory's
+        ``chat_template.jinja`` or ``tokenizer_config.json``), else the plain template
+        (``"User: ...\n\nAssistant:"``). ``tokenize=True``: the prompt's ids, the template's own
+        special tokens as special tokens and the messages' text always as ordinary text.
+        ``tools``, ``documents`` and other keyword arguments reach the template; a template's
+        ``raise_exception`` is a ``fastlm.tokenizer.chat_template.ChatTemplateError``. Unlike
+        transformers, ``add_generation_prompt`` defaults to True (a prompt for a reply)."""
+        from .chat_template import apply_chat_template
+
+        return apply_chat_template(self, conversation, add_generation_prompt, tokenize, chat_template=chat_template,
+                                   tools=tools, documents=documents, continue_final_message=continue_final_message,
+                                   **kwargs)
+
     # ------------------------------------------------------------------ training
     @classmethod
     def train(cls, texts, vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,), pattern: str = "gpt2", *,
@@ -241,11 +266,14 @@ class Tokenizer:
         in the local cache or downloaded; see ``fastlm.hub``): Hugging Face ``tokenizer.json``, GPT-2
         ``vocab.json`` + ``merges.txt``, or a tiktoken rank file (``*.tiktoken[.gz]``). For a
         tiktoken file, the pattern and special tokens come from the encoding's name in the file
-        name (r50k_base, p50k_base, cl100k_base) or from the arguments."""
+        name (r50k_base, p50k_base, cl100k_base) or from the arguments. From a directory, the
+        chat template (``chat_template.jinja``, else ``tokenizer_config.json``'s) and the named
+        special tokens of ``tokenizer_config.json`` come along."""
         return formats.load_files(cls, path, pattern, special_tokens, revision)
 
     def save(self, directory) -> pathlib.Path:
         """Write ``tokenizer.json`` (Hugging Face), ``vocab.json`` + ``merges.txt`` (GPT-2) and
-        ``tokenizer_config.json`` into ``directory``; Hugging Face tokenizers and transformers
-        load them."""
+        ``tokenizer_config.json`` (the named special tokens), and ``chat_template.jinja`` when
+        the tokenizer has a chat template, into ``directory``; Hugging Face tokenizers and
+        transformers load them."""
         return formats.save_files(self, directory)

@@ -29,8 +29,8 @@ _TIKTOKEN_SPECIALS = {
                     "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
 }
 
-# The files Tokenizer.save writes into a folder.
-SAVED_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+# The files Tokenizer.save writes into a folder (chat_template.jinja only for a tokenizer with a template).
+SAVED_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.jinja")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -95,12 +95,12 @@ def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, 
         raise FileNotFoundError(f"no tokenizer at {path}: {e}") from None
     if p.is_dir():
         if (p / "tokenizer.json").is_file():
-            return _load_hf(cls, p / "tokenizer.json", pattern, special_tokens)
+            return _with_chat_files(_load_hf(cls, p / "tokenizer.json", pattern, special_tokens), p)
         if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            return _load_gpt2(cls, p / "vocab.json", p / "merges.txt", pattern, special_tokens)
+            return _with_chat_files(_load_gpt2(cls, p / "vocab.json", p / "merges.txt", pattern, special_tokens), p)
         tk = sorted(p.glob("*.tiktoken")) + sorted(p.glob("*.tiktoken.gz"))
         if len(tk) == 1:
-            return _load_tiktoken(cls, tk[0], pattern, special_tokens)
+            return _with_chat_files(_load_tiktoken(cls, tk[0], pattern, special_tokens), p)
         raise ValueError(f"{p} has no tokenizer.json, no vocab.json + merges.txt and no single *.tiktoken file")
     name = p.name
     if _gguf.is_gguf(p):
@@ -116,6 +116,18 @@ def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, 
     if head in (b"{",):
         return _load_hf(cls, p, pattern, special_tokens)
     return _load_tiktoken(cls, p, pattern, special_tokens)
+
+
+def _with_chat_files(tok, directory: pathlib.Path):
+    """``tok`` with the chat template and the named special tokens of ``directory`` (its
+    ``tokenizer_config.json``, when there is one, names the special tokens)."""
+    from .chat_template import read_chat_template
+
+    source, names = read_chat_template(directory)
+    tok.chat_template = source
+    if (directory / "tokenizer_config.json").is_file():
+        tok.special_tokens_map = names
+    return tok
 
 
 def _load_tiktoken(cls, p: pathlib.Path, pattern, special_tokens):
@@ -332,9 +344,15 @@ def save_files(tok, directory) -> pathlib.Path:
     atomic_write_bytes(d / "merges.txt", ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
            "clean_up_tokenization_spaces": False}
-    if ENDOFTEXT in tok.special_tokens:
-        cfg.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
-    atomic_write_bytes(d / "tokenizer_config.json", json.dumps(cfg, indent=2).encode("utf-8"))
+    names = getattr(tok, "special_tokens_map", None)
+    if names is None:
+        names = {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT} \
+            if ENDOFTEXT in tok.special_tokens else {}
+    cfg.update(names)
+    template = getattr(tok, "chat_template", None)
+    if template is not None:  # transformers' own layout: the template in a file of its own
+        atomic_write_bytes(d / "chat_template.jinja", template.encode("utf-8"))
+    atomic_write_bytes(d / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False).encode("utf-8"))
     return d
 
 
