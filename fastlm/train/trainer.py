@@ -43,6 +43,7 @@ import torch
 
 from .. import ops
 from .._io import CheckpointError, atomic_write_bytes
+from .._progress import progress_bar, progress_enabled
 from . import distributed, state
 from .config import TrainConfig, autocast_dtype, lr_at, make_optimizer, resolve_device
 from .state import METRICS_NAME, TRAIN_LOG_NAME, find_checkpoints
@@ -308,11 +309,8 @@ class Trainer:
             print("fastlm: the data has no val split; evaluating on train batches", file=sys.stderr)
         val_split = "val" if self.data.has_batches("val", self.block_size) else "train"
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not cfg.progress or not self.dist.is_main,
-                   dynamic_ncols=True,
-                   unit="step", desc="training")
+        bar = progress_bar(total=cfg.max_iters, initial=self.step, unit="step", desc="training", leave=True,
+                           enabled=progress_enabled(cfg.progress) if self.dist.is_main else False)
         self.model.train()
         t_train = 0.0  # training time, evaluations excluded
         t_last, step_last = time.perf_counter(), self.step
