@@ -75,6 +75,7 @@ class TrainConfig:
     # output
     progress: bool = True  # a bar (shown on a terminal) and a line per evaluation; False: neither
     plot: bool = True
+    license: str | None = None  # the model card's license (e.g. "mit", "apache-2.0"); None: not stated
     tensorboard: bool = True
     peak_flops: float | None = None  # for MFU; None: measured (CPU) or looked up (GPU)
 

@@ -46,9 +46,8 @@ from .._io import CheckpointError, atomic_write_bytes
 from .._progress import progress_bar, progress_enabled
 from . import distributed, state
 from .config import TrainConfig, autocast_dtype, lr_at, make_optimizer, resolve_device
-from .state import METRICS_NAME, TRAIN_LOG_NAME, find_checkpoints
+from .state import METRICS_NAME, PLOT_NAME, TRAIN_LOG_NAME, find_checkpoints
 
-PLOT_NAME = "loss.png"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -409,10 +408,10 @@ class Trainer:
 
             tqdm.write(f"step {self.step}: train {train_loss:.4f}, val {val_loss:.4f} (ppl {record['val_perplexity']:.2f}, "
                        f"{bpb:.3f} bits/byte), lr {lr:.2e}, {tokens_per_s:,.0f} tok/s", file=sys.stderr)
+        if cfg.plot:  # before the checkpoints, whose model cards link the curves
+            self._plot()
         self._save_step_checkpoint()
         if improved and cfg.save_best:
             self.save_checkpoint(self.out / "best")
-        if cfg.plot:
-            self._plot()
         self._tensorboard(record)
         distributed.barrier(self.dist)  # the checkpoint is complete before any rank goes on
