@@ -447,6 +447,7 @@ def test_o200k_words_cases_and_marks(data_dir):
     """The splits that set o200k apart: case changes inside words, contractions in any case
     kept on the word, marks, and '/' after punctuation and newlines."""
     tok, enc = pair("o200k_base", data_dir)
+    assert Tokenizer.from_tiktoken(enc).pattern == "o200k"  # tiktoken's pattern string is recognised
     try:
         import regex
     except ImportError:
@@ -574,7 +575,7 @@ def test_malformed_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="merge .* names a token"):
         Tokenizer.load(tmp_path / "ok")
     with pytest.raises(ValueError, match="unknown pre-tokenization pattern"):
-        Tokenizer.train(["x"], 300, pattern="o200k")
+        Tokenizer.train(["x"], 300, pattern="o300k")
 
 
 # ----------------------------------------------------------------------------- limits

@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without lm-eval
 
 import torch
 
-from .._progress import progress_bar
+from .._progress import progress_bar, progress_enabled
 from ..generation.generate import generate
 from . import scoring
 
@@ -107,7 +107,7 @@ class FastLM(LM):
             groups.setdefault(repr(sorted(opts.items())), []).append(i)
         out: list = [None] * len(requests)
         bar = progress_bar(total=len(requests), desc="generate_until", unit="request",
-                           enabled=False if disable_tqdm else None)
+                           enabled=progress_enabled(not disable_tqdm))
         try:
             for members in groups.values():
                 members.sort(key=lambda i: -len(jobs[i][0]))
