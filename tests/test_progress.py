@@ -111,7 +111,13 @@ def test_finetune_bar(drawn, monkeypatch, capsys, tmp_path):
     finetune("classification", cfg, data, tmp_path / "a", **opts)
     assert "training" not in capsys.readouterr().err  # not a terminal
     monkeypatch.setenv("FASTLM_PROGRESS", "1")
-    finetune("classification", cfg, data, tmp_path / "b", **opts)
+    summary = finetune("classification", cfg, data, tmp_path / "b", **opts)
     assert "4/4" in capsys.readouterr().err
     finetune("classification", cfg, data, tmp_path / "c", progress=False, **opts)
     assert "training" not in capsys.readouterr().err
+    # fastlm eval --task: a bar over the models, none with --quiet.
+    args = ["eval", summary["pipeline_dir"], "--data", str(data), "--task", "classification"]
+    assert main(args) == 0
+    assert "evaluating (classification): 100%" in capsys.readouterr().err
+    assert main(args + ["--quiet"]) == 0
+    assert "%|" not in capsys.readouterr().err

@@ -22,7 +22,8 @@ def _run_eval(args):
     if args.task != "lm":
         from fastlm.metrics import evaluate_task
 
-        evaluate_task(args.task, args.checkpoints, args.data, json_out=args.json, png_out=args.png)
+        evaluate_task(args.task, args.checkpoints, args.data, json_out=args.json, png_out=args.png,
+                      progress=not args.quiet)
         return 0
     from pathlib import Path
 
