@@ -62,7 +62,7 @@ class FastLM(LM):
         self._device = next(model.parameters()).device
         self.tokenizer = tokenizer
         # lm-eval passes "auto" or "auto:N" for automatic batch sizes; a fixed size serves here.
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.batch_size = max(1, int(batch_size)) if str(batch_size).isdigit() else 16
         self.max_length = int(max_length) if max_length else model.config.block_size
 
     # -- encoding
