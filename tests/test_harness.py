@@ -129,3 +129,66 @@ def test_lm_eval_command_line_finds_the_model(checkpoint, tmp_path):
                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "cli_ppl" in r.stdout and "bits_per_byte" in r.stdout
+
+
+def test_generate_until_batched_equals_one_at_a_time(checkpoint, monkeypatch, capsys):
+    """Requests grouped by their options and generated batch_size at a time give the answers
+    of one generate call per request (greedy), stop strings applied per request, in order."""
+    import fastlm.evaluation.harness as harness
+    from fastlm import Tokenizer
+    from fastlm.generation import generate
+    from fastlm.models import load_model
+
+    model, tok = load_model(checkpoint), Tokenizer.load(checkpoint)
+    prompts = [TEXT[37 * i:37 * i + 9 + 11 * i] for i in range(8)]
+
+    def one_at_a_time(context, kw):
+        ids = tok.encode_ordinary(context)[-(48 - kw["max_gen_toks"]):]
+        text = generate(model, ids, max_new_tokens=kw["max_gen_toks"], stop=kw["until"] or None, tokenizer=tok,
+                        return_dict_in_generate=True).texts[0]
+        for s in kw["until"]:
+            text = text.split(s)[0]
+        return text
+
+    free = [one_at_a_time(p, {"until": [], "max_gen_toks": 10}) for p in prompts]
+    assert all(len(f) >= 4 for f in free) and len(set(free)) > 1  # answers that differ: an order mix-up shows
+    # Stop strings from inside some answers (so those answers are cut), others that never occur.
+    requests = []
+    for i, p in enumerate(prompts):
+        kind = i % 3
+        kw = ({"until": [free[i][2:4]], "max_gen_toks": 10} if kind == 0 else
+              {"until": ["\u2603"], "max_gen_toks": 6, "do_sample": False} if kind == 1 else
+              {"until": "\u2603", "max_gen_toks": 10, "temperature": 0.0})
+        requests.append((p, kw))
+    want = [one_at_a_time(p, {**kw, "until": [kw["until"]] if isinstance(kw["until"], str) else kw["until"]})
+            for p, kw in requests]
+    assert [len(w) < len(f) for w, f in zip(want[::3], free[::3])] == [True] * len(want[::3])
+
+    calls = []
+    real = harness.generate
+    monkeypatch.setattr(harness, "generate", lambda m, ids, **kw: calls.append(len(ids)) or real(m, ids, **kw))
+    ours = harness.FastLM(model=model, tokenizer=tok, batch_size=2)
+    got = ours.generate_until(_instances("generate_until", requests))
+    assert got == want
+    # Requests of equal options went together, at most batch_size of them a call.
+    assert sum(calls) == len(requests) and max(calls) == 2 and calls.count(2) >= 2
+    assert capsys.readouterr().err == ""  # no bar: stderr is not a terminal
+
+
+def test_adapter_progress_bars(checkpoint, monkeypatch, capsys):
+    import fastlm.evaluation.harness as harness
+    from fastlm import _progress
+
+    monkeypatch.setitem(_progress.BAR_DEFAULTS, "mininterval", 0)  # every update drawn, the last one kept
+    monkeypatch.setitem(_progress.BAR_DEFAULTS, "leave", True)
+    ours = harness.FastLM(pretrained=str(checkpoint), batch_size=2, device="cpu")
+    reqs = _instances("generate_until", [(TEXT[:20], {"until": ["\n"], "max_gen_toks": 3})] * 3)
+    ll = _instances("loglikelihood", [("The cat", " sat")] * 5)
+    monkeypatch.setenv("FASTLM_PROGRESS", "1")  # as on a terminal
+    ours.generate_until(reqs)
+    ours.loglikelihood(ll)
+    err = capsys.readouterr().err
+    assert "generate_until" in err and "3/3" in err and "scoring" in err and "5/5" in err
+    ours.generate_until(reqs, disable_tqdm=True)
+    ours.loglikelihood(ll, disable_tqdm=True)
+    assert capsys.readouterr().err == ""

@@ -1,4 +1,4 @@
-"""fastlm.Tokenizer: the same ids as tiktoken (r50k, cl100k) and Hugging Face tokenizers,
+"""fastlm.Tokenizer: the same ids as tiktoken (r50k, cl100k, o200k) and Hugging Face tokenizers,
 round trips, training, file formats, malformed files and adversarial inputs."""
 import base64
 import gzip
@@ -19,7 +19,9 @@ from fastlm.tokenizer import PATTERNS
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _tiktoken_local import tiktoken_encoding  # noqa: E402
 
-ENCODINGS = ["r50k_base", "cl100k_base"]
+# o200k_base's real rank file is not among the shared data: its pattern and special tokens are
+# tested over cl100k's ranks (see pair()), and the real file where tiktoken has it cached.
+ENCODINGS = ["r50k_base", "cl100k_base", "o200k_base"]
 
 
 # ../shared/data as in conftest.py; FASTLM_SHARED_DATA points elsewhere (e.g. from a git worktree).
@@ -39,14 +41,34 @@ _TOKS = {}
 
 
 def pair(name, data_dir):
-    """(fastlm Tokenizer, tiktoken Encoding) for one encoding, built once."""
+    """(fastlm Tokenizer, tiktoken Encoding) for one encoding, built once. "o200k_base" is
+    o200k's pattern and special tokens over cl100k's ranks, in tiktoken and in fastlm."""
     if name not in _TOKS:
+        if name == "o200k_base":
+            _TOKS[name] = _o200k_over_cl100k(data_dir)
+            return _TOKS[name]
         path = data_dir / f"{name}.tiktoken.gz"
         if not path.is_file():
             pytest.skip(f"{path} is absent")
         pytest.importorskip("tiktoken")
         _TOKS[name] = (Tokenizer.load(path), tiktoken_encoding(name, data_dir))
     return _TOKS[name]
+
+
+O200K_SPECIALS = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+
+
+def _o200k_over_cl100k(data_dir):
+    tiktoken = pytest.importorskip("tiktoken")
+    path = data_dir / "cl100k_base.tiktoken.gz"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    ranks = tiktoken_encoding("cl100k_base", data_dir)._mergeable_ranks
+    enc = tiktoken.Encoding(name="o200k_base", pat_str=PATTERNS["o200k"], mergeable_ranks=ranks,
+                            special_tokens=O200K_SPECIALS)
+    tok = Tokenizer.load(path, pattern="o200k", special_tokens=O200K_SPECIALS)
+    assert tok.pattern == "o200k"
+    return tok, enc
 
 
 def _stdlib_code() -> str:
@@ -407,6 +429,94 @@ def test_from_tiktoken(data_dir):
     assert t2.encode(s) == enc.encode(s) and t2.n_vocab == enc.n_vocab
 
 
+def test_o200k_pattern_and_specials_are_tiktokens():
+    pytest.importorskip("tiktoken")
+    import tiktoken_ext.openai_public as op
+
+    orig = op.load_tiktoken_bpe
+    op.load_tiktoken_bpe = lambda *a, **k: {}  # the constructor's spec only, nothing read
+    try:
+        spec = op.o200k_base()
+    finally:
+        op.load_tiktoken_bpe = orig
+    assert PATTERNS["o200k"] == spec["pat_str"]
+    assert spec["special_tokens"] == O200K_SPECIALS
+
+
+def test_o200k_words_cases_and_marks(data_dir):
+    """The splits that set o200k apart: case changes inside words, contractions in any case
+    kept on the word, marks, and '/' after punctuation and newlines."""
+    tok, enc = pair("o200k_base", data_dir)
+    assert Tokenizer.from_tiktoken(enc).pattern == "o200k"  # tiktoken's pattern string is recognised
+    try:
+        import regex
+    except ImportError:
+        regex = None
+    for s in ["HTTPServer getHTTPResponseCode iPhone McDonald'S DON'T I'M we'Ll", "Ǆemo ǅemo ǆemo ʰʰ ʰA Aʰ aʰB",
+              "\u0301A \u0301\u0301 !\u0301 \u0301!", "!\n/ x;\r\n//y a/b", "日本'S 'S '", "ΑΒΓαβγ ΣΊΣΥΦΟΣ",
+              " \u0301x\n\n  \n"]:
+        assert tok.encode_ordinary(s) == enc.encode_ordinary(s), s
+        if regex is not None:  # the pre-tokens too, against a second regex engine
+            assert tok.pretokenize(s) == regex.findall(PATTERNS["o200k"], s), s
+
+
+def test_o200k_training_cuts_long_texts_between_pretokens():
+    """Training cuts texts past 128 KiB after newlines; o200k's "!\\n/" is one pre-token, never cut."""
+    text = "ab!\n/cd\n" * 40000
+    tok = Tokenizer.train([text], vocab_size=300, pattern="o200k")
+    assert tok.pretokenize("ab!\n/cd\n") == ["ab", "!\n/", "cd", "\n"]
+    assert tok.train_stats["words"] == 4 and tok.train_stats["corpus_tokens"] == 4 * 40000
+
+
+def test_o200k_from_tiktoken_cache_only(tmp_path, monkeypatch):
+    """Tokenizer.from_tiktoken("o200k_base") reads the rank file where tiktoken caches it and
+    never downloads it."""
+    tiktoken_load = pytest.importorskip("tiktoken.load")
+    from fastlm.tokenizer import formats
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        Tokenizer.from_tiktoken("o200k_base")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    with pytest.raises(FileNotFoundError, match="switched off"):
+        Tokenizer.from_tiktoken("o200k_base")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    # A small rank file in the cache: its path is the one tiktoken itself reads (tiktoken is kept
+    # off the network by a read_file that fails).
+    data = b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256)) + \
+        base64.b64encode(b"ab") + b" 256\n"
+    path = formats.tiktoken_cache_path("o200k_base")
+    path.write_bytes(data)
+    url = formats._TIKTOKEN_RANK_FILES["o200k_base"][0]
+
+    def no_network(blobpath):
+        raise AssertionError(f"tiktoken would download {blobpath}: the cache path differs")
+
+    monkeypatch.setattr(tiktoken_load, "read_file", no_network)
+    assert tiktoken_load.read_file_cached(url) == data
+    with pytest.raises(ValueError, match="SHA-256"):
+        Tokenizer.from_tiktoken("o200k_base")
+    import hashlib
+    monkeypatch.setitem(formats._TIKTOKEN_RANK_FILES, "o200k_base", (url, hashlib.sha256(data).hexdigest()))
+    tok = Tokenizer.from_tiktoken("o200k_base")
+    assert (tok.name, tok.pattern, tok.special_tokens) == ("o200k_base", "o200k", O200K_SPECIALS)
+    assert tok.encode("ab<|endofprompt|>", allowed_special="all") == [256, 200018]
+
+
+def test_o200k_real_file_from_tiktoken_cache(texts):
+    """The real o200k_base, where tiktoken has cached its rank file."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from fastlm.tokenizer import formats
+
+    path = formats.tiktoken_cache_path("o200k_base")
+    if path is None or not path.is_file():
+        pytest.skip(f"o200k_base's rank file is not in tiktoken's cache ({path})")
+    tok, enc = Tokenizer.from_tiktoken("o200k_base"), tiktoken.get_encoding("o200k_base")
+    assert tok.n_vocab == enc.n_vocab and tok.special_tokens == enc._special_tokens
+    for key, text in texts.items():
+        assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all"), key
+
+
 # ----------------------------------------------------------------------------- malformed files
 def _tiktoken_file(tmp_path, lines):
     p = tmp_path / "x.tiktoken"
@@ -465,7 +575,7 @@ def test_malformed_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="merge .* names a token"):
         Tokenizer.load(tmp_path / "ok")
     with pytest.raises(ValueError, match="unknown pre-tokenization pattern"):
-        Tokenizer.train(["x"], 300, pattern="o200k")
+        Tokenizer.train(["x"], 300, pattern="o300k")
 
 
 # ----------------------------------------------------------------------------- limits

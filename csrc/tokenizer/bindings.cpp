@@ -113,7 +113,7 @@ class PyTokenizer {
  public:
   PyTokenizer(const std::vector<py::bytes>& token_bytes, const std::vector<std::pair<uint32_t, uint32_t>>& merges,
               bool rank_by_id, const std::vector<std::pair<std::string, uint32_t>>& specials, int pattern) {
-    if (pattern != 0 && pattern != 1) throw py::value_error("unknown pattern");
+    if (pattern < 0 || pattern > 2) throw py::value_error("unknown pattern");
     std::vector<std::string> toks;
     toks.reserve(token_bytes.size());
     for (auto& b : token_bytes) toks.emplace_back(std::string(b));
@@ -347,7 +347,7 @@ class PyTokenizer {
 class PyTrainer {
  public:
   PyTrainer(int pattern, std::vector<std::string> specials) : t_(Pattern(pattern), std::move(specials)) {
-    if (pattern != 0 && pattern != 1) throw py::value_error("unknown pattern");
+    if (pattern < 0 || pattern > 2) throw py::value_error("unknown pattern");
   }
   void add(const py::list& texts, int num_threads) {
     std::vector<std::string_view> views;

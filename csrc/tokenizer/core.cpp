@@ -33,27 +33,29 @@ const uint8_t kAsciiClass[128] = {
 #undef N
 #undef S
 
+// Class (bits 0-1) and o200k flags (bits 2-3) of a code point.
 static inline uint8_t class_of(uint32_t cp) { return kUnicodeStage2[kUnicodeStage1[cp >> 8]][cp & 0xFF]; }
+static inline CharInfo info(uint8_t v, uint8_t len) { return {uint8_t(v & 3), len, uint8_t(v & 12)}; }
 
 CharInfo char_at_slow(const uint8_t* s, size_t i, size_t n) {
   const uint8_t c = s[i];
   auto cont = [&](size_t k) { return i + k < n && (s[i + k] & 0xC0) == 0x80; };
   if (c >= 0xC2 && c <= 0xDF) {
     if (!cont(1)) return {kOther, 1};
-    return {class_of(((c & 0x1Fu) << 6) | (s[i + 1] & 0x3Fu)), 2};
+    return info(class_of(((c & 0x1Fu) << 6) | (s[i + 1] & 0x3Fu)), 2);
   }
   if (c >= 0xE0 && c <= 0xEF) {
     if (!cont(1) || !cont(2)) return {kOther, 1};
     const uint8_t c1 = s[i + 1];
     if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 > 0x9F)) return {kOther, 1};
-    return {class_of(((c & 0x0Fu) << 12) | ((c1 & 0x3Fu) << 6) | (s[i + 2] & 0x3Fu)), 3};
+    return info(class_of(((c & 0x0Fu) << 12) | ((c1 & 0x3Fu) << 6) | (s[i + 2] & 0x3Fu)), 3);
   }
   if (c >= 0xF0 && c <= 0xF4) {
     if (!cont(1) || !cont(2) || !cont(3)) return {kOther, 1};
     const uint8_t c1 = s[i + 1];
     if ((c == 0xF0 && c1 < 0x90) || (c == 0xF4 && c1 > 0x8F)) return {kOther, 1};
-    return {class_of(((c & 0x07u) << 18) | ((c1 & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) | (s[i + 3] & 0x3Fu)),
-            4};
+    return info(class_of(((c & 0x07u) << 18) | ((c1 & 0x3Fu) << 12) | ((s[i + 2] & 0x3Fu) << 6) | (s[i + 3] & 0x3Fu)),
+                4);
   }
   return {kOther, 1};
 }
@@ -168,12 +170,137 @@ size_t next_cl100k(const uint8_t* s, size_t i, size_t n) {
   return i + c.len;                  // \s
 }
 
+// ----------------------------------------------------------------------------- o200k
+// Class and flags of the character at s[i], ASCII letters flagged by case.
+static inline CharInfo flagged_at(const uint8_t* s, size_t i, size_t n) {
+  const uint8_t c = s[i];
+  if (c < 0x80) {
+    const uint8_t f = (c >= 'A' && c <= 'Z') ? kUpperSet : (c >= 'a' && c <= 'z') ? kLowerSet : 0;
+    return {kAsciiClass[c], 1, f};
+  }
+  return char_at_slow(s, i, n);
+}
+
+// End of the run of characters that have the flag, from k.
+static inline size_t run_with(const uint8_t* s, size_t k, size_t n, uint8_t flag) {
+  while (k < n) {
+    const CharInfo ci = flagged_at(s, k, n);
+    if (!(ci.flags & flag)) break;
+    k += ci.len;
+  }
+  return k;
+}
+
+// Length of (?i:'s|'t|'re|'ve|'m|'ll|'d) at k, 0 when none (U+017F LONG S case-folds to 's').
+static inline size_t contraction_at(const uint8_t* s, size_t k, size_t n) {
+  if (k + 1 >= n || s[k] != '\'') return 0;
+  const uint8_t x = s[k + 1];
+  if (ascii_lower_is(x, 's') || ascii_lower_is(x, 't') || ascii_lower_is(x, 'm') || ascii_lower_is(x, 'd')) return 2;
+  if (k + 2 < n) {
+    const uint8_t y = s[k + 2];
+    if (x == 0xC5 && y == 0xBF) return 3;
+    if ((ascii_lower_is(x, 'r') && ascii_lower_is(y, 'e')) || (ascii_lower_is(x, 'v') && ascii_lower_is(y, 'e')) ||
+        (ascii_lower_is(x, 'l') && ascii_lower_is(y, 'l')))
+      return 3;
+  }
+  return 0;
+}
+
+// o200k's two word alternatives at j, where U = upper set, W = lower set and C = contraction:
+//   first  U*W+C?   greedy U* backtracks to the last character that is in both sets (Lm Lo M)
+//                   when no lower-set character follows the U-run; no match when there is none
+//   second U+W*C?   matches whenever the U-run is not empty
+// Ends, or 0 for no match (a match is never empty, and j > 0 or the run is not empty).
+struct WordEnds {
+  size_t first = 0, second = 0;
+};
+static inline WordEnds word_at(const uint8_t* s, size_t j, size_t n) {
+  WordEnds w;
+  size_t k = j, both_end = 0;
+  while (k < n) {
+    const CharInfo ci = flagged_at(s, k, n);
+    if (!(ci.flags & kUpperSet)) break;
+    k += ci.len;
+    if (ci.flags & kLowerSet) both_end = k;
+  }
+  const bool lower_next = k < n && (flagged_at(s, k, n).flags & kLowerSet);
+  const size_t m = lower_next ? run_with(s, k, n, kLowerSet) : k;
+  if (lower_next) w.first = m + contraction_at(s, m, n);
+  else if (both_end) w.first = both_end + contraction_at(s, both_end, n);
+  if (k > j) w.second = m + contraction_at(s, m, n);
+  return w;
+}
+
+// [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+// [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|
+// \p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// Each word alternative is tried with the optional prefix character, then without it (a mark can be
+// either), before the next alternative: the order of a backtracking regex engine.
+size_t next_o200k(const uint8_t* s, size_t i, size_t n) {
+  const uint8_t b = s[i];
+  const CharInfo c = flagged_at(s, i, n);
+  const bool prefix = c.cls != kLetter && c.cls != kNumber && b != '\r' && b != '\n';
+  if (prefix || c.flags) {
+    const WordEnds with = prefix && i + c.len < n ? word_at(s, i + c.len, n) : WordEnds{};
+    const WordEnds without = c.flags ? word_at(s, i, n) : WordEnds{};
+    if (with.first) return with.first;
+    if (without.first) return without.first;
+    if (with.second) return with.second;
+    if (without.second) return without.second;
+  }
+  if (c.cls == kNumber) {
+    size_t k = i + c.len;
+    for (int r = 1; r < 3 && k < n; ++r) {
+      const CharInfo d = char_at(s, k, n);
+      if (d.cls != kNumber) break;
+      k += d.len;
+    }
+    return k;
+  }
+  size_t j = i;
+  CharInfo first = c;
+  if (b == ' ' && i + 1 < n) {
+    const CharInfo d = char_at(s, i + 1, n);
+    if (d.cls == kOther) {
+      j = i + 1;
+      first = d;
+    }
+  }
+  if (first.cls == kOther) {
+    size_t k = run_of(s, j + first.len, n, kOther);
+    while (k < n && (s[k] == '\r' || s[k] == '\n' || s[k] == '/')) ++k;
+    return k;
+  }
+  // Whitespace.
+  size_t k = i, last = i, nl_end = 0;
+  while (k < n) {
+    const CharInfo ci = char_at(s, k, n);
+    if (ci.cls != kSpace) break;
+    if (s[k] == '\r' || s[k] == '\n') nl_end = k + 1;
+    last = k;
+    k += ci.len;
+  }
+  if (nl_end) return nl_end;         // \s*[\r\n]+
+  if (k == n) return n;              // \s+(?!\S) at the end
+  if (last > i) return last;         // \s+(?!\S)
+  return k;                          // \s+
+}
+
+NextFn next_fn(Pattern p) {
+  switch (p) {
+    case Pattern::GPT2: return next_gpt2;
+    case Pattern::CL100K: return next_cl100k;
+    case Pattern::O200K: return next_o200k;
+  }
+  throw std::invalid_argument("unknown pattern");
+}
+
 size_t safe_cut(const uint8_t* s, size_t n, size_t from) {
   for (size_t k = std::max<size_t>(from, 2); k < n; ++k) {
     if (s[k - 1] != '\n') continue;
     const uint8_t prev = s[k - 2], next = s[k];
     if (prev >= 0x80 || kAsciiClass[prev] == kSpace) continue;
-    if (next > 0x20 && next < 0x7F) return k;
+    if (next > 0x20 && next < 0x7F && next != '/') return k;
   }
   return n;
 }
@@ -498,8 +625,10 @@ void BPE::encode_ordinary_cached(const uint8_t* s, size_t n, std::vector<uint32_
   if (out.capacity() - out.size() < n / 3) out.reserve(out.size() + n / 3 + 16);
   if (pattern_ == Pattern::GPT2)
     encode_ordinary_t<next_gpt2>(s, n, out, cache);
-  else
+  else if (pattern_ == Pattern::CL100K)
     encode_ordinary_t<next_cl100k>(s, n, out, cache);
+  else
+    encode_ordinary_t<next_o200k>(s, n, out, cache);
 }
 
 void BPE::encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>& out) const {
@@ -508,9 +637,10 @@ void BPE::encode_ordinary(const uint8_t* s, size_t n, std::vector<uint32_t>& out
 }
 
 void BPE::pretokenize(const uint8_t* s, size_t n, std::vector<std::pair<size_t, size_t>>& out) const {
+  const NextFn next = next_fn(pattern_);
   size_t i = 0;
   while (i < n) {
-    const size_t j = pattern_ == Pattern::GPT2 ? next_gpt2(s, i, n) : next_cl100k(s, i, n);
+    const size_t j = next(s, i, n);
     out.push_back({i, j});
     i = j;
   }
@@ -670,7 +800,7 @@ void Trainer::add(const std::vector<std::string_view>& texts, int num_threads) {
 #endif
   nthreads = std::max(1, std::min<int>(nthreads, int(chunks.size())));
   std::vector<BytesMap> local(nthreads, BytesMap(1 << 12));
-  auto next = pattern_ == Pattern::GPT2 ? next_gpt2 : next_cl100k;
+  const NextFn next = next_fn(pattern_);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t c = 0; c < int64_t(chunks.size()); ++c) {
     int tid = 0;

@@ -16,13 +16,18 @@
 namespace fastlm_tok {
 
 // ----------------------------------------------------------------------------- patterns
-enum class Pattern : int { GPT2 = 0, CL100K = 1 };
+enum class Pattern : int { GPT2 = 0, CL100K = 1, O200K = 2 };
 
 enum CharClass : uint8_t { kOther = 0, kLetter = 1, kNumber = 2, kSpace = 3 };
 
+// o200k's two word sets, as flags beside the class: [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}] ("upper")
+// and [\p{Ll}\p{Lm}\p{Lo}\p{M}] ("lower"). A mark (\p{M}) is class kOther with both flags.
+enum CharFlag : uint8_t { kUpperSet = 4, kLowerSet = 8 };
+
 struct CharInfo {
-  uint8_t cls;
-  uint8_t len;
+  uint8_t cls;    // CharClass
+  uint8_t len;    // bytes
+  uint8_t flags;  // CharFlag bits (set by char_at_slow and the o200k scanner only)
 };
 
 // Class and byte length of the UTF-8 character at s[i] (i < n). Invalid UTF-8 bytes are
@@ -36,12 +41,16 @@ inline CharInfo char_at(const uint8_t* s, size_t i, size_t n) {
   return char_at_slow(s, i, n);
 }
 
-// End of the pre-token that starts at i (the regexes of tiktoken's r50k/p50k and cl100k).
+// End of the pre-token that starts at i (the regexes of tiktoken's r50k/p50k, cl100k and o200k).
 size_t next_gpt2(const uint8_t* s, size_t i, size_t n);
 size_t next_cl100k(const uint8_t* s, size_t i, size_t n);
+size_t next_o200k(const uint8_t* s, size_t i, size_t n);
+using NextFn = size_t (*)(const uint8_t*, size_t, size_t);
+NextFn next_fn(Pattern p);
 
 // Positions where a text can be cut without changing its pre-tokens: just after a '\n'
-// that is preceded by a non-space and followed by a printable non-space ASCII character.
+// that is preceded by a non-space and followed by a printable non-space ASCII character
+// other than '/' (o200k's punctuation runs take a tail of [\r\n/]*).
 size_t safe_cut(const uint8_t* s, size_t n, size_t from);
 
 // ----------------------------------------------------------------------------- hashing

@@ -13,7 +13,7 @@ def _add_tokenizer(sub):
     t.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
     t.add_argument("--vocab-size", type=int, required=True, help="ids in all: the 256 bytes, merges, special tokens")
     t.add_argument("--out", required=True, help="directory for tokenizer.json, vocab.json, merges.txt")
-    t.add_argument("--pattern", default="gpt2", help="pre-tokenization pattern: gpt2 (r50k/p50k) or cl100k")
+    t.add_argument("--pattern", default="gpt2", help="pre-tokenization pattern: gpt2 (r50k/p50k), cl100k or o200k")
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens (default <|endoftext|>)")
     t.add_argument("--threads", type=int, default=None, help="counting threads (default: all cores)")
     e = tsub.add_parser("encode", help="print the token ids of --text or of stdin")
@@ -98,6 +98,7 @@ def _add_prepare(sub):
     _add_data_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--threads", type=int, help="tokenizer threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
 
 def _run_prepare(args):
@@ -107,5 +108,5 @@ def _run_prepare(args):
     if args.tokenizer is None and args.vocab_size is None:
         raise ValueError("give --tokenizer DIR or --vocab-size N (a tokenizer is then trained on the data)")
     prepare(args.data, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            num_threads=args.threads, **_data_options(opts))
+            num_threads=args.threads, progress=not args.quiet, **_data_options(opts))
     return 0

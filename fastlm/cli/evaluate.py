@@ -15,13 +15,15 @@ def _add_eval(sub):
     p.add_argument("--stride", type=int, help="lm: tokens between window starts (default max-length / 2)")
     p.add_argument("--max-length", type=int, help="lm: window length (default: each model's context)")
     p.add_argument("--batch-size", type=int, default=8, help="lm: windows per forward pass (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
 
 
 def _run_eval(args):
     if args.task != "lm":
         from fastlm.metrics import evaluate_task
 
-        evaluate_task(args.task, args.checkpoints, args.data, json_out=args.json, png_out=args.png)
+        evaluate_task(args.task, args.checkpoints, args.data, json_out=args.json, png_out=args.png,
+                      progress=not args.quiet)
         return 0
     from pathlib import Path
 
@@ -29,7 +31,7 @@ def _run_eval(args):
     from fastlm.report import bar_png, format_table, write_json
 
     rows = compare_checkpoints(args.checkpoints, args.data, stride=args.stride, max_length=args.max_length,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, progress=not args.quiet)
     print(format_table(rows, LM_COLUMNS))
     if args.json:
         write_json(args.json, {"task": "lm", "data": str(args.data), "stride": args.stride,

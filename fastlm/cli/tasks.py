@@ -31,7 +31,8 @@ def _add_finetune(sub):
     p.add_argument("--tgt-lang", default="target", help="translation: target language name in the prompt")
     for name, typ in (("seed", int), ("device", str), ("threads", int)):
         p.add_argument("--" + name, type=typ)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_false", default=None,
+                   help="no progress bar nor evaluation lines (the bar shows only on a terminal anyway)")
 
 
 def _run_finetune(args):

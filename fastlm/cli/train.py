@@ -15,7 +15,7 @@ _TRAIN_FLAGS = {"batch_size": int, "grad_accum": int, "max_iters": int, "max_min
                 "eval_interval": int, "eval_iters": int, "log_interval": int, "patience": int, "keep_last": int,
                 "seed": int, "backend": str, "device": str, "dtype": str, "threads": int,
                 "optimizer": str, "muon_lr": float, "muon_momentum": float, "lr_schedule": str,
-                "target_val_loss": float}
+                "target_val_loss": float, "license": str}
 # GPTConfig's architecture switches: flags for the valued ones; all of them in a config file or a recipe
 _SWITCH_FLAGS = {"norm": str, "pos": str, "mlp": str, "logit_softcap": float}
 _SWITCHES = set(_SWITCH_FLAGS) | {"bias", "qk_norm", "tie_word_embeddings", "zero_init_proj", "n_kv_head",

@@ -8,13 +8,13 @@ import glob
 import hashlib
 import os
 import re
-import sys
 import sysconfig
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import iter_jsonl
+from .._progress import progress_bar, progress_enabled
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl")
 
@@ -24,15 +24,6 @@ DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl")
 class Document:
     text: str
     source: str  # where it came from (a file path, "stdlib:<module path>", "hf:<name>[i]")
-
-
-def _progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    kw.setdefault("disable", not sys.stderr.isatty() and os.environ.get("FASTLM_PROGRESS") != "1")
-    kw.setdefault("leave", False)
-    kw.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kw)
 
 
 def stdlib_corpus(max_files: int | None = None) -> list[Document]:
@@ -212,7 +203,7 @@ def clean_documents(docs: list[Document], config: CleanConfig | None = None, pro
         if name == "length" or getattr(config, name, False):
             report.steps[name] = {"documents": 0, "bytes": 0}
     out, seen = [], set()
-    for d in _progress(docs, desc="cleaning", unit="doc", disable=None if progress else True):
+    for d in progress_bar(docs, desc="cleaning", unit="doc", enabled=progress_enabled(progress)):
         text = clean_text(d.text, config, report)
         n = len(text)
         if n < config.min_chars or (config.max_chars is not None and n > config.max_chars):

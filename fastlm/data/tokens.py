@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_json, read_json
-from .corpus import (DEFAULT_EXTENSIONS, CleanConfig, Document, _progress, clean_documents, read_documents,
+from .._progress import progress_bar, progress_enabled
+from .corpus import (DEFAULT_EXTENSIONS, CleanConfig, Document, clean_documents, read_documents,
                      split_documents)
 
 META_NAME = "meta.json"
@@ -67,7 +68,8 @@ def _encode(tokenizer, texts, num_threads=None, progress=True, batch_bytes=4_000
         raise ValueError("the tokenizer has no end-of-text token; train it with special_tokens=('<|endoftext|>',)")
     parts, batch, size = [], [], 0
     total = sum(len(t) for t in texts)
-    bar = _progress(total=total, desc="tokenizing", unit="char", unit_scale=True, disable=None if progress else True)
+    bar = progress_bar(total=total, desc="tokenizing", unit="char", unit_scale=True,
+                       enabled=progress_enabled(progress))
 
     def flush():
         for ids in tokenizer.encode_batch(batch, num_threads=num_threads):

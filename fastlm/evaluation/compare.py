@@ -33,10 +33,11 @@ def _eval_texts(data) -> list[str]:
 
 
 def compare_checkpoints(model_dirs, data, stride: int | None = None, max_length: int | None = None,
-                        batch_size: int = 8, device=None) -> list[dict]:
+                        batch_size: int = 8, device=None, progress: bool = True) -> list[dict]:
     """Perplexity, NLL per token, bits per byte and scored tokens of each checkpoint on the same
     text, each model with its own tokenizer (bits per byte compares across tokenizers). Rows in
-    the order given, with the columns of ``LM_COLUMNS``."""
+    the order given, with the columns of ``LM_COLUMNS``. ``progress``: a bar over each model's
+    windows on a terminal; False never shows one."""
     from ..models import load_model
     from ..tokenizer import load_tokenizer
 
@@ -47,7 +48,7 @@ def compare_checkpoints(model_dirs, data, stride: int | None = None, max_length:
     for d in model_dirs:
         model = load_model(d, device=device)
         r = perplexity(model, texts, tokenizer=load_tokenizer(d), stride=stride, max_length=max_length,
-                       batch_size=batch_size)
+                       batch_size=batch_size, progress=progress)
         rows.append({"model": str(d), "perplexity": r["perplexity"], "nll": r["nll"],
                      "bits_per_byte": r.get("bits_per_byte"), "tokens": r["tokens"]})
     return rows

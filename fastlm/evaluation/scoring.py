@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress_bar, progress_enabled
 from ..generation.scoring import (  # noqa: F401  (the one loglikelihood; its helpers used below)
     _check_max_length, _request_ids, _score_pairs, _start_token, loglikelihood)
 
@@ -82,13 +83,14 @@ def _token_bytes(tokenizer, ids) -> int | None:
 
 @torch.inference_mode()
 def perplexity(model, data, tokenizer=None, stride: int | None = None, max_length: int | None = None,
-               batch_size: int = 8) -> dict:
+               batch_size: int = 8, progress: bool = True) -> dict:
     """Sliding-window perplexity of ``model`` on ``data``.
 
     ``data``: text, a list of texts, files or a folder (read as UTF-8; needs ``tokenizer``),
     or a 1-D tensor / list of token ids. ``max_length`` defaults to the model's context and
     ``stride`` to half of it. Returns ``{"perplexity", "nll", "tokens", "windows"}`` plus
-    ``"bits_per_byte"`` when the bytes of the scored tokens are known.
+    ``"bits_per_byte"`` when the bytes of the scored tokens are known. ``progress``: a bar over
+    the windows on a terminal (``fastlm._progress``); False never shows one.
     """
     ids = _as_token_ids(data, tokenizer)
     ctx = model.config.block_size
@@ -117,6 +119,7 @@ def perplexity(model, data, tokenizer=None, stride: int | None = None, max_lengt
             break
         begin += stride
     nll, count = 0.0, 0
+    bar = progress_bar(total=len(windows), desc="perplexity", unit="window", enabled=progress_enabled(progress))
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
         by_len: dict[int, list] = {}
@@ -131,6 +134,8 @@ def perplexity(model, data, tokenizer=None, stride: int | None = None, max_lengt
             for row, (b, e, first) in enumerate(ws):
                 nll += tok_nll[row, first - b - 1:].double().sum().item()
                 count += e - first
+        bar.update(len(group))
+    bar.close()
     model.train(was_training)
     out = {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": len(windows)}
     nbytes = _token_bytes(tokenizer, ids[1:])
@@ -158,11 +163,12 @@ def rolling_windows(n: int, max_length: int, stride: int | None = None) -> list[
 
 
 def loglikelihood_rolling(model, texts, tokenizer=None, batch_size: int = 16, max_length: int | None = None,
-                          stride: int | None = None) -> list[float]:
+                          stride: int | None = None, progress: bool = True) -> list[float]:
     """For each text (a string with ``tokenizer``, or token ids): the total log-probability of
     all its tokens, the first conditioned on the start token, the text cut into the windows of
     ``rolling_windows`` (each token scored exactly once) and the windows of all texts scored
-    together in batches. lm-evaluation-harness's ``loglikelihood_rolling`` is ``stride=None``."""
+    together in batches. lm-evaluation-harness's ``loglikelihood_rolling`` is ``stride=None``.
+    ``progress``: a bar over the windows on a terminal; False never shows one."""
     max_length = _check_max_length(model, max_length)
     pairs, owner = [], []
     for k, text in enumerate(texts):
@@ -171,6 +177,6 @@ def loglikelihood_rolling(model, texts, tokenizer=None, batch_size: int = 16, ma
             pairs.append((seq[begin:first], seq[first:end]))
             owner.append(k)
     totals = [0.0] * len(texts)
-    for k, (lp, _) in zip(owner, _score_pairs(model, pairs, batch_size, max_length)):
+    for k, (lp, _) in zip(owner, _score_pairs(model, pairs, batch_size, max_length, progress)):
         totals[k] += lp
     return totals

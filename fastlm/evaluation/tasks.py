@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._progress import progress_bar, progress_enabled
 from .metrics import classification_report, corpus_bleu, format_confusion
 
 __all__ = ["evaluate_task", "plot_confusion"]
@@ -73,7 +74,7 @@ def _print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
-def evaluate_task(task, model_dirs, data, json_out=None, png_out=None) -> dict:
+def evaluate_task(task, model_dirs, data, json_out=None, png_out=None, progress: bool = True) -> dict:
     """Score saved pipelines (``model_dirs``: one directory or several) on ``data``, a JSONL
     file (``text``/``label`` for "classification", ``source``/``target`` for "translation").
 
@@ -81,7 +82,8 @@ def evaluate_task(task, model_dirs, data, json_out=None, png_out=None) -> dict:
     matrix of each model; translation: corpus BLEU. Prints a table (and, for classification,
     each model's confusion matrix), writes the result as JSON to ``json_out`` and a PNG to
     ``png_out`` (confusion matrices, or BLEU bars) when given, and returns the result dict
-    ``{"task", "data", "n", "models": [{"model", ...}, ...]}``."""
+    ``{"task", "data", "n", "models": [{"model", ...}, ...]}``. ``progress``: a bar over the
+    models on a terminal; False never shows one."""
     from .._io import atomic_write_json
     from ..finetune import read_examples
     from ..pipelines import load_pipeline
@@ -98,7 +100,8 @@ def evaluate_task(task, model_dirs, data, json_out=None, png_out=None) -> dict:
     fields = ("text", "label") if task == "classification" else ("source", "target")
     examples = read_examples(data, fields)
     results = []
-    for d, pipe in zip(dirs, pipes):
+    for d, pipe in progress_bar(list(zip(dirs, pipes)), desc=f"evaluating ({task})", unit="model",
+                                enabled=progress_enabled(progress)):
         if task == "classification":
             known = set(pipe.labels)
             for ex in examples:

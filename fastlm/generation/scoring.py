@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress_bar, progress_enabled
+
 __all__ = ["loglikelihood", "score", "Score"]
 
 
@@ -31,10 +33,12 @@ def _start_token(model, tokenizer) -> int:
 
 
 @torch.inference_mode()
-def _score_pairs(model, pairs: list[tuple[list, list]], batch_size: int, max_length: int) -> list[tuple[float, bool]]:
+def _score_pairs(model, pairs: list[tuple[list, list]], batch_size: int, max_length: int,
+                 progress: bool = True) -> list[tuple[float, bool]]:
     """(sum log p, all greedy) of each (context ids, continuation ids); inputs cut from the
     left to ``max_length`` tokens, sorted longest first and right-padded into batches (a
-    causal model's real tokens never see the padding after them)."""
+    causal model's real tokens never see the padding after them). ``progress``: a bar over
+    the pairs on a terminal (``fastlm._progress``)."""
     device = next(model.parameters()).device
     inputs = []
     for ctx, cont in pairs:
@@ -47,6 +51,7 @@ def _score_pairs(model, pairs: list[tuple[list, list]], batch_size: int, max_len
     out: list = [None] * len(pairs)
     was_training = model.training
     model.eval()
+    bar = progress_bar(total=len(pairs), desc="scoring", unit="request", enabled=progress_enabled(progress))
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -61,26 +66,29 @@ def _score_pairs(model, pairs: list[tuple[list, list]], batch_size: int, max_len
                 lp = logp[r, end - len(cont):end]
                 tgt = torch.tensor(cont, device=lp.device)
                 out[i] = (lp.gather(-1, tgt[:, None]).double().sum().item(), bool((lp.argmax(-1) == tgt).all()))
+            bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return out
 
 
 def loglikelihood(model, requests, tokenizer=None, batch_size: int = 16,
-                  max_length: int | None = None) -> list[tuple[float, bool]]:
+                  max_length: int | None = None, progress: bool = True) -> list[tuple[float, bool]]:
     """For each ``(context, continuation)`` in ``requests``: the sum of log p(continuation |
     context) and whether greedy decoding would produce the continuation, as lm-evaluation-
     harness defines them. Contexts and continuations are strings (encoded separately, with
     ``tokenizer``) or lists of token ids; an empty context is the start token (the
     tokenizer's ``eot_token``, else the model's BOS/EOS). Inputs longer than ``max_length``
     (default: the model's context) keep their last tokens. Requests are scored in batches
-    of ``batch_size``, longest first; the results come back in the requests' order."""
+    of ``batch_size``, longest first; the results come back in the requests' order.
+    ``progress``: a bar on a terminal; False never shows one."""
     max_length = _check_max_length(model, max_length)
     pairs = []
     for context, continuation in requests:
         ctx, cont = _request_ids(context, tokenizer), _request_ids(continuation, tokenizer)
         pairs.append((ctx or [_start_token(model, tokenizer)], cont))
-    return _score_pairs(model, pairs, batch_size, max_length)
+    return _score_pairs(model, pairs, batch_size, max_length, progress)
 
 
 def _check_max_length(model, max_length):

@@ -26,7 +26,7 @@ class Tokenizer:
     ``token_bytes`` (``token_bytes[id]`` is the byte string of token ``id``; all 256 single
     bytes must be tokens), ``merges`` (ordered ``(a, b)`` id pairs) or ``rank_by_id=True``
     (tiktoken's rule: merges are implied by the vocabulary, lower id first), special tokens
-    ``{text: id}`` and a pattern name (``"gpt2"``, also called r50k/p50k, or ``"cl100k"``).
+    ``{text: id}`` and a pattern name (``"gpt2"``, also called r50k/p50k, ``"cl100k"`` or ``"o200k"``).
     """
 
     def __init__(self, token_bytes: list[bytes], merges: Iterable[tuple[int, int]] | None = None, *,
@@ -256,7 +256,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ files (in fastlm.tokenizer.formats)
     @classmethod
     def from_tiktoken(cls, encoding) -> "Tokenizer":
-        """The same tokenizer as a tiktoken ``Encoding`` (or its name, e.g. ``"r50k_base"``)."""
+        """The same tokenizer as a tiktoken ``Encoding`` (or its name, e.g. ``"r50k_base"``; ``"cl100k_base"``
+        and ``"o200k_base"`` are read from tiktoken's cache, never downloaded)."""
         return formats.from_tiktoken_encoding(cls, encoding)
 
     @classmethod
@@ -266,9 +267,9 @@ class Tokenizer:
         in the local cache or downloaded; see ``fastlm.hub``): Hugging Face ``tokenizer.json``, GPT-2
         ``vocab.json`` + ``merges.txt``, or a tiktoken rank file (``*.tiktoken[.gz]``). For a
         tiktoken file, the pattern and special tokens come from the encoding's name in the file
-        name (r50k_base, p50k_base, cl100k_base) or from the arguments. From a directory, the
-        chat template (``chat_template.jinja``, else ``tokenizer_config.json``'s) and the named
-        special tokens of ``tokenizer_config.json`` come along."""
+        name (r50k_base, p50k_base, cl100k_base, o200k_base) or from the arguments. From a
+        directory, the chat template (``chat_template.jinja``, else ``tokenizer_config.json``'s) and
+        the named special tokens of ``tokenizer_config.json`` come along."""
         return formats.load_files(cls, path, pattern, special_tokens, revision)
 
     def save(self, directory) -> pathlib.Path:

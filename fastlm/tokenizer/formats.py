@@ -27,6 +27,16 @@ _TIKTOKEN_SPECIALS = {
     "p50k_base": {ENDOFTEXT: 50256},
     "cl100k_base": {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                     "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+    "o200k_base": {ENDOFTEXT: 199999, "<|endofprompt|>": 200018},
+}
+
+# tiktoken's rank files that Tokenizer.from_tiktoken(name) reads from tiktoken's cache (never
+# downloading them): name -> (the URL tiktoken keys its cache by, the file's SHA-256).
+_TIKTOKEN_RANK_FILES = {
+    "cl100k_base": ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+    "o200k_base": ("https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+                   "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
 }
 
 # The files Tokenizer.save writes into a folder (chat_template.jinja only for a tokenizer with a template).
@@ -62,9 +72,54 @@ def _from_unicode(s: str, where: str) -> bytes:
                          "byte-level alphabet (not a byte-level BPE vocabulary?)") from None
 
 
+def tiktoken_cache_path(name: str) -> pathlib.Path | None:
+    """Where tiktoken caches the rank file of encoding ``name`` (cl100k_base, o200k_base): the
+    SHA-1 of its URL under ``TIKTOKEN_CACHE_DIR``, else ``DATA_GYM_CACHE_DIR``, else
+    ``<temp dir>/data-gym-cache``, as tiktoken's ``read_file_cached`` does; ``None`` when the
+    cache is switched off (an empty directory name)."""
+    import hashlib
+    import os
+    import tempfile
+
+    url = _TIKTOKEN_RANK_FILES[name][0]
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if cache_dir == "":
+        return None
+    return pathlib.Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()
+
+
+def _from_tiktoken_cache(cls, name: str):
+    """Encoding ``name`` built from the rank file in tiktoken's cache, checked against its
+    SHA-256; ``FileNotFoundError`` when it is not there (nothing is downloaded)."""
+    import hashlib
+
+    path = tiktoken_cache_path(name)
+    url, sha256 = _TIKTOKEN_RANK_FILES[name]
+    if path is None or not path.is_file():
+        where = "tiktoken's cache is switched off (TIKTOKEN_CACHE_DIR is empty)" if path is None else \
+            f"it is not in tiktoken's cache ({path})"
+        raise FileNotFoundError(
+            f"{name}: the rank file is needed and {where}; fastlm does not download it. Run "
+            f"tiktoken.get_encoding({name!r}) once where the network is reachable (TIKTOKEN_CACHE_DIR chooses "
+            f"the cache), or pass the file itself: Tokenizer.load('{name}.tiktoken') (from {url})")
+    data = _read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: the cached {name} rank file does not have the expected SHA-256 {sha256} "
+                         "(a damaged or different file); delete it and fetch it again")
+    return _tiktoken_from_bytes(cls, data, str(path), name, None, None)
+
+
 def from_tiktoken_encoding(cls, encoding):
     """``cls.from_tiktoken``: the same tokenizer as a tiktoken ``Encoding`` (or its name, e.g.
-    ``"r50k_base"``), built as a ``cls``."""
+    ``"r50k_base"``), built as a ``cls``. ``cl100k_base`` and ``o200k_base`` by name are read
+    from tiktoken's cache and never downloaded (``FileNotFoundError`` when absent)."""
+    if isinstance(encoding, str) and encoding in _TIKTOKEN_RANK_FILES:
+        return _from_tiktoken_cache(cls, encoding)
     try:
         import tiktoken
     except ImportError as e:  # pragma: no cover
@@ -88,7 +143,7 @@ def load_files(cls, path, pattern: str | None = None, special_tokens: dict[str, 
     GPT-2 ``vocab.json`` + ``merges.txt``, a tiktoken rank file (``*.tiktoken[.gz]``), or a
     GGUF model file (its ``gpt2`` tokenizer). For a
     tiktoken file, the pattern and special tokens come from the encoding's name in the file
-    name (r50k_base, p50k_base, cl100k_base) or from the arguments."""
+    name (r50k_base, p50k_base, cl100k_base, o200k_base) or from the arguments."""
     try:
         p = resolve_pretrained(path, revision, need=TOKENIZER_FILES)
     except HubNotFoundError as e:
@@ -131,7 +186,12 @@ def _with_chat_files(tok, directory: pathlib.Path):
 
 
 def _load_tiktoken(cls, p: pathlib.Path, pattern, special_tokens):
-    data = _read_bytes(p)
+    return _tiktoken_from_bytes(cls, _read_bytes(p), str(p), p.name.split(".")[0], pattern, special_tokens)
+
+
+def _tiktoken_from_bytes(cls, data: bytes, p: str, base: str, pattern, special_tokens):
+    """A ``cls`` from the lines of a tiktoken rank file (``p`` names it in errors; ``base`` is
+    the encoding's name, which chooses the pattern and special tokens when they are not given)."""
     by_rank: dict[int, bytes] = {}
     seen: dict[bytes, int] = {}
     for lineno, line in enumerate(data.splitlines(), 1):
@@ -160,7 +220,6 @@ def _load_tiktoken(cls, p: pathlib.Path, pattern, special_tokens):
         seen[tok] = rank
     if not by_rank:
         raise ValueError(f"{p}: no tokens")
-    base = p.name.split(".")[0]
     if pattern is None:
         pattern = base if base in _PATTERN_ALIASES else "gpt2"
     if special_tokens is None:

@@ -73,8 +73,9 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     threads: int | None = None  # torch.set_num_threads
     # output
-    progress: bool = True
+    progress: bool = True  # a bar (shown on a terminal) and a line per evaluation; False: neither
     plot: bool = True
+    license: str | None = None  # the model card's license (e.g. "mit", "apache-2.0"); None: not stated
     tensorboard: bool = True
     peak_flops: float | None = None  # for MFU; None: measured (CPU) or looked up (GPU)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import card, distributed
 from .._io import CheckpointError, atomic_write_bytes, atomic_write_json, load_tensors, read_json, save_tensors
 from ..models.checkpoint import load_weights
 
@@ -30,6 +30,7 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 METRICS_NAME = "metrics.jsonl"
 TRAIN_LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss.png"  # the run's loss curves, in its out_dir
 
 
 def _rng_state_to_json(state: torch.Tensor) -> list:
@@ -174,6 +175,7 @@ def save_checkpoint(trainer, path) -> Path:
             tok.save(str(tmp))
         save_tensors(tmp / OPTIMIZER_NAME, optimizer_tensors(trainer.optimizer, opt_state), {"format": "pt"})
         atomic_write_json(tmp / STATE_NAME, trainer_state(trainer))
+        card.write_card(trainer, tmp, final, plot=trainer.out / PLOT_NAME if trainer.config.plot else None)
         _atomic_replace_dir(tmp, final)
     except BaseException:
         # A failed save (a full disk, an interrupt) leaves the older checkpoint as it was

@@ -43,12 +43,12 @@ import torch
 
 from .. import ops
 from .._io import CheckpointError, atomic_write_bytes
+from .._progress import progress_bar, progress_enabled
 from . import distributed, state
 from .config import TrainConfig, autocast_dtype, lr_at, make_optimizer, resolve_device
-from .state import METRICS_NAME, TRAIN_LOG_NAME, find_checkpoints
+from .state import METRICS_NAME, PLOT_NAME, TRAIN_LOG_NAME, find_checkpoints
 
-PLOT_NAME = "loss.png"
-PLOT_EVERY_S = 60.0  # redraw loss.png at an evaluation at most this often; always at the end
+PLOT_EVERY_S = 60.0  # redraw loss.png at an evaluation at most this often, and at the last one
 
 
 class NonFiniteLossError(RuntimeError):
@@ -310,11 +310,8 @@ class Trainer:
             print("fastlm: the data has no val split; evaluating on train batches", file=sys.stderr)
         val_split = "val" if self.data.has_batches("val", self.block_size) else "train"
         tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not cfg.progress or not self.dist.is_main,
-                   dynamic_ncols=True,
-                   unit="step", desc="training")
+        bar = progress_bar(total=cfg.max_iters, initial=self.step, unit="step", desc="training", leave=True,
+                           enabled=progress_enabled(cfg.progress) if self.dist.is_main else False)
         self.model.train()
         t_train = 0.0  # training time, evaluations excluded
         t_last, step_last = time.perf_counter(), self.step
@@ -416,11 +413,13 @@ class Trainer:
 
             tqdm.write(f"step {self.step}: train {train_loss:.4f}, val {val_loss:.4f} (ppl {record['val_perplexity']:.2f}, "
                        f"{bpb:.3f} bits/byte), lr {lr:.2e}, {tokens_per_s:,.0f} tok/s", file=sys.stderr)
+        # before the checkpoints, whose model cards link the curves; drawing (and importing
+        # matplotlib the first time) is slow next to a small model's steps, so not at every evaluation
+        last = self.step >= cfg.max_iters or self.stop_reason is not None
+        if cfg.plot and (last or time.perf_counter() - getattr(self, "_plotted_at", 0.0) >= PLOT_EVERY_S):
+            self._plot()
         self._save_step_checkpoint()
         if improved and cfg.save_best:
             self.save_checkpoint(self.out / "best")
-        # drawing loss.png (and importing matplotlib the first time) is slow next to a small model's steps
-        if cfg.plot and time.perf_counter() - getattr(self, "_plotted_at", 0.0) >= PLOT_EVERY_S:
-            self._plot()
         self._tensorboard(record)
         distributed.barrier(self.dist)  # the checkpoint is complete before any rank goes on
