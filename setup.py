@@ -122,6 +122,8 @@ setup(
               "fastlm.train", "fastlm.evaluation", "fastlm.cli", "fastlm.data", "fastlm.features",
               "fastlm.tokenizer"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
+    # the web playground's page, script and style (fastlm/serve/playground.py)
+    package_data={"fastlm.serve": ["static/*.html", "static/*.js", "static/*.css"]},
     ext_modules=extensions(),
     cmdclass=_cmdclass(),
     zip_safe=False,
