@@ -123,7 +123,7 @@ setup(
               "fastlm.tokenizer"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     # the web playground's page, script and style (fastlm/serve/playground.py)
-    package_data={"fastlm.serve": ["static/*.html", "static/*.js", "static/*.css"]},
+    package_data={"fastlm.serve": ["static/*.html", "static/*.js", "static/*.css", "static/*.svg"]},
     ext_modules=extensions(),
     cmdclass=_cmdclass(),
     zip_safe=False,

@@ -1,6 +1,6 @@
 """The playground: a web page at ``GET /`` that talks to the server's own ``/v1`` API.
 
-The page (``static/index.html``, ``static/playground.js``, ``static/playground.css``) ships
+The page (``static/``: ``index.html``, ``playground.js``, ``playground.css``, ``favicon.svg``) ships
 inside the package and needs no build step and nothing from another origin. It streams a
 chat or a completion through ``POST /v1/chat/completions`` or ``/v1/completions`` with
 ``"stream": true`` (fetch reading the server-sent events), from the same origin as the page,
@@ -21,6 +21,7 @@ ROUTES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
     "/playground.css": ("playground.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
