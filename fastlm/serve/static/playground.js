@@ -215,14 +215,20 @@ function prepare(job) {
     $("prompt").value = "";
     const user = bubble("user", job.text);
     const out = bubble("assistant", "");
-    return { url: "v1/chat/completions", body, out, shown: [user, out],
-             delta: (choice) => (choice.delta && choice.delta.content) || "" };
+    // a reply is shown, and kept in the history, without the white space around it (the
+    // template puts its own between turns)
+    const delta = (choice) => {
+      const text = (choice.delta && choice.delta.content) || "";
+      return out.textContent ? text : text.trimStart();
+    };
+    const done = () => { out.textContent = out.textContent.trimEnd(); };
+    return { url: "v1/chat/completions", body, out, shown: [user, out], delta, done };
   }
   body.prompt = job.text;
   $("completion-prompt").textContent = job.text;
   $("completion-text").textContent = "";
   return { url: "v1/completions", body, out: $("completion-text"), shown: [],
-           delta: (choice) => choice.text || "" };
+           delta: (choice) => choice.text || "", done: () => {} };
 }
 
 async function run(job) {
@@ -272,6 +278,7 @@ async function run(job) {
     }
   } finally {
     req.out.classList.remove("streaming");
+    req.done();
     if (job.mode === "chat") {
       if (started) {
         state.history.push({ role: "user", content: job.text },
