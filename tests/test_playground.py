@@ -79,6 +79,9 @@ def test_page_and_assets_are_served_with_their_headers(server):
         assert directives[d] == "'self'", d
     assert not re.search(r"<script(?![^>]*\bsrc=)", html) and "<style" not in html
     assert not re.search(r"\sstyle=|\son[a-z]+=", html)
+    metrics = httpx.get(server.url + "/metrics").text  # counted under their own paths
+    assert 'fastlm_requests_total{route="/",status="200"}' in metrics
+    assert 'fastlm_requests_total{route="/playground.js",status="200"}' in metrics
 
 
 def test_only_the_listed_files_are_served(server, model, tok):
