@@ -79,6 +79,9 @@ def test_page_and_assets_are_served_with_their_headers(server):
         assert directives[d] == "'self'", d
     assert not re.search(r"<script(?![^>]*\bsrc=)", html) and "<style" not in html
     assert not re.search(r"\sstyle=|\son[a-z]+=", html)
+    head = httpx.head(server.url + "/")  # the headers alone
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-security-policy"] == CSP
+    assert int(head.headers["content-length"]) == len(html.encode())
     metrics = httpx.get(server.url + "/metrics").text  # counted under their own paths
     assert 'fastlm_requests_total{route="/",status="200"}' in metrics
     assert 'fastlm_requests_total{route="/playground.js",status="200"}' in metrics

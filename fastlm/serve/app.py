@@ -471,7 +471,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     app.add_exception_handler(Exception, h.internal_error)
     if cfg.playground:
         for path, (data, ctype) in load_playground().items():
-            app.get(path, include_in_schema=False)(h.page(path, data, ctype))
+            app.api_route(path, methods=["GET", "HEAD"], include_in_schema=False)(h.page(path, data, ctype))
     app.get("/health")(h.health)
     app.get("/metrics")(h.metrics)
     app.get("/v1/models")(h.models)
