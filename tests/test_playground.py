@@ -276,24 +276,27 @@ def test_stop_button_aborts_the_stream(page, server):
 def test_api_key_is_asked_for_once(page, keyed, tmp_path):
     page.goto(keyed.url + "/")
     page.wait("!document.querySelector('#key-form').hidden")
-    assert page.text("#model") == "API key needed"
+    assert page.text("#model") == "API key needed" and "needs an API key" in page.text("#key-message")
+    # a message sent before the key waits for it
+    settings(page, temperature=0, max_tokens=5)
+    page.type("#prompt", "To be?")
+    page.click("#send")
+    page.wait("document.querySelector('#key-message').textContent.includes('sent once a key is accepted')")
     page.type("#api-key", "wrong-key")
     page.click("#key-save")
     page.wait("document.querySelector('#key-message').textContent.includes('refused')")
-    assert page.visible("#key-form")
+    assert page.visible("#key-form") and page.eval("sessionStorage.getItem('fastlm.apiKey')") is None
+    screenshot(page, tmp_path, "playground-key.png")
     page.type("#api-key", KEY)
     page.click("#key-save")
     page.wait(f"document.querySelector('#model').textContent.startsWith({json.dumps(NAME)})")
     assert not page.visible("#key-form")
     assert page.eval("sessionStorage.getItem('fastlm.apiKey')") == KEY
-    settings(page, temperature=0, max_tokens=5)
-    page.type("#prompt", "To be?")
-    page.click("#send")
-    assert wait_done(page) == "length" and page.text(".bubble.assistant")
-    [(body, resp, headers)] = posts(page, "/v1/chat/completions")
+    assert wait_done(page) == "length" and page.text(".bubble.user") == "To be?" and page.text(".bubble.assistant")
+    [(body, resp, headers)] = posts(page, "/v1/chat/completions")  # sent once, with the key
     assert headers["Authorization"] == f"Bearer {KEY}" and resp["status"] == 200
+    assert body["messages"] == [{"role": "user", "content": "To be?"}] and body["max_tokens"] == 5
     # the key outlives a reload of the tab: no second prompt
     page.goto(keyed.url + "/")
     page.wait(f"document.querySelector('#model').textContent.startsWith({json.dumps(NAME)})")
     assert not page.visible("#key-form")
-    screenshot(page, tmp_path, "playground-key.png")

@@ -10,7 +10,7 @@ const state = {
   model: null, // the model id from /v1/models, sent with every request
   history: [], // the chat's turns so far, {role, content}, without the system prompt
   controller: null, // the AbortController of the request in flight
-  pending: null, // a request refused for want of an API key, sent again once a key is given
+  pending: null, // a request waiting for an API key (refused without one, or sent before one was given)
 };
 
 class AuthError extends Error {}
@@ -32,9 +32,10 @@ function headers(json) {
 function askForKey() {
   const refused = apiKey() !== "";
   sessionStorage.removeItem(KEY_STORAGE);
-  $("key-message").textContent = refused
+  $("key-message").textContent = (refused
     ? "The server refused this API key. Enter the right one."
-    : "This server needs an API key (sent as Authorization: Bearer).";
+    : "This server needs an API key (sent as Authorization: Bearer).")
+    + (state.pending ? " Your message is sent once a key is accepted." : "");
   $("key-form").hidden = false;
   $("key-forget").hidden = true;
   $("api-key").focus();
@@ -306,9 +307,10 @@ async function send(event) {
     return;
   }
   const job = { mode: mode(), text, params };
-  if (!state.model && !(await loadModel())) {
-    if (!$("key-form").hidden) state.pending = job;
-    return;
+  if (!state.model) { // the model is not known yet: the job waits for it (and for a key, if one is asked for)
+    state.pending = job;
+    if (!(await loadModel())) return;
+    state.pending = null;
   }
   run(job);
 }
