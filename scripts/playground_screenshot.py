@@ -1,9 +1,9 @@
-"""Make docs/playground.png: the web playground of `fastlm serve` after one streamed chat reply.
+"""Make docs/playground.png: the web playground of `fastlm serve` after two streamed chat replies.
 
 A tiny GPT is trained (200 steps: minutes on a small CPU) on four dialogue lines in the server's
 plain chat template (so that its reply reads as text, not as the noise of a random model), served
 on a loopback port, and the page is driven in headless Chromium (tests/_browser.py, the
-driver of tests/test_playground.py) through one chat turn; the screenshot is written
+driver of tests/test_playground.py) through two chat turns; the screenshot is written
 atomically.
 
     python scripts/playground_screenshot.py [--out docs/playground.png] [--steps 200]

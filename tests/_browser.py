@@ -86,7 +86,8 @@ class Browser:
             if ready:
                 data = os.read(self._from_browser, 1 << 16)
                 if not data:
-                    raise BrowserError(f"Chromium closed its pipe (exit status {self.proc.poll()}); see {self.log.name}")
+                    raise BrowserError(f"Chromium closed its pipe (exit status {self.proc.poll()}); "
+                                       f"see {self.log.name}")
                 self._buffer += data
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
