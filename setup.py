@@ -120,8 +120,10 @@ def _cmdclass():
 setup(
     packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.models", "fastlm.generation", "fastlm.serve",
               "fastlm.train", "fastlm.evaluation", "fastlm.cli", "fastlm.data", "fastlm.features",
-              "fastlm.tokenizer"],
+              "fastlm.tokenizer", "fastlm.serve.static"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
+    # the web playground's page, script, style and icon (fastlm/serve/playground.py): data, not modules
+    package_data={"fastlm.serve.static": ["*.html", "*.js", "*.css", "*.svg"]},
     ext_modules=extensions(),
     cmdclass=_cmdclass(),
     zip_safe=False,

@@ -111,10 +111,11 @@ def test_serve_flags(model_dir, monkeypatch):
     assert cfg.cors_origins == ("http://a.example", "http://b.example")
     assert (cfg.max_connections, cfg.header_timeout, cfg.body_timeout, cfg.idle_timeout, cfg.send_timeout) == \
         (9, 2.0, 3.0, 4.0, 5.0)
-    assert cfg.api_key is None and cfg.model_name == model_dir.name
+    assert cfg.api_key is None and cfg.model_name == model_dir.name and cfg.playground
     seen.clear()
     assert main(["serve", "--model", str(model_dir)]) == 0
     assert seen["config"].allowed_hosts is None and seen["device"] is None and seen["dtype"] is None
+    assert main(["serve", "--model", str(model_dir), "--no-playground"]) == 0 and not seen["config"].playground
     assert main(["serve", "--model", str(model_dir), "--header-timeout", "0"]) == 2
     assert main(["serve", "--model", str(model_dir), "--allowed-hosts", " , "]) == 2
 

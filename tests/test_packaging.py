@@ -73,3 +73,21 @@ def test_every_subpackage_is_installed():
             listed = {ast.literal_eval(e) for e in node.value.elts}
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastlm").rglob("__init__.py")}
     assert found and found <= listed, f"not in setup.py's packages: {sorted(found - listed)}"
+
+
+def test_playground_files_are_package_data(tmp_path):
+    """setup.py's build copies every file of the web playground (fastlm/serve/static/) beside
+    the modules, so a wheel serves the page as a source checkout does."""
+    import subprocess
+
+    from fastlm.serve.playground import ROUTES
+
+    static = ROOT / "fastlm" / "serve" / "static"
+    files = sorted(p.name for p in static.iterdir())
+    assert sorted(name for name, _ in ROUTES.values()) == files
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py",
+                    "--build-lib", str(tmp_path / "lib")], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    built = tmp_path / "lib" / "fastlm" / "serve" / "static"
+    assert sorted(p.name for p in built.iterdir()) == files
+    for name in files:
+        assert (built / name).read_bytes() == (static / name).read_bytes(), name

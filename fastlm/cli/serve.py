@@ -31,6 +31,8 @@ def _add_serve(sub):
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow browsers at ORIGIN (e.g. http://localhost:3000) to call the API (repeatable; default: "
                         "no CORS)")
+    p.add_argument("--no-playground", dest="playground", action="store_false",
+                   help="do not serve the web playground at GET / (default: served)")
     p.add_argument("--max-connections", type=int, default=512, help="open connections (default 512; then 503)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds for a request's headers to arrive (default 10; then the connection is closed)")
@@ -91,4 +93,5 @@ def _serve_config(args, **fields):
                        max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                        max_connections=args.max_connections, header_timeout=args.header_timeout,
                        body_timeout=args.body_timeout, idle_timeout=args.idle_timeout, send_timeout=args.send_timeout,
-                       allowed_hosts=hosts, cors_origins=tuple(args.cors_origin or ()), **fields)
+                       allowed_hosts=hosts, cors_origins=tuple(args.cors_origin or ()), playground=args.playground,
+                       **fields)

@@ -1,7 +1,9 @@
 """``fastlm serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn, ``pip install fastlm[serve]``).
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (plain JSON or
-server-sent events with ``"stream": true``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+server-sent events with ``"stream": true``), ``GET /health``, ``GET /metrics`` (Prometheus text), and
+``GET /`` the playground, a web page that streams chats and completions through those routes
+(``fastlm.serve.playground``; off with ``ServeConfig(playground=False)``).
 Requests and responses have OpenAI's shapes, so the ``openai`` client, LangChain and
 lm-evaluation-harness (``local-completions``: ``echo`` + ``logprobs`` give the prompt's
 per-token log-probabilities) work unchanged. Sampling follows OpenAI: a ``temperature`` below
@@ -59,7 +61,7 @@ The package: ``app.py`` (routes, authentication, limits, server-sent events), ``
 (request validation), ``responses.py`` (response shapes), ``chat_template.py`` (a re-export of
 ``fastlm.tokenizer.chat_template``), ``metrics.py``,
 ``net.py`` (connection limits and deadlines under uvicorn), ``config.py`` (``ServeConfig``),
-``server.py`` (``serve``, ``ServerThread``).
+``server.py`` (``serve``, ``ServerThread``), ``playground.py`` (the web page; its files in ``static/``).
 """
 from .app import create_app
 from .chat_template import ChatTemplate

@@ -20,6 +20,7 @@ from ..generation.sampling import undecodable_ids
 from ..tokenizer.chat_template import ChatTemplate, ChatTemplateError, encode_text
 from .config import ServeConfig
 from .metrics import Metrics, route_label
+from .playground import HEADERS as PAGE_HEADERS, load_files as load_playground
 from .protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, Sampling, bad, check_fields, disconnected, get_bool,
                        get_int, is_int, json_body, parse_messages)
 from .responses import ChatFormat, CompletionFormat, sse
@@ -387,6 +388,15 @@ class Handlers:
         return {"prompts": [ids], "opts": opts, "sampling": s, "format": fmt, "ignored": ignored}
 
     # -- the routes
+    def page(self, path: str, data: bytes, ctype: str):
+        """The route of one file of the playground (``fastlm.serve.playground``): open like
+        ``/health``, since the page holds no secret; its API calls carry the key."""
+        async def route():
+            self.st.metrics.request(path, 200)
+            return Response(data, media_type=ctype, headers=PAGE_HEADERS)
+
+        return route
+
     async def health(self):
         st = self.st
         ok = st.engine is not None and st.engine._thread.is_alive()
@@ -462,6 +472,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     app.add_exception_handler(StarletteHTTPException, h.http_error)
     app.add_exception_handler(RequestValidationError, h.validation_error)
     app.add_exception_handler(Exception, h.internal_error)
+    if cfg.playground:
+        for path, (data, ctype) in load_playground().items():
+            app.api_route(path, methods=["GET", "HEAD"], include_in_schema=False)(h.page(path, data, ctype))
     app.get("/health")(h.health)
     app.get("/metrics")(h.metrics)
     app.get("/v1/models")(h.models)

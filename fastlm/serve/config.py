@@ -32,3 +32,4 @@ class ServeConfig:
     max_stream_events: int = 4096  # events waiting for one request's client before it counts as not reading
     allowed_hosts: tuple | None = None  # Host names answered to; None: the loopback names; ("*",): any
     cors_origins: tuple = ()  # origins allowed by CORS (browsers); empty: no CORS headers at all
+    playground: bool = True  # the web page at GET / (fastlm.serve.playground)
