@@ -144,28 +144,37 @@ def _adamw_state(p, state):
     return st
 
 
+def _adamw_operands(group, state):
+    """The parameters of ``group`` that have a gradient, with their gradients, moments and step
+    tensors (state created on first use), as the AdamW kernels take them."""
+    params, grads, avgs, sqs, steps = [], [], [], [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW does not take sparse gradients")
+        st = _adamw_state(p, state)
+        params.append(p)
+        grads.append(p.grad)
+        avgs.append(st["exp_avg"])
+        sqs.append(st["exp_avg_sq"])
+        steps.append(st["step"])
+    return params, grads, avgs, sqs, steps
+
+
 def _adamw_groups_step(groups, state, grad_scale: float = 1.0) -> None:
     """One AdamW step of every group (dicts with params, lr, betas, eps, weight_decay) through
     the C++ kernel, gradients multiplied by grad_scale."""
     for group in groups:
-        params, grads, avgs, sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamW does not take sparse gradients")
-            st = _adamw_state(p, state)
-            st["step"] += 1
-            params.append(p.data)
-            grads.append(p.grad.contiguous())
-            avgs.append(st["exp_avg"])
-            sqs.append(st["exp_avg_sq"])
-            steps.append(float(st["step"]))
-        if params:
-            beta1, beta2 = group["betas"]
-            torch.ops.fastlm.adamw_step_(params, grads, avgs, sqs, steps, float(group["lr"]), float(beta1),
-                                         float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                                         float(grad_scale))
+        params, grads, avgs, sqs, steps = _adamw_operands(group, state)
+        if not params:
+            continue
+        for t in steps:
+            t += 1
+        beta1, beta2 = group["betas"]
+        torch.ops.fastlm.adamw_step_([p.data for p in params], [g.contiguous() for g in grads], avgs, sqs,
+                                     [float(t) for t in steps], float(group["lr"]), float(beta1), float(beta2),
+                                     float(group["eps"]), float(group["weight_decay"]), float(grad_scale))
 
 
 def grad_norm(params) -> float:
@@ -384,23 +393,8 @@ class MuonWithAdamW(ParamGroupOptimizer):
             return loss
         from torch.optim.adamw import adamw as torch_adamw  # other devices and dtypes
 
-        for group in adam:
-            params, grads, avgs, sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not take sparse gradients")
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                avgs.append(state["exp_avg"])
-                sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+        for group in adam:  # torch's AdamW function increments the step tensors itself
+            params, grads, avgs, sqs, steps = _adamw_operands(group, self.state)
             if params:
                 beta1, beta2 = group["betas"]
                 torch_adamw(params, grads, avgs, sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,

@@ -333,3 +333,25 @@ def test_trainer_uses_fastlm_adamw_on_cpu_and_never_imports_dynamo(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_muon_with_adamw_steps_other_dtypes_with_torchs_adamw():
+    """Parameters the C++ AdamW does not take (float64 here) step through torch's AdamW function:
+    the same weights as torch.optim.AdamW, to the last bit."""
+    from fastlm.optim import MuonWithAdamW
+
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+    grads = [[torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in init] for _ in range(4)]
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    rs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = MuonWithAdamW([{"params": ps, "lr": 2e-3, "weight_decay": 0.1}])
+    ref = torch.optim.AdamW(rs, lr=2e-3, weight_decay=0.1, foreach=False)
+    for gs in grads:
+        for p, r, g in zip(ps, rs, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, r in zip(ps, rs):
+        assert torch.equal(p.detach(), r.detach())
+    assert float(opt.state[ps[0]]["step"]) == 4.0

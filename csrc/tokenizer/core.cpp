@@ -112,6 +112,35 @@ size_t next_gpt2(const uint8_t* s, size_t i, size_t n) {
 static inline bool ascii_lower_is(uint8_t c, char want) { return (c | 0x20) == want; }
 
 // '(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s
+// \p{N}{1,3} from s[i] (c: the number there): the end of the run.
+static inline size_t digits_1_to_3(const uint8_t* s, size_t i, CharInfo c, size_t n) {
+  size_t k = i + c.len;
+  for (int r = 1; r < 3 && k < n; ++r) {
+    const CharInfo d = char_at(s, k, n);
+    if (d.cls != kNumber) break;
+    k += d.len;
+  }
+  return k;
+}
+
+// " ?[^\s\p{L}\p{N}]+[\r\n]*" from s[i] (c: the character there), with '/' also in the tail
+// for o200k's "[\r\n/]*": the end of the match, or 0 where it does not match.
+static inline size_t punctuation_run(const uint8_t* s, size_t i, CharInfo c, size_t n, bool slash_tail) {
+  size_t j = i;
+  CharInfo first = c;
+  if (s[i] == ' ' && i + 1 < n) {
+    const CharInfo d = char_at(s, i + 1, n);
+    if (d.cls == kOther) {
+      j = i + 1;
+      first = d;
+    }
+  }
+  if (first.cls != kOther) return 0;
+  size_t k = run_of(s, j + first.len, n, kOther);
+  while (k < n && (s[k] == '\r' || s[k] == '\n' || (slash_tail && s[k] == '/'))) ++k;
+  return k;
+}
+
 size_t next_cl100k(const uint8_t* s, size_t i, size_t n) {
   const uint8_t b = s[i];
   if (b == '\'' && i + 1 < n) {
@@ -132,29 +161,8 @@ size_t next_cl100k(const uint8_t* s, size_t i, size_t n) {
     CharInfo d = char_at(s, i + c.len, n);
     if (d.cls == kLetter) return run_of(s, i + c.len + d.len, n, kLetter);
   }
-  if (c.cls == kNumber) {
-    size_t k = i + c.len;
-    for (int r = 1; r < 3 && k < n; ++r) {
-      CharInfo d = char_at(s, k, n);
-      if (d.cls != kNumber) break;
-      k += d.len;
-    }
-    return k;
-  }
-  size_t j = i;
-  CharInfo first = c;
-  if (b == ' ' && i + 1 < n) {
-    CharInfo d = char_at(s, i + 1, n);
-    if (d.cls == kOther) {
-      j = i + 1;
-      first = d;
-    }
-  }
-  if (first.cls == kOther) {
-    size_t k = run_of(s, j + first.len, n, kOther);
-    while (k < n && (s[k] == '\r' || s[k] == '\n')) ++k;
-    return k;
-  }
+  if (c.cls == kNumber) return digits_1_to_3(s, i, c, n);
+  if (const size_t k = punctuation_run(s, i, c, n, false)) return k;
   // Whitespace.
   size_t k = i, last = i, nl_end = 0;
   while (k < n) {
@@ -248,29 +256,8 @@ size_t next_o200k(const uint8_t* s, size_t i, size_t n) {
     if (with.second) return with.second;
     if (without.second) return without.second;
   }
-  if (c.cls == kNumber) {
-    size_t k = i + c.len;
-    for (int r = 1; r < 3 && k < n; ++r) {
-      const CharInfo d = char_at(s, k, n);
-      if (d.cls != kNumber) break;
-      k += d.len;
-    }
-    return k;
-  }
-  size_t j = i;
-  CharInfo first = c;
-  if (b == ' ' && i + 1 < n) {
-    const CharInfo d = char_at(s, i + 1, n);
-    if (d.cls == kOther) {
-      j = i + 1;
-      first = d;
-    }
-  }
-  if (first.cls == kOther) {
-    size_t k = run_of(s, j + first.len, n, kOther);
-    while (k < n && (s[k] == '\r' || s[k] == '\n' || s[k] == '/')) ++k;
-    return k;
-  }
+  if (c.cls == kNumber) return digits_1_to_3(s, i, c, n);
+  if (const size_t k = punctuation_run(s, i, c, n, true)) return k;
   // Whitespace.
   size_t k = i, last = i, nl_end = 0;
   while (k < n) {
