@@ -118,6 +118,8 @@ def test_bad_kv_dtypes_are_clear_errors():
         generate(model, [1, 2, 3], max_new_tokens=2, kv_dtype=16)
     with pytest.raises(ValueError, match="kv_dtype"):
         KVCache(model, 1, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="float32 model"):
+        KVCache(_model().to(torch.bfloat16), 1, 8, dtype=torch.float32)
 
 
 def _model(seed=0, **kw):

@@ -161,8 +161,9 @@ at::Tensor gpt_decode_step(const at::Tensor& tokens_, const at::Tensor& position
     if (L < 0) L = c.dim() == 4 ? c.size(2) : 0;
     TORCH_CHECK_VALUE(c.scalar_type() == cache_t && c.dim() == 4 && c.size(0) == B && c.size(1) == Hkv &&
                           c.size(2) == L && c.size(3) == D && c.is_contiguous(),
-                      "gpt_decode_step: each cache must be a contiguous ", cache_t, " (", B, ", ", Hkv, ", L, ", D,
-                      ") tensor, got ", c.scalar_type(), " ", c.sizes());
+                      "gpt_decode_step: each cache must be a contiguous float32, bfloat16 or float16 (", B, ", ",
+                      Hkv, ", L, ", D, ") tensor, all of one dtype (", cache_t, "), got ", c.scalar_type(), " ",
+                      c.sizes());
   }
   const float* wpe_p = nullptr;
   if (wpe.has_value() && wpe->defined()) {

@@ -22,19 +22,25 @@ def kv_cache_dtype(kv_dtype, model) -> torch.dtype:
     one. A float32 model with a bf16 / fp16 cache keeps float32 weights and activations: only
     the cache's storage is narrower (its keys and values rounded to nearest even as they are
     written)."""
+    md = model.transformer.wte.weight.dtype
     if kv_dtype is None:
-        return model.transformer.wte.weight.dtype
+        return md
     if isinstance(kv_dtype, str):
         d = _KV_NAMES.get(kv_dtype.lower())
         if d is None:
             raise ValueError(f"kv_dtype must be one of {', '.join(sorted(_KV_NAMES))} or a torch float dtype, "
                              f"got {kv_dtype!r}")
-        return d
-    if isinstance(kv_dtype, torch.dtype):
+    elif isinstance(kv_dtype, torch.dtype):
         if kv_dtype not in _KV_DTYPES:
             raise ValueError(f"kv_dtype must be a floating dtype ({', '.join(map(str, _KV_DTYPES))}), got {kv_dtype}")
-        return kv_dtype
-    raise TypeError(f"kv_dtype must be None, a string such as 'bf16' or a torch.dtype, got {type(kv_dtype).__name__}")
+        d = kv_dtype
+    else:
+        raise TypeError(f"kv_dtype must be None, a string such as 'bf16' or a torch.dtype, got {type(kv_dtype).__name__}")
+    # The cache write rounds float32 keys and values into a narrower cache; other pairs are not
+    # converted (kv_cache_write takes the cache's dtype or float32).
+    if d != md and md != torch.float32:
+        raise ValueError(f"kv_dtype {d} differs from the model's {md}: a cache of another dtype needs a float32 model")
+    return d
 
 
 class KVCache:

@@ -573,9 +573,9 @@ inline void rows_to_f32(const T* src, int64_t n, float* dst) {
 // The cache is read as T: float, bf16 or f16 (AttnDecodeArgs::kv_dtype). Scores load K's rows
 // straight from T into registers (dots, decode_row); the P V product goes through gemm,
 // whose B operand is float32: a bf16 / fp16 tile's V rows (at most BK x D values) are first
-// converted into a small float32 scratch, once per tile, which stays in L1 for the product
-// (simpler than a typed micro-kernel, and the conversion is a small part of the tile's work
-// next to the G Tq rows it serves).
+// converted into a small float32 scratch, once per tile (16 KB at D = 64), still in the
+// nearest caches for the product. Simpler than a typed micro-kernel, and the conversion is a
+// small part of the tile's work next to the G Tq rows it serves.
 template <typename T>
 struct DecWork {
   const AttnDecodeArgs& a;
