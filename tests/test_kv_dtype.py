@@ -227,3 +227,30 @@ def test_cli_generate_kv_dtype(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args + ["--kv-dtype", "int8"])
     assert "--kv-dtype" in capsys.readouterr().err
+
+
+def test_server_engine_uses_the_configured_kv_dtype():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import json
+    import urllib.request
+
+    from fastlm.serve import ServeConfig
+    from fastlm.serve.app import create_app
+    from fastlm.serve.server import ServerThread
+
+    tok = fastlm.Tokenizer.train(["to be or not to be, that is the question " * 8], vocab_size=280)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+    app = create_app(model, tok, ServeConfig(max_batch=2, kv_dtype="bf16"))
+    s = ServerThread(app).start()
+    try:
+        assert app.state.fastlm.engine.cache.kv.dtype == torch.bfloat16
+        req = urllib.request.Request(s.url + "/v1/completions", method="POST", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "fastlm", "prompt": "to be", "max_tokens": 5,
+                                                      "temperature": 0}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        s.stop()
