@@ -24,6 +24,11 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
                       int4 = q4_0; ``model.quantize``) on the small config with GPT-2's vocabulary
                       (4 layers, 256 wide, vocab 50257, where the output layer is most of the
                       weights); 32-token prompt, 128 new tokens
+  "decode kv dtype"   fastlm alone: 32 decode steps over a long context (1536 positions of a
+                      2048-position cache, the small config with block_size 2048), batch 1 and
+                      batch 8, with a float32 and a bfloat16 KV cache (``KVCache(dtype=...)``,
+                      ``kv_dtype=`` in generate): the bf16 cache halves the bytes each step reads
+                      from the cache; the model stays float32
 Before timing, each group checks that its sides compute the same thing: fastlm's greedy tokens
 equal transformers' on the same weights and prompt (batch 1 and every row of batch 8), the 8
 prompts as one batch give the tokens they give one at a time, the prefill product is within
@@ -41,6 +46,7 @@ import torch
 import fastlm.ops
 from checks import assert_close
 from fastlm import GPT, GPTConfig
+from fastlm.generation import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -279,6 +285,46 @@ def test_decode_formats(benchmark, small_50k, weights):
     _bench(benchmark, "decode formats", weights, _fastlm(model, x, 128), 7, 128)
 
 
+# ----------------------------------------------------------------------------- KV cache storage type
+KV_LEN, KV_CONTEXT, KV_STEPS = 2048, 1536, 32
+
+
+@pytest.fixture(scope="module")
+def small_long():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**dict(SMALL, block_size=KV_LEN))).eval()
+
+
+def _long_cache(model, batch, dtype):
+    """A cache of KV_LEN positions whose first KV_CONTEXT hold random keys and values (what
+    a prefill leaves, without timing one), the same values for every dtype (rounded to it)."""
+    cache = KVCache(model, batch, KV_LEN, dtype=dtype)
+    g = torch.Generator().manual_seed(batch)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
+    cache.lens = [KV_CONTEXT] * batch
+    return cache
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16"])
+def test_decode_kv_dtype(benchmark, small_long, batch, kv_dtype):
+    model = small_long
+    tokens = torch.randint(0, SMALL["vocab_size"], (batch,), generator=torch.Generator().manual_seed(1))
+    cache = _long_cache(model, batch, kv_dtype)
+    with torch.inference_mode():  # the bf16 cache gives the float32 cache's logits up to its rounding
+        want = _long_cache(model, batch, "fp32").decode(tokens, [True] * batch)
+        got = _long_cache(model, batch, kv_dtype).decode(tokens, [True] * batch)
+    assert ((got - want).norm() / want.norm()).item() <= (1e-6 if kv_dtype == "fp32" else 2e-2)
+
+    def run():
+        cache.lens = [KV_CONTEXT] * batch
+        with torch.inference_mode():
+            for _ in range(KV_STEPS):
+                cache.decode(tokens, [True] * batch)
+
+    _bench(benchmark, "decode kv dtype", f"batch {batch} {kv_dtype}", run, 7, KV_STEPS * batch)
+
+
 def _weights_bytes(cfg, weights="fp32"):
     C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
     return BYTES_PER_WEIGHT[weights] * (L * 12 * C * C + V * C)
@@ -334,6 +380,11 @@ def _report():
             bound = gbs * 1e9 / _weights_bytes(SMALL_50K, weights)
             line += f", {m[1] / m[0] / bound:.0%} of the weight-read bound ({bound:.0f} tok/s)"
         print(line, file=out)
+    for batch in (1, 8):
+        f, h = MEDIANS.get(("decode kv dtype", f"batch {batch} fp32")), MEDIANS.get(("decode kv dtype", f"batch {batch} bf16"))
+        if f and h:
+            print(f"  decode kv dtype (context {KV_CONTEXT}), batch {batch}: fp32 cache {f[1] / f[0]:.0f} tok/s, "
+                  f"bf16 cache {h[1] / h[0]:.0f} tok/s, ratio {f[0] / h[0]:.2f}x", file=out)
     kf, ki = MEDIANS.get(("kv write", "fastlm")), MEDIANS.get(("kv write", "index_put"))
     if kf and ki:
         print(f"  kv write (batch 8, 4 layers): fastlm {kf[0] * 1e6:.1f} us, index_put {ki[0] * 1e6:.1f} us, "

@@ -165,7 +165,7 @@ class TextGenerationPipeline:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_return_sequences must be a positive integer, got {n!r}")
         opts = {**self.defaults, **kwargs}
-        unknown = set(opts) - set(_GEN_KEYS) - {"stop", "seed", "context_overflow"}
+        unknown = set(opts) - set(_GEN_KEYS) - {"stop", "seed", "context_overflow", "kv_dtype"}
         if unknown:
             raise TypeError(f"pipeline got unexpected keyword arguments {sorted(unknown)}")
         if num_return_sequences > 1 and not (opts.get("do_sample") and opts.get("temperature", 1.0) != 0):

@@ -78,7 +78,11 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
         lo, hi = int(cache_lens.min()), int(cache_lens.max())
         if lo < 0 or hi > L:
             raise ValueError(f"decode_attention: cache_lens must lie in [0, L_max = {L}], got {cache_lens.tolist()}")
+        # Only the valid prefix is read (and converted, for a bf16 / fp16 cache).
+        k_cache, v_cache, L = k_cache[:, :, :hi], v_cache[:, :, :hi], hi
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # The cache may be stored narrower than q (a float32 model with a bf16 / fp16 cache): its
+    # values are read as stored, in q's compute dtype.
     qc = q.to(cd)
     k = _expand_kv(k_cache.to(cd), H)
     v = _expand_kv(v_cache.to(cd), H)
@@ -95,11 +99,12 @@ def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None
 def kv_cache_write(k_cache, v_cache, k, v, positions) -> None:
     """Write a decode step's new keys and values into the cache, in place: for each sequence b,
     ``k_cache[b, :, positions[b]] = k[b]`` and ``v_cache[b, :, positions[b]] = v[b]``.
-    Caches (B, Hkv, L, D); k, v (B, Hkv, D); positions int (B,), each in [0, L)."""
+    Caches (B, Hkv, L, D); k, v (B, Hkv, D); positions int (B,), each in [0, L). float32 k, v
+    into a bf16 / fp16 cache are rounded as ``.to(cache dtype)`` rounds (to nearest even)."""
     b = torch.arange(k.shape[0], device=k.device)
     pos = positions.to(device=k.device, dtype=torch.long)
-    k_cache.transpose(1, 2).index_put_((b, pos), k)
-    v_cache.transpose(1, 2).index_put_((b, pos), v)
+    k_cache.transpose(1, 2).index_put_((b, pos), k.to(k_cache.dtype))
+    v_cache.transpose(1, 2).index_put_((b, pos), v.to(v_cache.dtype))
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):

@@ -114,10 +114,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   return {dq.to(st), dk.to(st), dv.to(st)};
 }
 
+// decode_attention's caches may be stored in a narrower dtype than q (a float32 model with a
+// bf16 / fp16 KV cache): the kernel reads them as stored, so they are never converted here.
 at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const at::Tensor& vc_,
                             const at::Tensor& lens_, double scale) {
-  check_attn_inputs(q_, kc_, vc_, "decode_attention");
+  FASTLM_CHECK_CPU(q_);
+  FASTLM_CHECK_CPU(kc_);
+  FASTLM_CHECK_CPU(vc_);
   FASTLM_CHECK_CPU(lens_);
+  TORCH_CHECK_VALUE(q_.dim() == 4 && kc_.dim() == 4 && vc_.dim() == 4, "decode_attention: q, k_cache, v_cache must be 4-d (B, H, T, D)");
+  TORCH_CHECK_VALUE(kc_.sizes() == vc_.sizes(), "decode_attention: k_cache and v_cache must have one shape");
+  TORCH_CHECK_VALUE(kc_.size(0) == q_.size(0) && kc_.size(3) == q_.size(3),
+                    "decode_attention: q and the caches must agree on B and D");
+  TORCH_CHECK_VALUE(kc_.size(1) >= 1 && q_.size(1) % kc_.size(1) == 0, "decode_attention: H must be a multiple of Hkv");
+  TORCH_CHECK_VALUE(q_.size(3) >= 1 && q_.size(3) <= 256, "decode_attention: head size must be in [1, 256]");
+  const auto qt = q_.scalar_type(), ct = kc_.scalar_type();
+  TORCH_CHECK_TYPE(qt == at::kFloat || qt == at::kBFloat16 || qt == at::kHalf,
+                   "decode_attention: q must be float32, bfloat16 or float16, got ", qt);
+  TORCH_CHECK_TYPE(vc_.scalar_type() == ct, "decode_attention: k_cache is ", ct, " but v_cache is ", vc_.scalar_type());
+  TORCH_CHECK_TYPE(ct == at::kFloat || ct == at::kBFloat16 || ct == at::kHalf,
+                   "decode_attention: the KV cache must be float32, bfloat16 or float16, got ", ct);
   const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), D = q_.size(3), Hkv = kc_.size(1), L = kc_.size(2);
   TORCH_CHECK(lens_.dim() == 1 && lens_.size(0) == B, "decode_attention: cache_lens must have shape (B,)");
   TORCH_CHECK(lens_.scalar_type() == at::kInt || lens_.scalar_type() == at::kLong,
@@ -127,17 +143,18 @@ at::Tensor decode_attention(const at::Tensor& q_, const at::Tensor& kc_, const a
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= L, "decode_attention: cache_lens[", b, "] = ", lp[b],
                 " is outside [0, L_max = ", L, "]");
-  const at::Tensor q = f32(q_), kc = f32(kc_), vc = f32(vc_);
+  const at::Tensor q = f32(q_), kc = kc_.contiguous(), vc = vc_.contiguous();
   at::Tensor out = empty_output({B, H, Tq, D}, at::kFloat);
-  run_decode_attention(q.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), lp, out.data_ptr<float>(), B,
-                       H, Hkv, Tq, L, D, scale);
+  run_decode_attention(q.data_ptr<float>(), kc.data_ptr(), vc.data_ptr(), kernel_dtype(ct), lp,
+                       out.data_ptr<float>(), B, H, Hkv, Tq, L, D, scale);
   return q_.scalar_type() == at::kFloat ? out : out.to(q_.scalar_type());
 }
 
 }  // namespace
 
-void run_decode_attention(const float* q, const float* kc, const float* vc, const int64_t* lp, float* out, int64_t B,
-                          int64_t H, int64_t Hkv, int64_t Tq, int64_t L, int64_t D, double scale) {
+void run_decode_attention(const float* q, const void* kc, const void* vc, Dtype kv_dtype, const int64_t* lp,
+                          float* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t L, int64_t D,
+                          double scale) {
   if (B * H * Tq == 0) return;
   const int64_t G = H / Hkv, rows = G * Tq, W = D + 2;
   // Enough slices to keep every thread busy, each at least 256 positions.
@@ -145,12 +162,13 @@ void run_decode_attention(const float* q, const float* kc, const float* vc, cons
   for (int64_t b = 0; b < B; ++b) visible += lp[b];
   // work = 4 x the bytes of K and V read, so threads_for (one thread below 4e6) splits a
   // call from 1 MB read on: a smaller read ends before a second thread would pay for itself
-  const int64_t nthr = threads_for(double(visible) * Hkv * D * 8 * 4);
+  const int64_t esize = kv_dtype == Dtype::f32 ? 4 : 2;
+  const int64_t nthr = threads_for(double(visible) * Hkv * D * 2 * esize * 4);
   int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(cdiv(L, 256), cdiv(4 * nthr, B * Hkv)));
   const int64_t chunk = cdiv(cdiv(L, nsplit), BK) * BK;
   nsplit = std::max<int64_t>(1, cdiv(L, chunk));
   at::Tensor part = empty_output({B * Hkv * nsplit * rows * W}, at::kFloat);
-  const AttnDecodeArgs a{q, kc, vc, lp, part.data_ptr<float>(), out, B, H, Hkv, Tq, L, D, nsplit, chunk, nthr,
+  const AttnDecodeArgs a{q, kc, vc, kv_dtype, lp, part.data_ptr<float>(), out, B, H, Hkv, Tq, L, D, nsplit, chunk, nthr,
                          (float)scale};
   cpu_kernels().decode_attention(a);
 }

@@ -32,11 +32,13 @@ inline Dtype kernel_dtype(at::ScalarType t) {
 constexpr size_t kLargeOutputBytes = size_t(128) << 10;
 at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype);
 
-// Decode attention on raw float32 pointers: q (B, H, Tq, D) and out contiguous, the caches
-// (B, Hkv, L, D) contiguous, lens (B,) checked by the caller; plans the slices of the cache
-// and takes the scratch from the output pool (csrc/cpu/attention.cpp).
-void run_decode_attention(const float* q, const float* kc, const float* vc, const int64_t* lens, float* out, int64_t B,
-                          int64_t H, int64_t Hkv, int64_t Tq, int64_t L, int64_t D, double scale);
+// Decode attention on raw pointers: q (B, H, Tq, D) and out contiguous float32, the caches
+// (B, Hkv, L, D) contiguous of kv_dtype (f32, bf16 or f16, read as stored), lens (B,)
+// checked by the caller; plans the slices of the cache and takes the scratch from the
+// output pool (csrc/cpu/attention.cpp).
+void run_decode_attention(const float* q, const void* kc, const void* vc, Dtype kv_dtype, const int64_t* lens,
+                          float* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t L, int64_t D,
+                          double scale);
 
 #define FASTLM_CHECK_CPU(t) TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor")
 

@@ -7,8 +7,9 @@
 // few microseconds each, and going through Python and the dispatcher for each one costs
 // more than the kernels themselves. The model family it covers: pre-norm blocks with
 // LayerNorm or RMSNorm, learned or no positions, multi-head or grouped-query attention, a
-// tanh-GELU MLP, biases optional, float32 activations and KV cache; every other architecture
-// runs the Python step.
+// tanh-GELU MLP, biases optional, float32 activations; a KV cache of float32, bf16 or fp16
+// (new rows rounded to nearest even as torch's .to() does, read by decode attention as
+// stored); every other architecture runs the Python step.
 //
 // Per block, the stream being h + delta (delta the pending output of the previous block):
 //   y, h = norm_1(delta + h)               (the first block: y = norm_1(x), h = x)
@@ -53,6 +54,20 @@ struct Linear {
       cpu_kernels().decode_linear_q(LinearQArgs{format, x, w, b, out, M, K, N});
   }
 };
+
+// D float32 values into a cache of dtype t at element offset at: copied, or rounded to
+// nearest even by c10's conversions (the ones torch's .to(bfloat16 / float16) uses).
+void write_cache_row(void* cache, at::ScalarType t, int64_t at, const float* src, int64_t D) {
+  if (t == at::kFloat) {
+    std::memcpy(static_cast<float*>(cache) + at, src, D * sizeof(float));
+  } else if (t == at::kBFloat16) {
+    c10::BFloat16* dst = static_cast<c10::BFloat16*>(cache) + at;
+    for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(src[d]);
+  } else {
+    c10::Half* dst = static_cast<c10::Half*>(cache) + at;
+    for (int64_t d = 0; d < D; ++d) dst[d] = c10::Half(src[d]);
+  }
+}
 
 const at::Tensor& need(const c10::optional<at::Tensor>& t, const char* what, int64_t layer) {
   TORCH_CHECK_VALUE(t.has_value() && t->defined(), "gpt_decode_step: layer ", layer, "'s ", what, " is missing");
@@ -137,14 +152,18 @@ at::Tensor gpt_decode_step(const at::Tensor& tokens_, const at::Tensor& position
   const int64_t *tok = tokens.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
                 *lp = lens.data_ptr<int64_t>();
   int64_t L = -1;
+  const at::ScalarType cache_t = n_layer ? kv[0].scalar_type() : at::kFloat;
+  TORCH_CHECK_TYPE(cache_t == at::kFloat || cache_t == at::kBFloat16 || cache_t == at::kHalf,
+                   "gpt_decode_step: the KV cache must be float32, bfloat16 or float16, got ", cache_t);
   for (int64_t i = 0; i < 2 * n_layer; ++i) {
     const at::Tensor& c = kv[i];
     FASTLM_CHECK_CPU(c);
     if (L < 0) L = c.dim() == 4 ? c.size(2) : 0;
-    TORCH_CHECK_VALUE(c.scalar_type() == at::kFloat && c.dim() == 4 && c.size(0) == B && c.size(1) == Hkv &&
+    TORCH_CHECK_VALUE(c.scalar_type() == cache_t && c.dim() == 4 && c.size(0) == B && c.size(1) == Hkv &&
                           c.size(2) == L && c.size(3) == D && c.is_contiguous(),
-                      "gpt_decode_step: each cache must be a contiguous float32 (", B, ", ", Hkv, ", L, ", D,
-                      ") tensor, got ", c.scalar_type(), " ", c.sizes());
+                      "gpt_decode_step: each cache must be a contiguous float32, bfloat16 or float16 (", B, ", ",
+                      Hkv, ", L, ", D, ") tensor, all of one dtype (", cache_t, "), got ", c.scalar_type(), " ",
+                      c.sizes());
   }
   const float* wpe_p = nullptr;
   if (wpe.has_value() && wpe->defined()) {
@@ -234,17 +253,17 @@ at::Tensor gpt_decode_step(const at::Tensor& tokens_, const at::Tensor& position
       cur ^= 1;
     }
     l.qkv(y, qkv, B);
-    float *kc = kv[2 * i].data_ptr<float>(), *vc = kv[2 * i + 1].data_ptr<float>();
+    void *kc = kv[2 * i].data_ptr(), *vc = kv[2 * i + 1].data_ptr();
     for (int64_t b = 0; b < B; ++b) {
       const float* row = qkv + b * Nqkv;
       for (int64_t hk = 0; hk < Hkv; ++hk) {
         const int64_t at_ = ((b * Hkv + hk) * L + pos[b]) * D;
-        std::memcpy(kc + at_, row + (H + hk) * D, row_bytes);
-        std::memcpy(vc + at_, row + (H + Hkv + hk) * D, row_bytes);
+        write_cache_row(kc, cache_t, at_, row + (H + hk) * D, D);
+        write_cache_row(vc, cache_t, at_, row + (H + Hkv + hk) * D, D);
       }
       std::memcpy(q + b * H * D, row, H * row_bytes);
     }
-    run_decode_attention(q, kc, vc, lp, att, B, H, Hkv, 1, L, D, scale);
+    run_decode_attention(q, kc, vc, kernel_dtype(cache_t), lp, att, B, H, Hkv, 1, L, D, scale);
     l.proj(att, delta, B);
     norm(delta, hbuf[cur], l.ln2_w, l.ln2_b, y, hbuf[cur ^ 1]);
     cur ^= 1;

@@ -66,8 +66,12 @@ struct AttnBwdArgs {
   Rows4 lq, lk, lv, ldo, lo, ldq, ldk, ldv;  // layouts of q, k, v, dout, out, dq, dk, dv
 };
 
+// Decode over a KV cache stored as float32, bf16 or fp16 (kv_dtype): the core converts the
+// cache's rows to float32 as it loads them; q, out and the arithmetic are float32.
 struct AttnDecodeArgs {
-  const float *q, *k, *v;  // q (B, H, Tq, D); k, v (B, Hkv, L, D)
+  const float* q;          // (B, H, Tq, D)
+  const void *k, *v;       // (B, Hkv, L, D) of kv_dtype
+  Dtype kv_dtype;          // f32, bf16 or f16
   const int64_t* lens;     // (B,)
   float* part;             // scratch: (B, Hkv, nsplit, G Tq, D + 2)
   float* out;              // (B, H, Tq, D)

@@ -2,7 +2,9 @@
 // KV cache, for each sequence b k_cache[b, :, positions[b], :] = k[b] and the same for v.
 // One call that copies B x Hkv rows of D elements, where two index_put_ calls a layer would
 // each set up a TensorIterator for advanced indexing (bench/RESULTS.md, section "Generation",
-// "The KV-cache write"). Any dtype, any strides with a unit stride along D.
+// "The KV-cache write"). Any dtype, any strides with a unit stride along D. New entries of
+// another floating dtype than the cache's (float32 into a bf16 / fp16 cache) are converted
+// first with torch's own rounding (round to nearest even), as x.to(cache.dtype) would.
 #include <cstring>
 
 #include "common.h"
@@ -16,8 +18,10 @@ void check_pair(const at::Tensor& cache, const at::Tensor& x, const char* cname,
                         x.size(2) == cache.size(3),
                     "kv_cache_write: ", xname, " must be (B, Hkv, D) = (", cache.size(0), ", ", cache.size(1), ", ",
                     cache.size(3), "), got ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == cache.scalar_type(), "kv_cache_write: ", xname, " is ", x.scalar_type(),
-                   " but ", cname, " is ", cache.scalar_type());
+  const auto ct = cache.scalar_type(), xt = x.scalar_type();
+  const bool narrowing = xt == at::kFloat && (ct == at::kBFloat16 || ct == at::kHalf);
+  TORCH_CHECK_TYPE(xt == ct || narrowing, "kv_cache_write: ", xname, " is ", xt, " but ", cname, " is ", ct,
+                   " (new entries must have the cache's dtype, or be float32 for a bfloat16 / float16 cache)");
 }
 
 // Where row (b, h) of the new entries goes.
@@ -28,7 +32,9 @@ inline char* dest_row(at::Tensor& cache, const int64_t* pos, int64_t b, int64_t 
 
 // Copies rows x[b, h, :] to cache[b, h, positions[b], :].
 void write_rows(at::Tensor& cache, const at::Tensor& x_, const int64_t* pos) {
-  const at::Tensor x = x_.stride(2) == 1 ? x_ : x_.contiguous();
+  const at::Tensor x = x_.scalar_type() != cache.scalar_type() ? x_.to(cache.scalar_type()).contiguous()
+                       : x_.stride(2) == 1                     ? x_
+                                                               : x_.contiguous();
   const int64_t B = cache.size(0), H = cache.size(1);
   const size_t es = cache.element_size(), row = cache.size(3) * es;
   const char* src = static_cast<const char*>(x.data_ptr());

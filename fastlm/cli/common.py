@@ -14,6 +14,12 @@ def _add_weights_arg(p):
                         "(int8/int4: llama.cpp's q8_0/q4_0); default: as the checkpoint holds them")
 
 
+def _add_kv_dtype_arg(p):
+    p.add_argument("--kv-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="the KV cache's storage type (default: the model's); bf16/fp16 halve the bytes a decode "
+                        "step reads from the cache, weights and activations keep their type")
+
+
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
            "fp16": "float16"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import _add_device_args, _add_weights_arg, _device_dtype
+from .common import _add_device_args, _add_kv_dtype_arg, _add_weights_arg, _device_dtype
 
 
 # ----------------------------------------------------------------------------- generate
@@ -27,6 +27,7 @@ def _add_generate(sub):
     p.add_argument("--context-overflow", choices=["stop", "slide"], default="stop")
     _add_device_args(p)
     _add_weights_arg(p)
+    _add_kv_dtype_arg(p)
 
 
 def _run_generate(args):
@@ -47,7 +48,7 @@ def _run_generate(args):
               "--do-sample; decoding greedily", file=sys.stderr)
         for k in ("temperature", "top_k", "top_p"):
             opts.pop(k, None)
-    opts = {**pipe.defaults, **opts, "context_overflow": args.context_overflow}
+    opts = {**pipe.defaults, **opts, "context_overflow": args.context_overflow, "kv_dtype": args.kv_dtype}
     if args.do_sample:
         opts["do_sample"] = True
     if opts.get("max_new_tokens") is None and opts.get("max_length") is None:

@@ -1,7 +1,7 @@
 """``fastlm serve``: an OpenAI-compatible HTTP server, its flags checked into a ServeConfig."""
 from __future__ import annotations
 
-from .common import _add_device_args, _add_weights_arg, _device_dtype
+from .common import _add_device_args, _add_kv_dtype_arg, _add_weights_arg, _device_dtype
 
 
 # ----------------------------------------------------------------------------- serve
@@ -44,6 +44,7 @@ def _add_serve(sub):
                    help="seconds a stream may wait for its client to read (default 30; then it is dropped)")
     _add_device_args(p)
     _add_weights_arg(p)
+    _add_kv_dtype_arg(p)
     p.add_argument("--log-level", default="info")
 
 
@@ -94,4 +95,4 @@ def _serve_config(args, **fields):
                        max_connections=args.max_connections, header_timeout=args.header_timeout,
                        body_timeout=args.body_timeout, idle_timeout=args.idle_timeout, send_timeout=args.send_timeout,
                        allowed_hosts=hosts, cors_origins=tuple(args.cors_origin or ()), playground=args.playground,
-                       **fields)
+                       kv_dtype=args.kv_dtype, **fields)

@@ -7,7 +7,40 @@ import torch
 
 from ..models import decode
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "kv_cache_dtype"]
+
+# The names kv_dtype= accepts, and the storage types a KV cache may have.
+_KV_NAMES = {"fp32": torch.float32, "f32": torch.float32, "float32": torch.float32,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "f16": torch.float16, "float16": torch.float16}
+_KV_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def kv_cache_dtype(kv_dtype, model) -> torch.dtype:
+    """The storage dtype of a KV cache for ``model``: ``kv_dtype`` None is the model's dtype;
+    "bf16"/"fp16"/"fp32" (or "bfloat16", "float16", "float32") or a torch floating dtype name
+    one. A float32 model with a bf16 / fp16 cache keeps float32 weights and activations: only
+    the cache's storage is narrower (its keys and values rounded to nearest even as they are
+    written)."""
+    md = model.transformer.wte.weight.dtype
+    if kv_dtype is None:
+        return md
+    if isinstance(kv_dtype, str):
+        d = _KV_NAMES.get(kv_dtype.lower())
+        if d is None:
+            raise ValueError(f"kv_dtype must be one of {', '.join(sorted(_KV_NAMES))} or a torch float dtype, "
+                             f"got {kv_dtype!r}")
+    elif isinstance(kv_dtype, torch.dtype):
+        if kv_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_dtype must be a floating dtype ({', '.join(map(str, _KV_DTYPES))}), got {kv_dtype}")
+        d = kv_dtype
+    else:
+        raise TypeError(f"kv_dtype must be None, a string such as 'bf16' or a torch.dtype, got {type(kv_dtype).__name__}")
+    # The cache write rounds float32 keys and values into a narrower cache; other pairs are not
+    # converted (kv_cache_write takes the cache's dtype or float32).
+    if d != md and md != torch.float32:
+        raise ValueError(f"kv_dtype {d} differs from the model's {md}: a cache of another dtype needs a float32 model")
+    return d
 
 
 class KVCache:
@@ -15,8 +48,9 @@ class KVCache:
     (n_layer, 2, B, Hkv, max_len, D) tensor, ``kv``; ``layers[i]`` holds layer i's (k, v)
     views of it, each (B, Hkv, max_len, D); ``lens[b]`` tokens of row b are valid.
 
-    ``storage``: an existing tensor of that shape to use instead of allocating one (a view of
-    another cache: ``rows``)."""
+    ``dtype``: the cache's storage type, as ``kv_cache_dtype`` reads it (default the model's;
+    "bf16" / "fp16" halve the bytes a decode step reads from it). ``storage``: an existing
+    tensor of that shape to use instead of allocating one (a view of another cache: ``rows``)."""
 
     def __init__(self, model, batch_size: int, max_len: int, dtype=None, device=None, *, storage=None):
         cfg = model.config
@@ -28,7 +62,7 @@ class KVCache:
             p = model.transformer.wte.weight
             # Not zeroed: attention reads a row only below its length, whatever lies past it.
             storage = torch.empty(cfg.n_layer, 2, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
-                                  dtype=dtype or p.dtype, device=device or p.device)
+                                  dtype=kv_cache_dtype(dtype, model), device=device or p.device)
         elif tuple(storage.shape[2:5:2]) != (batch_size, max_len):
             raise ValueError(f"KVCache: storage of shape {tuple(storage.shape)} does not hold {batch_size} rows "
                              f"of {max_len} positions")

@@ -98,15 +98,16 @@ class Engine:
     max_batch: rows of the cache (sequences decoded together); max_len: tokens per row
     (default the model's context); max_queue: sequences allowed to wait for a row (beyond it
     ``submit`` raises ``QueueFull``); prefill_tokens: prompt tokens prefilled in one forward
-    (bounds the pause that joining sequences cause to the running ones)."""
+    (bounds the pause that joining sequences cause to the running ones); kv_dtype: the
+    cache's storage type (None: the model's; "bf16" / "fp16": see ``KVCache``)."""
 
     def __init__(self, model, tokenizer=None, max_batch: int = 32, max_len: int | None = None,
-                 max_queue: int = 256, prefill_tokens: int = 2048, on_step: Callable | None = None):
+                 max_queue: int = 256, prefill_tokens: int = 2048, on_step: Callable | None = None, kv_dtype=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_len = max_len or model.config.block_size
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
-        self.cache = KVCache(model, max_batch, self.max_len)
+        self.cache = KVCache(model, max_batch, self.max_len, dtype=kv_dtype)
         p = model.transformer.wte.weight
         # The reference decode attention computes over every cache position it is given, so the
         # view is cut to the longest running row (rounded up to 64); the native kernels read only

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from ..tokenizer import token_bytes_fn
-from .cache import KVCache
+from .cache import KVCache, kv_cache_dtype
 from .sampling import (GREEDY_TEMPERATURE, SamplingOptions, choose, process_logits, row_generator, sampling_options,
                        undecodable_ids, warn_unused_sampling)
 from .stopping import stop_reason
@@ -100,8 +100,9 @@ class _Generation:
     """Runs the prefill/decode loop one step at a time (each step under inference_mode, so
     that a paused stream never leaks the mode to the caller)."""
 
-    def __init__(self, model, prompts, opts: SamplingOptions, seed, tokenizer):
+    def __init__(self, model, prompts, opts: SamplingOptions, seed, tokenizer, kv_dtype=None):
         self.model, self.opts = model, opts
+        self.kv_dtype = kv_cache_dtype(kv_dtype, model)  # checked before any work
         cfg = model.config
         self.block = cfg.block_size
         self.keep = max(1, cfg.block_size // 2)
@@ -131,7 +132,7 @@ class _Generation:
         if self.opts.overflow == "slide":
             for r in rows:
                 r.context = list(r.prompt[-self.keep:] if len(r.prompt) > self.block else r.prompt)
-        self.cache = KVCache(self.model, len(rows), self.max_len)
+        self.cache = KVCache(self.model, len(rows), self.max_len, dtype=self.kv_dtype)
         self.logits = self.cache.prefill([r.context or r.prompt for r in rows]).float()
         if self.opts.repetition_penalty != 1.0:
             V = self.model.config.vocab_size
@@ -222,7 +223,7 @@ def generate(model, input_ids, max_new_tokens: int | None = None, do_sample: boo
              eos_token_id=None, seed: int | None = None, streamer=None, *, max_length: int | None = None,
              attention_mask=None, pad_token_id: int | None = None, tokenizer=None, logprobs: bool = False,
              top_logprobs: int = 0, context_overflow: str = "stop", return_dict_in_generate: bool = False,
-             min_p: float | None = None):
+             min_p: float | None = None, kv_dtype=None):
     """Continue ``input_ids`` with ``model`` (a ``fastlm.GPT``), Hugging Face style.
 
     input_ids: a (T,) or (B, T) integer tensor (with ``attention_mask`` marking real tokens
@@ -244,13 +245,15 @@ def generate(model, input_ids, max_new_tokens: int | None = None, do_sample: boo
     most likely alternatives under the model (before any processing).
     ``context_overflow``: "stop" (default: finish_reason "length" with a warning when the
     context is full) or "slide" (keep the last half of the context, re-encoded, and go on).
+    ``kv_dtype``: the KV cache's storage type (None: the model's; "bf16" / "fp16" store a
+    float32 model's keys and values in half the bytes; see ``KVCache``).
     """
     prompts, kind = _prompts(model, input_ids, attention_mask)
     opts = sampling_options(model, [len(p) for p in prompts], max_new_tokens, max_length, do_sample, temperature, top_k,
                     top_p, repetition_penalty, stop, eos_token_id, tokenizer, logprobs, top_logprobs,
                     context_overflow, min_p=min_p)
     warn_unused_sampling(do_sample, temperature, top_k, top_p, min_p)
-    gen = _Generation(model, prompts, opts, seed, tokenizer)
+    gen = _Generation(model, prompts, opts, seed, tokenizer, kv_dtype)
     if streamer is not None:
         streamer.put(input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(prompts[0]))
     for events in _steps(gen):
@@ -328,6 +331,7 @@ def stream(model, tokenizer, prompt, max_new_tokens: int | None = None, **kwargs
         kwargs["eos_token_id"] = eot
     gen_args = dict(kwargs)
     seed = gen_args.pop("seed", None)
+    kv_dtype = gen_args.pop("kv_dtype", None)
     for bad in ("streamer", "attention_mask", "return_dict_in_generate", "pad_token_id", "tokenizer"):
         if bad in gen_args:
             raise TypeError(f"stream() does not take {bad!r}")
@@ -341,7 +345,7 @@ def stream(model, tokenizer, prompt, max_new_tokens: int | None = None, **kwargs
     if gen_args:
         raise TypeError(f"stream() got unexpected keyword arguments {sorted(gen_args)}")
     warn_unused_sampling(*sampling.values())
-    gen = _Generation(model, prompts, opts, seed, tokenizer)
+    gen = _Generation(model, prompts, opts, seed, tokenizer, kv_dtype)
     for events in _steps(gen):
         deltas = [e[1] if e else "" for e in events]
         if batch:

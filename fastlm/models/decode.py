@@ -225,12 +225,15 @@ def prefill(model, cache, prompts, rows, run: "_Run | None" = None) -> torch.Ten
     return model.logits(y, run)
 
 
+_FUSED_KV = (torch.float32, torch.bfloat16, torch.float16)  # the cache types the fused step reads
+
+
 def _fused_caches(cache):
     """The caches of each layer as the fused step takes them (k0, v0, k1, v1, ...), or None
-    where they are not float32 and contiguous (a view over fewer positions than its storage
-    holds is not)."""
+    where they are not all contiguous of one of float32, bfloat16, float16 (a view over fewer
+    positions than its storage holds is not contiguous)."""
     kv = [t for pair in cache.layers for t in pair]
-    if all(t.dtype == torch.float32 and t.is_contiguous() for t in kv):
+    if kv and kv[0].dtype in _FUSED_KV and all(t.dtype == kv[0].dtype and t.is_contiguous() for t in kv):
         return kv
     return None
 

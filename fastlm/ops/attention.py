@@ -21,14 +21,22 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused kerne
 
 
 # ----------------------------------------------------------------------------- the public ops
-def _check_attention(q, k, v, kv_name="k"):
+def _check_attention(q, k, v, kv_name="k", kv_dtypes=None):
+    """kv_dtypes: the dtypes k and v may have besides q's (a KV cache stored narrower than q);
+    None: q's only."""
     vn = kv_name.replace("k", "v", 1)
     for n, t in (("q", q), (kv_name, k), (vn, v)):
         check_float(n, t)
         if t.dim() != 4:
             raise ValueError(f"attention: {n} must have 4 dimensions (B, H, T, D), got shape {tuple(t.shape)}")
-    check_same(kv_name, k, "q", q)
-    check_same(vn, v, "q", q)
+    if kv_dtypes is None or k.dtype == q.dtype:
+        check_same(kv_name, k, "q", q)
+    elif k.dtype not in kv_dtypes:
+        raise TypeError(f"attention: {kv_name} has dtype {k.dtype}; it must be q's ({q.dtype}) or one of "
+                        f"{', '.join(str(d) for d in kv_dtypes)}")
+    else:
+        check_same(kv_name, k, "q", q, dtype=False)
+    check_same(vn, v, kv_name, k)
     B, H, _, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"attention: {kv_name} {tuple(k.shape)} and {vn} {tuple(v.shape)} must have one shape")
@@ -57,10 +65,22 @@ def attention(q, k, v, causal: bool = True, scale: float | None = None):
 
 def decode_attention(q, k_cache, v_cache, cache_lens, scale: float | None = None):
     """Attention of the newest Tq tokens (q: (B, H, Tq, D)) over a ragged KV cache
-    ((B, Hkv, L_max, D), valid lengths ``cache_lens`` (B,)). See the reference for the spec."""
-    _check_attention(q, k_cache, v_cache, kv_name="k_cache")
+    ((B, Hkv, L_max, D), valid lengths ``cache_lens`` (B,)). See the reference for the spec.
+
+    The cache may be stored as bfloat16 / float16 under float32 queries (``kv_dtype`` in
+    generation): the CPU kernel reads it as stored; other backends run the reference there."""
+    _check_attention(q, k_cache, v_cache, kv_name="k_cache", kv_dtypes=_DTYPES)
     check_index("decode_attention", "cache_lens", cache_lens, (q.shape[0],), q.device, "q")
-    return resolve("decode_attention", q.device, q.dtype)[1](q, k_cache, v_cache, cache_lens, scale=scale)
+    name, fn = resolve("decode_attention", q.device, q.dtype)
+    if k_cache.dtype != q.dtype and name != "cpu":
+        fn = _reference_decode()
+    return fn(q, k_cache, v_cache, cache_lens, scale=scale)
+
+
+def _reference_decode():
+    from .. import reference
+
+    return reference.decode_attention
 
 
 # ----------------------------------------------------------------------------- the glue

@@ -32,8 +32,9 @@ def gpt_decode_step(tokens, positions, attend_lens, wte, wpe, weights, kv, *, n_
     ln_1 weight and bias, attention input and output projections (weight, bias), ln_2 weight
     and bias, MLP input and output projections (weight, bias), the projections packed for
     ``decode_linear`` (``weight_format`` "f32") or ``decode_linear_q``; then the final norm's
-    weight and bias (biases may be None). ``kv``: each block's key and value caches, float32
-    contiguous (B, Hkv, L, D); the step writes its keys and values into them."""
+    weight and bias (biases may be None). ``kv``: each block's key and value caches, contiguous
+    (B, Hkv, L, D), all float32, all bfloat16 or all float16 (a narrower cache stores its new
+    keys and values rounded to nearest even); the step writes its keys and values into them."""
     if not available():
         raise RuntimeError("gpt_decode_step needs fastlm's CPU extension (fastlm._C)")
     return torch.ops.fastlm.gpt_decode_step(tokens, positions, attend_lens, wte, wpe, list(weights), list(kv),

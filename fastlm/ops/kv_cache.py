@@ -15,11 +15,15 @@ from ._dispatch import resolve
 
 def kv_cache_write(k_cache, v_cache, k, v, positions) -> None:
     """Write a decode step's new keys and values (k, v: (B, Hkv, D)) into the caches
-    ((B, Hkv, L, D)) in place, at position ``positions[b]`` of each sequence b."""
+    ((B, Hkv, L, D)) in place, at position ``positions[b]`` of each sequence b. k, v have the
+    caches' dtype, or are float32 for a bfloat16 / float16 cache (rounded to nearest even, as
+    ``.to()`` rounds)."""
     for name, cache, x in (("k", k_cache, k), ("v", v_cache, v)):
         check_float(f"{name}_cache", cache)
         check_float(name, x)
-        check_same(name, x, f"{name}_cache", cache)
+        # float32 entries into a bf16 / fp16 cache are rounded to it (to nearest even)
+        narrowing = x.dtype == torch.float32 and cache.dtype in (torch.bfloat16, torch.float16)
+        check_same(name, x, f"{name}_cache", cache, dtype=not narrowing)
         if cache.dim() != 4 or x.dim() != 3 or x.shape != (cache.shape[0], cache.shape[1], cache.shape[3]):
             raise ValueError(f"kv_cache_write: {name}_cache must be (B, Hkv, L, D) and {name} (B, Hkv, D), "
                              f"got {tuple(cache.shape)} and {tuple(x.shape)}")

@@ -454,7 +454,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None, chat_templat
     @asynccontextmanager
     async def lifespan(app):
         st.engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_len=st.max_len, max_queue=cfg.max_queue,
-                           prefill_tokens=cfg.prefill_tokens)
+                           prefill_tokens=cfg.prefill_tokens, kv_dtype=cfg.kv_dtype)
         try:
             yield
         finally:

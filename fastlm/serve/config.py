@@ -21,6 +21,7 @@ class ServeConfig:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     api_key: str | None = None
     prefill_tokens: int = 2048
+    kv_dtype: str | None = None  # the KV cache's storage type: None (the model's), "fp32", "bf16", "fp16"
     latency_buckets: tuple = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
     # connections (fastlm.serve.net)
     max_connections: int = 512  # open connections; past it 503 and closed

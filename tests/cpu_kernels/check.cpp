@@ -268,11 +268,13 @@ static void check_attention(const KernelTable& kt, int64_t B, int64_t H, int64_t
 }
 
 // Decode: Tq new queries per sequence over a cache of L_max positions, lens[b] valid; query
-// t of sequence b sees positions j < lens[b] - Tq + 1 + t.
+// t of sequence b sees positions j < lens[b] - Tq + 1 + t. The cache is stored as kv (f32,
+// bf16 or f16); the reference reads the values as stored (rounded), in float64.
 static void check_decode(const KernelTable& kt, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t L, int64_t D,
-                         const std::vector<int64_t>& lens) {
+                         const std::vector<int64_t>& lens, Dtype kv = Dtype::f32) {
   const double scale = 1.0 / std::sqrt(double(D));
-  const Vec q = randn(B * H * Tq * D), k = randn(B * Hkv * L * D), v = randn(B * Hkv * L * D);
+  Buf kb(kv, randn(B * Hkv * L * D)), vb(kv, randn(B * Hkv * L * D));
+  const Vec q = randn(B * H * Tq * D), k = kb.values(), v = vb.values();
   Vec want(B * H * Tq * D, 0.0);
   const int64_t G = H / Hkv;
   for (int64_t b = 0; b < B; ++b)
@@ -295,18 +297,18 @@ static void check_decode(const KernelTable& kt, int64_t B, int64_t H, int64_t Hk
         for (int64_t j = 0; j < lim; ++j)
           for (int64_t d = 0; d < D; ++d) O[d] += s[j] / l * V[j * D + d];
       }
-  const std::vector<float> qf = tof(q), kf = tof(k), vf = tof(v);
+  const std::vector<float> qf = tof(q);
   std::vector<float> out(want.size(), NAN);
   const int64_t nthr = num_threads(), rows = G * Tq;
   int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(cdiv(L, 256), cdiv(4 * nthr, B * Hkv)));
   const int64_t chunk = cdiv(cdiv(L, nsplit), kAttnBK) * kAttnBK;
   nsplit = std::max<int64_t>(1, cdiv(L, chunk));
   std::vector<float> part(B * Hkv * nsplit * rows * (D + 2));
-  kt.decode_attention(AttnDecodeArgs{qf.data(), kf.data(), vf.data(), lens.data(), part.data(), out.data(), B, H, Hkv,
-                                     Tq, L, D, nsplit, chunk, nthr, float(scale)});
+  kt.decode_attention(AttnDecodeArgs{qf.data(), kb.ptr(), vb.ptr(), kv, lens.data(), part.data(), out.data(), B, H,
+                                     Hkv, Tq, L, D, nsplit, chunk, nthr, float(scale)});
   char name[160];
-  std::snprintf(name, sizeof name, "%s decode B=%ld H=%ld Hkv=%ld Tq=%ld L=%ld D=%ld", kt.name, (long)B, (long)H,
-                (long)Hkv, (long)Tq, (long)L, (long)D);
+  std::snprintf(name, sizeof name, "%s decode kv=%s B=%ld H=%ld Hkv=%ld Tq=%ld L=%ld D=%ld", kt.name, dname(kv), (long)B,
+                (long)H, (long)Hkv, (long)Tq, (long)L, (long)D);
   check(name, f32v(out), want, 1e-4);
 }
 
@@ -572,12 +574,15 @@ static void run_level(const KernelTable& kt) {
     for (bool causal : {true, false})
       for (bool tm : {false, true}) check_attention(kt, s[0], s[1], s[2], s[3], s[4], s[5], causal, tm);
   // decode: the one-row fast path (D multiple of 16), the tile path, GQA, several new queries
-  check_decode(kt, 1, 4, 4, 1, 300, 64, {300});
-  check_decode(kt, 3, 2, 2, 1, 100, 32, {1, 57, 100});
-  check_decode(kt, 2, 4, 2, 1, 600, 48, {600, 333});
-  check_decode(kt, 2, 3, 3, 1, 90, 20, {90, 17});
-  check_decode(kt, 2, 4, 1, 3, 129, 128, {129, 5});
-  check_decode(kt, 1, 2, 2, 1, 2, 128, {0});
+  for (Dtype kv : {Dtype::f32, Dtype::bf16, Dtype::f16}) {
+    check_decode(kt, 1, 4, 4, 1, 300, 64, {300}, kv);        // one row per head: decode_row
+    check_decode(kt, 3, 2, 2, 1, 100, 32, {1, 57, 100}, kv);
+    check_decode(kt, 2, 4, 2, 1, 600, 48, {600, 333}, kv);   // GQA: the tile path, several slices
+    check_decode(kt, 2, 3, 3, 1, 90, 20, {90, 17}, kv);      // D not a multiple of 8: tails
+    check_decode(kt, 2, 4, 1, 3, 129, 128, {129, 5}, kv);    // Tq > 1
+    check_decode(kt, 1, 2, 2, 1, 2, 128, {0}, kv);
+    check_decode(kt, 2, 6, 2, 2, 70, 13, {70, 3}, kv);       // odd D, GQA and Tq > 1 together
+  }
   for (Dtype dt : {Dtype::f32, Dtype::bf16, Dtype::f16, Dtype::f64})
     for (bool rms : {false, true})
       for (auto rc : {std::pair<int64_t, int64_t>{1, 1}, {3, 2}, {38, 2}, {5, 17}, {4, 64}, {7, 100}, {2, 768}, {3, 1031}})

@@ -1,5 +1,6 @@
 // Fused causal / full attention: flash-style forward and backward, and decode over a ragged
-// KV cache. float32 throughout (the glue converts bf16/fp16 on entry and exit).
+// KV cache. float32 throughout (the glue converts bf16/fp16 on entry and exit), except that
+// decode reads a KV cache stored as bf16 / fp16 directly, converting rows as it loads them.
 //
 // Forward (FlashAttention 2), per (batch, head, query tile of BQ rows), tiles run in
 // parallel, the costliest (latest, under causal masking) first, on a shared work counter:
@@ -84,15 +85,16 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return reduce_add(s);
 }
 
-// s[c] = q . K[c] for the m <= W keys K[0..m) (rows of D floats): one accumulator per key,
-// then transpose_sum.
-inline void dots(const float* q, const float* K, int64_t D, int64_t m, float* s) {
+// s[c] = q . K[c] for the m <= W keys K[0..m) (rows of D values of T: float, bf16 or f16,
+// converted to float32 as they load): one accumulator per key, then transpose_sum.
+template <typename T>
+inline void dots(const float* q, const T* K, int64_t D, int64_t m, float* s) {
   using namespace simd;
   vf acc[W];
   const int64_t Dv = D / W * W;
 #pragma GCC unroll 32
   for (int c = 0; c < W; ++c) {  // key by key: K is read in address order
-    const float* row = K + std::min<int64_t>(c, m - 1) * D;  // past m: repeat a valid row
+    const T* row = K + std::min<int64_t>(c, m - 1) * D;  // past m: repeat a valid row
     acc[c] = zero();
     for (int64_t j = 0; j < Dv; j += W) acc[c] = fma(load(q + j), load(row + j), acc[c]);
     if (Dv < D) acc[c] = fma(load(q + Dv, D - Dv), load(row + Dv, D - Dv), acc[c]);
@@ -126,9 +128,10 @@ inline void gemm_diag_pv(int64_t M, int64_t N, int64_t nk, const float* P, const
 // multi-head attention. q is pre-scaled (scale * log2 e). W keys at a time, their scores
 // stay in one register through the online softmax and into P V; out gets the unnormalised
 // sum (D floats), then the running max (log2 units) and the sum of weights, the layout of a
-// decode slice's partial result.
-template <int NV>
-void decode_row(const float* q, const float* K, const float* V, int64_t n, float* out) {
+// decode slice's partial result. K and V are rows of T (float, bf16 or f16), each vector
+// converted to float32 in a register as it loads.
+template <int NV, typename T>
+void decode_row(const float* q, const T* K, const T* V, int64_t n, float* out) {
   using namespace simd;
   constexpr int64_t D = int64_t(W) * NV;
   vf qv[NV], o[NV];
@@ -141,11 +144,11 @@ void decode_row(const float* q, const float* K, const float* V, int64_t n, float
   alignas(64) float p[W];
   for (int64_t c0 = 0; c0 < n; c0 += W) {
     const int64_t nc = std::min<int64_t>(W, n - c0);
-    const float* Kc = K + c0 * D;
+    const T* Kc = K + c0 * D;
     vf acc[W];
 #pragma GCC unroll 32
     for (int c = 0; c < W; ++c) {
-      const float* row = Kc + std::min<int64_t>(c, nc - 1) * D;  // past nc: repeat a valid row
+      const T* row = Kc + std::min<int64_t>(c, nc - 1) * D;  // past nc: repeat a valid row
       acc[c] = mul(qv[0], load(row));
 #pragma GCC unroll 32
       for (int v = 1; v < NV; ++v) acc[c] = fma(qv[v], load(row + W * v), acc[c]);
@@ -162,7 +165,7 @@ void decode_row(const float* q, const float* K, const float* V, int64_t n, float
     const vf pv = first_n(nc, exp2(sub(s, set1(m))), zero());
     l += reduce_add(pv);
     store(p, pv);
-    const float* Vc = V + c0 * D;
+    const T* Vc = V + c0 * D;
     for (int64_t c = 0; c < nc; ++c) {
       const vf pc = set1(p[c]);
 #pragma GCC unroll 32
@@ -177,18 +180,19 @@ void decode_row(const float* q, const float* K, const float* V, int64_t n, float
 
 // decode_row for the D it was compiled for; false when D is not a multiple of W in
 // [16, 128] (those take the tile path).
-inline bool decode_row_fixed(const float* q, const float* K, const float* V, int64_t n, int64_t D, float* out) {
+template <typename T>
+inline bool decode_row_fixed(const float* q, const T* K, const T* V, int64_t n, int64_t D, float* out) {
   using simd::W;
   if (D < 16 || D > 128 || D % W != 0 || D % 16 != 0) return false;
   switch (D / 16) {
-    case 1: decode_row<16 / W>(q, K, V, n, out); return true;
-    case 2: decode_row<32 / W>(q, K, V, n, out); return true;
-    case 3: decode_row<48 / W>(q, K, V, n, out); return true;
-    case 4: decode_row<64 / W>(q, K, V, n, out); return true;
-    case 5: decode_row<80 / W>(q, K, V, n, out); return true;
-    case 6: decode_row<96 / W>(q, K, V, n, out); return true;
-    case 7: decode_row<112 / W>(q, K, V, n, out); return true;
-    case 8: decode_row<128 / W>(q, K, V, n, out); return true;
+    case 1: decode_row<16 / W, T>(q, K, V, n, out); return true;
+    case 2: decode_row<32 / W, T>(q, K, V, n, out); return true;
+    case 3: decode_row<48 / W, T>(q, K, V, n, out); return true;
+    case 4: decode_row<64 / W, T>(q, K, V, n, out); return true;
+    case 5: decode_row<80 / W, T>(q, K, V, n, out); return true;
+    case 6: decode_row<96 / W, T>(q, K, V, n, out); return true;
+    case 7: decode_row<112 / W, T>(q, K, V, n, out); return true;
+    case 8: decode_row<128 / W, T>(q, K, V, n, out); return true;
     default: return false;
   }
 }
@@ -550,23 +554,41 @@ void backward(const AttnBwdArgs& a) {
 }
 
 // ------------------------------------------------------------------ decode
-// Prefetch n floats from p into the caches, a cache line at a time.
-inline void prefetch_rows(const float* p, int64_t n) {
+// Prefetch n values of T from p into the caches, a cache line at a time.
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * 4; off += 64) __builtin_prefetch(c + off, 0, 3);
+  for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
+// n values of T to float32 (a tile's V rows of a bf16 / fp16 cache, for the P V product).
+template <typename T>
+inline void rows_to_f32(const T* src, int64_t n, float* dst) {
+  using namespace simd;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store(dst + j, load(src + j));
+  if (j < n) store(dst + j, load(src + j, n - j), n - j);
+}
+
+// The cache is read as T: float, bf16 or f16 (AttnDecodeArgs::kv_dtype). Scores load K's rows
+// straight from T into registers (dots, decode_row); the P V product goes through gemm,
+// whose B operand is float32: a bf16 / fp16 tile's V rows (at most BK x D values) are first
+// converted into a small float32 scratch, once per tile (16 KB at D = 64), still in the
+// nearest caches for the product. Simpler than a typed micro-kernel, and the conversion is a
+// small part of the tile's work next to the G Tq rows it serves.
+template <typename T>
 struct DecWork {
   const AttnDecodeArgs& a;
   std::atomic<int>* done;  // per (batch, kv head): slices finished; the last one combines
   struct State {
-    std::vector<float> qs, s;
+    std::vector<float> qs, s, v;
   };
   State make_state() const {
     State st;
     const int64_t rows = (a.H / a.Hkv) * a.Tq;
     st.qs.resize(rows * a.D);
     st.s.resize(rows * BK);
+    if (!std::is_same<T, float>::value) st.v.resize(BK * a.D);
     return st;
   }
   void slice(int64_t item, State& st) const {
@@ -588,8 +610,8 @@ struct DecWork {
       const float* Q = a.q + ((b * a.H + hk * G + g) * a.Tq) * D;
       for (int64_t i = 0; i < a.Tq * D; ++i) qs[g * a.Tq * D + i] = Q[i] * qscale;
     }
-    const float* K = a.k + bhk * a.L * D;
-    const float* V = a.v + bhk * a.L * D;
+    const T* K = static_cast<const T*>(a.k) + bhk * a.L * D;
+    const T* V = static_cast<const T*>(a.v) + bhk * a.L * D;
     // One query row (Tq = 1, no GQA group): every position of the slice is visible.
     if (rows == 1 && decode_row_fixed(qs, K + s0 * D, V + s0 * D, s1 - s0, D, part)) return;
     float* S = st.s.data();
@@ -621,7 +643,14 @@ struct DecWork {
         pr[D + 1] = pr[D + 1] * alpha + sum;
         pr[D] = mnew;
       }
-      gemm(rows, D, nk, S, BK, V + k0 * D, D, part, W, true);
+      const float* Vt;
+      if constexpr (std::is_same<T, float>::value) {
+        Vt = V + k0 * D;
+      } else {
+        rows_to_f32(V + k0 * D, nk * D, st.v.data());
+        Vt = st.v.data();
+      }
+      gemm(rows, D, nk, S, BK, Vt, D, part, W, true);
     }
   }
   void operator()(int64_t item, int64_t, State& st) const {
@@ -654,11 +683,21 @@ struct DecWork {
   }
 };
 
-void decode(const AttnDecodeArgs& a) {
+template <typename T>
+void decode_as(const AttnDecodeArgs& a) {
   std::vector<std::atomic<int>> done(a.B * a.Hkv);
   for (auto& f : done) f.store(0);
-  DecWork w{a, done.data()};
+  DecWork<T> w{a, done.data()};
   run_dynamic(a.B * a.Hkv * a.nsplit, w, a.nthr);
+}
+
+// The glue passes only float32, bf16 or f16 caches.
+void decode(const AttnDecodeArgs& a) {
+  switch (a.kv_dtype) {
+    case Dtype::bf16: decode_as<bf16>(a); return;
+    case Dtype::f16: decode_as<f16>(a); return;
+    default: decode_as<float>(a); return;
+  }
 }
 
 }  // namespace attention
