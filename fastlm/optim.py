@@ -36,7 +36,7 @@ class ParamGroupOptimizer:
     ``param_groups`` (dicts with ``params`` and the group's settings), ``state`` (per parameter),
     ``state_dict`` / ``load_state_dict`` in torch's layout (parameters numbered in group order,
     so a state saved by a torch optimizer of the same groups loads here and back), ``zero_grad``
-    and ``add_param_group``. Subclasses implement ``step``."""
+    and ``add_param_group``. Subclasses implement ``_update`` (one step, under no_grad)."""
 
     def __init__(self, params, defaults: dict):
         self.defaults = dict(defaults)
@@ -112,6 +112,17 @@ class ParamGroupOptimizer:
             g.update({k: v for k, v in s.items() if k != "params"})
 
     def step(self, closure=None):
+        """One update of every group; ``closure`` (re-evaluates the loss, with gradients) first
+        when given. Returns its loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._update()
+        return loss
+
+    def _update(self) -> None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -213,18 +224,12 @@ class AdamW(ParamGroupOptimizer):
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: float | None = None
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         scale = 1.0
         if self.max_grad_norm is not None:
             self.last_grad_norm = grad_norm([p for g in self.param_groups for p in g["params"]])
             scale = clip_coefficient(self.last_grad_norm, self.max_grad_norm)
         _adamw_groups_step(self.param_groups, self.state, scale)
-        return loss
 
 
 # (a, b, c) of X <- a X + (b A + c A^2) X, A = X X^T: chosen to push every singular value of
@@ -326,15 +331,9 @@ class Muon(ParamGroupOptimizer):
         for group in self.param_groups:
             _check_matrices(group["params"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         for group in self.param_groups:
             _muon_group_step(group["params"], self.state, group)
-        return loss
 
 
 class MuonWithAdamW(ParamGroupOptimizer):
@@ -374,12 +373,7 @@ class MuonWithAdamW(ParamGroupOptimizer):
             groups.append(g)
         super().__init__(groups, {})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update(self) -> None:
         adam = []
         for group in self.param_groups:
             if group["use_muon"]:
@@ -387,10 +381,10 @@ class MuonWithAdamW(ParamGroupOptimizer):
             else:
                 adam.append(group)
         if not adam:
-            return loss
+            return
         if fits_native_adamw([p for g in adam for p in g["params"]]):
             _adamw_groups_step(adam, self.state)
-            return loss
+            return
         from torch.optim.adamw import adamw as torch_adamw  # other devices and dtypes
 
         for group in adam:  # torch's AdamW function increments the step tensors itself
@@ -399,4 +393,3 @@ class MuonWithAdamW(ParamGroupOptimizer):
                 beta1, beta2 = group["betas"]
                 torch_adamw(params, grads, avgs, sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
                             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-        return loss

@@ -355,3 +355,27 @@ def test_muon_with_adamw_steps_other_dtypes_with_torchs_adamw():
     for p, r in zip(ps, rs):
         assert torch.equal(p.detach(), r.detach())
     assert float(opt.state[ps[0]]["step"]) == 4.0
+
+
+@pytest.mark.parametrize("kind", ["muon", "muon_with_adamw", "adamw"])
+def test_step_with_a_closure_returns_its_loss_and_updates(kind):
+    from fastlm.optim import AdamW, MuonWithAdamW, native_adamw_available
+
+    if kind == "adamw" and not native_adamw_available():
+        pytest.skip("fastlm's C++ extension is not built")
+    w = torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    opt = {"muon": lambda: Muon([w], lr=0.02), "muon_with_adamw": lambda: MuonWithAdamW([{"params": [w], "lr": 1e-2}]),
+           "adamw": lambda: AdamW([w], lr=1e-2, max_grad_norm=1.0)}[kind]()
+    before = w.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = (x @ w).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and loss.grad_fn is not None  # evaluated with gradients
+    assert torch.isfinite(loss) and not torch.equal(w.detach(), before)
+    assert opt.step() is None
