@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import _add_device_args, _add_weights_arg, _device_dtype
+from .common import _add_device_args, _add_sampling_args, _add_weights_arg, _device_dtype
 
 _HELP = """commands:
   /system TEXT   set the system message (/system alone removes it)
@@ -22,11 +22,7 @@ def _add_chat(sub):
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
     p.add_argument("--system", default=None, help="the system message to start with")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens a reply may have (default 256)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    _add_sampling_args(p)
     p.add_argument("--seed", type=int, default=None, help="the n-th reply is drawn with seed + n")
     _add_device_args(p)
     _add_weights_arg(p)

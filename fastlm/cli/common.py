@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 
+def _add_sampling_args(p):
+    """The decoding flags ``generate`` and ``chat`` share."""
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+
+
 def _add_device_args(p):
     p.add_argument("--device", default=None, help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import _add_device_args, _add_kv_dtype_arg, _add_weights_arg, _device_dtype
+from .common import _add_device_args, _add_kv_dtype_arg, _add_sampling_args, _add_weights_arg, _device_dtype
 
 
 # ----------------------------------------------------------------------------- generate
@@ -17,11 +17,7 @@ def _add_generate(sub):
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 50)")
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    _add_sampling_args(p)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--context-overflow", choices=["stop", "slide"], default="stop")
