@@ -14,6 +14,9 @@ Groups:
   "llama decode small"   4 layers x 256, vocab 8192; 32-token prompt, 128 new tokens
   "llama decode 124M"    GPT-2 124M shape, vocab 50257; 32-token prompt, 64 new tokens
   "llama ttft 124M"      a 512-token prompt to its first token's logits
+  "llama converter gguf load"  a GGUF written by llama.cpp's convert_hf_to_gguf.py (f32, f16,
+                         q8_0) from a checkpoint fastlm saved, loaded by fastlm: the same greedy
+                         tokens as the float model in f32 (checked), and the load timed
 llama.cpp's side is a loop of ``eval`` (one token) and a NumPy argmax of its logits: the work
 of a greedy decode, with llama-cpp-python's per-call overhead (a few microseconds a token).
 """
@@ -177,6 +180,57 @@ def test_llama_ttft_124m(benchmark, big, impl):
             llm.eval(prompt)
 
     _bench(benchmark, "llama ttft 124M", impl, fn, 5, 1)
+
+
+# ----------------------------------------------------------------------------- llama.cpp's converter
+R50K = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "r50k_base.tiktoken.gz"
+
+
+def _converter():
+    """llama.cpp's ``convert_hf_to_gguf.py`` as llama-cpp-python installs it (it imports
+    ``mistral_common``), or None."""
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(llama_cpp.__file__).resolve().parents[1] / "bin" / "convert_hf_to_gguf.py"
+    return script if script.is_file() and importlib.util.find_spec("mistral_common") else None
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_llama_converter_gguf_loads(benchmark, tmp_path, outtype):
+    """A GGUF that llama.cpp's own converter writes from a checkpoint fastlm saved (GPT-2's
+    vocabulary, which the converter recognizes) loads in fastlm with the float model's greedy
+    tokens (f32: required; f16 and q8_0, dequantized on load: reported), and its tokenizer
+    encodes as GPT-2's does. Timed: ``GPT.from_pretrained`` of the file."""
+    import subprocess
+    import sys
+
+    script = _converter()
+    if script is None or not R50K.is_file():
+        pytest.skip("needs llama-cpp-python's convert_hf_to_gguf.py, mistral_common and ../shared/data")
+    tok = Tokenizer.load(R50K)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=2, n_head=4, n_embd=64,
+                          eos_token_id=tok.eot_token)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    out = tmp_path / f"converted-{outtype}.gguf"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "hf"), "--outfile", str(out), "--outtype", outtype],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loaded = GPT.from_pretrained(out)
+    text = "The quick brown fox jumps over the lazy dog, and then it's gone."
+    assert Tokenizer.load(out).encode(text) == tok.encode(text)
+    prompt = torch.tensor([tok.encode(text)])
+    want = model.generate(prompt, max_new_tokens=32)[0].tolist()
+    got = loaded.generate(prompt, max_new_tokens=32)[0].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want)) - prompt.shape[1]
+    print(f"\n  llama.cpp's converter, {outtype}: the first {same} of 32 greedy tokens agree with the float model")
+    if outtype == "f32":
+        assert got == want
+    benchmark.group = "llama converter gguf load"
+    benchmark.extra_info.update(impl=f"fastlm GPT.from_pretrained, {outtype}", agreeing_tokens=same)
+    benchmark.pedantic(lambda: GPT.from_pretrained(out), rounds=3, warmup_rounds=0)
 
 
 def teardown_module(module):

@@ -221,11 +221,14 @@ def pack_decode_weight_q(weight, format: str):
     """A linear layer's weight (N, K) for ``decode_linear_q`` in a reduced-precision format:
     "bf16" / "f16": ``pack_decode_weight`` of the weight in that dtype, (P, K, 48);
     "q8_0": uint8 (P, ceil(K / 32), 32 * 48 + 2 * 48), P = ceil(N / 48): block j of panel p holds
-    q[k][c] = Q[48 p + c, 32 j + k] (int8, zero past N and K) then the 48 float16 scales of
-    those columns' block j (zero past N), with Q and the scales from ``quantize_q8_0``;
-    "q4_0": uint8 (P, ceil(K / 32), 16 * 48 + 2 * 48): block j of panel p holds 16 rows of 48
-    bytes, byte [k][c] = U[48 p + c, 32 j + k] + 16 U[48 p + c, 32 j + k + 16] (U from
-    ``quantize_q4_0``; 8, a zero weight, past N and K), then the 48 float16 scales."""
+    its values in 8 groups of 4 rows along K, byte [g][c][t] = Q[48 p + c, 32 j + 4 g + t] (int8,
+    zero past N and K), then the 48 float16 scales of those columns' block j (zero past N), with
+    Q and the scales from ``quantize_q8_0``;
+    "q4_0": uint8 (P, ceil(K / 32), 16 * 48 + 2 * 48): block j of panel p holds 4 groups,
+    byte [g][c][t] = U[48 p + c, 32 j + 4 g + t] + 16 U[48 p + c, 32 j + 16 + 4 g + t] (U from
+    ``quantize_q4_0``; 8, a zero weight, past N and K), then the 48 float16 scales.
+    (Four consecutive values of a column in adjacent bytes: one 32-bit lane of the CPU
+    kernel's integer dot products.)"""
     if format in ("bf16", "f16"):
         return pack_decode_weight(weight.to(torch.bfloat16 if format == "bf16" else torch.float16))
     if format not in ("q8_0", "q4_0"):
@@ -237,13 +240,15 @@ def pack_decode_weight_q(weight, format: str):
         q, scales = quantize_q8_0(weight)
         qp = torch.zeros(P * W, nb * B, dtype=torch.int8, device=weight.device)
         qp[:N, :K] = q
-        values = qp.view(P, W, nb, B).permute(0, 2, 3, 1).reshape(P, nb, B * W).view(torch.uint8)
+        # (P, W, nb, g, t) -> (P, nb, g, W, t)
+        values = qp.view(P, W, nb, B // 4, 4).permute(0, 2, 3, 1, 4).reshape(P, nb, B * W).view(torch.uint8)
     else:
         u, scales = quantize_q4_0(weight)
         up = torch.full((P * W, nb * B), 8, dtype=torch.uint8, device=weight.device)
         up[:N, :K] = u
-        up = up.view(P, W, nb, B).permute(0, 2, 3, 1)  # (P, nb, 32, 48)
-        values = (up[:, :, : B // 2] | (up[:, :, B // 2:] << 4)).reshape(P, nb, B // 2 * W)
+        up = up.view(P, W, nb, B)
+        bytes_ = up[..., : B // 2] | (up[..., B // 2:] << 4)  # (P, W, nb, 16)
+        values = bytes_.view(P, W, nb, B // 8, 4).permute(0, 2, 3, 1, 4).reshape(P, nb, B // 2 * W)
     sp = torch.zeros(P * W, nb, dtype=torch.float16, device=weight.device)
     sp[:N] = scales
     s_blocks = sp.view(P, W, nb).permute(0, 2, 1).contiguous().view(torch.uint8).view(P, nb, 2 * W)
@@ -259,20 +264,59 @@ def unpack_decode_weight_q(weight_q, format: str, n: int, k: int):
     P, nb, _ = weight_q.shape
     nv = B * W if format == "q8_0" else B // 2 * W
     if format == "q8_0":
-        q = weight_q[..., :nv].contiguous().view(torch.int8).view(P, nb, B, W).float()
+        # (P, nb, g, W, t) -> (P, nb, W, 32)
+        q = weight_q[..., :nv].contiguous().view(torch.int8).view(P, nb, B // 4, W, 4).permute(0, 1, 3, 2, 4)
+        q = q.reshape(P, nb, W, B).float()
     else:
-        b = weight_q[..., :nv].view(P, nb, B // 2, W)
-        q = torch.cat([b & 15, b >> 4], dim=2).float() - 8
-    s = weight_q[..., nv:].contiguous().view(torch.float16).view(P, nb, 1, W).float()
-    return (q * s).permute(0, 3, 1, 2).reshape(P * W, nb * B)[:n, :k]
+        b = weight_q[..., :nv].view(P, nb, B // 8, W, 4).permute(0, 1, 3, 2, 4).reshape(P, nb, W, B // 2)
+        q = torch.cat([b & 15, b >> 4], dim=-1).float() - 8
+    s = weight_q[..., nv:].contiguous().view(torch.float16).view(P, nb, W, 1).float()
+    return (q * s).permute(0, 2, 1, 3).reshape(P * W, nb * B)[:n, :k]
+
+
+def relayout_decode_weight_q_v1(weight_q, format: str):
+    """A q8_0 / q4_0 tensor packed in the first layout of ``pack_decode_weight_q`` (block j's
+    values as 32 (q8_0) or 16 (q4_0) rows of 48 columns, byte [k][c]) in the current one
+    (byte [g][c][t] of row k = 4 g + t): the same bytes, permuted. bf16 / f16 are unchanged."""
+    if format in ("bf16", "f16"):
+        return weight_q
+    W = DECODE_PANEL
+    P, nb, _ = weight_q.shape
+    rows = QUANT_BLOCK if format == "q8_0" else QUANT_BLOCK // 2
+    values = weight_q[..., : rows * W].reshape(P, nb, rows // 4, 4, W).transpose(3, 4).reshape(P, nb, rows * W)
+    return torch.cat([values, weight_q[..., rows * W:]], dim=-1).contiguous()
+
+
+def quantize_activations_q8_0(x):
+    """The activations of a q8_0 / q4_0 product rounded to q8_0, as llama.cpp rounds them: per row
+    of x (..., K), blocks of QUANT_BLOCK along K, d = max|x| / 127, q = round(x * (127 / max|x|))
+    (half to even) computed in float32, the value q d (0 where the block is all 0; NaN for a
+    block holding a NaN or an infinity). Returns float32 values of x's shape."""
+    K = x.shape[-1]
+    nb = -(-K // QUANT_BLOCK)
+    xf = torch.zeros(*x.shape[:-1], nb * QUANT_BLOCK, dtype=torch.float32, device=x.device)
+    xf[..., :K] = x.float()
+    xb = xf.view(*x.shape[:-1], nb, QUANT_BLOCK)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    amax = torch.where(torch.isnan(xb).any(dim=-1, keepdim=True), torch.full_like(amax, float("nan")), amax)
+    finite = torch.isfinite(amax)
+    inv = torch.where(finite & (amax > 0), 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
+    q = torch.where(finite, torch.round(xb * inv), torch.zeros_like(xb))
+    d = torch.where(finite, amax / 127.0, torch.full_like(amax, float("nan")))
+    return (q * d).view(*x.shape[:-1], nb * QUANT_BLOCK)[..., :K]
 
 
 def decode_linear_q(x, weight_q, bias=None, n: int | None = None, format: str = "q8_0"):
     """``x @ weight.T + bias`` with the weight given by ``pack_decode_weight_q`` in ``format``:
-    exactly the product with the dequantized weight, in x's dtype."""
+    the product with the dequantized weight, in x's dtype; for q8_0 and q4_0, of the activations
+    rounded to q8_0 (``quantize_activations_q8_0``), as llama.cpp computes them. The rounding
+    passes x's gradient straight through (the gradient is that of the product with x)."""
     if n is None:
         n = weight_q.shape[0] * DECODE_PANEL
     w = unpack_decode_weight_q(weight_q, format, n, x.shape[-1]).to(x.dtype)
+    if format in ("q8_0", "q4_0"):
+        x = x + (quantize_activations_q8_0(x).to(x.dtype) - x).detach()
     return x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
 
 

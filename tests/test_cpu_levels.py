@@ -171,3 +171,16 @@ def test_kernel_cores_neon_under_qemu(tmp_path):
     isa = [ROOT / "csrc/cpu/isa/baseline.cpp", ROOT / "csrc/cpu/isa/neon.cpp"]
     exe = _build(tmp_path, "aarch64-linux-gnu-g++", isa + CORE, FLAGS, "check-neon")
     _run_check(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe)], ["baseline", "neon"])
+
+
+@pytest.mark.skipif(platform.machine() == "aarch64", reason="aarch64 runs NEON natively")
+def test_neon_integer_dot_product_form_under_qemu(tmp_path):
+    """The NEON level built for CPUs with the dot-product instructions (Armv8.2 +dotprod: a build
+    with FASTLM_MARCH=armv8.2-a+dotprod) multiplies the quantized weights with sdot, a path of
+    its own; qemu's default CPU has them."""
+    _need("aarch64-linux-gnu-g++", "the NEON check needs a cross compiler (apt-get install g++-aarch64-linux-gnu)")
+    _need("qemu-aarch64", "the NEON check needs qemu (apt-get install qemu-user)")
+    isa = [ROOT / "csrc/cpu/isa/baseline.cpp", ROOT / "csrc/cpu/isa/neon.cpp"]
+    exe = _build(tmp_path, "aarch64-linux-gnu-g++", isa + CORE, FLAGS + ["-march=armv8.2-a+dotprod"],
+                 "check-neon-dotprod")
+    _run_check(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe), "neon"], ["neon"])

@@ -121,10 +121,14 @@ struct LinearArgs {
 // The same product with the weight stored in reduced precision (fastlm.reference.
 // pack_decode_weight_q): bf16 / f16 panels (ceil(N / 48), K, 48) of 16-bit values, or panels
 // of ceil(K / 32) blocks, 32 weights of one column along K sharing a float16 scale (as in
-// llama.cpp's q8_0 and q4_0): q8_0, 32 x 48 int8 values q[k][c] (the weight q * scale); q4_0,
-// 16 x 48 bytes whose low 4 bits hold u[k][c] and high 4 bits u[k + 16][c] (the weight
-// (u - 8) * scale); each block's values followed by its 48 float16 scales. x, bias and out
-// stay float32.
+// llama.cpp's q8_0 and q4_0), the values in groups of 4 consecutive k per column, so that one
+// 4-byte lane of an integer dot product is one column: q8_0, 8 x 48 x 4 int8 values
+// q[g][c][t] of k = 4 g + t (the weight q * scale); q4_0, 4 x 48 x 4 bytes whose low 4 bits
+// hold u of k = 4 g + t and high 4 bits u of k = 16 + 4 g + t (the weight (u - 8) * scale);
+// each block's values followed by its 48 float16 scales. x, bias and out stay float32. For
+// q8_0 and q4_0 the activations are rounded to q8_0 first (per row, blocks of 32 along K:
+// d = max|x| / 127, q = round(x / d) as x (127 / max|x|) in float32, the value q d), as
+// llama.cpp does, so that the products run on 8-bit integers.
 enum class WeightFormat : int { bf16 = 0, f16 = 1, q8_0 = 2, q4_0 = 3 };
 constexpr int64_t kQuantBlock = 32;                                            // fastlm.reference.QUANT_BLOCK
 constexpr int64_t kQ8BlockBytes = kQuantBlock * kDecodePanel + 2 * kDecodePanel;  // int8 values, then f16 scales

@@ -464,4 +464,111 @@ inline vf exp2(vf x) {
   return select_ge(x, set1(-126.f), scale_pow2(p, n), zero());
 }
 
+// ===================================================================== integer dot products
+// For the quantized linear layers of generation (kernels/linear.h): vb holds 4W bytes, W groups
+// of 4 consecutive bytes, and vd W int32 lanes, lane j the accumulator of group j.
+//   loadb(p): 4W bytes; bcast4(p): the 4 bytes at p in every group; dzero();
+//   dot_s8(acc, w, x): acc[j] + sum_t w[4j+t] x[4j+t], w and x int8 in [-128, 127], x != -128;
+//   dot_u4x2(acc, u0, x0, u1, x1): acc[j] + sum_t (u0 x0 + u1 x1)[4j+t], u unsigned in [0, 15],
+//     x int8 in [-127, 127];
+//   low4(b) / high4(b): each byte's low / high 4 bits; to_float(acc);
+//   sbyte<T>(b): byte T of each group, sign-extended to its 32-bit lane.
+// x86 has no signed-by-signed byte product: pmaddubsw multiplies unsigned by signed bytes, so
+// dot_s8 moves w's sign onto x (|w| sign(w) x). Its 16-bit pair sums stay below 2^15
+// (2 x 128 x 127), so nothing saturates.
+#if defined(FASTLM_SIMD_AVX512)
+using vb = __m512i;
+using vd = __m512i;
+inline vb loadb(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline vb bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline vd dzero() { return _mm512_setzero_si512(); }
+inline vd dot_s8(vd acc, vb w, vb x) {
+  const vb sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(w), sx);
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
+  const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(u0, x0), _mm512_maddubs_epi16(u1, x1));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
+}
+inline vb low4(vb b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
+inline vb high4(vb b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0F)); }
+inline vf to_float(vd a) { return _mm512_cvtepi32_ps(a); }
+template <int T>
+inline vd sbyte(vb b) { return _mm512_srai_epi32(_mm512_slli_epi32(b, 24 - 8 * T), 24); }
+#elif defined(FASTLM_SIMD_AVX2)
+using vb = __m256i;
+using vd = __m256i;
+inline vb loadb(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vb bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+inline vd dzero() { return _mm256_setzero_si256(); }
+inline vd dot_s8(vd acc, vb w, vb x) {
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, x0), _mm256_maddubs_epi16(u1, x1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+inline vb low4(vb b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0F)); }
+inline vb high4(vb b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F)); }
+inline vf to_float(vd a) { return _mm256_cvtepi32_ps(a); }
+template <int T>
+inline vd sbyte(vb b) { return _mm256_srai_epi32(_mm256_slli_epi32(b, 24 - 8 * T), 24); }
+#elif defined(FASTLM_SIMD_NEON)
+using vb = int8x16_t;
+using vd = int32x4_t;
+inline vb loadb(const uint8_t* p) { return vld1q_s8(reinterpret_cast<const int8_t*>(p)); }
+inline vb bcast4(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return vreinterpretq_s8_s32(vdupq_n_s32(v));
+}
+inline vd dzero() { return vdupq_n_s32(0); }
+inline vd dot_s8(vd acc, vb w, vb x) {
+#if defined(__ARM_FEATURE_DOTPROD)
+  return vdotq_s32(acc, w, x);
+#else
+  // 8 products of two groups in each 16-bit half, pairwise sums to 32 bits, then per group.
+  const int16x8_t lo = vmull_s8(vget_low_s8(w), vget_low_s8(x)), hi = vmull_high_s8(w, x);
+  return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
+#endif
+}
+inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) { return dot_s8(dot_s8(acc, u0, x0), u1, x1); }
+inline vb low4(vb b) { return vandq_s8(b, vdupq_n_s8(0x0F)); }
+inline vb high4(vb b) { return vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(b), 4)); }
+inline vf to_float(vd a) { return vcvtq_f32_s32(a); }
+template <int T>
+inline vd sbyte(vb b) { return vshrq_n_s32(vshlq_n_s32(vreinterpretq_s32_s8(b), 24 - 8 * T), 24); }
+#else
+typedef int8_t vb __attribute__((vector_size(16)));
+typedef int32_t vd __attribute__((vector_size(16)));
+inline vb loadb(const uint8_t* p) {
+  vb v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vb bcast4(const int8_t* p) { return vb{p[0], p[1], p[2], p[3], p[0], p[1], p[2], p[3], p[0], p[1], p[2], p[3], p[0], p[1], p[2], p[3]}; }
+inline vd dzero() { return vd{0, 0, 0, 0}; }
+inline vd dot_s8(vd acc, vb w, vb x) {
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < 4; ++t) acc[j] += int32_t(w[4 * j + t]) * int32_t(x[4 * j + t]);
+  return acc;
+}
+inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) { return dot_s8(dot_s8(acc, u0, x0), u1, x1); }
+inline vb low4(vb b) { return b & int8_t(0x0F); }
+inline vb high4(vb b) { return (b >> 4) & int8_t(0x0F); }
+inline vf to_float(vd a) { return __builtin_convertvector(a, vf); }
+template <int T>
+inline vd sbyte(vb b) { return vd{b[T], b[4 + T], b[8 + T], b[12 + T]}; }
+#endif
+
 }  // namespace simd

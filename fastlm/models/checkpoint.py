@@ -24,7 +24,7 @@ import torch
 from ..hub import MODEL_FILES, resolve_pretrained
 from .._io import CheckpointError, atomic_write_json, load_tensors, read_json, save_tensors
 from .config import GPTConfig
-from .quant import apply_layout, choose_weights, read_quantization, write_quantization
+from .quant import apply_layout, choose_weights, convert_layout, read_quantization, write_quantization
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -264,6 +264,8 @@ def load_gpt(cls, path, dtype=None, device=None, revision=None, weights=None, **
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     model = _build_fitting(cls, cfg, sd, path, quant)
+    if quant is not None:
+        sd = convert_layout(quant, sd)
     with torch.no_grad():
         for k, p in model.state_dict().items():
             if k in sd:

@@ -16,6 +16,9 @@ weights     packed format     what a weight is
 ``int4``    ``q4_0``          4 bits in blocks of 32, a float16 scale a block
 =========== ================= ==========================================================
 
+With int8 and int4 weights each layer's input is rounded to int8 in the same blocks (with a
+float32 scale), as llama.cpp does, and the CPU multiplies 8-bit integers.
+
 The token and position embeddings stay float32 (a step reads one row of them); the output
 layer tied to the token embeddings gets a packed copy of its own. A quantized model is for
 inference: its packed weights are buffers, not parameters, and get no gradients.
@@ -33,7 +36,7 @@ from .. import ops
 from ..ops.linear import _q_shape
 
 __all__ = ["QuantLinear", "WEIGHT_FORMATS", "quantize", "apply_layout", "quantization_of", "QUANT_KEY",
-           "read_quantization", "write_quantization", "choose_weights"]
+           "read_quantization", "write_quantization", "convert_layout", "choose_weights"]
 
 # the name a user gives -> the packed format of ops.decode_linear_q
 WEIGHT_FORMATS = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
@@ -41,6 +44,10 @@ WEIGHT_FORMATS = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
 # under this name too): {"quant_method": "fastlm", "weights": ..., "keep_head": ...}
 QUANT_KEY = "quantization_config"
 QUANT_METHOD = "fastlm"
+# The byte layout of the packed int8 / int4 blocks a checkpoint holds: 1, each block's values as
+# rows along K (checkpoints that state no layout); 2, in groups of 4 values along K per column
+# (``reference.pack_decode_weight_q``). A layout-1 checkpoint is converted as it loads.
+PACK_LAYOUT = 2
 
 
 class QuantLinear(nn.Module):
@@ -159,13 +166,29 @@ def read_quantization(hf: dict) -> dict | None:
     if weights not in WEIGHT_FORMATS or not isinstance(keep_head, bool):
         raise CheckpointError(f"config.json's {QUANT_KEY} needs weights in {', '.join(WEIGHT_FORMATS)} and a bool "
                               f"keep_head, got {str(q)[:200]}")
-    return {"weights": weights, "keep_head": keep_head}
+    layout = q.get("layout", 1)
+    if layout not in (1, PACK_LAYOUT) or isinstance(layout, bool):
+        raise CheckpointError(f"config.json's {QUANT_KEY} states packed layout {str(layout)[:40]}; this fastlm "
+                              f"reads layouts 1 and {PACK_LAYOUT}")
+    return {"weights": weights, "keep_head": keep_head, "layout": layout}
+
+
+def convert_layout(quantization: dict, state_dict: dict) -> dict:
+    """``state_dict`` (a quantized checkpoint's tensors) with its packed weights in the current
+    layout, converted from the one ``quantization`` states (the same bytes, permuted)."""
+    from .. import reference
+
+    fmt = WEIGHT_FORMATS[quantization["weights"]]
+    if quantization.get("layout", PACK_LAYOUT) == PACK_LAYOUT or fmt not in ("q8_0", "q4_0"):
+        return state_dict
+    return {k: reference.relayout_decode_weight_q_v1(v, fmt) if k.endswith(".weight_q") and v.dim() == 3 else v
+            for k, v in state_dict.items()}
 
 
 def write_quantization(model) -> dict:
     """config.json's entry for ``model``'s quantization ({} for a float model)."""
     q = quantization_of(model)
-    return {} if q is None else {QUANT_KEY: {"quant_method": QUANT_METHOD, **q}}
+    return {} if q is None else {QUANT_KEY: {"quant_method": QUANT_METHOD, **q, "layout": PACK_LAYOUT}}
 
 
 def choose_weights(model, weights: str | None, keep_head: bool = False):

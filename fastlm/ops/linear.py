@@ -114,8 +114,8 @@ def pack_decode_weight_q(weight, format: str):
     """Pack a linear layer's weight (N, K) once for ``decode_linear_q`` in ``format``:
     "bf16" / "f16": ``pack_decode_weight``'s panels in that dtype, (ceil(N / 48), K, 48);
     "q8_0" / "q4_0": uint8 (ceil(N / 48), ceil(K / 32), bytes per block): each block of 32
-    weights along K of 48 columns as int8 values (q8_0) or 4-bit values (q4_0), then the 48
-    columns' float16 scales (llama.cpp's formats; ``fastlm.reference.pack_decode_weight_q``
+    weights along K of 48 columns as int8 values (q8_0) or 4-bit values (q4_0), 4 consecutive
+    values of a column in adjacent bytes, then the 48 columns' float16 scales (llama.cpp's formats; ``fastlm.reference.pack_decode_weight_q``
     states the layout)."""
     _check_format("pack_decode_weight_q", format)
     check_float("weight", weight)
@@ -137,10 +137,13 @@ def _q_shape(format, n, k):
 def decode_linear_q(x, weight_q, bias=None, n: int | None = None, format: str = "q8_0"):
     """``x @ weight.T + bias`` with the weight (N, K) packed by ``pack_decode_weight_q`` in
     ``format`` ("bf16", "f16", "q8_0", "q4_0"): x (M, K), bias (N,) or None, n = N (default:
-    every packed column). Exactly the product with the dequantized weight
-    (``reference.unpack_decode_weight_q``). The CPU kernel (x float32) converts each weight to
-    float32 in registers as it reads it, once for all rows; other dtypes and devices get the
-    reference, which dequantizes the whole weight on every call."""
+    every packed column). The product with the dequantized weight
+    (``reference.unpack_decode_weight_q``); for q8_0 and q4_0, of x rounded to q8_0 blocks
+    (``reference.quantize_activations_q8_0``, as llama.cpp rounds a layer's input). The CPU kernel
+    (x float32) multiplies 8-bit integers for q8_0 and q4_0 (up to 8 rows in one pass over the
+    weight; more rows convert each panel to float32 once) and converts bf16 / f16 weights in
+    registers as it reads them; other dtypes and devices get the reference, which dequantizes the
+    whole weight on every call."""
     _check_format("decode_linear_q", format)
     check_float("x", x)
     if not isinstance(weight_q, torch.Tensor):

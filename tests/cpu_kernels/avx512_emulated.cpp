@@ -91,6 +91,34 @@ static inline simde__m512i emu_cvtepu8_epi32(simde__m128i v) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
   return simde_mm512_loadu_si512(r);
 }
+// SIMDe 0.7's native alias of _mm512_madd_epi16 takes the masked form's four arguments.
+static inline simde__m512i emu_madd_epi16(simde__m512i a, simde__m512i b) {
+  short x[32], y[32];
+  int r[16];
+  simde_mm512_storeu_si512(x, a);
+  simde_mm512_storeu_si512(y, b);
+  for (int i = 0; i < 16; ++i) r[i] = int(x[2 * i]) * y[2 * i] + int(x[2 * i + 1]) * y[2 * i + 1];
+  return simde_mm512_loadu_si512(r);
+}
+// Shifts of 32-bit lanes by a constant (GCC's own definitions win over SIMDe's aliases).
+static inline simde__m512i emu_slli_epi32(simde__m512i a, unsigned n) {
+  unsigned r[16];
+  simde_mm512_storeu_si512(r, a);
+  for (unsigned& x : r) x = n > 31 ? 0u : x << n;
+  return simde_mm512_loadu_si512(r);
+}
+static inline simde__m512i emu_srai_epi32(simde__m512i a, unsigned n) {
+  int r[16];
+  simde_mm512_storeu_si512(r, a);
+  for (int& x : r) x = x >> (n > 31 ? 31 : n);
+  return simde_mm512_loadu_si512(r);
+}
+#undef _mm512_madd_epi16
+#define _mm512_madd_epi16 emu_madd_epi16
+#undef _mm512_slli_epi32
+#define _mm512_slli_epi32 emu_slli_epi32
+#undef _mm512_srai_epi32
+#define _mm512_srai_epi32 emu_srai_epi32
 #define _mm512_stream_ps(p, v) simde_mm512_storeu_ps(p, v)
 #define _mm512_cvtepu8_epi32 emu_cvtepu8_epi32
 #define _mm512_cvtepi32_ps emu_cvtepi32_ps

@@ -445,7 +445,8 @@ static void check_linear_q(const KernelTable& kt, WeightFormat f, int64_t M, int
         std::memcpy(blk + B * W + 2 * (n % W), &sbits, 2);
         for (int64_t k = j * B; k < std::min(K, (j + 1) * B); ++k) {
           const int8_t q = int8_t(int(g_rng() % 255) - 127);
-          blk[(k - j * B) * W + n % W] = uint8_t(q);
+          const int64_t kk = k - j * B;  // byte [g][c][t] of k = 4 g + t
+          blk[((kk / 4) * W + n % W) * 4 + kk % 4] = uint8_t(q);
           w[n * K + k] = double(q) * from_f16(sbits);
         }
       }
@@ -459,7 +460,7 @@ static void check_linear_q(const KernelTable& kt, WeightFormat f, int64_t M, int
         std::memcpy(blk + B / 2 * W + 2 * (n % W), &sbits, 2);
         for (int64_t k = j * B; k < std::min(K, (j + 1) * B); ++k) {
           const int u = int(g_rng() % 16), kk = int((k - j * B) % (B / 2));
-          uint8_t& byte = blk[kk * W + n % W];
+          uint8_t& byte = blk[((kk / 4) * W + n % W) * 4 + kk % 4];
           byte = (k - j * B) < B / 2 ? uint8_t((byte & 0xF0) | u) : uint8_t((byte & 0x0F) | (u << 4));
           w[n * K + k] = double(u - 8) * from_f16(sbits);
         }
@@ -477,13 +478,25 @@ static void check_linear_q(const KernelTable& kt, WeightFormat f, int64_t M, int
     wq = h16.data();
   }
   const std::vector<float> xf = tof(x), bf = tof(b);
+  // q8_0 / q4_0 multiply the activations rounded to q8_0: per row, blocks of 32 along K,
+  // q = round(x (127 / amax)) in float32, the value q amax / 127
+  Vec xv = x;
+  if (f == WeightFormat::q8_0 || f == WeightFormat::q4_0)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k0 = 0; k0 < K; k0 += B) {
+        const int64_t kn = std::min(B, K - k0);
+        float amax = 0.f;
+        for (int64_t k = k0; k < k0 + kn; ++k) amax = std::max(amax, std::abs(xf[m * K + k]));
+        const float inv = amax > 0 ? 127.0f / amax : 0.f, d = amax / 127.0f;
+        for (int64_t k = k0; k < k0 + kn; ++k) xv[m * K + k] = double(std::nearbyint(xf[m * K + k] * inv)) * d;
+      }
   std::vector<float> out(M * N, NAN);
   kt.decode_linear_q(LinearQArgs{f, xf.data(), wq, bias ? bf.data() : nullptr, out.data(), M, K, N});
   Vec want(M * N);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       double acc = bias ? b[n] : 0.0;
-      for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * w[n * K + k];
+      for (int64_t k = 0; k < K; ++k) acc += xv[m * K + k] * w[n * K + k];
       want[m * N + n] = acc;
     }
   char name[112];

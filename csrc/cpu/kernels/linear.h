@@ -119,12 +119,16 @@ void run(const LinearArgs& a) {
 
 // ------------------------------------------------------------------ reduced-precision weights
 // The same panels and passes with the weight stored in bf16, f16, q8_0 or q4_0 (LinearQArgs):
-//   * a decode step (M <= kRows) makes one pass per panel that converts each weight as it
-//     reads it (int8 or 4-bit -> float, its block's scale applied, or 16 -> 32 bits) and feeds
-//     the FMAs directly, so the bytes read per weight, what bounds the step, are 2, 1 1/16 or
-//     9/16 instead of 4;
-//   * more rows (a prefill) convert each panel once into a float32 panel in the thread's
-//     buffer and run the float32 passes over it, so the conversion is paid once, not per pass.
+//   * bf16 / f16: a decode step (M <= kRows) makes one pass per panel that converts each weight
+//     to float as it reads it and feeds the FMAs directly (2 bytes read per weight, not 4);
+//   * q8_0 / q4_0: the activations are rounded to q8_0 once per call (quantize_rows), and a
+//     pass of up to kRowsQ rows (the decode steps of a batch of 8) multiplies 8-bit integers
+//     (simd.h's dot_s8 / dot_u4x2: four products summed per 32-bit lane, one lane per column),
+//     scaling each block's integer sums by the two scales at its end: 1 1/16 or 9/16 bytes read
+//     per weight, and about a third of the instructions of converting every weight to float;
+//   * more rows (a prefill) convert each panel once into a float32 panel in the thread's buffer
+//     and run the float32 passes over it (with the rounded activations for q8_0 / q4_0), so the
+//     conversion is paid once, not per pass.
 namespace linear {
 
 template <typename T>
@@ -163,184 +167,234 @@ inline void block_scales(const uint8_t* scales, float* s) {
   for (int v = 0; v < kPanelVectors; ++v) simd::store(s + simd::W * v, simd::load(sc + simd::W * v));
 }
 
-// Vector registers of the level (the q8_0 pass keeps a second set of accumulators where they fit).
+// Activations rounded to q8_0: for each row, nb blocks of 32 int8 values (zero past K), the
+// block's scale d and the sum of its values (q4_0's offset of 8 costs 8 d sum per block).
+struct QRows {
+  const int8_t* q;  // rows x nb x 32
+  const float* d;   // rows x nb
+  const float* sum;
+  int64_t nb;
+};
+
+// Rounds the M rows of x (M x K) to q8_0 blocks: d = amax / 127, q = round(x (127 / amax)), in
+// float32, rounding half to even (fastlm.reference.quantize_activations_q8_0 is the same
+// arithmetic). A block holding a NaN or an infinity gets d = NaN (its row's outputs are NaN,
+// as the float product's would be) and zero values. Fills q, d and sum (when not null); xr
+// (when not null) gets the values q d as float32, M x K.
+inline void quantize_rows(int64_t M, int64_t K, const float* x, int8_t* q, float* d, float* sum, float* xr) {
+  using namespace simd;
+  const int64_t nb = cdiv(K, kQuantBlock);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* xb = x + m * K + j * kQuantBlock;
+      const int64_t kn = std::min<int64_t>(kQuantBlock, K - j * kQuantBlock);
+      alignas(64) float v[kQuantBlock] = {};
+      std::copy(xb, xb + kn, v);
+      vf mx = zero();
+      for (int64_t i = 0; i < kQuantBlock; i += W) {
+        const vf a = load(v + i);
+        mx = max(mx, max(a, sub(zero(), a)));
+      }
+      float amax = reduce_max(mx);
+      for (int64_t i = 0; i < kn; ++i)  // max() may drop a NaN lane; a NaN must not pass
+        if (v[i] != v[i]) amax = v[i];
+      const bool finite = amax <= std::numeric_limits<float>::max();
+      const float inv = finite && amax > 0 ? 127.0f / amax : 0.0f;
+      const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      for (int64_t i = 0; i < kQuantBlock; i += W) store(v + i, round_nearest(mul(load(v + i), set1(inv))));
+      int8_t* qb = q + (m * nb + j) * kQuantBlock;
+      int32_t total = 0;
+      for (int64_t i = 0; i < kQuantBlock; ++i) {
+        const int32_t t = finite ? static_cast<int32_t>(v[i]) : 0;
+        qb[i] = static_cast<int8_t>(t);
+        total += t;
+      }
+      d[m * nb + j] = scale;
+      if (sum) sum[m * nb + j] = static_cast<float>(total);
+      if (xr)
+        for (int64_t i = 0; i < kn; ++i) xr[m * K + j * kQuantBlock + i] = static_cast<float>(qb[i]) * scale;
+    }
+}
+
+// Rows of a pass over a q8_0 / q4_0 panel. A pass of few rows keeps the integer sums of the
+// whole panel width in registers and reads each block in address order (what a decode step,
+// bound by reading the weight, wants); a pass of more rows than that fits takes one column
+// vector at a time (a block's 8 groups of 4 k for W columns, 192 bytes apart) with R sums,
+// prefetching the blocks ahead, so that a batch of up to 8 decode steps still reads each
+// weight byte once.
+constexpr int64_t kRowsQ = 8;
 #if defined(FASTLM_SIMD_AVX512) || defined(FASTLM_SIMD_NEON)
 constexpr int kVectorRegisters = 32;
 #else
 constexpr int kVectorRegisters = 16;
 #endif
-
-// C[R x 48] += A[R x K] Wp for one q8_0 panel. Where the registers hold two sets of R x 48
-// accumulators, a block's 32 products are summed from the int8 values as read (converted to
-// float) and multiplied by the block's scales once at its end; otherwise each weight is
-// scaled as it is read.
 template <int R>
-inline void pass_q8(const float* A, int64_t K, const uint8_t* Bp, float* C) {
+constexpr bool kWholeWidth = R * kPanelVectors + 4 <= kVectorRegisters;
+
+// C[r][W v ...] += d_r s t[r] for one block's column vector v: t its integer sums (less
+// 8 sum_r for q4_0).
+template <int R, bool Offset>
+inline void add_block(const simd::vd* t, const float* s, int v, const float* d, const float* sum, float* C) {
   using namespace simd;
-  constexpr int NV = kPanelVectors;
-  constexpr bool kBlockSums = 2 * R * NV + 2 <= kVectorRegisters;
-  alignas(64) float s[kPanel];
-  vf c[R][NV];
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v) c[r][v] = load(C + r * kPanel + W * v);
-  for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
-    const uint8_t* blk = Bp + (k0 / kQuantBlock) * kQ8BlockBytes;
-    block_scales(blk + kQuantBlock * kPanel, s);
-    const int8_t* q = reinterpret_cast<const int8_t*>(blk);
-    const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
-    if constexpr (kBlockSums) {
-      vf t[R][NV];
-#pragma GCC unroll 32
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 32
-        for (int v = 0; v < NV; ++v) t[r][v] = zero();
-      for (int64_t k = 0; k < kn; ++k) {
-#pragma GCC unroll 32
-        for (int v = 0; v < NV; ++v) {
-          const vf b = load(q + k * kPanel + W * v);
-#pragma GCC unroll 32
-          for (int r = 0; r < R; ++r) t[r][v] = fma(set1(A[r * K + k0 + k]), b, t[r][v]);
-        }
-      }
-#pragma GCC unroll 32
-      for (int v = 0; v < NV; ++v) {
-        const vf sv = load(s + W * v);
-#pragma GCC unroll 32
-        for (int r = 0; r < R; ++r) c[r][v] = fma(t[r][v], sv, c[r][v]);
-      }
-    } else {
-      for (int64_t k = 0; k < kn; ++k) {
-#pragma GCC unroll 32
-        for (int v = 0; v < NV; ++v) {
-          const vf b = mul(load(q + k * kPanel + W * v), load(s + W * v));
-#pragma GCC unroll 32
-          for (int r = 0; r < R; ++r) c[r][v] = fma(set1(A[r * K + k0 + k]), b, c[r][v]);
-        }
-      }
-    }
+  const vf sv = load(s + W * v);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    vf tf = to_float(t[r]);
+    if constexpr (Offset) tf = fnma(set1(sum[r]), set1(8.0f), tf);
+    float* c = C + r * kPanel + W * v;
+    store(c, fma(tf, mul(sv, set1(d[r])), load(c)));
   }
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
 }
 
-// C[R x 48] += A[R x K] Wp for one q4_0 panel. Byte b of row kk of a block holds the
-// offset values u of rows kk (low 4 bits) and kk + 16 (high 4 bits); as floats, hi =
-// round(b / 16 - 15 / 32) and lo = b - 16 hi, exactly. The products are summed from u as read
-// and the block's term is scale (sum_k a_k u_k - 8 sum_k a_k): the offset costs one sum of the
-// row's activations per block, not one subtraction per weight.
-template <int R>
-inline void pass_q4(const float* A, int64_t K, const uint8_t* Bp, float* C) {
+// The block's lines two blocks ahead, into L1.
+inline void prefetch_block(const uint8_t* p, int64_t bytes) {
+#pragma GCC unroll 32
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+// One block of a q8_0 / q4_0 panel for R rows: Group(t, v, g) adds group g of column vector v
+// to the R sums t (of that vector).
+template <int R, int G, typename Group>
+inline void block_pass(const uint8_t* scales, const QRows& a, int64_t j, float* C, const uint8_t* ahead,
+                       int64_t bytes, bool offset, Group group) {
   using namespace simd;
   constexpr int NV = kPanelVectors;
-  constexpr int64_t H = kQuantBlock / 2;
   alignas(64) float s[kPanel];
-  const vf inv16 = set1(1.0f / 16), off = set1(-15.0f / 32), sixteen = set1(16.0f);
-  vf c[R][NV];
+  float d[R], sum[R];
+  for (int r = 0; r < R; ++r) {
+    d[r] = a.d[r * a.nb + j];
+    sum[r] = a.sum[r * a.nb + j];
+  }
+  if constexpr (kWholeWidth<R>) {
+    vd t[NV][R];
 #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) t[v][r] = dzero();
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
 #pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v) c[r][v] = load(C + r * kPanel + W * v);
-  for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
-    const uint8_t* blk = Bp + (k0 / kQuantBlock) * kQ4BlockBytes;
-    block_scales(blk + H * kPanel, s);
-    const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
-    float asum[R];
-    for (int r = 0; r < R; ++r) {
-      float t = 0.f;
-      for (int64_t k = 0; k < kn; ++k) t += A[r * K + k0 + k];
-      asum[r] = t;
-    }
-    // Rows kk and kk + 16 of the block for every column vector: a row of A's two values are
-    // broadcast once for the panel's width. A short last block (kn < 32) reads its missing
-    // rows as zero activations.
-    float a2[R][kQuantBlock];
-    for (int r = 0; r < R; ++r)
-      for (int64_t k = 0; k < kQuantBlock; ++k) a2[r][k] = k < kn ? A[r * K + k0 + k] : 0.f;
-    vf t[R][NV];
+      for (int v = 0; v < NV; ++v) group(t[v], v, g);
+    // the scales after the values: the block is read in address order, which the hardware
+    // prefetchers follow (reading the scales first, 1.5 KB in, then going back, stalls each block)
+    block_scales(scales, s);
 #pragma GCC unroll 32
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 32
-      for (int v = 0; v < NV; ++v) t[r][v] = zero();
-    const int64_t rows = std::min<int64_t>(H, kn);
-    for (int64_t kk = 0; kk < rows; ++kk) {
-      vf alo[R], ahi[R];
-#pragma GCC unroll 32
-      for (int r = 0; r < R; ++r) {
-        alo[r] = set1(a2[r][kk]);
-        ahi[r] = set1(a2[r][kk + H]);
-      }
-#pragma GCC unroll 32
-      for (int v = 0; v < NV; ++v) {
-        const vf b = load(blk + kk * kPanel + W * v);
-        const vf hi = round_nearest(fma(b, inv16, off));
-        const vf lo = fnma(hi, sixteen, b);
-#pragma GCC unroll 32
-        for (int r = 0; r < R; ++r) t[r][v] = fma(ahi[r], hi, fma(alo[r], lo, t[r][v]));
-      }
-    }
-#pragma GCC unroll 32
+    for (int v = 0; v < NV; ++v) offset ? add_block<R, true>(t[v], s, v, d, sum, C) : add_block<R, false>(t[v], s, v, d, sum, C);
+  } else {
+    prefetch_block(ahead, bytes);
+    block_scales(scales, s);
+#pragma GCC unroll 1
     for (int v = 0; v < NV; ++v) {
-      const vf sv = load(s + W * v);
-#pragma GCC unroll 32
-      for (int r = 0; r < R; ++r) c[r][v] = fma(fnma(set1(asum[r]), set1(8.0f), t[r][v]), sv, c[r][v]);
+      vd t[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) t[r] = dzero();
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) group(t, v, g);
+      offset ? add_block<R, true>(t, s, v, d, sum, C) : add_block<R, false>(t, s, v, d, sum, C);
     }
   }
-#pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v) store(C + r * kPanel + W * v, c[r][v]);
 }
 
-// One pass over the panel for R rows (R in [1, kRows], chosen at run time).
-template <int R = 1>
-inline void pass_q(int64_t rows, WeightFormat f, const float* A, int64_t K, const void* Bp, float* C) {
-  if constexpr (R < kRows) {
-    if (rows != R) return pass_q<R + 1>(rows, f, A, K, Bp, C);
+// C[R x 48] += Aq[R x K] Wp for one q8_0 panel: group g of a block holds k = 4 g + t.
+template <int R>
+inline void pass_q8(const QRows& a, const uint8_t* Bp, float* C) {
+  using namespace simd;
+  alignas(64) int8_t x[R][kQuantBlock];  // the block's rows side by side: one base address for all
+  for (int64_t j = 0; j < a.nb; ++j) {
+    const uint8_t* blk = Bp + j * kQ8BlockBytes;
+    for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
+    block_pass<R, kQuantBlock / 4>(blk + kQuantBlock * kPanel, a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, false,
+                                   [&](vd* t, int v, int g) __attribute__((always_inline)) {
+                                     const vb w = loadb(blk + (g * kPanel + W * v) * 4);
+#pragma GCC unroll 8
+                                     for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, bcast4(x[r] + 4 * g));
+                                   });
   }
-  if (f == WeightFormat::q8_0) pass_q8<R>(A, K, static_cast<const uint8_t*>(Bp), C);
-  else if (f == WeightFormat::q4_0) pass_q4<R>(A, K, static_cast<const uint8_t*>(Bp), C);
-  else if (f == WeightFormat::bf16) pass16<R>(A, K, static_cast<const bf16*>(Bp), C);
-  else pass16<R>(A, K, static_cast<const f16*>(Bp), C);
+}
+
+// C[R x 48] += Aq[R x K] Wp for one q4_0 panel: group g's bytes hold k = 4 g + t (low 4 bits)
+// and k = 16 + 4 g + t (high 4 bits); the block's term is d s (sum_k q_k u_k - 8 sum_k q_k).
+template <int R>
+inline void pass_q4(const QRows& a, const uint8_t* Bp, float* C) {
+  using namespace simd;
+  constexpr int H = kQuantBlock / 2;
+  alignas(64) int8_t x[R][kQuantBlock];
+  for (int64_t j = 0; j < a.nb; ++j) {
+    const uint8_t* blk = Bp + j * kQ4BlockBytes;
+    for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
+    block_pass<R, H / 4>(blk + H * kPanel, a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, true,
+                         [&](vd* t, int v, int g) __attribute__((always_inline)) {
+                           const vb b = loadb(blk + (g * kPanel + W * v) * 4);
+                           const vb lo = low4(b), hi = high4(b);
+#pragma GCC unroll 8
+                           for (int r = 0; r < R; ++r)
+                             t[r] = dot_u4x2(t[r], lo, bcast4(x[r] + 4 * g), hi, bcast4(x[r] + H + 4 * g));
+                         });
+  }
+}
+
+// One pass over the panel for R rows (R in [1, kRows] for bf16 / f16, [1, kRowsQ] for q8_0 /
+// q4_0, chosen at run time); A / Aq the rows.
+template <int R = 1>
+inline void pass_q(int64_t rows, WeightFormat f, const float* A, const QRows& Aq, int64_t K, const void* Bp,
+                   float* C) {
+  if constexpr (R < kRowsQ) {
+    if (rows != R) return pass_q<R + 1>(rows, f, A, Aq, K, Bp, C);
+  }
+  if (f == WeightFormat::q8_0) pass_q8<R>(Aq, static_cast<const uint8_t*>(Bp), C);
+  else if (f == WeightFormat::q4_0) pass_q4<R>(Aq, static_cast<const uint8_t*>(Bp), C);
+  else if constexpr (R <= kRows) {
+    if (f == WeightFormat::bf16) pass16<R>(A, K, static_cast<const bf16*>(Bp), C);
+    else pass16<R>(A, K, static_cast<const f16*>(Bp), C);
+  }
+}
+
+// Rows k0 + T, k0 + 4 + T, ... of a q8_0 / q4_0 block (byte T of each group) as floats:
+// out row k0 + 4 g + T = (value - offset) s for the rows below kn.
+template <int T>
+inline void dequantize_rows(const simd::vb (&b)[kPanelVectors], const float* s, float offset, int64_t k, int64_t kn,
+                            float* out) {
+  using namespace simd;
+  if (k + T >= kn) return;
+  for (int v = 0; v < kPanelVectors; ++v)
+    store(out + (k + T) * kPanel + W * v, mul(sub(to_float(sbyte<T>(b[v])), set1(offset)), load(s + W * v)));
+}
+inline void each_byte(const simd::vb (&b)[kPanelVectors], const float* s, float offset, int64_t k, int64_t kn,
+                      float* out) {
+  dequantize_rows<0>(b, s, offset, k, kn, out);
+  dequantize_rows<1>(b, s, offset, k, kn, out);
+  dequantize_rows<2>(b, s, offset, k, kn, out);
+  dequantize_rows<3>(b, s, offset, k, kn, out);
 }
 
 // The panel as float32, K x 48 (the layout of the float32 panels).
 inline void dequantize_panel(WeightFormat f, const void* Bp, int64_t K, float* out) {
   using namespace simd;
-  if (f == WeightFormat::q8_0) {
+  if (f == WeightFormat::q8_0 || f == WeightFormat::q4_0) {
+    const bool q8 = f == WeightFormat::q8_0;
+    const int64_t bb = q8 ? kQ8BlockBytes : kQ4BlockBytes;
+    const int64_t groups = q8 ? kQuantBlock / 4 : kQuantBlock / 8;
     alignas(64) float s[kPanel];
     const uint8_t* b8 = static_cast<const uint8_t*>(Bp);
     for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
-      const uint8_t* blk = b8 + (k0 / kQuantBlock) * kQ8BlockBytes;
-      block_scales(blk + kQuantBlock * kPanel, s);
-      const int8_t* q = reinterpret_cast<const int8_t*>(blk);
+      const uint8_t* blk = b8 + (k0 / kQuantBlock) * bb;
+      block_scales(blk + groups * kPanel * 4, s);
       const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
-      for (int64_t k = 0; k < kn; ++k)
-        for (int v = 0; v < kPanelVectors; ++v)
-          store(out + (k0 + k) * kPanel + W * v, mul(load(q + k * kPanel + W * v), load(s + W * v)));
-    }
-    return;
-  }
-  if (f == WeightFormat::q4_0) {
-    alignas(64) float s[kPanel];
-    constexpr int64_t H = kQuantBlock / 2;
-    const uint8_t* b8 = static_cast<const uint8_t*>(Bp);
-    const vf inv16 = set1(1.0f / 16), off = set1(-15.0f / 32), sixteen = set1(16.0f), eight = set1(8.0f);
-    for (int64_t k0 = 0; k0 < K; k0 += kQuantBlock) {
-      const uint8_t* blk = b8 + (k0 / kQuantBlock) * kQ4BlockBytes;
-      block_scales(blk + H * kPanel, s);
-      const int64_t kn = std::min<int64_t>(kQuantBlock, K - k0);
-      for (int64_t kk = 0; kk < H && kk < kn; ++kk)
-        for (int v = 0; v < kPanelVectors; ++v) {
-          const vf b = load(blk + kk * kPanel + W * v);
-          const vf hi = round_nearest(fma(b, inv16, off));
-          const vf sv = load(s + W * v);
-          store(out + (k0 + kk) * kPanel + W * v, mul(sub(fnma(hi, sixteen, b), eight), sv));
-          if (kk + H < kn) store(out + (k0 + kk + H) * kPanel + W * v, mul(sub(hi, eight), sv));
+      for (int64_t g = 0; g < groups; ++g) {
+        vb b[kPanelVectors];
+        for (int v = 0; v < kPanelVectors; ++v) b[v] = loadb(blk + (g * kPanel + W * v) * 4);
+        if (q8) {
+          each_byte(b, s, 0.f, 4 * g, kn, out + k0 * kPanel);
+          continue;
         }
+        vb lo[kPanelVectors], hi[kPanelVectors];
+        for (int v = 0; v < kPanelVectors; ++v) {
+          lo[v] = low4(b[v]);
+          hi[v] = high4(b[v]);
+        }
+        each_byte(lo, s, 8.f, 4 * g, kn, out + k0 * kPanel);
+        each_byte(hi, s, 8.f, kQuantBlock / 2 + 4 * g, kn, out + k0 * kPanel);
+      }
     }
     return;
   }
@@ -363,22 +417,32 @@ void run_q(const LinearQArgs& a) {
   if (M == 0 || N == 0) return;
   const int64_t pb = panel_bytes(a.format, K);
   const bool one = P * pb < kParallelBytes && 2.0 * M * K * N < kParallelFlops;
+  const bool integer = a.format == WeightFormat::q8_0 || a.format == WeightFormat::q4_0;
+  const bool passes = M <= (integer ? kRowsQ : kRows);
+  // The rounded activations, once for every panel: int8 blocks for the passes, their float
+  // values for a prefill's float32 product.
+  const int64_t nb = cdiv(K, kQuantBlock);
+  std::vector<int8_t> xq(integer ? M * nb * kQuantBlock : 0);
+  std::vector<float> xd(integer ? 2 * M * nb : 0), xr(integer && !passes ? M * K : 0);
+  if (integer) quantize_rows(M, K, a.x, xq.data(), xd.data(), xd.data() + M * nb, passes ? nullptr : xr.data());
+  const QRows aq{xq.data(), xd.data(), xd.data() + M * nb, nb};
+  const float* x = integer && !passes ? xr.data() : a.x;
   parallel_for(0, P, one ? P : 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> wf(M > kRows ? K * kPanel : 0);  // the float32 panel of a prefill
-    alignas(64) float cb[kRows * kPanel];               // a decode step's rows of one panel
+    std::vector<float> wf(passes ? 0 : K * kPanel);  // the float32 panel of a prefill
+    alignas(64) float cb[kRowsQ * kPanel];            // a decode step's rows of one panel
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kPanel, nc = std::min(kPanel, N - c0);
       const void* Bp = static_cast<const uint8_t*>(a.wq) + p * pb;
-      if (M > kRows) {
+      if (!passes) {
         dequantize_panel(a.format, Bp, K, wf.data());
         init_rows(M, nc, a.bias ? a.bias + c0 : nullptr, a.out + c0, N);
-        panel_product(M, nc, K, a.x, wf.data(), a.out + c0, N);
+        panel_product(M, nc, K, x, wf.data(), a.out + c0, N);
         continue;
       }
       init_rows(M, kPanel, nullptr, cb, kPanel);
       if (a.bias)
         for (int64_t r = 0; r < M; ++r) std::copy(a.bias + c0, a.bias + c0 + nc, cb + r * kPanel);
-      pass_q(M, a.format, a.x, K, Bp, cb);
+      pass_q(M, a.format, x, aq, K, Bp, cb);
       for (int64_t r = 0; r < M; ++r) std::copy(cb + r * kPanel, cb + r * kPanel + nc, a.out + r * N + c0);
     }
   });
