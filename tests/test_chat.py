@@ -221,6 +221,18 @@ def test_cli_chat_streams_and_ctrl_c_stops_the_reply_only(plain_dir, tmp_path, m
     assert chat_loop(session, CtrlC(), io.StringIO(), io.StringIO()) == 0
 
 
+def test_cli_chat_kv_dtype(plain_dir, monkeypatch, capsys):
+    """--kv-dtype bf16: the replies are those of a session whose KV cache is bf16."""
+    rc, out, err = _run(["--model", str(plain_dir), "--max-new-tokens", "8", "--kv-dtype", "bf16"],
+                        "to be or not\nwhat next?\n", monkeypatch, capsys)
+    assert rc == 0, err
+    s = ChatSession(GPT.from_pretrained(plain_dir), fastlm.Tokenizer.load(plain_dir), max_new_tokens=8,
+                    kv_dtype="bf16")
+    assert out == "".join(s.send("to be or not")) + "\n" + "".join(s.send("what next?")) + "\n"
+    with pytest.raises(SystemExit):
+        _run(["--model", str(plain_dir), "--kv-dtype", "int8"], "hi\n", monkeypatch, capsys)
+
+
 def test_cli_chat_errors(plain_dir, monkeypatch, capsys):
     rc, out, err = _run(["--model", str(plain_dir), "--max-new-tokens", "0"], "hi\n", monkeypatch, capsys)
     assert rc == 2 and "max_new_tokens" in err

@@ -57,6 +57,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(data_dir, tmp_path):
     # each group's learning rate: the schedule's lr for AdamW, scaled by muon_lr / lr for Muon
     t.train_step(1.5e-3)
     assert muon[0]["lr"] == pytest.approx(0.01)
+    assert muon[0]["ns_steps"] == 5
+    assert Trainer(tiny_model(), tiny_config(tmp_path / "ns3", muon_ns_steps=3), data_dir).optimizer.param_groups[0][
+        "ns_steps"] == 3
     assert all(g["lr"] == 1.5e-3 for g in t.optimizer.param_groups if not g["use_muon"])
 
 
@@ -93,6 +96,9 @@ def test_muon_refusals(data_dir, tmp_path):
         TrainConfig(optimizer="muon", lr=0.0)
     with pytest.raises(ValueError, match="fsdp"):
         TrainConfig(optimizer="muon", fsdp=True)
+    for bad in (0, 21, 2.5):
+        with pytest.raises(ValueError, match="muon_ns_steps"):
+            TrainConfig(optimizer="muon", muon_ns_steps=bad)
     # no block matrices (no layers): nothing for Muon to train
     with pytest.raises(ValueError, match="no weight matrices"):
         Trainer(tiny_model(n_layer=0), tiny_config(tmp_path), data_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import _add_device_args, _add_sampling_args, _add_weights_arg, _device_dtype
+from .common import _add_device_args, _add_kv_dtype_arg, _add_sampling_args, _add_weights_arg, _device_dtype
 
 _HELP = """commands:
   /system TEXT   set the system message (/system alone removes it)
@@ -26,6 +26,7 @@ def _add_chat(sub):
     p.add_argument("--seed", type=int, default=None, help="the n-th reply is drawn with seed + n")
     _add_device_args(p)
     _add_weights_arg(p)
+    _add_kv_dtype_arg(p)
 
 
 def _run_chat(args):
@@ -48,6 +49,11 @@ def _run_chat(args):
     opts = {**defaults, **opts}
     if args.do_sample:
         opts["do_sample"] = True
+    if args.kv_dtype is not None:
+        opts["kv_dtype"] = args.kv_dtype
+        from fastlm.generation.cache import kv_cache_dtype
+
+        kv_cache_dtype(args.kv_dtype, pipe.model)  # refused before the first message, not after it
     session = ChatSession(pipe.model, pipe.tokenizer, pipe.chat_template, system=args.system,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, **opts)
     return chat_loop(session, sys.stdin, sys.stdout, sys.stderr)

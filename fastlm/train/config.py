@@ -47,6 +47,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" | "muon" (Muon for the blocks' matrices, AdamW at lr for the rest)
     muon_lr: float = 0.02  # the Muon group's peak learning rate (it follows the schedule scaled by muon_lr / lr)
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5  # Newton-Schulz steps of Muon's orthogonalisation (fewer: cheaper, rougher)
     weight_decay: float = 0.1  # AdamW's, on matrices (embeddings, output layer) only
     beta1: float = 0.9
     beta2: float = 0.99
@@ -102,6 +103,8 @@ class TrainConfig:
                                                       "lr's scaled by muon_lr / lr)"),
             (self.muon_lr > 0, "muon_lr must be > 0"),
             (0 <= self.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
+            (isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps <= 20,
+             f"muon_ns_steps must be an integer in [1, 20], got {self.muon_ns_steps!r}"),
             # Muon orthogonalises each whole matrix; FSDP leaves each rank a shard of it.
             (self.optimizer != "muon" or not self.fsdp,
              "optimizer='muon' does not run with fsdp=True (FSDP shards the matrices Muon orthogonalises "
@@ -213,7 +216,8 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
                              "outside its embeddings and output layer)")
         adam = [dict(g, use_muon=False, **kw) for g in groups if g["params"]]
         return MuonWithAdamW([{"params": matrices, "use_muon": True, "lr": cfg.muon_lr, "lr_ratio": cfg.muon_lr / cfg.lr,
-                               "momentum": cfg.muon_momentum, "weight_decay": 0.0}] + adam)
+                               "momentum": cfg.muon_momentum, "ns_steps": cfg.muon_ns_steps,
+                               "weight_decay": 0.0}] + adam)
     if cfg.fused_adamw and not cfg.fsdp:
         from ..optim import AdamW, fits_native_adamw
 

@@ -255,8 +255,8 @@ inline void prefetch_block(const uint8_t* p, int64_t bytes) {
 // One block of a q8_0 / q4_0 panel for R rows: Group(t, v, g) adds group g of column vector v
 // to the R sums t (of that vector).
 template <int R, int G, typename Group>
-inline void block_pass(const uint8_t* scales, const QRows& a, int64_t j, float* C, const uint8_t* ahead,
-                       int64_t bytes, bool offset, Group group) {
+inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, int64_t j, float* C,
+                       const uint8_t* ahead, int64_t bytes, bool offset, Group group) {
   using namespace simd;
   constexpr int NV = kPanelVectors;
   alignas(64) float s[kPanel];
@@ -274,7 +274,7 @@ inline void block_pass(const uint8_t* scales, const QRows& a, int64_t j, float* 
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 32
-      for (int v = 0; v < NV; ++v) group(t[v], v, g);
+      for (int v = 0; v < NV; ++v) group(t[v], v, g, x);
     // the scales after the values: the block is read in address order, which the hardware
     // prefetchers follow (reading the scales first, 1.5 KB in, then going back, stalls each block)
     block_scales(scales, s);
@@ -288,8 +288,13 @@ inline void block_pass(const uint8_t* scales, const QRows& a, int64_t j, float* 
       vd t[R];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) t[r] = dzero();
-#pragma GCC unroll 8
-      for (int g = 0; g < G; ++g) group(t, v, g);
+      // The rows' broadcasts are the same for every v: hoisted out of this loop, R x G of them
+      // would not fit the registers and go through the stack; loaded again per v they are one
+      // broadcast load each.
+      const int8_t* xs = x;
+      asm volatile("" : "+r"(xs));
+#pragma GCC unroll 1
+      for (int g = 0; g < G; ++g) group(t, v, g, xs);
       offset ? add_block<R, true>(t, s, v, d, sum, C) : add_block<R, false>(t, s, v, d, sum, C);
     }
   }
@@ -303,12 +308,13 @@ inline void pass_q8(const QRows& a, const uint8_t* Bp, float* C) {
   for (int64_t j = 0; j < a.nb; ++j) {
     const uint8_t* blk = Bp + j * kQ8BlockBytes;
     for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, kQuantBlock / 4>(blk + kQuantBlock * kPanel, a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, false,
-                                   [&](vd* t, int v, int g) __attribute__((always_inline)) {
-                                     const vb w = loadb(blk + (g * kPanel + W * v) * 4);
+    block_pass<R, kQuantBlock / 4>(
+        blk + kQuantBlock * kPanel, &x[0][0], a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, false,
+        [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
+          const vb w = loadb(blk + (g * kPanel + W * v) * 4);
 #pragma GCC unroll 8
-                                     for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, bcast4(x[r] + 4 * g));
-                                   });
+          for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, bcast4(xs + r * kQuantBlock + 4 * g));
+        });
   }
 }
 
@@ -322,13 +328,15 @@ inline void pass_q4(const QRows& a, const uint8_t* Bp, float* C) {
   for (int64_t j = 0; j < a.nb; ++j) {
     const uint8_t* blk = Bp + j * kQ4BlockBytes;
     for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, H / 4>(blk + H * kPanel, a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, true,
-                         [&](vd* t, int v, int g) __attribute__((always_inline)) {
+    block_pass<R, H / 4>(blk + H * kPanel, &x[0][0], a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, true,
+                         [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
                            const vb b = loadb(blk + (g * kPanel + W * v) * 4);
                            const vb lo = low4(b), hi = high4(b);
 #pragma GCC unroll 8
-                           for (int r = 0; r < R; ++r)
-                             t[r] = dot_u4x2(t[r], lo, bcast4(x[r] + 4 * g), hi, bcast4(x[r] + H + 4 * g));
+                           for (int r = 0; r < R; ++r) {
+                             const int8_t* xr = xs + r * kQuantBlock;
+                             t[r] = dot_u4x2(t[r], lo, bcast4(xr + 4 * g), hi, bcast4(xr + H + 4 * g));
+                           }
                          });
   }
 }
