@@ -79,10 +79,17 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None, dtype=tor
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[2i], x[2i+1]) of x (B, H, T, D) by position angles cos/sin, shaped
-    (T, D/2) or anything that broadcasts against (B, H, T, D/2)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    (T, D/2) or anything that broadcasts against (B, H, T, D/2): each pair as a complex number
+    times cos + i sin, one complex product (forward and backward) instead of four real products
+    of strided halves, a stack and their gradients. 16-bit x is rotated in float32."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    try:
+        xc = torch.view_as_complex(pairs)
+    except RuntimeError:  # a layout view_as_complex cannot view (odd strides or offset)
+        xc = torch.view_as_complex(pairs.contiguous())
+    rot = torch.complex(cos.to(xf.dtype), sin.to(xf.dtype))
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 def causal_attention(q, k, v):
@@ -111,12 +118,21 @@ class CausalSelfAttention(nn.Module):
         heads = x.view(B, T, H + 2 * Hkv, self.head_dim).split([H, Hkv, Hkv], dim=2)
         q, k, v = (t.transpose(1, 2) for t in heads)
         if self.qk_norm:  # bounds the attention logits whatever the weights' scale (modded-nanogpt)
-            q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
-            k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
+            # fastlm's fused RMSNorm with a unit gain: one op each way where F.rms_norm records
+            # five forward and more backward
+            one = self._unit_gain(q)
+            q, k = ops.rms_norm(q, one, self.eps), ops.rms_norm(k, one, self.eps)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
+
+    def _unit_gain(self, x):
+        """A gain of ones (head_dim,) in x's dtype and device (no gradient), kept between calls."""
+        g = getattr(self, "_ones", None)
+        if g is None or g.dtype != x.dtype or g.device != x.device:
+            g = self._ones = torch.ones(self.head_dim, dtype=x.dtype, device=x.device)
+        return g
 
     def forward(self, x, rope=None, attend=None, run: Eager = EAGER):
         """x (B, T, C) -> (B, T, C). ``attend(q, k, v)`` returns (B, H, T, D): causal attention
@@ -126,6 +142,22 @@ class CausalSelfAttention(nn.Module):
         y = (attend or causal_attention)(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return run.dropout(self.resid_dropout, run.linear(self.c_proj, y))
+
+
+class _ReluSquare(torch.autograd.Function):
+    """relu(x)^2 with the backward 2 relu(x) g: two products each way, where relu().square()
+    records four operations and its backward five."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return (g * r).mul_(2.0)
 
 
 class MLP(nn.Module):
@@ -142,7 +174,7 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             hidden = F.silu(run.linear(self.c_gate, x)) * run.linear(self.c_fc, x)
         elif self.kind == "relu2":
-            hidden = F.relu(run.linear(self.c_fc, x)).square()
+            hidden = _ReluSquare.apply(run.linear(self.c_fc, x))
         else:
             hidden = run.gelu(run.linear(self.c_fc, x))
         return run.dropout(self.dropout, run.linear(self.c_proj, hidden))
