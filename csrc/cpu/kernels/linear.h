@@ -125,7 +125,8 @@ void run(const LinearArgs& a) {
 //     pass of up to kRowsQ rows (the decode steps of a batch of 8) multiplies 8-bit integers
 //     (simd.h's dot_s8 / dot_u4x2: four products summed per 32-bit lane, one lane per column),
 //     scaling each block's integer sums by the two scales at its end: 1 1/16 or 9/16 bytes read
-//     per weight, and about a third of the instructions of converting every weight to float;
+//     per weight, and four products per instruction where converting each weight to float
+//     first would spend a conversion on every one;
 //   * more rows (a prefill) convert each panel once into a float32 panel in the thread's buffer
 //     and run the float32 passes over it (with the rounded activations for q8_0 / q4_0), so the
 //     conversion is paid once, not per pass.
