@@ -161,3 +161,17 @@ def test_cli_recipe_fast(data_dir, tmp_path):
     assert model["pos"] == "rope" and model["mlp"] == "gelu"  # the flag won over the recipe
     with pytest.raises(SystemExit):  # argparse: not one of the recipes
         main(["train", "--recipe", "slow", "--data", str(data_dir), "--out", str(tmp_path / "x")])
+
+
+def test_evaluate_groups_batches_without_changing_the_mean(data_dir, tmp_path):
+    """On the CPU evaluate() runs up to 8 same-shaped batches per forward: the mean equals the
+    batch-by-batch one over the same batches."""
+    import numpy as np
+
+    t = Trainer(tiny_model(), tiny_config(tmp_path, optimizer="adamw"), data_dir)
+    got = t.evaluate(iters=11)  # one group of 8, one of 3
+    rng = np.random.default_rng([t.config.seed, 1])
+    t.model.eval()
+    with torch.no_grad():
+        want = sum(t._loss_fn(*t._batch("val", rng)).item() for _ in range(11)) / 11
+    assert got == pytest.approx(want, rel=1e-5)

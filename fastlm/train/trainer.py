@@ -192,18 +192,22 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        # On the CPU (eager) several batches go through the model at once: the same rows and the
-        # same mean (the batches are the same size), with the per-op overhead of small products
-        # paid once per group instead of once per batch.
+        # On the CPU (eager) several batches go through the model at once where that leaves the
+        # mean unchanged (batches of one shape, no ignored targets): the same rows, with the
+        # per-op overhead of small products paid once per group instead of once per batch.
         group = 1 if self.device.type != "cpu" or self.config.compile else 8
         with self._backend():
             done = 0
             while done < iters:
                 n = min(group, iters - done)
-                xs, ys = zip(*(self._batch(split, rng) for _ in range(n)))
-                x, y = (xs[0], ys[0]) if n == 1 else (torch.cat(xs), torch.cat(ys))
-                with self._autocast():
-                    total += self._loss_fn(x, y).float() * n
+                batches = [self._batch(split, rng) for _ in range(n)]
+                joinable = n > 1 and all(x.shape == batches[0][0].shape and y.shape == batches[0][1].shape
+                                         and not bool((y < 0).any()) for x, y in batches)
+                if joinable:
+                    batches = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+                for x, y in batches:
+                    with self._autocast():
+                        total += self._loss_fn(x, y).float() * (n if joinable else 1)
                 done += n
         self.model.train(was_training)
         return (distributed.all_reduce_mean(total, self.dist) / iters).item()
