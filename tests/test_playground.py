@@ -270,7 +270,18 @@ def test_stop_button_aborts_the_stream(page, server):
     page.type("#prompt", "more")
     page.click("#send")
     page.wait("document.querySelectorAll('.bubble.assistant').length === 2")
-    assert wait_done(page) == "length"
+    reason = wait_done(page)
+    # the stopped reply is sent back as the assistant's turn; what follows it was cut at random,
+    # so the finish reason the page shows is checked against the server's own for that body
+    body = posts(page, "/v1/chat/completions")[-1][0]
+    assert [m["role"] for m in body["messages"]][-3:] == ["user", "assistant", "user"]
+    assert body["messages"][-2]["content"] != "" and body["messages"][-1]["content"] == "more"
+    body.pop("stream"), body.pop("stream_options", None)
+    want = api(server, "/v1/chat/completions", body)["choices"][0]
+    assert reason == want["finish_reason"] in ("length", "stop")
+    # shown without white space around it, as JavaScript's trim() defines it (Python's strip() differs)
+    shown = page.eval("document.querySelectorAll('.bubble.assistant')[1].textContent")
+    assert shown == page.eval(f"{json.dumps(want['message']['content'])}.trim()")
 
 
 def test_api_key_is_asked_for_once(page, keyed, tmp_path):
