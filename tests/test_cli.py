@@ -21,7 +21,7 @@ def test_info_json():
     info = json.loads(r.stdout)
     assert info["fastlm"] == fastlm.__version__
     assert "cpu" in info["backends_usable"] and "reference" in info["backends_usable"]
-    assert info["extension_cpu"]["cpu_isa"] == info["cpu_isa"] in ("baseline", "avx2", "avx512", "neon")
+    assert info["extension_cpu"]["cpu_isa"] == info["cpu_isa"] in ("baseline", "avx2", "avx512", "avx512_vnni", "neon")
     assert info["cpu_isa"] in info["cpu_isas_supported"]
     assert set(info["cpu_native_ops"]) <= {"attention", "decode_attention", "layer_norm", "rms_norm", "gelu",
                                            "decode_linear", "decode_linear_q", "linear_cross_entropy",

@@ -42,7 +42,7 @@ def _need(tool_or_path, what):
 def test_levels_built_and_the_best_one_chosen():
     names = [n for n, _ in _native.cpu_isa_levels()]
     if X86:
-        assert names == ["baseline", "avx2", "avx512"]
+        assert names == ["baseline", "avx2", "avx512", "avx512_vnni"]
     elif platform.machine() == "aarch64":
         assert names == ["baseline", "neon"]
     supported = ops.cpu_isas()
@@ -153,15 +153,17 @@ def test_kernel_cores_at_every_native_level(tmp_path):
 
 @pytest.mark.skipif(not X86, reason="the AVX-512 emulation is an x86-64 build")
 def test_kernel_cores_avx512_emulated(tmp_path):
-    if "avx512" in ops.cpu_isas():
-        pytest.skip("this CPU runs AVX-512: the native check covers that level")
+    levels = [lv for lv in ("avx512", "avx512_vnni") if lv not in ops.cpu_isas()]
+    if not levels:
+        pytest.skip("this CPU runs AVX-512 with VNNI: the native check covers those levels")
     _need("/usr/include/simde/x86/avx512.h", "the AVX-512 emulation needs SIMDe (apt-get install libsimde-dev)")
     if "avx2" not in ops.cpu_isas():
         pytest.skip("the AVX-512 emulation is built over AVX2, which this CPU lacks")
+    emu = ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi"]
     isa = [ROOT / "csrc/cpu/isa/baseline.cpp", ROOT / "csrc/cpu/isa/avx2.cpp",
-           (DRIVER / "avx512_emulated.cpp", ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi"])]
+           (DRIVER / "avx512_emulated.cpp", emu), (DRIVER / "avx512_emulated.cpp", emu + ["-DFASTLM_EMULATE_VNNI"])]
     exe = _build(tmp_path, "g++", isa + CORE, FLAGS, "check-avx512-emulated")
-    _run_check([str(exe), "avx512", "--emulated"], ["avx512"])
+    _run_check([str(exe), *levels, "--emulated"], levels)
 
 
 @pytest.mark.skipif(platform.machine() == "aarch64", reason="aarch64 runs NEON natively")

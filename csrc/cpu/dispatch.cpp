@@ -18,7 +18,7 @@ namespace {
 
 #if defined(__x86_64__) || defined(_M_X64)
 struct X86Features {
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, avx512_vnni = false;
 };
 
 uint64_t xgetbv0() {
@@ -27,7 +27,7 @@ uint64_t xgetbv0() {
   return (uint64_t(edx) << 32) | eax;
 }
 
-// What the avx2 and avx512 levels need: the instructions (CPUID) and the operating system's
+// What the avx2, avx512 and avx512_vnni levels need: the instructions (CPUID) and the operating system's
 // saving of the wider registers (XCR0).
 X86Features detect_x86() {
   X86Features f;
@@ -46,12 +46,13 @@ X86Features detect_x86() {
   f.avx2 = ymm_state && avx2 && fma && f16c && bmi1 && bmi2 && lzcnt && popcnt;
   const bool f512 = b7 & (1u << 16), dq = b7 & (1u << 17), bw = b7 & (1u << 30), vl = b7 & (1u << 31);
   f.avx512 = f.avx2 && zmm_state && f512 && dq && bw && vl;
+  f.avx512_vnni = f.avx512 && (c7 & (1u << 11));
   return f;
 }
 #endif
 
 struct Levels {
-  IsaLevel list[4];
+  IsaLevel list[5];
   int n = 0;
   Levels() {
     list[n++] = {"baseline", baseline::kernel_table(), true};
@@ -59,6 +60,7 @@ struct Levels {
     const X86Features f = detect_x86();
     list[n++] = {"avx2", avx2::kernel_table(), f.avx2};
     list[n++] = {"avx512", avx512::kernel_table(), f.avx512};
+    list[n++] = {"avx512_vnni", avx512_vnni::kernel_table(), f.avx512_vnni};
 #elif defined(__aarch64__)
     list[n++] = {"neon", neon::kernel_table(), true};
 #endif

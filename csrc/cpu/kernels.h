@@ -3,8 +3,8 @@
 //
 // Each kernel core (csrc/cpu/kernels/*.h) is written once over the vector layer (simd.h) and
 // compiled once per SIMD level (csrc/cpu/isa/*.cpp), each level in its own namespace
-// (fastlm::baseline, fastlm::avx2, fastlm::avx512, fastlm::neon), as PyTorch compiles its
-// CPU_CAPABILITY kernels. The torch glue (csrc/cpu/<op>.cpp) checks and allocates, then
+// (fastlm::baseline, fastlm::avx2, fastlm::avx512, fastlm::avx512_vnni, fastlm::neon), as
+// PyTorch compiles its CPU_CAPABILITY kernels. The torch glue (csrc/cpu/<op>.cpp) checks and allocates, then
 // calls cpu_kernels().<entry>: the table of the level chosen at load time (the best one the
 // CPU runs, or FASTLM_CPU_ISA), switchable for tests and benchmarks. Nothing here includes
 // torch, so the same cores build into a plain C++ test driver (tests/cpu_kernels/) that
@@ -202,6 +202,7 @@ namespace baseline { const KernelTable* kernel_table(); }
 #if defined(__x86_64__) || defined(_M_X64)
 namespace avx2 { const KernelTable* kernel_table(); }
 namespace avx512 { const KernelTable* kernel_table(); }
+namespace avx512_vnni { const KernelTable* kernel_table(); }
 #endif
 #if defined(__aarch64__)
 namespace neon { const KernelTable* kernel_table(); }

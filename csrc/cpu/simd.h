@@ -473,9 +473,14 @@ inline vf exp2(vf x) {
 //     x int8 in [-127, 127];
 //   low4(b) / high4(b): each byte's low / high 4 bits; to_float(acc);
 //   sbyte<T>(b): byte T of each group, sign-extended to its 32-bit lane.
+//   kXBias: 0, or 128 where dot_s8 takes x + 128 (an unsigned byte: bias_x(x)) and the caller
+//     subtracts 128 sum_t w[4j+t], which wsum(acc, w) accumulates.
 // x86 has no signed-by-signed byte product: pmaddubsw multiplies unsigned by signed bytes, so
 // dot_s8 moves w's sign onto x (|w| sign(w) x). Its 16-bit pair sums stay below 2^15
-// (2 x 128 x 127), so nothing saturates.
+// (2 x 128 x 127), so nothing saturates. With AVX-512 VNNI, vpdpbusd does a whole group (four
+// unsigned-by-signed products summed into the 32-bit lane) in one instruction: dot_s8 then
+// takes the activation biased to an unsigned byte, one instruction a row, and the weight's
+// column sums (one more instruction per weight vector, shared by all rows) take the bias off.
 #if defined(FASTLM_SIMD_AVX512)
 using vb = __m512i;
 using vd = __m512i;
@@ -486,6 +491,16 @@ inline vb bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 inline vd dzero() { return _mm512_setzero_si512(); }
+#if defined(FASTLM_SIMD_VNNI)
+constexpr int kXBias = 128;
+inline int8_t bias_x(int8_t x) { return static_cast<int8_t>(static_cast<uint8_t>(x) ^ 0x80u); }
+inline vd dot_s8(vd acc, vb w, vb xb) { return _mm512_dpbusd_epi32(acc, xb, w); }
+inline vd wsum(vd acc, vb w) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), w); }
+inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u0, x0), u1, x1);
+}
+inline vd sub_bias(vd t, vd w_sums) { return _mm512_sub_epi32(t, _mm512_slli_epi32(w_sums, 7)); }
+#else
 inline vd dot_s8(vd acc, vb w, vb x) {
   const vb sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
   const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(w), sx);
@@ -495,6 +510,7 @@ inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
   const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(u0, x0), _mm512_maddubs_epi16(u1, x1));
   return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
 }
+#endif
 inline vb low4(vb b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
 inline vb high4(vb b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0F)); }
 inline vf to_float(vd a) { return _mm512_cvtepi32_ps(a); }
@@ -569,6 +585,12 @@ inline vb high4(vb b) { return (b >> 4) & int8_t(0x0F); }
 inline vf to_float(vd a) { return __builtin_convertvector(a, vf); }
 template <int T>
 inline vd sbyte(vb b) { return vd{b[T], b[4 + T], b[8 + T], b[12 + T]}; }
+#endif
+#if !defined(FASTLM_SIMD_VNNI)
+constexpr int kXBias = 0;  // dot_s8 takes x as it is: nothing to take off
+inline int8_t bias_x(int8_t x) { return x; }
+inline vd wsum(vd acc, vb) { return acc; }
+inline vd sub_bias(vd t, vd) { return t; }
 #endif
 
 }  // namespace simd

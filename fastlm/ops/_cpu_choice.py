@@ -9,18 +9,19 @@ from __future__ import annotations
 
 from . import _native
 
-ALL = frozenset({"baseline", "avx2", "avx512", "neon"})
-X86 = frozenset({"baseline", "avx2", "avx512"})
+ALL = frozenset({"baseline", "avx2", "avx512", "avx512_vnni", "neon"})
+X86 = frozenset({"baseline", "avx2", "avx512", "avx512_vnni"})
 
 # op -> the levels where fastlm's kernel wins. avx2 and baseline: measured on an AMD Zen 3
 # (bench/cpu_levels.py). avx512: the same kernels (the same blocking and register use as the
-# AVX-512-only kernels they replaced) were ahead of torch on every op on an AMD Zen 4. neon:
+# AVX-512-only kernels they replaced) were ahead of torch on every op on an AMD Zen 4;
+# avx512_vnni differs from avx512 only in the quantized products, so it serves the same. neon:
 # correct (checked under qemu) but not yet measured on ARM hardware, so torch serves there
 # until a benchmark shows otherwise.
 NATIVE_WINS: dict[str, frozenset] = {
     # at the baseline level the forward wins and the backward loses to torch SDPA (bench/RESULTS.md,
     # section "CPU kernels at each SIMD level"): one op, one choice, and training needs both
-    "attention": frozenset({"avx2", "avx512"}),
+    "attention": frozenset({"avx2", "avx512", "avx512_vnni"}),
     "decode_attention": X86,
     "layer_norm": X86,
     "rms_norm": X86,

@@ -1,4 +1,4 @@
-// The AVX-512 level of the CPU kernels compiled on a machine without AVX-512, for the kernel
+// The AVX-512 levels of the CPU kernels compiled on a machine without AVX-512, for the kernel
 // check (tests/test_cpu_levels.py): SIMDe implements the AVX-512 intrinsics over AVX2
 // (compile with -mavx2 -mfma -mf16c), and the few that SIMDe 0.7 lacks are written below
 // element by element. It checks the level's logic (masks, permutes, conversions, tails), not
@@ -113,6 +113,20 @@ static inline simde__m512i emu_srai_epi32(simde__m512i a, unsigned n) {
   for (int& x : r) x = x >> (n > 31 ? 31 : n);
   return simde_mm512_loadu_si512(r);
 }
+// vpdpbusd (AVX-512 VNNI): acc + the four products of unsigned a and signed b bytes per lane.
+static inline simde__m512i emu_dpbusd_epi32(simde__m512i acc, simde__m512i a, simde__m512i b) {
+  unsigned char x[64];
+  signed char y[64];
+  int r[16];
+  simde_mm512_storeu_si512(x, a);
+  simde_mm512_storeu_si512(y, b);
+  simde_mm512_storeu_si512(r, acc);
+  for (int i = 0; i < 16; ++i)
+    for (int t = 0; t < 4; ++t) r[i] += int(x[4 * i + t]) * int(y[4 * i + t]);
+  return simde_mm512_loadu_si512(r);
+}
+#undef _mm512_dpbusd_epi32
+#define _mm512_dpbusd_epi32 emu_dpbusd_epi32
 #undef _mm512_madd_epi16
 #define _mm512_madd_epi16 emu_madd_epi16
 #undef _mm512_slli_epi32
@@ -133,7 +147,14 @@ static inline simde__m512i emu_srai_epi32(simde__m512i a, unsigned n) {
 #define _mm256_mask_storeu_epi16 emu_mask_storeu_epi16
 #define _mm512_reduce_add_ps emu_reduce_add_ps
 #define _mm512_reduce_max_ps emu_reduce_max_ps
+// Built twice: as the avx512 level, and with -DFASTLM_EMULATE_VNNI as the avx512_vnni one.
+#if defined(FASTLM_EMULATE_VNNI)
+#define FASTLM_ISA avx512_vnni
+#define FASTLM_ISA_NAME "avx512_vnni"
+#define FASTLM_SIMD_VNNI 1
+#else
 #define FASTLM_ISA avx512
 #define FASTLM_ISA_NAME "avx512"
+#endif
 #define FASTLM_SIMD_AVX512 1
 #include "cpu/isa/kernels.inc"

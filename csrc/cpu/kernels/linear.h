@@ -129,7 +129,8 @@ void run(const LinearArgs& a) {
 //     first would spend a conversion on every one;
 //   * more rows (a prefill) convert each panel once into a float32 panel in the thread's buffer
 //     and run the float32 passes over it (with the rounded activations for q8_0 / q4_0), so the
-//     conversion is paid once, not per pass.
+//     conversion is paid once, not per pass; except q8_0 / q4_0 with VNNI, where the integer
+//     passes take the rows 8 at a time (kIntegerPrefill).
 namespace linear {
 
 template <typename T>
@@ -233,14 +234,14 @@ template <int R>
 constexpr bool kWholeWidth = R * kPanelVectors + 4 <= kVectorRegisters;
 
 // C[r][W v ...] += d_r s t[r] for one block's column vector v: t its integer sums (less
-// 8 sum_r for q4_0).
-template <int R, bool Offset>
+// 8 sum_r for q4_0; less kXBias times the weight's column sums t[R] where Bias).
+template <int R, bool Offset, bool Bias>
 inline void add_block(const simd::vd* t, const float* s, int v, const float* d, const float* sum, float* C) {
   using namespace simd;
   const vf sv = load(s + W * v);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    vf tf = to_float(t[r]);
+    vf tf = to_float(Bias ? sub_bias(t[r], t[R]) : t[r]);
     if constexpr (Offset) tf = fnma(set1(sum[r]), set1(8.0f), tf);
     float* c = C + r * kPanel + W * v;
     store(c, fma(tf, mul(sv, set1(d[r])), load(c)));
@@ -254,8 +255,9 @@ inline void prefetch_block(const uint8_t* p, int64_t bytes) {
 }
 
 // One block of a q8_0 / q4_0 panel for R rows: Group(t, v, g) adds group g of column vector v
-// to the R sums t (of that vector).
-template <int R, int G, typename Group>
+// to the R sums t (of that vector), and where Bias (q8_0 with simd::kXBias) the weight's
+// column sums to t[R].
+template <int R, int G, bool Bias, typename Group>
 inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, int64_t j, float* C,
                        const uint8_t* ahead, int64_t bytes, bool offset, Group group) {
   using namespace simd;
@@ -266,29 +268,38 @@ inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, i
     d[r] = a.d[r * a.nb + j];
     sum[r] = a.sum[r * a.nb + j];
   }
-  if constexpr (kWholeWidth<R>) {
-    vd t[NV][R];
+  constexpr int T = R + Bias;
+  if constexpr (kWholeWidth<T>) {
+    vd t[NV][T];
 #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v)
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) t[v][r] = dzero();
+#pragma GCC unroll 9
+      for (int r = 0; r < T; ++r) t[v][r] = dzero();
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 32
-      for (int v = 0; v < NV; ++v) group(t[v], v, g, x);
+      for (int v = 0; v < NV; ++v) {
+        // each vector broadcasts the rows' bytes again (a load each, or an operand of the dot
+        // instruction itself): kept from one vector to the next, R broadcasts beside the
+        // R x NV sums would not fit the registers
+        const int8_t* xs = x;
+        asm volatile("" : "+r"(xs));
+        group(t[v], v, g, xs);
+      }
     // the scales after the values: the block is read in address order, which the hardware
     // prefetchers follow (reading the scales first, 1.5 KB in, then going back, stalls each block)
     block_scales(scales, s);
 #pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v) offset ? add_block<R, true>(t[v], s, v, d, sum, C) : add_block<R, false>(t[v], s, v, d, sum, C);
+    for (int v = 0; v < NV; ++v)
+      offset ? add_block<R, true, Bias>(t[v], s, v, d, sum, C) : add_block<R, false, Bias>(t[v], s, v, d, sum, C);
   } else {
     prefetch_block(ahead, bytes);
     block_scales(scales, s);
 #pragma GCC unroll 1
     for (int v = 0; v < NV; ++v) {
-      vd t[R];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) t[r] = dzero();
+      vd t[T];
+#pragma GCC unroll 9
+      for (int r = 0; r < T; ++r) t[r] = dzero();
       // The rows' broadcasts are the same for every v: hoisted out of this loop, R x G of them
       // would not fit the registers and go through the stack; loaded again per v they are one
       // broadcast load each.
@@ -296,7 +307,7 @@ inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, i
       asm volatile("" : "+r"(xs));
 #pragma GCC unroll 1
       for (int g = 0; g < G; ++g) group(t, v, g, xs);
-      offset ? add_block<R, true>(t, s, v, d, sum, C) : add_block<R, false>(t, s, v, d, sum, C);
+      offset ? add_block<R, true, Bias>(t, s, v, d, sum, C) : add_block<R, false, Bias>(t, s, v, d, sum, C);
     }
   }
 }
@@ -308,13 +319,17 @@ inline void pass_q8(const QRows& a, const uint8_t* Bp, float* C) {
   alignas(64) int8_t x[R][kQuantBlock];  // the block's rows side by side: one base address for all
   for (int64_t j = 0; j < a.nb; ++j) {
     const uint8_t* blk = Bp + j * kQ8BlockBytes;
-    for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, kQuantBlock / 4>(
+    for (int r = 0; r < R; ++r) {
+      const int8_t* q = a.q + (r * a.nb + j) * kQuantBlock;
+      for (int i = 0; i < kQuantBlock; ++i) x[r][i] = bias_x(q[i]);  // as dot_s8 takes them
+    }
+    block_pass<R, kQuantBlock / 4, kXBias != 0>(
         blk + kQuantBlock * kPanel, &x[0][0], a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, false,
         [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
           const vb w = loadb(blk + (g * kPanel + W * v) * 4);
 #pragma GCC unroll 8
           for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, bcast4(xs + r * kQuantBlock + 4 * g));
+          if constexpr (kXBias != 0) t[R] = wsum(t[R], w);
         });
   }
 }
@@ -329,7 +344,7 @@ inline void pass_q4(const QRows& a, const uint8_t* Bp, float* C) {
   for (int64_t j = 0; j < a.nb; ++j) {
     const uint8_t* blk = Bp + j * kQ4BlockBytes;
     for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, H / 4>(blk + H * kPanel, &x[0][0], a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, true,
+    block_pass<R, H / 4, false>(blk + H * kPanel, &x[0][0], a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, true,
                          [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
                            const vb b = loadb(blk + (g * kPanel + W * v) * 4);
                            const vb lo = low4(b), hi = high4(b);
@@ -421,24 +436,29 @@ inline int64_t panel_bytes(WeightFormat f, int64_t K) {
   return K * kPanel * 2;
 }
 
+// Whether a prefill's q8_0 / q4_0 product also runs the integer passes, 8 rows at a time over
+// each panel (the panel stays in L2 between them): where vpdpbusd does four products an
+// instruction (VNNI), they outpace converting the panel to float32 and running the float32
+// GEMM; without it the float32 GEMM is as fast and is kept.
+constexpr bool kIntegerPrefill = simd::kXBias != 0;
+
 void run_q(const LinearQArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N, P = cdiv(N, kPanel);
   if (M == 0 || N == 0) return;
   const int64_t pb = panel_bytes(a.format, K);
   const bool one = P * pb < kParallelBytes && 2.0 * M * K * N < kParallelFlops;
   const bool integer = a.format == WeightFormat::q8_0 || a.format == WeightFormat::q4_0;
-  const bool passes = M <= (integer ? kRowsQ : kRows);
+  const bool passes = M <= (integer ? kRowsQ : kRows) || (integer && kIntegerPrefill);
   // The rounded activations, once for every panel: int8 blocks for the passes, their float
   // values for a prefill's float32 product.
   const int64_t nb = cdiv(K, kQuantBlock);
   std::vector<int8_t> xq(integer ? M * nb * kQuantBlock : 0);
   std::vector<float> xd(integer ? 2 * M * nb : 0), xr(integer && !passes ? M * K : 0);
   if (integer) quantize_rows(M, K, a.x, xq.data(), xd.data(), xd.data() + M * nb, passes ? nullptr : xr.data());
-  const QRows aq{xq.data(), xd.data(), xd.data() + M * nb, nb};
   const float* x = integer && !passes ? xr.data() : a.x;
   parallel_for(0, P, one ? P : 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> wf(passes ? 0 : K * kPanel);  // the float32 panel of a prefill
-    alignas(64) float cb[kRowsQ * kPanel];            // a decode step's rows of one panel
+    alignas(64) float cb[kRowsQ * kPanel];            // up to kRowsQ rows of one panel
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kPanel, nc = std::min(kPanel, N - c0);
       const void* Bp = static_cast<const uint8_t*>(a.wq) + p * pb;
@@ -448,11 +468,16 @@ void run_q(const LinearQArgs& a) {
         panel_product(M, nc, K, x, wf.data(), a.out + c0, N);
         continue;
       }
-      init_rows(M, kPanel, nullptr, cb, kPanel);
-      if (a.bias)
-        for (int64_t r = 0; r < M; ++r) std::copy(a.bias + c0, a.bias + c0 + nc, cb + r * kPanel);
-      pass_q(M, a.format, x, aq, K, Bp, cb);
-      for (int64_t r = 0; r < M; ++r) std::copy(cb + r * kPanel, cb + r * kPanel + nc, a.out + r * N + c0);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowsQ) {
+        const int64_t rows = std::min(kRowsQ, M - m0);
+        init_rows(rows, kPanel, nullptr, cb, kPanel);
+        if (a.bias)
+          for (int64_t r = 0; r < rows; ++r) std::copy(a.bias + c0, a.bias + c0 + nc, cb + r * kPanel);
+        const QRows aq{xq.data() + m0 * nb * kQuantBlock, xd.data() + m0 * nb, xd.data() + M * nb + m0 * nb, nb};
+        pass_q(rows, a.format, x + m0 * K, aq, K, Bp, cb);
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy(cb + r * kPanel, cb + r * kPanel + nc, a.out + (m0 + r) * N + c0);
+      }
     }
   });
 }
