@@ -466,21 +466,23 @@ inline vf exp2(vf x) {
 
 // ===================================================================== integer dot products
 // For the quantized linear layers of generation (kernels/linear.h): vb holds 4W bytes, W groups
-// of 4 consecutive bytes, and vd W int32 lanes, lane j the accumulator of group j.
-//   loadb(p): 4W bytes; bcast4(p): the 4 bytes at p in every group; dzero();
-//   dot_s8(acc, w, x): acc[j] + sum_t w[4j+t] x[4j+t], w and x int8 in [-128, 127], x != -128;
-//   dot_u4x2(acc, u0, x0, u1, x1): acc[j] + sum_t (u0 x0 + u1 x1)[4j+t], u unsigned in [0, 15],
-//     x int8 in [-127, 127];
+// of 4 consecutive bytes, and vd W int32 lanes, lane j the accumulator of group j. x points to
+// 4 int8 values, the same for every group (one row's 4 activations):
+//   loadb(p): 4W bytes; dzero(); dset1(v): v in every lane;
+//   prep_w(w): the weight bytes as dot_s8 takes them, w + kWBias (kWBias: 0, or 128 where
+//     dot_s8 multiplies them as unsigned bytes: the caller then takes kWBias sum_t x[t] off);
+//   dot_s8(acc, prep_w(w), x): acc[j] + sum_t (w[4j+t] + kWBias) x[t], w in [-128, 127] and
+//     x in [-127, 127];
+//   dot_u4x2(acc, u0, x0, u1, x1): acc[j] + sum_t (u0[4j+t] x0[t] + u1[4j+t] x1[t]), u unsigned
+//     in [0, 15], x in [-127, 127];
 //   low4(b) / high4(b): each byte's low / high 4 bits; to_float(acc);
 //   sbyte<T>(b): byte T of each group, sign-extended to its 32-bit lane.
-//   kXBias: 0, or 128 where dot_s8 takes x + 128 (an unsigned byte: bias_x(x)) and the caller
-//     subtracts 128 sum_t w[4j+t], which wsum(acc, w) accumulates.
 // x86 has no signed-by-signed byte product: pmaddubsw multiplies unsigned by signed bytes, so
 // dot_s8 moves w's sign onto x (|w| sign(w) x). Its 16-bit pair sums stay below 2^15
 // (2 x 128 x 127), so nothing saturates. With AVX-512 VNNI, vpdpbusd does a whole group (four
-// unsigned-by-signed products summed into the 32-bit lane) in one instruction: dot_s8 then
-// takes the activation biased to an unsigned byte, one instruction a row, and the weight's
-// column sums (one more instruction per weight vector, shared by all rows) take the bias off.
+// unsigned-by-signed products summed into the 32-bit lane) in one instruction, its signed
+// operand broadcast from memory by the instruction itself: the weight, biased once per vector
+// to unsigned bytes, is the unsigned operand, and x the broadcast one.
 #if defined(FASTLM_SIMD_AVX512)
 using vb = __m512i;
 using vd = __m512i;
@@ -491,23 +493,34 @@ inline vb bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 inline vd dzero() { return _mm512_setzero_si512(); }
+inline vd dset1(int32_t v) { return _mm512_set1_epi32(v); }
 #if defined(FASTLM_SIMD_VNNI)
-constexpr int kXBias = 128;
-inline int8_t bias_x(int8_t x) { return static_cast<int8_t>(static_cast<uint8_t>(x) ^ 0x80u); }
-inline vd dot_s8(vd acc, vb w, vb xb) { return _mm512_dpbusd_epi32(acc, xb, w); }
-inline vd wsum(vd acc, vb w) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), w); }
-inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
-  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u0, x0), u1, x1);
-}
-inline vd sub_bias(vd t, vd w_sums) { return _mm512_sub_epi32(t, _mm512_slli_epi32(w_sums, 7)); }
+constexpr int kWBias = 128;
+inline vb prep_w(vb w) { return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80))); }
+// acc + vpdpbusd(u, the 4 bytes at x in every group). GCC does not fold the broadcast into the
+// instruction's {1to16} operand, and a separate vpbroadcastd per row costs as much again; an
+// emulated build (tests/cpu_kernels/avx512_emulated.cpp) takes the intrinsic.
+inline vd dpbusd_x(vd acc, vb u, const int8_t* x) {
+#if defined(FASTLM_SIMD_EMULATED)
+  return _mm512_dpbusd_epi32(acc, u, bcast4(x));
 #else
-inline vd dot_s8(vd acc, vb w, vb x) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u), "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+#endif
+}
+inline vd dot_s8(vd acc, vb w, const int8_t* x) { return dpbusd_x(acc, w, x); }
+inline vd dot_u4x2(vd acc, vb u0, const int8_t* x0, vb u1, const int8_t* x1) {
+  return dpbusd_x(dpbusd_x(acc, u0, x0), u1, x1);
+}
+#else
+inline vd dot_s8(vd acc, vb w, const int8_t* xp) {
+  const vb x = bcast4(xp);
   const vb sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
   const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(w), sx);
   return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
 }
-inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
-  const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(u0, x0), _mm512_maddubs_epi16(u1, x1));
+inline vd dot_u4x2(vd acc, vb u0, const int8_t* x0, vb u1, const int8_t* x1) {
+  const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(u0, bcast4(x0)), _mm512_maddubs_epi16(u1, bcast4(x1)));
   return _mm512_add_epi32(acc, _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
 }
 #endif
@@ -526,12 +539,14 @@ inline vb bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 inline vd dzero() { return _mm256_setzero_si256(); }
-inline vd dot_s8(vd acc, vb w, vb x) {
+inline vd dset1(int32_t v) { return _mm256_set1_epi32(v); }
+inline vd dot_s8(vd acc, vb w, const int8_t* xp) {
+  const vb x = bcast4(xp);
   const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
-inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) {
-  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, x0), _mm256_maddubs_epi16(u1, x1));
+inline vd dot_u4x2(vd acc, vb u0, const int8_t* x0, vb u1, const int8_t* x1) {
+  const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, bcast4(x0)), _mm256_maddubs_epi16(u1, bcast4(x1)));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 inline vb low4(vb b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0F)); }
@@ -549,7 +564,8 @@ inline vb bcast4(const int8_t* p) {
   return vreinterpretq_s8_s32(vdupq_n_s32(v));
 }
 inline vd dzero() { return vdupq_n_s32(0); }
-inline vd dot_s8(vd acc, vb w, vb x) {
+inline vd dset1(int32_t v) { return vdupq_n_s32(v); }
+inline vd dot_s8v(vd acc, vb w, vb x) {
 #if defined(__ARM_FEATURE_DOTPROD)
   return vdotq_s32(acc, w, x);
 #else
@@ -558,7 +574,10 @@ inline vd dot_s8(vd acc, vb w, vb x) {
   return vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)));
 #endif
 }
-inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) { return dot_s8(dot_s8(acc, u0, x0), u1, x1); }
+inline vd dot_s8(vd acc, vb w, const int8_t* x) { return dot_s8v(acc, w, bcast4(x)); }
+inline vd dot_u4x2(vd acc, vb u0, const int8_t* x0, vb u1, const int8_t* x1) {
+  return dot_s8v(dot_s8v(acc, u0, bcast4(x0)), u1, bcast4(x1));
+}
 inline vb low4(vb b) { return vandq_s8(b, vdupq_n_s8(0x0F)); }
 inline vb high4(vb b) { return vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(b), 4)); }
 inline vf to_float(vd a) { return vcvtq_f32_s32(a); }
@@ -574,12 +593,15 @@ inline vb loadb(const uint8_t* p) {
 }
 inline vb bcast4(const int8_t* p) { return vb{p[0], p[1], p[2], p[3], p[0], p[1], p[2], p[3], p[0], p[1], p[2], p[3], p[0], p[1], p[2], p[3]}; }
 inline vd dzero() { return vd{0, 0, 0, 0}; }
-inline vd dot_s8(vd acc, vb w, vb x) {
+inline vd dset1(int32_t v) { return vd{v, v, v, v}; }
+inline vd dot_s8(vd acc, vb w, const int8_t* x) {
   for (int j = 0; j < 4; ++j)
-    for (int t = 0; t < 4; ++t) acc[j] += int32_t(w[4 * j + t]) * int32_t(x[4 * j + t]);
+    for (int t = 0; t < 4; ++t) acc[j] += int32_t(w[4 * j + t]) * int32_t(x[t]);
   return acc;
 }
-inline vd dot_u4x2(vd acc, vb u0, vb x0, vb u1, vb x1) { return dot_s8(dot_s8(acc, u0, x0), u1, x1); }
+inline vd dot_u4x2(vd acc, vb u0, const int8_t* x0, vb u1, const int8_t* x1) {
+  return dot_s8(dot_s8(acc, u0, x0), u1, x1);
+}
 inline vb low4(vb b) { return b & int8_t(0x0F); }
 inline vb high4(vb b) { return (b >> 4) & int8_t(0x0F); }
 inline vf to_float(vd a) { return __builtin_convertvector(a, vf); }
@@ -587,10 +609,8 @@ template <int T>
 inline vd sbyte(vb b) { return vd{b[T], b[4 + T], b[8 + T], b[12 + T]}; }
 #endif
 #if !defined(FASTLM_SIMD_VNNI)
-constexpr int kXBias = 0;  // dot_s8 takes x as it is: nothing to take off
-inline int8_t bias_x(int8_t x) { return x; }
-inline vd wsum(vd acc, vb) { return acc; }
-inline vd sub_bias(vd t, vd) { return t; }
+constexpr int kWBias = 0;  // dot_s8 takes the weight as it is: nothing to take off
+inline vb prep_w(vb w) { return w; }
 #endif
 
 }  // namespace simd

@@ -157,4 +157,5 @@ static inline simde__m512i emu_dpbusd_epi32(simde__m512i acc, simde__m512i a, si
 #define FASTLM_ISA_NAME "avx512"
 #endif
 #define FASTLM_SIMD_AVX512 1
+#define FASTLM_SIMD_EMULATED 1
 #include "cpu/isa/kernels.inc"

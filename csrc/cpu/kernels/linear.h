@@ -233,18 +233,16 @@ constexpr int kVectorRegisters = 16;
 template <int R>
 constexpr bool kWholeWidth = R * kPanelVectors + 4 <= kVectorRegisters;
 
-// C[r][W v ...] += d_r s t[r] for one block's column vector v: t its integer sums (less
-// 8 sum_r for q4_0; less kXBias times the weight's column sums t[R] where Bias).
-template <int R, bool Offset, bool Bias>
-inline void add_block(const simd::vd* t, const float* s, int v, const float* d, const float* sum, float* C) {
+// C[r][W v ...] += d_r s t[r] for one block's column vector v: t its integer sums (exact in
+// float32: |t| < 2^24).
+template <int R>
+inline void add_block(const simd::vd* t, const float* s, int v, const float* d, float* C) {
   using namespace simd;
   const vf sv = load(s + W * v);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    vf tf = to_float(Bias ? sub_bias(t[r], t[R]) : t[r]);
-    if constexpr (Offset) tf = fnma(set1(sum[r]), set1(8.0f), tf);
     float* c = C + r * kPanel + W * v;
-    store(c, fma(tf, mul(sv, set1(d[r])), load(c)));
+    store(c, fma(mul(to_float(t[r]), set1(d[r])), sv, load(c)));
   }
 }
 
@@ -255,26 +253,26 @@ inline void prefetch_block(const uint8_t* p, int64_t bytes) {
 }
 
 // One block of a q8_0 / q4_0 panel for R rows: Group(t, v, g) adds group g of column vector v
-// to the R sums t (of that vector), and where Bias (q8_0 with simd::kXBias) the weight's
-// column sums to t[R].
-template <int R, int G, bool Bias, typename Group>
+// to the R sums t (of that vector). off: what each unit of a row's block sum takes off (q4_0's
+// 8, q8_0's simd::kWBias); the sums start there, so that nothing is left to subtract after.
+template <int R, int G, typename Group>
 inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, int64_t j, float* C,
-                       const uint8_t* ahead, int64_t bytes, bool offset, Group group) {
+                       const uint8_t* ahead, int64_t bytes, int32_t off, Group group) {
   using namespace simd;
   constexpr int NV = kPanelVectors;
   alignas(64) float s[kPanel];
-  float d[R], sum[R];
+  float d[R];
+  int32_t o[R];
   for (int r = 0; r < R; ++r) {
     d[r] = a.d[r * a.nb + j];
-    sum[r] = a.sum[r * a.nb + j];
+    o[r] = -off * static_cast<int32_t>(a.sum[r * a.nb + j]);
   }
-  constexpr int T = R + Bias;
-  if constexpr (kWholeWidth<T>) {
-    vd t[NV][T];
+  if constexpr (kWholeWidth<R>) {
+    vd t[NV][R];
 #pragma GCC unroll 32
     for (int v = 0; v < NV; ++v)
-#pragma GCC unroll 9
-      for (int r = 0; r < T; ++r) t[v][r] = dzero();
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) t[v][r] = dset1(o[r]);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 32
@@ -290,16 +288,15 @@ inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, i
     // prefetchers follow (reading the scales first, 1.5 KB in, then going back, stalls each block)
     block_scales(scales, s);
 #pragma GCC unroll 32
-    for (int v = 0; v < NV; ++v)
-      offset ? add_block<R, true, Bias>(t[v], s, v, d, sum, C) : add_block<R, false, Bias>(t[v], s, v, d, sum, C);
+    for (int v = 0; v < NV; ++v) add_block<R>(t[v], s, v, d, C);
   } else {
     prefetch_block(ahead, bytes);
     block_scales(scales, s);
 #pragma GCC unroll 1
     for (int v = 0; v < NV; ++v) {
-      vd t[T];
-#pragma GCC unroll 9
-      for (int r = 0; r < T; ++r) t[r] = dzero();
+      vd t[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) t[r] = dset1(o[r]);
       // The rows' broadcasts are the same for every v: hoisted out of this loop, R x G of them
       // would not fit the registers and go through the stack; loaded again per v they are one
       // broadcast load each.
@@ -307,7 +304,7 @@ inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, i
       asm volatile("" : "+r"(xs));
 #pragma GCC unroll 1
       for (int g = 0; g < G; ++g) group(t, v, g, xs);
-      offset ? add_block<R, true, Bias>(t, s, v, d, sum, C) : add_block<R, false, Bias>(t, s, v, d, sum, C);
+      add_block<R>(t, s, v, d, C);
     }
   }
 }
@@ -319,17 +316,13 @@ inline void pass_q8(const QRows& a, const uint8_t* Bp, float* C) {
   alignas(64) int8_t x[R][kQuantBlock];  // the block's rows side by side: one base address for all
   for (int64_t j = 0; j < a.nb; ++j) {
     const uint8_t* blk = Bp + j * kQ8BlockBytes;
-    for (int r = 0; r < R; ++r) {
-      const int8_t* q = a.q + (r * a.nb + j) * kQuantBlock;
-      for (int i = 0; i < kQuantBlock; ++i) x[r][i] = bias_x(q[i]);  // as dot_s8 takes them
-    }
-    block_pass<R, kQuantBlock / 4, kXBias != 0>(
-        blk + kQuantBlock * kPanel, &x[0][0], a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, false,
+    for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
+    block_pass<R, kQuantBlock / 4>(
+        blk + kQuantBlock * kPanel, &x[0][0], a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, kWBias,
         [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
-          const vb w = loadb(blk + (g * kPanel + W * v) * 4);
+          const vb w = prep_w(loadb(blk + (g * kPanel + W * v) * 4));
 #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, bcast4(xs + r * kQuantBlock + 4 * g));
-          if constexpr (kXBias != 0) t[R] = wsum(t[R], w);
+          for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, xs + r * kQuantBlock + 4 * g);
         });
   }
 }
@@ -344,14 +337,14 @@ inline void pass_q4(const QRows& a, const uint8_t* Bp, float* C) {
   for (int64_t j = 0; j < a.nb; ++j) {
     const uint8_t* blk = Bp + j * kQ4BlockBytes;
     for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, H / 4, false>(blk + H * kPanel, &x[0][0], a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, true,
+    block_pass<R, H / 4>(blk + H * kPanel, &x[0][0], a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, 8,
                          [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
                            const vb b = loadb(blk + (g * kPanel + W * v) * 4);
                            const vb lo = low4(b), hi = high4(b);
 #pragma GCC unroll 8
                            for (int r = 0; r < R; ++r) {
                              const int8_t* xr = xs + r * kQuantBlock;
-                             t[r] = dot_u4x2(t[r], lo, bcast4(xr + 4 * g), hi, bcast4(xr + H + 4 * g));
+                             t[r] = dot_u4x2(t[r], lo, xr + 4 * g, hi, xr + H + 4 * g);
                            }
                          });
   }
@@ -440,7 +433,7 @@ inline int64_t panel_bytes(WeightFormat f, int64_t K) {
 // each panel (the panel stays in L2 between them): where vpdpbusd does four products an
 // instruction (VNNI), they outpace converting the panel to float32 and running the float32
 // GEMM; without it the float32 GEMM is as fast and is kept.
-constexpr bool kIntegerPrefill = simd::kXBias != 0;
+constexpr bool kIntegerPrefill = simd::kWBias != 0;
 
 void run_q(const LinearQArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N, P = cdiv(N, kPanel);
