@@ -76,6 +76,16 @@ inline void scale_row(float* x, int64_t n, float a) {
   if (j < n) store(x + j, mul(load(x + j, n - j), av), n - j);
 }
 
+// dst = a src over n floats, a vector at a time (stored at the width the kernels load them:
+// a vector load of values stored by narrower stores waits for the stores to retire).
+inline void scale_into(float* dst, const float* src, int64_t n, float a) {
+  using namespace simd;
+  const vf av = set1(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store(dst + j, mul(load(src + j), av));
+  if (j < n) store(dst + j, mul(load(src + j, n - j), av), n - j);
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   using namespace simd;
   vf s = zero();
@@ -310,8 +320,7 @@ struct FwdWork {
     const float* Q = a.q + a.lq.at(b, h, q0);
     const float qscale = a.scale * kLog2e;
     float* qs = st.qs.data();
-    for (int64_t i = 0; i < nq; ++i)
-      for (int64_t d = 0; d < D; ++d) qs[i * D + d] = Q[i * a.lq.st + d] * qscale;
+    for (int64_t i = 0; i < nq; ++i) scale_into(qs + i * D, Q + i * a.lq.st, D, qscale);
     float* S = st.s.data();
     float* m = st.m.data();
     float* l = st.l.data();
@@ -608,7 +617,7 @@ struct DecWork {
     float* qs = st.qs.data();
     for (int64_t g = 0; g < G; ++g) {
       const float* Q = a.q + ((b * a.H + hk * G + g) * a.Tq) * D;
-      for (int64_t i = 0; i < a.Tq * D; ++i) qs[g * a.Tq * D + i] = Q[i] * qscale;
+      scale_into(qs + g * a.Tq * D, Q, a.Tq * D, qscale);
     }
     const T* K = static_cast<const T*>(a.k) + bhk * a.L * D;
     const T* V = static_cast<const T*>(a.v) + bhk * a.L * D;
