@@ -350,6 +350,26 @@ inline void pass_q4(const QRows& a, const uint8_t* Bp, float* C) {
   }
 }
 
+// The most rows one integer pass takes. With VNNI the products are cheap enough that 8 rows'
+// 24 vectors of sums beside the weights and scales crowd the registers (the pass spilled), and
+// two passes of 4 over the same panel (the second reading it from L1 / L2) are faster; without
+// it the products dominate and one pass of 8 reads the weight once.
+constexpr int kRowsPass = simd::kWBias != 0 ? 4 : int(kRowsQ);
+
+// R rows of a q8_0 / q4_0 panel, in passes of at most kRowsPass rows.
+template <int R>
+inline void pass_int(WeightFormat f, const QRows& a, const uint8_t* Bp, float* C) {
+  if constexpr (R > kRowsPass) {
+    pass_int<kRowsPass>(f, a, Bp, C);
+    const int64_t n = kRowsPass * a.nb;
+    pass_int<R - kRowsPass>(f, QRows{a.q + n * kQuantBlock, a.d + n, a.sum + n, a.nb}, Bp, C + kRowsPass * kPanel);
+  } else if (f == WeightFormat::q8_0) {
+    pass_q8<R>(a, Bp, C);
+  } else {
+    pass_q4<R>(a, Bp, C);
+  }
+}
+
 // One pass over the panel for R rows (R in [1, kRows] for bf16 / f16, [1, kRowsQ] for q8_0 /
 // q4_0, chosen at run time); A / Aq the rows.
 template <int R = 1>
@@ -358,8 +378,7 @@ inline void pass_q(int64_t rows, WeightFormat f, const float* A, const QRows& Aq
   if constexpr (R < kRowsQ) {
     if (rows != R) return pass_q<R + 1>(rows, f, A, Aq, K, Bp, C);
   }
-  if (f == WeightFormat::q8_0) pass_q8<R>(Aq, static_cast<const uint8_t*>(Bp), C);
-  else if (f == WeightFormat::q4_0) pass_q4<R>(Aq, static_cast<const uint8_t*>(Bp), C);
+  if (f == WeightFormat::q8_0 || f == WeightFormat::q4_0) pass_int<R>(f, Aq, static_cast<const uint8_t*>(Bp), C);
   else if constexpr (R <= kRows) {
     if (f == WeightFormat::bf16) pass16<R>(A, K, static_cast<const bf16*>(Bp), C);
     else pass16<R>(A, K, static_cast<const f16*>(Bp), C);
