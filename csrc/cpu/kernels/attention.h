@@ -68,14 +68,6 @@ inline float exp2_rows(float* x, int64_t n, int64_t ntot, float m) {
   return reduce_add(s);
 }
 
-inline void scale_row(float* x, int64_t n, float a) {
-  using namespace simd;
-  const vf av = set1(a);
-  int64_t j = 0;
-  for (; j + W <= n; j += W) store(x + j, mul(load(x + j), av));
-  if (j < n) store(x + j, mul(load(x + j, n - j), av), n - j);
-}
-
 // dst = a src over n floats, a vector at a time (stored at the width the kernels load them:
 // a vector load of values stored by narrower stores waits for the stores to retire).
 inline void scale_into(float* dst, const float* src, int64_t n, float a) {
@@ -85,6 +77,8 @@ inline void scale_into(float* dst, const float* src, int64_t n, float a) {
   for (; j + W <= n; j += W) store(dst + j, mul(load(src + j), av));
   if (j < n) store(dst + j, mul(load(src + j, n - j), av), n - j);
 }
+
+inline void scale_row(float* x, int64_t n, float a) { scale_into(x, x, n, a); }
 
 inline float dot(const float* a, const float* b, int64_t n) {
   using namespace simd;
