@@ -276,7 +276,8 @@ def test_stop_button_aborts_the_stream(page, server):
     body = posts(page, "/v1/chat/completions")[-1][0]
     assert [m["role"] for m in body["messages"]][-3:] == ["user", "assistant", "user"]
     assert body["messages"][-2]["content"] != "" and body["messages"][-1]["content"] == "more"
-    body.pop("stream"), body.pop("stream_options", None)
+    body.pop("stream")
+    body.pop("stream_options", None)
     want = api(server, "/v1/chat/completions", body)["choices"][0]
     assert reason == want["finish_reason"] in ("length", "stop")
     # shown without white space around it, as JavaScript's trim() defines it (Python's strip() differs)

@@ -27,8 +27,8 @@ uint64_t xgetbv0() {
   return (uint64_t(edx) << 32) | eax;
 }
 
-// What the avx2, avx512 and avx512_vnni levels need: the instructions (CPUID) and the operating system's
-// saving of the wider registers (XCR0).
+// What the avx2, avx512 and avx512_vnni levels need: the instructions (CPUID) and the
+// operating system's saving of the wider registers (XCR0).
 X86Features detect_x86() {
   X86Features f;
   unsigned a, b, c, d;

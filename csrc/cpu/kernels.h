@@ -4,8 +4,8 @@
 // Each kernel core (csrc/cpu/kernels/*.h) is written once over the vector layer (simd.h) and
 // compiled once per SIMD level (csrc/cpu/isa/*.cpp), each level in its own namespace
 // (fastlm::baseline, fastlm::avx2, fastlm::avx512, fastlm::avx512_vnni, fastlm::neon), as
-// PyTorch compiles its CPU_CAPABILITY kernels. The torch glue (csrc/cpu/<op>.cpp) checks and allocates, then
-// calls cpu_kernels().<entry>: the table of the level chosen at load time (the best one the
+// PyTorch compiles its CPU_CAPABILITY kernels. The torch glue (csrc/cpu/<op>.cpp) checks and
+// allocates, then calls cpu_kernels().<entry>: the table of the level chosen at load time (the best one the
 // CPU runs, or FASTLM_CPU_ISA), switchable for tests and benchmarks. Nothing here includes
 // torch, so the same cores build into a plain C++ test driver (tests/cpu_kernels/) that
 // checks every level, NEON included under qemu.

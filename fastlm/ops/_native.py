@@ -3,10 +3,9 @@ the SIMD level of the CPU kernels.
 
 Importing fastlm never fails because an extension is missing: the reference backend then
 serves every op, and one warning says why. The CPU kernels are built for every SIMD level of
-the architecture (x86-64: baseline, avx2, avx512,
-avx512_vnni; aarch64: baseline, neon) and run at the
-best one the CPU supports; ``FASTLM_CPU_ISA=<level>`` (or ``use_cpu_isa``) picks a lower
-one, and naming a level the CPU lacks is an error.
+the architecture (x86-64: baseline, avx2, avx512, avx512_vnni; aarch64: baseline, neon) and
+run at the best one the CPU supports; ``FASTLM_CPU_ISA=<level>`` (or ``use_cpu_isa``) picks
+a lower one, and naming a level the CPU lacks is an error.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ void run(const LinearArgs& a) {
 //   * more rows (a prefill) convert each panel once into a float32 panel in the thread's buffer
 //     and run the float32 passes over it (with the rounded activations for q8_0 / q4_0), so the
 //     conversion is paid once, not per pass; except q8_0 / q4_0 with VNNI, where the integer
-//     passes take the rows 8 at a time (kIntegerPrefill).
+//     passes take the rows kRowsQ at a time (kIntegerPrefill).
 namespace linear {
 
 template <typename T>
@@ -223,7 +223,7 @@ inline void quantize_rows(int64_t M, int64_t K, const float* x, int8_t* q, float
 // bound by reading the weight, wants); a pass of more rows than that fits takes one column
 // vector at a time (a block's 8 groups of 4 k for W columns, 192 bytes apart) with R sums,
 // prefetching the blocks ahead, so that a batch of up to 8 decode steps still reads each
-// weight byte once.
+// weight byte once from memory (with VNNI, in two passes of 4 over the panel: kRowsPass).
 constexpr int64_t kRowsQ = 8;
 #if defined(FASTLM_SIMD_AVX512) || defined(FASTLM_SIMD_NEON)
 constexpr int kVectorRegisters = 32;
@@ -448,8 +448,8 @@ inline int64_t panel_bytes(WeightFormat f, int64_t K) {
   return K * kPanel * 2;
 }
 
-// Whether a prefill's q8_0 / q4_0 product also runs the integer passes, 8 rows at a time over
-// each panel (the panel stays in L2 between them): where vpdpbusd does four products an
+// Whether a prefill's q8_0 / q4_0 product also runs the integer passes, kRowsQ rows at a time
+// over each panel (the panel stays in L2 between them): where vpdpbusd does four products an
 // instruction (VNNI), they outpace converting the panel to float32 and running the float32
 // GEMM; without it the float32 GEMM is as fast and is kept.
 constexpr bool kIntegerPrefill = simd::kWBias != 0;
