@@ -1,5 +1,5 @@
 // Launchers of the CUDA attention kernels (csrc/cuda/attention.cu). Torch-free: raw pointers,
-// sizes, element strides and a stream; csrc/cuda/attention.cpp is the torch glue.
+// sizes, element strides and a stream; csrc/cuda/attention_glue.cpp is the torch glue.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The row step of fused linear + cross-entropy (CUDA). The glue (csrc/cuda/loss.cpp)
+// The row step of fused linear + cross-entropy (CUDA). The glue (csrc/cuda/loss_glue.cpp)
 // computes each chunk's logits with cuBLAS; here one block per row, in place:
 //   pass 1: running max and sum of exp over the row (each thread online over its
 //           elements, then a block reduction that rescales the partial sums),
