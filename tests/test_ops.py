@@ -260,6 +260,121 @@ def test_torch_compile_fullgraph_through_ops():
     assert torch.allclose(grad_c, args[0].grad, rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in ("cpu",) if b in ops.backends()])
+def test_ops_under_autocast_take_mixed_dtypes_as_torch_does(backend):
+    """Under torch.autocast a GPT mixes a bf16 projection output with a float32 residual stream
+    and float32 gains: the fused ops cast as their torch counterparts do (attention to the
+    autocast dtype, like SDPA; the norms and the loss to float32, as on CUDA), and gradients
+    reach the float32 leaves in float32."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, generator=g).bfloat16().requires_grad_()  # a projection's output
+    r = torch.randn(2, 5, 16, generator=g).requires_grad_()  # the float32 residual stream
+    w = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(16, generator=g)).requires_grad_()
+    q = torch.randn(1, 2, 5, 8, generator=g).requires_grad_()
+    head = torch.randn(7, 16, generator=g).requires_grad_()
+    t = torch.randint(0, 7, (2, 5), generator=g)
+    with ops.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = ops.layer_norm(x, w, b, residual=r)
+        y2, _ = ops.rms_norm(x, w, residual=r)
+        a = ops.attention(q, q, q)
+        loss = ops.linear_cross_entropy(y, head, t)
+        ce = ops.cross_entropy(F.linear(y, head), t)
+    assert y.dtype == h.dtype == y2.dtype == torch.float32
+    assert a.dtype == torch.bfloat16
+    assert loss.dtype == ce.dtype == torch.float32
+    want_y = F.layer_norm(x.float() + r, (16,), w, b)
+    assert rel_error(y, want_y) < 1e-5
+    want_loss = F.cross_entropy(F.linear(want_y.bfloat16(), head.bfloat16()).float().reshape(-1, 7), t.reshape(-1))
+    assert abs(loss.item() - want_loss.item()) < 1e-2 * abs(want_loss.item())
+    assert abs(ce.item() - want_loss.item()) < 1e-2 * abs(want_loss.item())
+    (loss + a.float().sum() + y2.sum()).backward()
+    for leaf in (x, r, w, b, q, head):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype and torch.isfinite(leaf.grad).all()
+    # Without autocast mixed dtypes stay an error.
+    with ops.use_backend(backend), pytest.raises(TypeError, match="dtype"):
+        ops.layer_norm(x, w, b, residual=r)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in ("cpu",) if b in ops.backends()])
+def test_gpt_trains_under_autocast(backend):
+    """A GPT's loss and gradients under bf16 autocast (what the Trainer uses on CUDA GPUs): the
+    same on the fused kernels as on the reference, and near the float32 loss."""
+    from fastlm import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=64))
+    idx = torch.randint(0, 300, (2, 33))
+
+    def run(name, autocast):
+        model.zero_grad(set_to_none=True)
+        with ops.use_backend(name), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = run(backend, True)
+    ref_loss, ref_grads = run("reference", True)
+    f32_loss, _ = run("reference", False)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    assert abs(loss.item() - f32_loss.item()) < 1e-2 * f32_loss.item()
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.float32 and rel_error(a, b) < 3e-2
+
+
+# ----------------------------------------------------------------------------- torch forms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_forms_compute_the_spec(monkeypatch, dtype):
+    """The reference backend's forms on GPUs (torch's fused ops, fastlm/ops/_torch_forms.py),
+    run here on CPU tensors by lifting the device switch, against the float64 spec."""
+    from fastlm.ops import _torch_forms as TF
+
+    monkeypatch.setattr(TF, "_spec_only", lambda t: t.dtype == torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    g = torch.Generator().manual_seed(5)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    def check(got, want):
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        for a, b in zip(got, want):
+            assert a.dtype in (dtype, torch.float32) and rel_error(a, b) < tol, rel_error(a, b)
+
+    for B, H, Hkv, Tq, Tk, D, causal in [(2, 4, 2, 9, 9, 16, True), (1, 3, 3, 5, 11, 8, False),
+                                         (1, 2, 1, 4, 7, 8, True)]:  # the last: bottom-right causal
+        q, k, v = rnd(B, H, Tq, D), rnd(B, Hkv, Tk, D), rnd(B, Hkv, Tk, D)
+        check(TF.attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, scale=0.3),
+              reference.attention(q, k, v, causal=causal, scale=0.3))
+    x, r, w, b = rnd(6, 33), rnd(6, 33), rnd(33) + 1, rnd(33)
+    lo = [t.to(dtype) for t in (x, r, w, b)]
+    check(TF.layer_norm(lo[0], lo[2], lo[3], 1e-5, residual=lo[1]), reference.layer_norm(x, w, b, 1e-5, residual=r))
+    check(TF.layer_norm(lo[0], lo[2], None, 1e-5), reference.layer_norm(x, w, None, 1e-5))
+    check(TF.rms_norm(lo[0], lo[2], 1e-6, residual=lo[1]), reference.rms_norm(x, w, 1e-6, residual=r))
+    check(TF.gelu(lo[0]), reference.gelu(x))
+    logits, t = rnd(2, 5, 40), torch.randint(0, 40, (2, 5), generator=g)
+    t[0, 1] = -100
+    for red in ("mean", "sum", "none"):
+        check(TF.cross_entropy(logits.to(dtype), t, reduction=red), reference.cross_entropy(logits, t, reduction=red))
+    head = rnd(40, 33)
+    for red in ("mean", "none"):
+        check(TF.linear_cross_entropy(lo[0], head.to(dtype), t.reshape(-1)[:6], reduction=red),
+              reference.linear_cross_entropy(x, head, t.reshape(-1)[:6], reduction=red))
+
+
+def test_reference_backend_keeps_the_spec_on_cpu():
+    """On CPU tensors (and in float64 anywhere) the reference backend is the spec itself."""
+    from fastlm.ops import _dispatch
+
+    q = torch.randn(1, 2, 6, 8)
+    with ops.use_backend("reference"):
+        assert torch.equal(ops.attention(q, q, q), reference.attention(q, q, q))
+    assert _dispatch._BACKENDS["reference"].ops["attention"].fn.__module__ == "fastlm.ops._torch_forms"
+
+
 # ----------------------------------------------------------------------------- the reference
 def test_reference_matches_torch_functions():
     g = torch.Generator().manual_seed(2)

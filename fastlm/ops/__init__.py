@@ -5,7 +5,8 @@ Every op has one spec (``fastlm.reference``) and several interchangeable backend
 =========== ============================================ ================================
 backend     what it is                                   serves
 =========== ============================================ ================================
-reference   plain PyTorch (the spec and the fallback)     every op, every device/dtype
+reference   plain PyTorch (the spec and the fallback;     every op, every device/dtype
+            on GPUs torch's fused ops, _torch_forms)
 cpu         C++ kernels in ``fastlm._C`` (OpenMP, SIMD)   CPU tensors
 cuda        CUDA kernels in ``fastlm._C_cuda``            CUDA tensors
 triton      Triton kernels in ``fastlm.kernels``          CUDA tensors (CPU tensors under
@@ -13,7 +14,8 @@ triton      Triton kernels in ``fastlm.kernels``          CUDA tensors (CPU tens
 =========== ============================================ ================================
 
 Choose with ``FASTLM_BACKEND=reference|cpu|cuda|triton`` or ``with fastlm.ops.use_backend(name):``;
-by default each op takes the fastest backend that serves its input. ``implementation(op, x)``
+by default each op takes the backend measured fastest for its input (``_cpu_choice``,
+``_gpu_choice``). ``implementation(op, x)``
 tells which backend would serve a call; ``backends_status()`` says which backends can run here
 and why the others cannot.
 
@@ -32,7 +34,7 @@ import os
 import torch
 
 from .. import reference as _ref
-from . import _native
+from . import _native, _torch_forms
 from . import attention as _attention_ops
 from . import gelu as _gelu_ops
 from . import kv_cache as _kv_cache_ops
@@ -93,7 +95,8 @@ def _triton_status():
 _reference = add_backend(Backend("reference", _ALL_DEVICES))
 for _name in ("attention", "decode_attention", "kv_cache_write", "layer_norm", "rms_norm", "gelu", "decode_linear",
               "decode_linear_q", "cross_entropy", "linear_cross_entropy"):
-    _reference.register(_name, getattr(_ref, _name), FLOATS)
+    # the spec; on accelerators, torch's fused op of the same function where it has one
+    _reference.register(_name, _torch_forms.FORMS.get(_name, getattr(_ref, _name)), FLOATS)
 
 add_backend(Backend("cpu", ("cpu",), available=_native.cpu_ext is not None,
                     why_unavailable=f"fastlm._C could not be loaded ({_native.cpu_error})"))

@@ -10,8 +10,10 @@ serves. The choice, per call:
 2. otherwise the first backend in the device's preference order that implements the op for
    that dtype and is preferred for it (CPU: cpu, reference; CUDA: cuda, triton, reference).
    A CPU kernel is preferred only at the SIMD levels where it is measured ahead of PyTorch's
-   own op (``fastlm.ops._cpu_choice``); elsewhere the reference (torch) serves;
-3. the reference serves everything else.
+   own op (``fastlm.ops._cpu_choice``), a GPU kernel only for the ops measured ahead there
+   (``fastlm.ops._gpu_choice``); elsewhere the reference (torch) serves;
+3. the reference serves everything else: the spec on CPUs, PyTorch's fused ops of the same
+   functions on GPUs (``fastlm.ops._torch_forms``).
 
 The state is a plain module-level stack so that ``torch.compile`` traces through it.
 """

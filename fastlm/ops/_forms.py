@@ -18,13 +18,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import _cpu_choice
+from . import _cpu_choice, _gpu_choice
 from ._dispatch import _BACKENDS
 
 NATIVE = "fastlm"  # the C++ and CUDA kernels
 TRITON = "fastlm_triton"  # the Triton kernels
 _NAMESPACE = {"cpu": NATIVE, "cuda": NATIVE, "triton": TRITON}
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _available(backend: str) -> bool:
@@ -58,14 +58,15 @@ def register_autograd(name: str, make_backward: Callable, setup_context: Callabl
 def register_forms(op_name: str, make_form: Callable, dtypes, backends: Iterable[str] = ("cpu", "cuda", "triton")):
     """Give the dispatcher the form of public op ``op_name`` on each usable backend of
     ``backends``: ``make_form(ns)`` returns the function of the public op's signature that runs
-    namespace ``ns``'s kernels. C++/CUDA take ``dtypes``; Triton takes float32/bf16/fp16 (of
-    those in ``dtypes``). The CPU form is preferred only where it wins (``_cpu_choice``)."""
+    namespace ``ns``'s kernels. C++ takes ``dtypes``; CUDA and Triton take float32/bf16/fp16 (of
+    those in ``dtypes``). A form is preferred only where it wins (``_cpu_choice``, ``_gpu_choice``)."""
     for backend in backends:
         if not _available(backend):
             continue
         ns = _NAMESPACE[backend]
-        takes = tuple(d for d in dtypes if backend != "triton" or d in TRITON_DTYPES)
-        preferred = _cpu_choice.preferred(op_name) if backend == "cpu" else None
+        # the GPU kernels compute in float32 / bf16 / fp16; float64 goes to the reference
+        takes = tuple(d for d in dtypes if backend == "cpu" or d in GPU_DTYPES)
+        preferred = _cpu_choice.preferred(op_name) if backend == "cpu" else _gpu_choice.preferred(backend, op_name)
         _BACKENDS[backend].register(op_name, make_form(ns), takes, preferred=preferred)
 
 

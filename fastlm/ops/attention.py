@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from . import _forms
+from . import _autocast, _forms
 from ._checks import check_float, check_index, check_same
 from ._dispatch import resolve
 
@@ -58,7 +58,10 @@ def attention(q, k, v, causal: bool = True, scale: float | None = None):
 
     ``H % Hkv == 0`` (grouped-query attention); causal masking is bottom-right aligned when
     Tq < Tk. Returns (B, H, Tq, D). See ``fastlm.reference.attention`` for the exact spec.
+    Under ``torch.autocast`` q, k, v are cast to the autocast dtype, as SDPA's are.
     """
+    if isinstance(q, torch.Tensor):
+        q, k, v = _autocast.lower(q.device, q, k, v)
     _check_attention(q, k, v)
     return resolve("attention", q.device, q.dtype)[1](q, k, v, causal=causal, scale=scale)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _forms
+from . import _autocast, _forms
 from ._checks import FLOATS, check_float, check_same, is_tensor
 from ._dispatch import resolve
 
@@ -34,7 +34,10 @@ def _check_reduction(reduction):
 
 
 def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
-    """Cross-entropy of logits (..., V) against class indices (...)."""
+    """Cross-entropy of logits (..., V) against class indices (...); in float32 under
+    ``torch.autocast``, as ``F.cross_entropy``."""
+    if isinstance(logits, torch.Tensor):
+        (logits,) = _autocast.float32(logits.device, logits)
     check_float("logits", logits)
     if logits.dim() < 1:
         raise ValueError("cross_entropy: logits must have shape (..., V)")
@@ -47,7 +50,11 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
 def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean",
                          chunk_size: int | None = None):
     """cross_entropy(h @ weight.T, targets) without materialising all the logits at once
-    (where the backend fuses it). h (..., C), weight (V, C), targets (...)."""
+    (where the backend fuses it). h (..., C), weight (V, C), targets (...). Under
+    ``torch.autocast`` h and weight are cast to the autocast dtype (the product's, as
+    ``F.linear``'s); the loss is float32 either way for low-precision inputs."""
+    if isinstance(h, torch.Tensor):
+        h, weight = _autocast.lower(h.device, h, weight)
     check_float("h", h)
     check_float("weight", weight)
     check_same("weight", weight, "h", h)

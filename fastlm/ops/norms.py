@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _forms
+from . import _autocast, _forms
 from ._checks import FLOATS, check_float, check_same
 from ._dispatch import resolve
 
@@ -40,13 +40,19 @@ def _check_norm(x, weight, bias, residual):
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
-    """LayerNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual)."""
+    """LayerNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual).
+    Under ``torch.autocast`` it runs in float32, as ``F.layer_norm`` does on CUDA."""
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, residual = _autocast.float32(x.device, x, weight, bias, residual)
     _check_norm(x, weight, bias, residual)
     return resolve("layer_norm", x.device, x.dtype)[1](x, weight, bias, eps, residual)
 
 
 def rms_norm(x, weight, eps: float = 1e-6, residual=None):
-    """RMSNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual)."""
+    """RMSNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual).
+    Under ``torch.autocast`` it runs in float32."""
+    if isinstance(x, torch.Tensor):
+        x, weight, residual = _autocast.float32(x.device, x, weight, residual)
     _check_norm(x, weight, None, residual)
     return resolve("rms_norm", x.device, x.dtype)[1](x, weight, eps, residual)
 
