@@ -50,6 +50,17 @@ def _cpu_level_backends():
 CPU_LEVEL_BACKENDS = _cpu_level_backends()
 
 
+def _triton_on_cpu() -> bool:
+    """Whether the Triton kernels run on CPU tensors here (the interpreter). With a CUDA device
+    they run compiled on CUDA tensors only, and tests/test_gpu.py checks them there."""
+    from fastlm import ops
+
+    return "triton" in ops.backends() and "cpu" in ops.get_backend("triton").devices
+
+
+TRITON_ON_CPU = _triton_on_cpu()
+
+
 def backend_name(name: str) -> str:
     """The backend of a test parameter ("cpu@baseline" -> "cpu")."""
     return name.partition("@")[0]

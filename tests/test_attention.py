@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import fastlm
 from fastlm import reference as R
 from fastlm.ops import _cpu_choice
-from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
+from conftest import CPU_LEVEL_BACKENDS, TRITON_ON_CPU, backend_name, on_backend, rel_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -27,7 +27,7 @@ def _serves(backend):
     return "attention" in fastlm.ops.get_backend(backend).ops
 
 
-KERNEL_BACKENDS = (CPU_LEVEL_BACKENDS if _serves("cpu") else []) + (["triton"] if _serves("triton") else [])
+KERNEL_BACKENDS = (CPU_LEVEL_BACKENDS if _serves("cpu") else []) + (["triton"] if _serves("triton") and TRITON_ON_CPU else [])
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 

@@ -186,7 +186,7 @@ def test_op_matches_reference(backend, op, data, seed):
     if not grad_idx:
         return
     # Backward: the same random cotangent for each output, in both computations.
-    cot = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in ref_out]
+    cot = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.device) for r in ref_out]
     torch.autograd.backward([r for r in ref_out], cot)
     torch.autograd.backward([o for o in out], [c.to(o.dtype).to(o.device) for c, o in zip(cot, out)])
     if low:

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from fastlm import ops
 from fastlm import reference as R
 
-from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
+from conftest import CPU_LEVEL_BACKENDS, TRITON_ON_CPU, backend_name, on_backend, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2}
 NATIVE = CPU_LEVEL_BACKENDS
-TRITON = "triton" in ops.backends()
+TRITON = TRITON_ON_CPU
 
 
 def _check(backend, N, C, V, dtype, reduction, chunk, ignore_frac, seed, lead=None):

@@ -11,11 +11,11 @@ import fastlm
 from fastlm import ops
 from fastlm import reference as R
 
-from conftest import CPU_LEVEL_BACKENDS, backend_name, on_backend, rel_error
+from conftest import CPU_LEVEL_BACKENDS, TRITON_ON_CPU, backend_name, on_backend, rel_error
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 NATIVE = CPU_LEVEL_BACKENDS
-TRITON = "triton" in ops.backends()
+TRITON = TRITON_ON_CPU
 
 
 def _inputs(shape, dtype, bias, residual, noncontig, seed):
