@@ -129,6 +129,9 @@ def _run_train(args):
     trainer = Trainer(model, cfg, data)
     try:
         summary = trainer.train()
+        # every rank is through before the group is torn down (not after an error: a rank
+        # that failed must exit, and torchrun then stops the others)
+        distributed.barrier(trainer.dist)
     finally:
         distributed.shutdown(trainer.dist)
     if not trainer.dist.is_main:
