@@ -45,6 +45,50 @@ def test_orthogonalize_keeps_float64_and_refuses_non_matrices():
             orthogonalize(bad)
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (32, 96), (3, 48, 24)])
+def test_orthogonalize_in_bf16_stays_near_float64(shape):
+    """bf16 products (the "bfloat16" / "auto" ns_dtype): the result is g's dtype, within bf16's
+    rounding of the float64 iteration, and its spectrum is flattened all the same."""
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    got = orthogonalize(g, dtype=torch.bfloat16)
+    assert got.dtype == g.dtype and got.shape == g.shape
+    want = orthogonalize(g.double())
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert 1e-4 < err < 5e-2  # it did round (bf16 ran), and only by bf16's precision
+    sv = torch.linalg.svdvals(got.double())
+    assert float(sv.max()) < 1.4 and float(sv.min()) > 0.3
+
+
+def test_ns_dtype_setting(monkeypatch):
+    """ns_dtype: "float32" and "bfloat16" as named; "auto" takes bf16 only where the device
+    multiplies it natively; float64 matrices keep float64 under "auto"; bad values refused."""
+    from fastlm import optim
+
+    cpu = torch.device("cpu")
+    assert optim.ns_dtype_for("float32", cpu, torch.float32) == torch.float32
+    assert optim.ns_dtype_for("bfloat16", cpu, torch.float32) == torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(optim, "native_bf16_products", lambda device, native=native: native)
+        assert optim.ns_dtype_for("auto", cpu, torch.float32) == (torch.bfloat16 if native else torch.float32)
+        assert optim.ns_dtype_for("auto", cpu, torch.float64) == torch.float64
+    # the step follows the setting: bf16 products round the update, float32 ones reproduce orthogonalize's
+    w = torch.nn.Parameter(torch.randn(40, 24, generator=torch.Generator().manual_seed(1)))
+    grad = torch.randn(40, 24, generator=torch.Generator().manual_seed(2))
+    updates = {}
+    for dt in ("float32", "bfloat16"):
+        p = torch.nn.Parameter(w.detach().clone())
+        p.grad = grad.clone()
+        Muon([p], lr=0.1, momentum=0.0, nesterov=False, ns_dtype=dt).step()
+        updates[dt] = (w.detach() - p.detach()) / 0.1 / (40 / 24) ** 0.5
+    assert torch.allclose(updates["float32"], orthogonalize(grad), atol=1e-6)
+    assert 1e-4 < ((updates["bfloat16"] - updates["float32"]).norm() / updates["float32"].norm()).item() < 5e-2
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([w], ns_dtype="float16")
+    from fastlm.train import TrainConfig
+    with pytest.raises(ValueError, match="muon_ns_dtype"):
+        TrainConfig(optimizer="muon", muon_ns_dtype="half")
+
+
 @pytest.mark.parametrize("shape", [(4, 9, 5), (3, 5, 9), (1, 7, 7)])
 def test_a_batch_is_each_matrix_orthogonalized_on_its_own(shape):
     g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(shape[0]))

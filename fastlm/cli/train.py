@@ -14,7 +14,8 @@ _TRAIN_FLAGS = {"batch_size": int, "grad_accum": int, "max_iters": int, "max_min
                 "min_lr": float, "warmup_iters": int, "lr_decay_iters": int, "weight_decay": float, "grad_clip": float,
                 "eval_interval": int, "eval_iters": int, "log_interval": int, "patience": int, "keep_last": int,
                 "seed": int, "backend": str, "device": str, "dtype": str, "threads": int,
-                "optimizer": str, "muon_lr": float, "muon_momentum": float, "muon_ns_steps": int, "lr_schedule": str,
+                "optimizer": str, "muon_lr": float, "muon_momentum": float, "muon_ns_steps": int, "muon_ns_dtype": str,
+                "lr_schedule": str,
                 "target_val_loss": float, "license": str}
 # GPTConfig's architecture switches: flags for the valued ones; all of them in a config file or a recipe
 _SWITCH_FLAGS = {"norm": str, "pos": str, "mlp": str, "logit_softcap": float}

@@ -48,6 +48,9 @@ class TrainConfig:
     muon_lr: float = 0.02  # the Muon group's peak learning rate (it follows the schedule scaled by muon_lr / lr)
     muon_momentum: float = 0.95
     muon_ns_steps: int = 5  # Newton-Schulz steps of Muon's orthogonalisation (fewer: cheaper, rougher)
+    # dtype of those steps' products: "auto" (bf16 where the device multiplies it natively: CUDA,
+    # CPUs with AVX512_BF16 or AMX; float32 elsewhere), "float32" or "bfloat16"
+    muon_ns_dtype: str = "auto"
     weight_decay: float = 0.1  # AdamW's, on matrices (embeddings, output layer) only
     beta1: float = 0.9
     beta2: float = 0.99
@@ -105,6 +108,8 @@ class TrainConfig:
             (0 <= self.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
             (isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps <= 20,
              f"muon_ns_steps must be an integer in [1, 20], got {self.muon_ns_steps!r}"),
+            (self.muon_ns_dtype in ("auto", "float32", "bfloat16"),
+             f"muon_ns_dtype must be 'auto', 'float32' or 'bfloat16', got {self.muon_ns_dtype!r}"),
             # Muon orthogonalises each whole matrix; FSDP leaves each rank a shard of it.
             (self.optimizer != "muon" or not self.fsdp,
              "optimizer='muon' does not run with fsdp=True (FSDP shards the matrices Muon orthogonalises "
@@ -216,7 +221,7 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device):
                              "outside its embeddings and output layer)")
         adam = [dict(g, use_muon=False, **kw) for g in groups if g["params"]]
         return MuonWithAdamW([{"params": matrices, "use_muon": True, "lr": cfg.muon_lr, "lr_ratio": cfg.muon_lr / cfg.lr,
-                               "momentum": cfg.muon_momentum, "ns_steps": cfg.muon_ns_steps,
+                               "momentum": cfg.muon_momentum, "ns_steps": cfg.muon_ns_steps, "ns_dtype": cfg.muon_ns_dtype,
                                "weight_decay": 0.0}] + adam)
     if cfg.fused_adamw and not cfg.fsdp:
         from ..optim import AdamW, fits_native_adamw

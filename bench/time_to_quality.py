@@ -1,0 +1,150 @@
+"""Wall time to a validation loss: nanoGPT's own `train.py` against `fastlm train --recipe fast`,
+as a user runs each (whole processes, from their start to the first evaluation at or below the
+target), on character-level tiny Shakespeare, the same model size, rounds interleaved.
+
+    python bench/time_to_quality.py --nanogpt PATH/TO/nanoGPT [--rounds 2] [--threads 2]
+        [--target 1.88] [--json bench/results/time_to_quality_<YYYY-MM-DD>_<tag>.json]
+
+nanoGPT: its CPU recipe for this data (`config/train_shakespeare_char.py` at 4 layers x 4 heads
+x 128, block 64, batch 12, dropout 0, no compile), the cosine stretched to 3000 steps (its 2000
+steps do not reach 1.88), evaluation every 100 steps over 50 batches. Its data comes from its own
+`data/shakespeare_char/prepare.py`, fed the shared copy of the text (nothing is downloaded).
+fastlm: the same text as bytes (vocabulary 256 + end-of-text, 10% held out as nanoGPT does), the
+`fast` recipe at the same size, evaluation every 50 steps over 50 batches, `--target-val-loss`.
+Both losses are nats per character of the same text. A process is stopped once it has reported
+the target (nanoGPT would otherwise train on to its last step).
+
+Prints a markdown table (each round's seconds and the ratio fastlm / nanoGPT, then the medians);
+`--json` keeps the rows (`python bench/tables.py FILE` prints them again).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+SIZE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
+NANOGPT_EVAL = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
+FASTLM_EVAL = re.compile(r"step (\d+): train [\d.]+, val ([\d.]+)")
+
+
+def nanogpt_command(nanogpt: Path, out: Path) -> list[str]:
+    s = SIZE
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+            "--eval_iters=50", f"--block_size={s['block_size']}", f"--batch_size={s['batch_size']}",
+            f"--n_layer={s['n_layer']}", f"--n_head={s['n_head']}", f"--n_embd={s['n_embd']}", "--max_iters=3000",
+            "--lr_decay_iters=3000", "--dropout=0.0", "--eval_interval=100", f"--out_dir={out}",
+            "--always_save_checkpoint=False"]
+
+
+def fastlm_command(data: Path, out: Path, target: float) -> list[str]:
+    s = SIZE
+    return [sys.executable, "-m", "fastlm", "train", "--data", str(data), "--recipe", "fast",
+            "--n-layer", str(s["n_layer"]), "--n-head", str(s["n_head"]), "--n-embd", str(s["n_embd"]),
+            "--block-size", str(s["block_size"]), "--batch-size", str(s["batch_size"]), "--eval-iters", "50",
+            "--target-val-loss", str(target), "--out", str(out)]
+
+
+def prepare_nanogpt(nanogpt: Path) -> None:
+    folder = nanogpt / "data" / "shakespeare_char"
+    if (folder / "train.bin").is_file() and (folder / "meta.pkl").is_file():
+        return
+    shutil.copyfile(SHAKESPEARE, folder / "input.txt")  # prepare.py downloads only when this is absent
+    subprocess.run([sys.executable, "prepare.py"], cwd=folder, check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare_fastlm(root: Path) -> Path:
+    from fastlm import Tokenizer
+    from fastlm.data import prepare
+
+    tok = Tokenizer.train([""], 256)  # plain bytes: one id a character of this ASCII text
+    prepare([SHAKESPEARE], root / "shakespeare_char", tokenizer=tok, val_fraction=0.1, progress=False, verbose=False)
+    return root / "shakespeare_char"
+
+
+def time_to_target(cmd: list[str], cwd: Path, pattern: re.Pattern, target: float, env: dict,
+                   limit_s: float) -> dict:
+    """Run ``cmd``; the wall seconds from its start to the first evaluation <= target."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    evals, reached = [], None
+    try:
+        for line in proc.stdout:
+            m = pattern.search(line)
+            if not m:
+                continue
+            step, val = int(m.group(1)), float(m.group(2))
+            evals.append((step, val, round(time.perf_counter() - t0, 1)))
+            if val <= target:
+                reached = {"step": step, "val_loss": val, "seconds": round(time.perf_counter() - t0, 1)}
+                break
+            if time.perf_counter() - t0 > limit_s:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return {"reached": reached, "evaluations": evals}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nanogpt", required=True, type=Path, help="a checkout of karpathy/nanoGPT")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--limit", type=float, default=900.0, help="give a run up after this many seconds")
+    ap.add_argument("--fastlm-args", default="", help="more flags for fastlm train (one string), e.g. "
+                                                    "'--muon-ns-dtype float32'")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if not SHAKESPEARE.is_file():
+        sys.exit(f"{SHAKESPEARE} is absent")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    prepare_nanogpt(args.nanogpt)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fastlm-ttq-") as tmp:
+        tmp = Path(tmp)
+        data = prepare_fastlm(tmp)
+        for r in range(args.rounds):
+            n = time_to_target(nanogpt_command(args.nanogpt, tmp / f"nano{r}"), args.nanogpt, NANOGPT_EVAL, args.target,
+                               env, args.limit)
+            f = time_to_target(fastlm_command(data, tmp / f"fast{r}", args.target) + args.fastlm_args.split(),
+                               Path.cwd(), FASTLM_EVAL,
+                               args.target, env, args.limit)
+            row = {"round": r + 1, "nanogpt": n, "fastlm": f}
+            if n["reached"] and f["reached"]:
+                row["ratio"] = round(f["reached"]["seconds"] / n["reached"]["seconds"], 3)
+            rows.append(row)
+            print(json.dumps({k: (v["reached"] if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
+    print(f"\ntarget val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: {args.fastlm_args!r}")
+    print("| round | nanoGPT train.py: step, val, s | fastlm --recipe fast: step, val, s | fastlm / nanoGPT |")
+    print("| --- | --- | --- | --- |")
+
+    def cell(x):
+        return "not reached" if not x["reached"] else f"{x['reached']['step']}, {x['reached']['val_loss']:.4f}, " \
+                                                       f"{x['reached']['seconds']:.1f}"
+    for row in rows:
+        print(f"| {row['round']} | {cell(row['nanogpt'])} | {cell(row['fastlm'])} | {row.get('ratio', '-')} |")
+    ratios = [row["ratio"] for row in rows if "ratio" in row]
+    if ratios:
+        print(f"| median | | | {statistics.median(ratios):.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"target": args.target, "threads": args.threads, "size": SIZE,
+                                         "fastlm_args": args.fastlm_args,
+                                         "rows": rows, "median_ratio": statistics.median(ratios) if ratios else None},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
