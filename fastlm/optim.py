@@ -255,9 +255,12 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     if tall:
         x = x.transpose(-2, -1)
     x = (x / (x.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)
+    # x <- a x + (b s + c s^2) x with s = x x^T, each "p q + beta r" one product call (addmm /
+    # baddbmm) instead of a product, two scalings and an add over the whole matrix
+    fma = torch.addmm if x.dim() == 2 else torch.baddbmm
     for _ in range(steps):
-        s = x @ x.transpose(-2, -1)
-        x = a * x + (b * s + c * (s @ s)) @ x
+        s = torch.matmul(x, x.transpose(-2, -1))
+        x = fma(x, fma(s, s, s, beta=b, alpha=c), x, beta=a)
     if tall:
         x = x.transpose(-2, -1)
     return x.to(g.dtype)
