@@ -6,11 +6,9 @@ Elsewhere the automatic choice lets the reference backend serve, which on a GPU 
 fused ops (``_torch_forms``); an explicit ``use_backend("cuda" | "triton")`` or
 ``FASTLM_BACKEND`` still runs the kernels.
 
-triton: on an H200 every op measured behind torch (attention forward 0.33-0.64x SDPA, forward
-+ backward 0.16-0.57x, decode 0.10-0.56x, residual + norm forward + backward 0.28-0.41x, the
-fused output layer + loss 0.10-0.40x; only the residual + norm forward at 4096-8192 columns was
-ahead, 1.06-1.21x, and training needs the backward too). cuda: correct on the H200 where it was
-tested, not yet timed there, so it is not preferred until a benchmark shows it ahead.
+triton: on an H200 every op measured behind torch's, but for the residual + norm forward at wide
+rows, and training needs the backward too. cuda: built and loaded on the H200, not yet timed
+there, so not preferred until a benchmark shows it ahead.
 """
 from __future__ import annotations
 
