@@ -26,6 +26,7 @@ training run more start-up time than anything else it loads.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -291,9 +292,11 @@ def _muon_apply(p, update, group):
 NS_DTYPES = ("auto", "float32", "bfloat16")
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16_products(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively on ``device`` (and so about twice as fast as
-    float32): CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX (oneDNN's bf16 kernels)."""
+    float32): CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX (oneDNN's bf16 kernels). Asked
+    once per device, not at every optimizer step."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
