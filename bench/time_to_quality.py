@@ -3,14 +3,16 @@ as a user runs each (whole processes, from their start to the first evaluation a
 target), on character-level tiny Shakespeare, the same model size, rounds interleaved.
 
     python bench/time_to_quality.py --nanogpt PATH/TO/nanoGPT [--rounds 2] [--threads 2]
-        [--target 1.88] [--json bench/results/time_to_quality_<YYYY-MM-DD>_<tag>.json]
+        [--target 1.88] [--variant "FLAGS"]... [--json bench/results/time_to_quality_<YYYY-MM-DD>_<tag>.json]
 
 nanoGPT: its CPU recipe for this data (`config/train_shakespeare_char.py` at 4 layers x 4 heads
 x 128, block 64, batch 12, dropout 0, no compile), the cosine stretched to 3000 steps (its 2000
 steps do not reach 1.88), evaluation every 100 steps over 50 batches. Its data comes from its own
 `data/shakespeare_char/prepare.py`, fed the shared copy of the text (nothing is downloaded).
 fastlm: the same text as bytes (vocabulary 256 + end-of-text, 10% held out as nanoGPT does), the
-`fast` recipe at the same size, evaluation every 50 steps over 50 batches, `--target-val-loss`.
+`fast` recipe at the same size (its own schedule and evaluation cadence), evaluations over 50
+batches, `--target-val-loss`; each `--variant` is one more fastlm run per round with more flags
+(another size, say), timed against the same nanoGPT run.
 Both losses are nats per character of the same text. A process is stopped once it has reported
 the target (nanoGPT would otherwise train on to its last step).
 
@@ -105,6 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, default=900.0, help="give a run up after this many seconds")
     ap.add_argument("--fastlm-args", default="", help="more flags for fastlm train (one string), e.g. "
                                                     "'--muon-ns-dtype float32'")
+    ap.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                    help="another fastlm run in each round, its flags on top of the recipe's and --fastlm-args "
+                         "(one string, repeatable), e.g. '--n-layer 2 --max-iters 420 --eval-interval 140': a "
+                         "size of its own against the same nanoGPT run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not SHAKESPEARE.is_file():
@@ -124,6 +130,13 @@ def main(argv=None) -> int:
             row = {"round": r + 1, "nanogpt": n, "fastlm": f}
             if n["reached"] and f["reached"]:
                 row["ratio"] = round(f["reached"]["seconds"] / n["reached"]["seconds"], 3)
+            for i, flags in enumerate(args.variant):
+                v = time_to_target(fastlm_command(data, tmp / f"variant{i}_{r}", args.target) + args.fastlm_args.split()
+                                   + flags.split(), Path.cwd(), FASTLM_EVAL, args.target, env, args.limit)
+                v["flags"] = flags
+                if n["reached"] and v["reached"]:
+                    v["ratio"] = round(v["reached"]["seconds"] / n["reached"]["seconds"], 3)
+                row.setdefault("variants", []).append(v)
             rows.append(row)
             print(json.dumps({k: (v["reached"] if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
     print(f"\ntarget val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: {args.fastlm_args!r}")
@@ -138,6 +151,18 @@ def main(argv=None) -> int:
     ratios = [row["ratio"] for row in rows if "ratio" in row]
     if ratios:
         print(f"| median | | | {statistics.median(ratios):.3f} |")
+    for i, flags in enumerate(args.variant):
+        print(f"\nvariant {flags!r}:")
+        print("| round | fastlm: step, val, s | fastlm / nanoGPT |")
+        print("| --- | --- | --- |")
+        vr = []
+        for row in rows:
+            v = row["variants"][i]
+            print(f"| {row['round']} | {cell(v)} | {v.get('ratio', '-')} |")
+            if "ratio" in v:
+                vr.append(v["ratio"])
+        if vr:
+            print(f"| median | | {statistics.median(vr):.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"target": args.target, "threads": args.threads, "size": SIZE,
                                          "fastlm_args": args.fastlm_args,
