@@ -71,7 +71,8 @@ def run_line(data):
 
 def cpu_ops_table(datas):
     """One row per (op, case, shape, competitor), one column per level (the levels in the
-    order their files were given)."""
+    order their files were given). Where a case timed a floor (plain copies of the bytes the
+    op must move), its cell adds the ratio a kernel as fast as that copying would reach."""
     rows, levels, ceilings, caps = {}, [], {}, {}
     for data in datas:
         for b in data["benchmarks"]:
@@ -84,11 +85,13 @@ def cpu_ops_table(datas):
                 ceilings[level] = f"{e['matmul_gflops']:.0f} GFLOP/s, {e['copy_gbs']:.1f} GB/s"
                 continue
             key = (e["op"], e["kind"], tuple(e["shape"]), e["competitor"])
-            rows.setdefault(key, {})[level] = (e["ratio"], e["fastlm_ms"], e["torch_ms"])
+            rows.setdefault(key, {})[level] = (e["ratio"], e["fastlm_ms"], e["torch_ms"], e.get("ceiling_ratio"))
     head = "| op | case | shape | competitor | " + " | ".join(f"{lv}: ratio (fastlm / torch ms)" for lv in levels)
     lines = [head + " |", "|" + " --- |" * (4 + len(levels))]
     for (op, kind, shape, comp), per in rows.items():
-        cells = [f"{per[lv][0]:.2f}x ({per[lv][1]:.2f} / {per[lv][2]:.2f})" if lv in per else "-" for lv in levels]
+        cells = [(f"{per[lv][0]:.2f}x ({per[lv][1]:.2f} / {per[lv][2]:.2f})"
+                  + (f"; at the copy floor {per[lv][3]:.2f}x" if per[lv][3] is not None else "")) if lv in per else "-"
+                 for lv in levels]
         lines.append(f"| {op} | {kind} | {shape} | {comp} | " + " | ".join(cells) + " |")
     lines.append("")
     note = "torch's capability per run: " + ", ".join(f"{lv}: {caps[lv]}" for lv in levels)

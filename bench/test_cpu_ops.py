@@ -36,13 +36,18 @@ def _faults():
 _close = assert_close  # relative error in float64 against the reference or torch's op
 
 
-def _pair(benchmark, ours, theirs, rounds, **info):
+def _pair(benchmark, ours, theirs, rounds, floor=None, **info):
     """Alternate ours() and theirs() for `rounds` rounds after a warm-up; extra_info gets the
-    medians and the median per-round ratio (theirs / ours: above 1 means fastlm is faster)."""
+    medians and the median per-round ratio (theirs / ours: above 1 means fastlm is faster).
+    ``floor``: a call that only moves the bytes the op must move (plain torch copies of the
+    same streams), timed third in every round; extra_info then also gets its median and the
+    median per-round theirs / floor, the ratio a kernel as fast as that copying would reach."""
     for _ in range(2):
         ours()
         theirs()
-    t_ours, t_theirs, ratios = [], [], []
+        if floor is not None:
+            floor()
+    t_ours, t_theirs, t_floor, ratios, ceiling = [], [], [], [], []
     faults = {"ours": 0, "theirs": 0}
 
     def one_round():
@@ -58,6 +63,11 @@ def _pair(benchmark, ours, theirs, rounds, **info):
         t_ours.append(t1 - t0)
         t_theirs.append(t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
+        if floor is not None:
+            t3 = time.perf_counter()
+            floor()
+            t_floor.append(time.perf_counter() - t3)
+            ceiling.append((t2 - t1) / t_floor[-1])
 
     benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update(
@@ -65,6 +75,9 @@ def _pair(benchmark, ours, theirs, rounds, **info):
         threads=torch.get_num_threads(), fastlm_ms=statistics.median(t_ours) * 1e3,
         torch_ms=statistics.median(t_theirs) * 1e3, ratio=statistics.median(ratios),
         fastlm_faults_per_call=faults["ours"] / rounds, torch_faults_per_call=faults["theirs"] / rounds)
+    if floor is not None:
+        benchmark.extra_info.update(floor_ms=statistics.median(t_floor) * 1e3,
+                                    ceiling_ratio=statistics.median(ceiling))
 
 
 def _cpu():
@@ -159,9 +172,12 @@ def test_residual_layer_norm_fwd(benchmark, shape):
         h = x + r
         return F.layer_norm(h, (C,), w, b), h
 
+    def floor():  # the four streams: read x and r, write h and the output
+        return x.clone(), r.clone()
+
     _close(ours(), theirs(), 1e-5)  # out and h = x + r
-    _pair(benchmark, ours, theirs, rounds=15, op="layer_norm", kind="residual fwd", shape=list(shape),
-          competitor="x + r; F.layer_norm")
+    _pair(benchmark, ours, theirs, rounds=15, floor=floor, op="layer_norm", kind="residual fwd",
+          shape=list(shape), competitor="x + r; F.layer_norm")
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
@@ -190,8 +206,13 @@ def test_norm_fwdbwd(benchmark, shape, kind):
         def theirs():
             return torch.autograd.grad(F.rms_norm(x, (C,), w, eps=1e-6), (x, w), dy)
 
+    xd = x.detach()
+
+    def floor():  # the five streams: read x, write y; read x and dy, write dx
+        return xd.clone(), xd + dy
+
     _close(ours(), theirs(), 1e-5)  # dx, dw (and db)
-    _pair(benchmark, ours, theirs, rounds=15, op=kind, kind="fwd+bwd", shape=list(shape),
+    _pair(benchmark, ours, theirs, rounds=15, floor=floor, op=kind, kind="fwd+bwd", shape=list(shape),
           competitor=f"F.{kind}")
 
 
