@@ -3,7 +3,7 @@ as a user runs each (whole processes, from their start to the first evaluation a
 target), on character-level tiny Shakespeare, the same model size, rounds interleaved.
 
     python bench/time_to_quality.py --nanogpt PATH/TO/nanoGPT [--rounds 2] [--threads 2]
-        [--target 1.88] [--variant "FLAGS"]... [--json bench/results/time_to_quality_<YYYY-MM-DD>_<tag>.json]
+        [--target 1.88] [--level avx2] [--variant "FLAGS"]... [--json bench/results/time_to_quality_<YYYY-MM-DD>_<tag>.json]
 
 nanoGPT: its CPU recipe for this data (`config/train_shakespeare_char.py` at 4 layers x 4 heads
 x 128, block 64, batch 12, dropout 0, no compile), the cosine stretched to 3000 steps (its 2000
@@ -111,11 +111,19 @@ def main(argv=None) -> int:
                     help="another fastlm run in each round, its flags on top of the recipe's and --fastlm-args "
                          "(one string, repeatable), e.g. '--n-layer 2 --max-iters 420 --eval-interval 140': a "
                          "size of its own against the same nanoGPT run")
+    ap.add_argument("--level", help="run both programs at this SIMD level: fastlm's kernels (FASTLM_CPU_ISA) and "
+                                    "torch's (its own switches, as bench/cpu_levels.py sets them), e.g. avx2 on an "
+                                    "AVX-512 machine; default: each at its best")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not SHAKESPEARE.is_file():
         sys.exit(f"{SHAKESPEARE} is absent")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    if args.level:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from cpu_levels import TORCH_AT  # noqa: E402  (torch's switches for each level)
+
+        env.update(FASTLM_CPU_ISA=args.level, **TORCH_AT[args.level])
     prepare_nanogpt(args.nanogpt)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastlm-ttq-") as tmp:
@@ -139,7 +147,8 @@ def main(argv=None) -> int:
                 row.setdefault("variants", []).append(v)
             rows.append(row)
             print(json.dumps({k: (v["reached"] if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
-    print(f"\ntarget val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: {args.fastlm_args!r}")
+    print(f"\ntarget val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: {args.fastlm_args!r}, "
+          f"level: {args.level or 'best'}")
     print("| round | nanoGPT train.py: step, val, s | fastlm --recipe fast: step, val, s | fastlm / nanoGPT |")
     print("| --- | --- | --- | --- |")
 
@@ -165,6 +174,7 @@ def main(argv=None) -> int:
             print(f"| median | | {statistics.median(vr):.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"target": args.target, "threads": args.threads, "size": SIZE,
+                                         "level": args.level,
                                          "fastlm_args": args.fastlm_args,
                                          "rows": rows, "median_ratio": statistics.median(ratios) if ratios else None},
                                         indent=1))

@@ -295,11 +295,15 @@ NS_DTYPES = ("auto", "float32", "bfloat16")
 @functools.lru_cache(maxsize=None)
 def native_bf16_products(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively on ``device`` (and so about twice as fast as
-    float32): CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX (oneDNN's bf16 kernels). Asked
-    once per device, not at every optimizer step."""
+    float32): CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX (oneDNN's bf16 kernels) where
+    torch is not held below AVX-512 (``ATEN_CPU_CAPABILITY=avx2``, as when an AVX-512 machine
+    stands in for an AVX2 one: its bf16 products are then emulated). Asked once per device, not
+    at every optimizer step."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
+            return False
         cpu = getattr(torch, "cpu", None)
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(cpu, name, lambda: False)() for name in probes)

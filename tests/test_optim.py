@@ -89,6 +89,21 @@ def test_ns_dtype_setting(monkeypatch):
         TrainConfig(optimizer="muon", muon_ns_dtype="half")
 
 
+def test_no_native_bf16_where_torch_is_held_below_avx512():
+    """With torch's kernels held to AVX2 (an AVX-512 machine standing in for an AVX2 one), bf16
+    products are emulated, so "auto" keeps the Newton-Schulz products in float32."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from fastlm.optim import native_bf16_products, ns_dtype_for; "
+            "d = torch.device('cpu'); print(native_bf16_products(d), ns_dtype_for('auto', d, torch.float32))")
+    for cap in ("avx2", "default"):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ATEN_CPU_CAPABILITY=cap),
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out == ["False", "torch.float32"], (cap, out)
+
+
 @pytest.mark.parametrize("shape", [(4, 9, 5), (3, 5, 9), (1, 7, 7)])
 def test_a_batch_is_each_matrix_orthogonalized_on_its_own(shape):
     g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(shape[0]))
