@@ -256,15 +256,40 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     if tall:
         x = x.transpose(-2, -1)
     x = (x / (x.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)
-    # x <- a x + (b s + c s^2) x with s = x x^T, each "p q + beta r" one product call (addmm /
-    # baddbmm) instead of a product, two scalings and an add over the whole matrix
     fma = torch.addmm if x.dim() == 2 else torch.baddbmm
-    for _ in range(steps):
-        s = torch.matmul(x, x.transpose(-2, -1))
-        x = fma(x, fma(s, s, s, beta=b, alpha=c), x, beta=a)
+    if dtype != torch.bfloat16 and x.size(-1) >= 2 * x.size(-2):
+        x = _gram_iteration(x, steps, fma)
+    else:
+        # x <- a x + (b s + c s^2) x with s = x x^T, each "p q + beta r" one product call (addmm /
+        # baddbmm) instead of a product, two scalings and an add over the whole matrix
+        for _ in range(steps):
+            s = torch.matmul(x, x.transpose(-2, -1))
+            x = fma(x, fma(s, s, s, beta=b, alpha=c), x, beta=a)
     if tall:
         x = x.transpose(-2, -1)
     return x.to(g.dtype)
+
+
+def _gram_iteration(x, steps, fma):
+    """The same Newton-Schulz steps for a wide x (m, n), n >= 2m, run on its m x m Gram matrix.
+    Step k is x_{k+1} = p_k x_k with p_k = a I + b s_k + c s_k^2, s_k = x_k x_k^T, so
+    s_{k+1} = p_k s_k p_k = p_k^2 s_k (p_k is a polynomial in s_k, so they commute) and the
+    result is (p_{steps-1} ... p_0) x_0: two (m, n) products in all instead of two a step, and
+    about 17 m^3 of square ones, which is fewer multiply-adds once n >= 2m (41% fewer over a
+    GPT block's matrices of n = 3m and 4m). Exact arithmetic gives the plain iteration's result;
+    in float32 it matches it to float32's rounding. bf16 rounds the accumulated product too
+    coarsely (twice the plain iteration's error), so bf16 keeps the plain steps."""
+    a, b, c = NS_COEFFICIENTS
+    m = x.size(-2)
+    eye = torch.eye(m, dtype=x.dtype, device=x.device).expand(x.shape[:-2] + (m, m))
+    s = torch.matmul(x, x.transpose(-2, -1))
+    q = None
+    for k in range(steps):
+        p = fma(torch.add(eye, s, alpha=b / a).mul_(a), s, s, alpha=c)  # a I + b s + c s^2
+        q = p if q is None else torch.matmul(p, q)
+        if k + 1 < steps:
+            s = torch.matmul(p, torch.matmul(p, s))
+    return torch.matmul(q, x)
 
 
 def _muon_direction(p, state, group):

@@ -37,6 +37,30 @@ def test_orthogonalize_matches_float64_and_flattens_the_spectrum(shape):
     assert float(cos) > 0.9
 
 
+@pytest.mark.parametrize("shape", [(2, 9), (5, 17), (128, 384), (128, 512), (512, 128), (3, 40, 13), (1, 1, 2)])
+def test_gram_form_is_the_plain_iteration(shape):
+    """Matrices with one side at least twice the other run the steps on their Gram matrix
+    (float32 / float64): the same iteration, to the dtype's rounding, batched or not."""
+    from fastlm import optim
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    mats = g.reshape(-1, *shape[-2:])
+    want = torch.stack([_ns_float64(m, 5) for m in mats]).reshape(shape)
+    got64 = orthogonalize(g.double())
+    assert ((got64 - want).norm() / want.norm()).item() < 1e-12
+    got32 = orthogonalize(g)
+    assert ((got32.double() - want).norm() / want.norm()).item() < 1e-5
+    # the form itself, on the wide orientation, against the plain steps in float64
+    x = mats.double().mT if mats.size(-2) > mats.size(-1) else mats.double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    a, b, c = NS_COEFFICIENTS
+    plain = x
+    for _ in range(5):
+        s_ = plain @ plain.mT
+        plain = a * plain + (b * s_ + c * s_ @ s_) @ plain
+    assert torch.allclose(optim._gram_iteration(x, 5, torch.baddbmm), plain, atol=1e-12)
+
+
 def test_orthogonalize_keeps_float64_and_refuses_non_matrices():
     g = torch.randn(5, 9, dtype=torch.float64)
     assert orthogonalize(g).dtype == torch.float64
