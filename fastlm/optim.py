@@ -248,7 +248,6 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     bf16's 8-bit mantissa does as well; the norm is taken in float32). Returned in g's dtype."""
     if g.dim() not in (2, 3):
         raise ValueError(f"orthogonalize: expected a matrix or a batch of matrices, got shape {tuple(g.shape)}")
-    a, b, c = NS_COEFFICIENTS
     if dtype is None:
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
     x = g.float() if g.dtype != torch.float64 else g
@@ -256,21 +255,26 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     if tall:
         x = x.transpose(-2, -1)
     x = (x / (x.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)
-    fma = torch.addmm if x.dim() == 2 else torch.baddbmm
-    if dtype != torch.bfloat16 and x.size(-1) >= 2 * x.size(-2):
-        x = _gram_iteration(x, steps, fma)
-    else:
-        # x <- a x + (b s + c s^2) x with s = x x^T, each "p q + beta r" one product call (addmm /
-        # baddbmm) instead of a product, two scalings and an add over the whole matrix
-        for _ in range(steps):
-            s = torch.matmul(x, x.transpose(-2, -1))
-            x = fma(x, fma(s, s, s, beta=b, alpha=c), x, beta=a)
+    gram = dtype != torch.bfloat16 and x.size(-1) >= 2 * x.size(-2)
+    x = (_gram_iteration if gram else _plain_iteration)(x, steps)
     if tall:
         x = x.transpose(-2, -1)
     return x.to(g.dtype)
 
 
-def _gram_iteration(x, steps, fma):
+def _plain_iteration(x, steps):
+    """``steps`` Newton-Schulz steps of a wide x (m, n) or a batch of them: x <- a x + (b s +
+    c s^2) x with s = x x^T, each "p q + beta r" one product call (addmm / baddbmm) instead of
+    a product, two scalings and an add over the whole matrix."""
+    a, b, c = NS_COEFFICIENTS
+    fma = torch.addmm if x.dim() == 2 else torch.baddbmm
+    for _ in range(steps):
+        s = torch.matmul(x, x.transpose(-2, -1))
+        x = fma(x, fma(s, s, s, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+def _gram_iteration(x, steps):
     """The same Newton-Schulz steps for a wide x (m, n), n >= 2m, run on its m x m Gram matrix.
     Step k is x_{k+1} = p_k x_k with p_k = a I + b s_k + c s_k^2, s_k = x_k x_k^T, so
     s_{k+1} = p_k s_k p_k = p_k^2 s_k (p_k is a polynomial in s_k, so they commute) and the
@@ -280,12 +284,12 @@ def _gram_iteration(x, steps, fma):
     in float32 it matches it to float32's rounding. bf16 rounds the accumulated product too
     coarsely (twice the plain iteration's error), so bf16 keeps the plain steps."""
     a, b, c = NS_COEFFICIENTS
-    m = x.size(-2)
-    eye = torch.eye(m, dtype=x.dtype, device=x.device).expand(x.shape[:-2] + (m, m))
+    fma = torch.addmm if x.dim() == 2 else torch.baddbmm
     s = torch.matmul(x, x.transpose(-2, -1))
     q = None
     for k in range(steps):
-        p = fma(torch.add(eye, s, alpha=b / a).mul_(a), s, s, alpha=c)  # a I + b s + c s^2
+        p = fma(s, s, s, beta=b, alpha=c)
+        p.diagonal(dim1=-2, dim2=-1).add_(a)  # a I + b s + c s^2
         q = p if q is None else torch.matmul(p, q)
         if k + 1 < steps:
             s = torch.matmul(p, torch.matmul(p, s))

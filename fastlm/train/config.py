@@ -88,6 +88,7 @@ class TrainConfig:
     peak_flops: float | None = None  # for MFU; None: measured (CPU) or looked up (GPU)
 
     def __post_init__(self):
+        from ..optim import NS_DTYPES  # the one list of Newton-Schulz dtypes
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
@@ -112,8 +113,8 @@ class TrainConfig:
             (0 <= self.muon_momentum < 1, "muon_momentum must be in [0, 1)"),
             (isinstance(self.muon_ns_steps, int) and 1 <= self.muon_ns_steps <= 20,
              f"muon_ns_steps must be an integer in [1, 20], got {self.muon_ns_steps!r}"),
-            (self.muon_ns_dtype in ("auto", "float32", "bfloat16"),
-             f"muon_ns_dtype must be 'auto', 'float32' or 'bfloat16', got {self.muon_ns_dtype!r}"),
+            (self.muon_ns_dtype in NS_DTYPES,
+             f"muon_ns_dtype must be one of {', '.join(NS_DTYPES)}, got {self.muon_ns_dtype!r}"),
             # Muon orthogonalises each whole matrix; FSDP leaves each rank a shard of it.
             (self.optimizer != "muon" or not self.fsdp,
              "optimizer='muon' does not run with fsdp=True (FSDP shards the matrices Muon orthogonalises "
