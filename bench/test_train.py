@@ -19,6 +19,8 @@ of that shape; median(plain) / median(floor) is the most any implementation coul
 Time to quality (recipe (a), 2000 steps, lr 1e-3 cosine to 2000, dropout 0, target val
 loss <= 1.88):
 ``pytest bench/test_train.py -k quality -s`` (several minutes per path).
+Muon's orthogonalisation in float32, the Gram form against the plain steps:
+``pytest bench/test_train.py --benchmark-only -k orthogonalize``.
 Threads: FASTLM_BENCH_THREADS (default 2); fp32.
 """
 import contextlib
@@ -159,6 +161,31 @@ def test_throughput_matmul_floor(benchmark, shape):
     benchmark.group = f"train-step {shape} threads={THREADS}"
     benchmark.extra_info.update(gflop=floor.flops / 1e9, products=len(floor.ops))
     benchmark.pedantic(floor, rounds=30 if shape.startswith("a") else 8, warmup_rounds=3, iterations=1)
+
+
+# ----------------------------------------------------------------------------- Muon's orthogonalisation
+# The same-shaped batches Muon orthogonalises each step for the 4 x 4 x 128 model of shape (a)
+# (query/key/value 128 x 384, the MLP's two 128 x 512 on their short side) and for a 4 x 1024
+# model (1024 x 4096), in float32 (the products' dtype where bf16 is not native): the Gram form
+# fastlm takes for matrices at least twice as wide as tall, against the plain steps of the same
+# iteration ("plain", the competitor). Both start from the same normalised input.
+NS_BATCHES = {"4 x 128x384": (4, 128, 384), "8 x 128x512": (8, 128, 512), "4 x 1024x4096": (4, 1024, 4096)}
+
+
+@pytest.mark.parametrize("impl", ["plain", "fastlm"])
+@pytest.mark.parametrize("batch", list(NS_BATCHES))
+def test_orthogonalize_float32(benchmark, batch, impl):
+    from fastlm import optim
+
+    shape = NS_BATCHES[batch]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    fn = optim._gram_iteration if impl == "fastlm" else optim._plain_iteration
+    want = optim._plain_iteration(x.double(), 5)
+    assert ((fn(x, 5).double() - want).norm() / want.norm()).item() < 1e-5
+    benchmark.group = f"orthogonalize float32 {batch} threads={THREADS}"
+    benchmark.extra_info["impl"] = impl
+    benchmark.pedantic(lambda: fn(x, 5), rounds=20 if shape[-1] < 1024 else 5, warmup_rounds=2, iterations=1)
 
 
 # ----------------------------------------------------------------------------- time to quality
