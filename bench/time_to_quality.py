@@ -132,19 +132,21 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             n = time_to_target(nanogpt_command(args.nanogpt, tmp / f"nano{r}"), args.nanogpt, NANOGPT_EVAL, args.target,
                                env, args.limit)
-            f = time_to_target(fastlm_command(data, tmp / f"fast{r}", args.target) + args.fastlm_args.split(),
-                               Path.cwd(), FASTLM_EVAL,
-                               args.target, env, args.limit)
-            row = {"round": r + 1, "nanogpt": n, "fastlm": f}
-            if n["reached"] and f["reached"]:
-                row["ratio"] = round(f["reached"]["seconds"] / n["reached"]["seconds"], 3)
-            for i, flags in enumerate(args.variant):
-                v = time_to_target(fastlm_command(data, tmp / f"variant{i}_{r}", args.target) + args.fastlm_args.split()
+
+            def fastlm_run(out, flags=""):
+                """fastlm with the recipe, --fastlm-args and ``flags``, its ratio to this round's nanoGPT."""
+                f = time_to_target(fastlm_command(data, tmp / out, args.target) + args.fastlm_args.split()
                                    + flags.split(), Path.cwd(), FASTLM_EVAL, args.target, env, args.limit)
-                v["flags"] = flags
-                if n["reached"] and v["reached"]:
-                    v["ratio"] = round(v["reached"]["seconds"] / n["reached"]["seconds"], 3)
-                row.setdefault("variants", []).append(v)
+                if n["reached"] and f["reached"]:
+                    f["ratio"] = round(f["reached"]["seconds"] / n["reached"]["seconds"], 3)
+                return f
+
+            f = fastlm_run(f"fast{r}")
+            row = {"round": r + 1, "nanogpt": n, "fastlm": f}
+            if "ratio" in f:
+                row["ratio"] = f.pop("ratio")
+            for i, flags in enumerate(args.variant):
+                row.setdefault("variants", []).append(dict(fastlm_run(f"variant{i}_{r}", flags), flags=flags))
             rows.append(row)
             print(json.dumps({k: (v["reached"] if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
     print(f"\ntarget val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: {args.fastlm_args!r}, "
