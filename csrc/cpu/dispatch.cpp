@@ -2,6 +2,7 @@
 // compiled (csrc/cpu/isa/), and the one in use (the best supported by default; tests,
 // benchmarks and FASTLM_CPU_ISA switch it through set_cpu_isa). Torch-free.
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 
 #include <unistd.h>
@@ -105,13 +106,48 @@ bool set_cpu_isa(const char* name) {
   return false;
 }
 
+namespace {
+
+// The size of the last-level cache this core reads through, in bytes, or -1: Linux's
+// /sys/devices/system/cpu/cpu0/cache/index*/ (the cache instance cpu 0 shares with its own
+// core complex). glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) can report the sum over every
+// complex of the socket instead (10x the 32 MiB one AMD Zen 4 core complex has), which would
+// put the threshold past any output that does not fit.
+int64_t llc_bytes_sysfs() {
+  int64_t best = -1;
+  int best_level = 0;
+  for (int i = 0; i < 8; ++i) {
+    char path[96];
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", i);
+    std::FILE* f = std::fopen(path, "r");
+    if (!f) break;
+    int level = 0;
+    const bool ok = std::fscanf(f, "%d", &level) == 1;
+    std::fclose(f);
+    std::snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+    f = std::fopen(path, "r");
+    if (!f) continue;
+    long long size = 0;
+    char unit = 0;
+    const int got = std::fscanf(f, "%lld%c", &size, &unit);
+    std::fclose(f);
+    if (!ok || got < 1 || size <= 0 || level < best_level) continue;
+    const int64_t scale = unit == 'K' ? (1 << 10) : unit == 'M' ? (1 << 20) : unit == 'G' ? (1 << 30) : 1;
+    best = int64_t(size) * scale;
+    best_level = level;
+  }
+  return best;
+}
+
+}  // namespace
+
 int64_t stream_threshold_bytes() {
   static const int64_t bytes = [] {
-    long l3 = -1;
+    int64_t llc = llc_bytes_sysfs();
 #if defined(_SC_LEVEL3_CACHE_SIZE)
-    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (llc <= 0) llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-    return int64_t(l3 > 0 ? l3 : 32L << 20) / 2;
+    return (llc > 0 ? llc : int64_t(32) << 20) / 2;
   }();
   return bytes;
 }

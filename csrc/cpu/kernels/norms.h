@@ -15,24 +15,6 @@
 
 namespace norms {
 
-// The plain forward reads its rows a few ahead of their use with software prefetches, about
-// this many bytes ahead: the hardware prefetchers alone leave memory idle at each row's start
-// (where the row's statistics are being formed), and issuing the next rows' loads early keeps
-// it streaming. (Prefetching the backward's two input streams as well was slower: their rows
-// share L1 sets.)
-constexpr int64_t kPrefetchBytes = 12 << 10;
-
-// How many rows ahead to prefetch rows of row_bytes.
-inline int64_t rows_ahead(int64_t row_bytes) {
-  return std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(row_bytes, 1));
-}
-
-// Prefetch a row of n bytes from p into the caches, a cache line at a time.
-inline void prefetch_row(const void* p, int64_t n) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-
 // ---- float64: scalar ----
 template <bool kRms>
 void fwd_scalar(const NormFwdArgs& a) {
@@ -166,14 +148,12 @@ struct NormFwd {
     else store(orow + j, y, n);
   }
 
-  // Without a residual: each row read from memory once (its first pass; the rows a few ahead
-  // prefetched meanwhile) and twice more from L1.
+  // Without a residual: each row read from memory once (its first pass) and twice more from
+  // L1. (Software prefetches of the rows ahead were slower than the hardware prefetchers
+  // alone once the large outputs bypass the caches.)
   void rows_plain(int64_t begin, int64_t end, float inv_c, float eps, float* mean_out, float* rstd_out) const {
     using namespace simd;
-    const int64_t rb = C * int64_t(sizeof(T)), ahead = rows_ahead(rb);
-    for (int64_t r = begin; r < std::min(end, begin + ahead); ++r) prefetch_row(x + r * C, rb);
     for (int64_t r = begin; r < end; ++r) {
-      if (r + ahead < end) prefetch_row(x + (r + ahead) * C, rb);
       const T* xr = x + r * C;
       float mean = 0.0f;
       vf vm = zero();
@@ -267,9 +247,11 @@ void fwd_vec(const NormFwdArgs& a) {
   else fwd_vec_res<T, kRms, false>(a);
 }
 
-// Backward: per row, pass 1 reads dy and h and forms the two row sums (and adds this row's
-// dw, db terms into its block's dw_part, db_part); pass 2 re-reads them from cache and
-// writes dx (+ dh). Pipelined as the forward: row r + 1's pass 1 runs inside row r's pass 2.
+// Backward, per row: pass 1 reads dy and h and forms the row's two sums; pass 2 re-reads
+// them from L1, writes dx (+ dh) and adds the row's dw, db terms into its block's dw_part,
+// db_part. (Running row r + 1's pass 1 inside row r's pass 2, as the residual forward does,
+// or two rows a pass, was slower: more rows in flight than L1 holds beside dw_part, db_part
+// and w.)
 template <typename T, bool kRms, bool kDb, bool kDh>
 struct NormBwd {
   const T *dy, *dh, *h, *w;
@@ -279,70 +261,64 @@ struct NormBwd {
   float inv_c;
   bool nts;
 
-  struct Sums {
-    simd::vf sg, sgx;
-  };
-  // Pass 1 for one vector of row r at column j (n lanes; Full: n = W).
   template <bool Full>
-  inline void pass1(int64_t r, int64_t j, int64_t n, simd::vf vm, simd::vf vr, float* dwp, float* dbp,
-                    Sums& s) const {
-    using namespace simd;
-    const vf d = Full ? load(dy + r * C + j) : load(dy + r * C + j, n);
-    vf xh = mul(sub(Full ? load(h + r * C + j) : load(h + r * C + j, n), vm), vr);
-    if (!Full) xh = first_n(n, xh, zero());
-    const vf g = mul(d, Full ? load(w + j) : load(w + j, n));
-    if (!kRms) s.sg = add(s.sg, g);
-    s.sgx = fma(g, xh, s.sgx);
-    if (Full) {
-      store(dwp + j, fma(d, xh, load(dwp + j)));
-      if (kDb) store(dbp + j, add(d, load(dbp + j)));
-    } else {
-      store(dwp + j, fma(d, xh, load(dwp + j, n)), n);
-      if (kDb) store(dbp + j, add(d, load(dbp + j, n)), n);
-    }
+  static inline simd::vf ld(const T* p, int64_t n) {
+    return Full ? simd::load(p) : simd::load(p, n);
   }
-  // Pass 2 for one vector of row r at column j.
+  // Pass 1 for one vector of the row at p = row offset + j (n lanes, the rest 0; Full: n = W):
+  // sg += g, sgx += g*xhat with g = dy*w.
   template <bool Full>
-  inline void pass2(int64_t r, int64_t j, int64_t n, simd::vf vm, simd::vf vr, simd::vf vmg, simd::vf vmgx,
-                    bool ntx) const {
+  inline void sums(int64_t o, int64_t j, int64_t n, simd::vf vm, simd::vf vr, simd::vf& sg, simd::vf& sgx) const {
     using namespace simd;
-    const int64_t o = r * C + j;
-    const vf xh = mul(sub(Full ? load(h + o) : load(h + o, n), vm), vr);
-    const vf g = mul(Full ? load(dy + o) : load(dy + o, n), Full ? load(w + j) : load(w + j, n));
+    vf xh = mul(sub(ld<Full>(h + o, n), vm), vr);
+    if (!Full) xh = first_n(n, xh, zero());
+    const vf g = mul(ld<Full>(dy + o, n), Full ? load(w + j) : load(w + j, n));
+    if (!kRms) sg = add(sg, g);
+    sgx = fma(g, xh, sgx);
+  }
+  // Pass 2 for one vector: dx, and the dw, db terms.
+  template <bool Full>
+  inline void out(int64_t o, int64_t j, int64_t n, simd::vf vm, simd::vf vr, simd::vf vmg, simd::vf vmgx, bool ntx,
+                  float* dwp, float* dbp) const {
+    using namespace simd;
+    const vf d = ld<Full>(dy + o, n);
+    const vf xh = mul(sub(ld<Full>(h + o, n), vm), vr);
+    const vf g = mul(d, Full ? load(w + j) : load(w + j, n));
     // dx = rs * ((g - mg) - xh*mgx): g - mg first, so that it is exactly 0 when C = 1
     vf v = mul(vr, fnma(xh, vmgx, sub(g, vmg)));
     // LayerNorm of one element is the constant bias: its dx is exactly 0 (contraction of the
     // row sums into FMAs would otherwise leave 1 ulp).
     if (!kRms && C == 1) v = zero();
-    if (kDh) v = add(v, Full ? load(dh + o) : load(dh + o, n));
-    if (Full) put(dx + o, v, ntx);
-    else store(dx + o, v, n);
+    if (kDh) v = add(v, ld<Full>(dh + o, n));
+    if (Full) {
+      put(dx + o, v, ntx);
+      store(dwp + j, fma(d, xh, load(dwp + j)));
+      if (kDb) store(dbp + j, add(d, load(dbp + j)));
+    } else {  // d is 0 past lane n, so are its dw, db terms
+      store(dx + o, v, n);
+      store(dwp + j, fma(d, xh, load(dwp + j, n)), n);
+      if (kDb) store(dbp + j, add(d, load(dbp + j, n)), n);
+    }
   }
-  inline simd::vf vmean(int64_t r) const { return simd::set1(kRms ? 0.0f : mean[r]); }
 
   void rows(int64_t r0, int64_t r1, float* dwp, float* dbp) const {
     using namespace simd;
-    if (r0 >= r1) return;
-    Sums s{zero(), zero()};
-    for (int64_t j = 0; j < Cv; j += W) pass1<true>(r0, j, W, vmean(r0), set1(rstd[r0]), dwp, dbp, s);
-    if (nt) pass1<false>(r0, Cv, nt, vmean(r0), set1(rstd[r0]), dwp, dbp, s);
     for (int64_t r = r0; r < r1; ++r) {
-      const vf vm = vmean(r), vr = set1(rstd[r]);
-      const vf vmg = set1(kRms ? 0.0f : reduce_add(s.sg) * inv_c), vmgx = set1(reduce_add(s.sgx) * inv_c);
-      const bool ntx = nts && vector_aligned(dx + r * C);
-      Sums sn{zero(), zero()};
-      if (r + 1 < r1) {  // pass 2 of this row with pass 1 of the next
-        const vf vmn = vmean(r + 1), vrn = set1(rstd[r + 1]);
-        for (int64_t j = 0; j < Cv; j += W) {
-          pass1<true>(r + 1, j, W, vmn, vrn, dwp, dbp, sn);
-          pass2<true>(r, j, W, vm, vr, vmg, vmgx, ntx);
-        }
-        if (nt) pass1<false>(r + 1, Cv, nt, vmn, vrn, dwp, dbp, sn);
-      } else {
-        for (int64_t j = 0; j < Cv; j += W) pass2<true>(r, j, W, vm, vr, vmg, vmgx, ntx);
+      const int64_t o = r * C;
+      const vf vm = set1(kRms ? 0.0f : mean[r]), vr = set1(rstd[r]);
+      vf sg0 = zero(), sg1 = zero(), sgx0 = zero(), sgx1 = zero();
+      int64_t j = 0;
+      for (; j + 2 * W <= Cv; j += 2 * W) {
+        sums<true>(o + j, j, W, vm, vr, sg0, sgx0);
+        sums<true>(o + j + W, j + W, W, vm, vr, sg1, sgx1);
       }
-      if (nt) pass2<false>(r, Cv, nt, vm, vr, vmg, vmgx, false);
-      s = sn;
+      for (; j < Cv; j += W) sums<true>(o + j, j, W, vm, vr, sg0, sgx0);
+      if (nt) sums<false>(o + Cv, Cv, nt, vm, vr, sg1, sgx1);
+      const vf vmg = set1(kRms ? 0.0f : reduce_add(add(sg0, sg1)) * inv_c);
+      const vf vmgx = set1(reduce_add(add(sgx0, sgx1)) * inv_c);
+      const bool ntx = nts && vector_aligned(dx + o);
+      for (j = 0; j < Cv; j += W) out<true>(o + j, j, W, vm, vr, vmg, vmgx, ntx, dwp, dbp);
+      if (nt) out<false>(o + Cv, Cv, nt, vm, vr, vmg, vmgx, false, dwp, dbp);
     }
   }
 };
