@@ -16,6 +16,11 @@ batches, `--target-val-loss`; each `--variant` is one more fastlm run per round 
 Both losses are nats per character of the same text. A process is stopped once it has reported
 the target (nanoGPT would otherwise train on to its last step).
 
+`--corpus stdlib`: the demo's data instead (the standard library's source with a 2048-token
+byte-level BPE, 5% held out, the same token streams written for nanoGPT), nanoGPT's recipe for its
+2000 steps at the same size, and fastlm's wall time to the validation loss (nats per token) that
+nanoGPT ends at, against nanoGPT's time to its last evaluation.
+
 Prints a markdown table (each round's seconds and the ratio fastlm / nanoGPT, then the medians);
 `--json` keeps the rows (`python bench/tables.py FILE` prints them again).
 """
@@ -39,13 +44,13 @@ NANOGPT_EVAL = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 FASTLM_EVAL = re.compile(r"step (\d+): train [\d.]+, val ([\d.]+)")
 
 
-def nanogpt_command(nanogpt: Path, out: Path) -> list[str]:
+def nanogpt_command(nanogpt: Path, out: Path, dataset="shakespeare_char", iters=3000, eval_interval=100) -> list[str]:
     s = SIZE
     return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
             "--eval_iters=50", f"--block_size={s['block_size']}", f"--batch_size={s['batch_size']}",
-            f"--n_layer={s['n_layer']}", f"--n_head={s['n_head']}", f"--n_embd={s['n_embd']}", "--max_iters=3000",
-            "--lr_decay_iters=3000", "--dropout=0.0", "--eval_interval=100", f"--out_dir={out}",
-            "--always_save_checkpoint=False"]
+            f"--n_layer={s['n_layer']}", f"--n_head={s['n_head']}", f"--n_embd={s['n_embd']}", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", "--dropout=0.0", f"--eval_interval={eval_interval}", f"--out_dir={out}",
+            "--always_save_checkpoint=False", f"--dataset={dataset}"]
 
 
 def fastlm_command(data: Path, out: Path, target: float) -> list[str]:
@@ -73,9 +78,34 @@ def prepare_fastlm(root: Path) -> Path:
     return root / "shakespeare_char"
 
 
+def prepare_stdlib(root: Path, nanogpt: Path, vocab_size: int = 2048) -> Path:
+    """The demo's data (``fastlm demo``): the Python standard library's source, a vocab_size-token
+    byte-level BPE, 5% held out, prepared for fastlm under root, and the same two token streams
+    written for nanoGPT as data/fastlm_stdlib/{train,val}.bin with the meta.pkl its train.py reads
+    the vocabulary size from."""
+    import pickle
+
+    import numpy as np
+
+    from fastlm.data import TokenData, prepare, stdlib_corpus
+
+    folder = root / "stdlib"
+    prepare(None, folder, vocab_size=vocab_size, documents=stdlib_corpus(), val_fraction=0.05,
+            tokenizer_max_bytes=3_000_000, progress=False, verbose=False)
+    data = TokenData(folder)
+    out = nanogpt / "data" / "fastlm_stdlib"
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        np.asarray(data.splits[split], dtype=np.uint16).tofile(out / f"{split}.bin")
+    with open(out / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": data.vocab_size}, f)
+    return folder
+
+
 def time_to_target(cmd: list[str], cwd: Path, pattern: re.Pattern, target: float, env: dict,
-                   limit_s: float) -> dict:
-    """Run ``cmd``; the wall seconds from its start to the first evaluation <= target."""
+                   limit_s: float, at_step: int | None = None) -> dict:
+    """Run ``cmd``; the wall seconds from its start to the first evaluation <= target (with
+    ``at_step``: to the evaluation at that step, whatever its loss)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1)
@@ -87,7 +117,7 @@ def time_to_target(cmd: list[str], cwd: Path, pattern: re.Pattern, target: float
                 continue
             step, val = int(m.group(1)), float(m.group(2))
             evals.append((step, val, round(time.perf_counter() - t0, 1)))
-            if val <= target:
+            if (val <= target) if at_step is None else step == at_step:
                 reached = {"step": step, "val_loss": val, "seconds": round(time.perf_counter() - t0, 1)}
                 break
             if time.perf_counter() - t0 > limit_s:
@@ -114,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--level", help="run both programs at this SIMD level: fastlm's kernels (FASTLM_CPU_ISA) and "
                                     "torch's (its own switches, as bench/cpu_levels.py sets them), e.g. avx2 on an "
                                     "AVX-512 machine; default: each at its best")
+    ap.add_argument("--corpus", choices=("shakespeare", "stdlib"), default="shakespeare",
+                    help="stdlib: the demo's data (the standard library's source, a 2048-token BPE), nanoGPT's "
+                         "recipe for its 2000 steps, and the time fastlm takes to the validation loss nanoGPT "
+                         "ends at (--target is then nanoGPT's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if not SHAKESPEARE.is_file():
@@ -124,14 +158,22 @@ def main(argv=None) -> int:
         from cpu_levels import TORCH_AT  # noqa: E402  (torch's switches for each level)
 
         env.update(FASTLM_CPU_ISA=args.level, **TORCH_AT[args.level])
-    prepare_nanogpt(args.nanogpt)
+    stdlib = args.corpus == "stdlib"
+    if not stdlib:
+        prepare_nanogpt(args.nanogpt)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastlm-ttq-") as tmp:
         tmp = Path(tmp)
-        data = prepare_fastlm(tmp)
+        data = prepare_stdlib(tmp, args.nanogpt) if stdlib else prepare_fastlm(tmp)
         for r in range(args.rounds):
-            n = time_to_target(nanogpt_command(args.nanogpt, tmp / f"nano{r}"), args.nanogpt, NANOGPT_EVAL, args.target,
-                               env, args.limit)
+            if stdlib:  # nanoGPT's recipe as its README runs it on a CPU: 2000 steps; its last loss is the target
+                n = time_to_target(nanogpt_command(args.nanogpt, tmp / f"nano{r}", "fastlm_stdlib", 2000, 2000),
+                                   args.nanogpt, NANOGPT_EVAL, 0.0, env, args.limit, at_step=2000)
+                if n["reached"]:
+                    args.target = n["reached"]["val_loss"]
+            else:
+                n = time_to_target(nanogpt_command(args.nanogpt, tmp / f"nano{r}"), args.nanogpt, NANOGPT_EVAL,
+                                   args.target, env, args.limit)
 
             def fastlm_run(out, flags=""):
                 """fastlm with the recipe, --fastlm-args and ``flags``, its ratio to this round's nanoGPT."""
@@ -149,8 +191,8 @@ def main(argv=None) -> int:
                 row.setdefault("variants", []).append(dict(fastlm_run(f"variant{i}_{r}", flags), flags=flags))
             rows.append(row)
             print(json.dumps({k: (v["reached"] if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
-    print(f"\ntarget val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: {args.fastlm_args!r}, "
-          f"level: {args.level or 'best'}")
+    print(f"\n{args.corpus}: target val loss {args.target}, {args.threads} threads, {SIZE}, fastlm flags: "
+          f"{args.fastlm_args!r}, level: {args.level or 'best'}")
     print("| round | nanoGPT train.py: step, val, s | fastlm --recipe fast: step, val, s | fastlm / nanoGPT |")
     print("| --- | --- | --- | --- |")
 
@@ -175,7 +217,7 @@ def main(argv=None) -> int:
         if vr:
             print(f"| median | | {statistics.median(vr):.3f} |")
     if args.json:
-        args.json.write_text(json.dumps({"target": args.target, "threads": args.threads, "size": SIZE,
+        args.json.write_text(json.dumps({"corpus": args.corpus, "target": args.target, "threads": args.threads, "size": SIZE,
                                          "level": args.level,
                                          "fastlm_args": args.fastlm_args,
                                          "rows": rows, "median_ratio": statistics.median(ratios) if ratios else None},

@@ -132,6 +132,21 @@ def test_fast_recipe_and_its_toml_agree(tmp_path):
     assert toml == {**RECIPES["fast"]["model"], **RECIPES["fast"]["train"]}
 
 
+def test_two_layer_toml_is_the_fast_recipe_at_its_size():
+    """configs/fast-2layer.toml: the fast recipe's switches and optimizer, with the size, batch
+    and schedule it states; every key a CLI setting, the model a valid GPTConfig."""
+    from pathlib import Path
+
+    from fastlm.train import RECIPES, load_config_file
+
+    toml = load_config_file(Path(__file__).resolve().parent.parent / "configs" / "fast-2layer.toml")
+    size = dict(n_layer=2, n_head=2, n_embd=128, block_size=64)
+    schedule = dict(batch_size=16, lr=1e-2, warmup_iters=5, max_iters=240, eval_interval=240, muon_ns_dtype="float32")
+    assert toml == {**RECIPES["fast"]["model"], **RECIPES["fast"]["train"], **size, **schedule}
+    GPTConfig(vocab_size=257, **size, **RECIPES["fast"]["model"])
+    TrainConfig(**{k: v for k, v in toml.items() if k not in size and k not in RECIPES["fast"]["model"]})
+
+
 def test_target_val_loss_stops_training(data_dir, tmp_path):
     cfg = dict(max_iters=16, eval_interval=4, optimizer="adamw")
     free = Trainer(tiny_model(), tiny_config(tmp_path / "free", **cfg), data_dir)
