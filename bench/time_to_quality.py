@@ -87,11 +87,11 @@ def prepare_stdlib(root: Path, nanogpt: Path, vocab_size: int = 2048) -> Path:
 
     import numpy as np
 
-    from fastlm.data import TokenData, prepare, stdlib_corpus
+    from fastlm.data import TokenData
+    from fastlm.demo import prepare_demo_data
 
     folder = root / "stdlib"
-    prepare(None, folder, vocab_size=vocab_size, documents=stdlib_corpus(), val_fraction=0.05,
-            tokenizer_max_bytes=3_000_000, progress=False, verbose=False)
+    prepare_demo_data(folder, vocab_size=vocab_size, progress=False, verbose=False)
     data = TokenData(folder)
     out = nanogpt / "data" / "fastlm_stdlib"
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                          "ends at (--target is then nanoGPT's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    if not SHAKESPEARE.is_file():
+    if args.corpus == "shakespeare" and not SHAKESPEARE.is_file():
         sys.exit(f"{SHAKESPEARE} is absent")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     if args.level:

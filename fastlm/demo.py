@@ -42,13 +42,24 @@ def _calibrate(model, cfg, data, steps: int = 3) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def prepare_demo_data(data_dir, vocab_size: int = 2048, max_files: int | None = None, progress: bool = True,
+                      verbose: bool = True) -> None:
+    """The demo's data in ``data_dir``: the standard library's source (``max_files`` of it, or
+    all), a ``vocab_size``-token byte-level BPE trained on its first 3 MB, 5% held out.
+    ``bench/time_to_quality.py --corpus stdlib`` trains on the same."""
+    from .data import prepare, stdlib_corpus
+
+    prepare(None, data_dir, vocab_size=vocab_size, documents=stdlib_corpus(max_files=max_files), val_fraction=0.05,
+            tokenizer_max_bytes=3_000_000, progress=progress, verbose=verbose)
+
+
 def run_demo(out="fastlm-demo", minutes: float = 3.0, vocab_size: int = 2048, max_files: int | None = None,
              n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 128, batch_size: int = 16,
              seed: int = 1337, max_new_tokens: int = 80, progress: bool = True, recipe: str = "fast") -> dict:
     """``recipe``: "fast" (``fastlm.train.RECIPES["fast"]``: Muon and the modded-nanogpt
     switches, linear decay) or "classic" (GPT-2's layers, AdamW 2e-3, cosine decay)."""
     from . import GPT, GPTConfig
-    from .data import TokenData, prepare, stdlib_corpus
+    from .data import TokenData
     from .train import RECIPES, Trainer, TrainConfig
 
     if recipe not in ("fast", "classic"):
@@ -58,9 +69,7 @@ def run_demo(out="fastlm-demo", minutes: float = 3.0, vocab_size: int = 2048, ma
     data_dir = out / "data"
     print(f"[1/4] preparing the corpus: the Python {sys.version_info.major}.{sys.version_info.minor} standard "
           f"library's source, and a {vocab_size}-token byte-level BPE tokenizer", file=sys.stderr)
-    docs = stdlib_corpus(max_files=max_files)
-    prepare(None, data_dir, vocab_size=vocab_size, documents=docs, val_fraction=0.05,
-            tokenizer_max_bytes=3_000_000, progress=progress)
+    prepare_demo_data(data_dir, vocab_size=vocab_size, max_files=max_files, progress=progress)
     data = TokenData(data_dir)
     tokenizer = data.tokenizer()
 

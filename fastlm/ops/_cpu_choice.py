@@ -15,9 +15,9 @@ X86 = frozenset({"baseline", "avx2", "avx512", "avx512_vnni"})
 # op -> the levels where fastlm's kernel wins. avx2 and baseline: measured on an AMD Zen 3
 # (bench/cpu_levels.py). avx512_vnni, and avx2 with torch held to AVX2: measured on an AMD Zen 4,
 # ahead on every op (LayerNorm's plain fwd+bwd by 1.31-1.64x since its two-pass backward; at
-# parity before). avx512 compiles the same kernels (avx512_vnni differs only in the quantized products). neon:
-# correct (checked under qemu) but not yet measured on ARM hardware, so torch serves there
-# until a benchmark shows otherwise.
+# parity before). avx512 compiles the same kernels (avx512_vnni differs only in the quantized
+# products). neon: correct (checked under qemu) but not yet measured on ARM hardware, so torch
+# serves there until a benchmark shows otherwise.
 NATIVE_WINS: dict[str, frozenset] = {
     # at the baseline level the forward wins and the backward loses to torch SDPA (bench/RESULTS.md,
     # section "CPU kernels at each SIMD level"): one op, one choice, and training needs both

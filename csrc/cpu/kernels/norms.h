@@ -250,8 +250,7 @@ void fwd_vec(const NormFwdArgs& a) {
 // Backward, per row: pass 1 reads dy and h and forms the row's two sums; pass 2 re-reads
 // them from L1, writes dx (+ dh) and adds the row's dw, db terms into its block's dw_part,
 // db_part. (Running row r + 1's pass 1 inside row r's pass 2, as the residual forward does,
-// or two rows a pass, was slower: more rows in flight than L1 holds beside dw_part, db_part
-// and w.)
+// or two rows a pass with one dw, db update per pair, measured slower: bench/RESULTS.md.)
 template <typename T, bool kRms, bool kDb, bool kDh>
 struct NormBwd {
   const T *dy, *dh, *h, *w;
@@ -265,8 +264,8 @@ struct NormBwd {
   static inline simd::vf ld(const T* p, int64_t n) {
     return Full ? simd::load(p) : simd::load(p, n);
   }
-  // Pass 1 for one vector of the row at p = row offset + j (n lanes, the rest 0; Full: n = W):
-  // sg += g, sgx += g*xhat with g = dy*w.
+  // Pass 1 for one vector at element offset o (the row's offset + column j; n lanes, the rest
+  // 0; Full: n = W): sg += g, sgx += g*xhat with g = dy*w.
   template <bool Full>
   inline void sums(int64_t o, int64_t j, int64_t n, simd::vf vm, simd::vf vr, simd::vf& sg, simd::vf& sgx) const {
     using namespace simd;
