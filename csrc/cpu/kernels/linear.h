@@ -169,20 +169,30 @@ inline void block_scales(const uint8_t* scales, float* s) {
   for (int v = 0; v < kPanelVectors; ++v) simd::store(s + simd::W * v, simd::load(sc + simd::W * v));
 }
 
-// Activations rounded to q8_0: for each row, nb blocks of 32 int8 values (zero past K), the
-// block's scale d and the sum of its values (q4_0's offset of 8 costs 8 d sum per block).
+// Activations rounded to q8_0, in chunks of kRowsQ rows (the last chunk may have fewer): within
+// a chunk of R rows, block j of row r is entry j R + r (its 32 int8 values, zero past K, its
+// scale d and the sum of its values; q4_0's offset of 8 costs 8 d sum per block), so a pass
+// finds the R rows of each block side by side. A QRows is one chunk.
 struct QRows {
-  const int8_t* q;  // rows x nb x 32
-  const float* d;   // rows x nb
+  const int8_t* q;  // nb x R x 32
+  const float* d;   // nb x R
   const float* sum;
   int64_t nb;
 };
 
+constexpr int64_t kRowsQ = 8;
+
+// Where block j of row m lies among M rows' chunks (in blocks; q is 32 times that).
+inline int64_t chunk_index(int64_t M, int64_t nb, int64_t m, int64_t j) {
+  const int64_t m0 = m - m % kRowsQ, rows = std::min(kRowsQ, M - m0);
+  return m0 * nb + j * rows + (m - m0);
+}
+
 // Rounds the M rows of x (M x K) to q8_0 blocks: d = amax / 127, q = round(x (127 / amax)), in
 // float32, rounding half to even (fastlm.reference.quantize_activations_q8_0 is the same
 // arithmetic). A block holding a NaN or an infinity gets d = NaN (its row's outputs are NaN,
-// as the float product's would be) and zero values. Fills q, d and sum (when not null); xr
-// (when not null) gets the values q d as float32, M x K.
+// as the float product's would be) and zero values. Fills q, d and sum (when not null) in the
+// chunked layout above; xr (when not null) gets the values q d as float32, M x K.
 inline void quantize_rows(int64_t M, int64_t K, const float* x, int8_t* q, float* d, float* sum, float* xr) {
   using namespace simd;
   const int64_t nb = cdiv(K, kQuantBlock);
@@ -204,15 +214,16 @@ inline void quantize_rows(int64_t M, int64_t K, const float* x, int8_t* q, float
       const float inv = finite && amax > 0 ? 127.0f / amax : 0.0f;
       const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
       for (int64_t i = 0; i < kQuantBlock; i += W) store(v + i, round_nearest(mul(load(v + i), set1(inv))));
-      int8_t* qb = q + (m * nb + j) * kQuantBlock;
+      const int64_t at = chunk_index(M, nb, m, j);
+      int8_t* qb = q + at * kQuantBlock;
       int32_t total = 0;
       for (int64_t i = 0; i < kQuantBlock; ++i) {
         const int32_t t = finite ? static_cast<int32_t>(v[i]) : 0;
         qb[i] = static_cast<int8_t>(t);
         total += t;
       }
-      d[m * nb + j] = scale;
-      if (sum) sum[m * nb + j] = static_cast<float>(total);
+      d[at] = scale;
+      if (sum) sum[at] = static_cast<float>(total);
       if (xr)
         for (int64_t i = 0; i < kn; ++i) xr[m * K + j * kQuantBlock + i] = static_cast<float>(qb[i]) * scale;
     }
@@ -223,8 +234,7 @@ inline void quantize_rows(int64_t M, int64_t K, const float* x, int8_t* q, float
 // bound by reading the weight, wants); a pass of more rows than that fits takes one column
 // vector at a time (a block's 8 groups of 4 k for W columns, 192 bytes apart) with R sums,
 // prefetching the blocks ahead, so that a batch of up to 8 decode steps still reads each
-// weight byte once from memory (with VNNI, in two passes of 4 over the panel: kRowsPass).
-constexpr int64_t kRowsQ = 8;
+// weight byte once from memory (with VNNI, in two passes of 4 over each block: kRowsPass).
 #if defined(FASTLM_SIMD_AVX512) || defined(FASTLM_SIMD_NEON)
 constexpr int kVectorRegisters = 32;
 #else
@@ -252,11 +262,12 @@ inline void prefetch_block(const uint8_t* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
-// One block of a q8_0 / q4_0 panel for R rows: Group(t, v, g) adds group g of column vector v
+// One block of a q8_0 / q4_0 panel for R rows (x, xd, xsum: the rows' values, scales and sums
+// in that block): Group(t, v, g) adds group g of column vector v
 // to the R sums t (of that vector). off: what each unit of a row's block sum takes off (q4_0's
 // 8, q8_0's simd::kWBias); the sums start there, so that nothing is left to subtract after.
 template <int R, int G, typename Group>
-inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, int64_t j, float* C,
+inline void block_pass(const uint8_t* scales, const int8_t* x, const float* xd, const float* xsum, float* C,
                        const uint8_t* ahead, int64_t bytes, int32_t off, Group group) {
   using namespace simd;
   constexpr int NV = kPanelVectors;
@@ -264,8 +275,8 @@ inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, i
   float d[R];
   int32_t o[R];
   for (int r = 0; r < R; ++r) {
-    d[r] = a.d[r * a.nb + j];
-    o[r] = -off * static_cast<int32_t>(a.sum[r * a.nb + j]);
+    d[r] = xd[r];
+    o[r] = -off * static_cast<int32_t>(xsum[r]);
   }
   if constexpr (kWholeWidth<R>) {
     vd t[NV][R];
@@ -309,65 +320,68 @@ inline void block_pass(const uint8_t* scales, const int8_t* x, const QRows& a, i
   }
 }
 
-// C[R x 48] += Aq[R x K] Wp for one q8_0 panel: group g of a block holds k = 4 g + t.
-template <int R>
-inline void pass_q8(const QRows& a, const uint8_t* Bp, float* C) {
-  using namespace simd;
-  alignas(64) int8_t x[R][kQuantBlock];  // the block's rows side by side: one base address for all
-  for (int64_t j = 0; j < a.nb; ++j) {
-    const uint8_t* blk = Bp + j * kQ8BlockBytes;
-    for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, kQuantBlock / 4>(
-        blk + kQuantBlock * kPanel, &x[0][0], a, j, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes, kWBias,
-        [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
-          const vb w = prep_w(loadb(blk + (g * kPanel + W * v) * 4));
-#pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, xs + r * kQuantBlock + 4 * g);
-        });
-  }
-}
-
-// C[R x 48] += Aq[R x K] Wp for one q4_0 panel: group g's bytes hold k = 4 g + t (low 4 bits)
-// and k = 16 + 4 g + t (high 4 bits); the block's term is d s (sum_k q_k u_k - 8 sum_k q_k).
-template <int R>
-inline void pass_q4(const QRows& a, const uint8_t* Bp, float* C) {
-  using namespace simd;
-  constexpr int H = kQuantBlock / 2;
-  alignas(64) int8_t x[R][kQuantBlock];
-  for (int64_t j = 0; j < a.nb; ++j) {
-    const uint8_t* blk = Bp + j * kQ4BlockBytes;
-    for (int r = 0; r < R; ++r) std::memcpy(x[r], a.q + (r * a.nb + j) * kQuantBlock, kQuantBlock);
-    block_pass<R, H / 4>(blk + H * kPanel, &x[0][0], a, j, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, 8,
-                         [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
-                           const vb b = loadb(blk + (g * kPanel + W * v) * 4);
-                           const vb lo = low4(b), hi = high4(b);
-#pragma GCC unroll 8
-                           for (int r = 0; r < R; ++r) {
-                             const int8_t* xr = xs + r * kQuantBlock;
-                             t[r] = dot_u4x2(t[r], lo, xr + 4 * g, hi, xr + H + 4 * g);
-                           }
-                         });
-  }
-}
-
-// The most rows one integer pass takes. With VNNI the products are cheap enough that 8 rows'
-// 24 vectors of sums beside the weights and scales crowd the registers (the pass spilled), and
-// two passes of 4 over the same panel (the second reading it from L1 / L2) are faster; without
-// it the products dominate and one pass of 8 reads the weight once.
+// The most rows one integer pass over a block takes. With VNNI the products are cheap enough
+// that 8 rows' 24 vectors of sums beside the weights and scales crowd the registers (the pass
+// spilled), so a block goes through two passes of 4, the second reading it from L1; without it
+// the products dominate and one pass of 8 takes the block.
 constexpr int kRowsPass = simd::kWBias != 0 ? 4 : int(kRowsQ);
 
-// R rows of a q8_0 / q4_0 panel, in passes of at most kRowsPass rows.
+// One q8_0 block (blk) for R rows (x, xd, xsum as block_pass takes them): group g of a block
+// holds k = 4 g + t.
+template <int R>
+inline void block_q8(const uint8_t* blk, const int8_t* x, const float* xd, const float* xsum, float* C) {
+  using namespace simd;
+  block_pass<R, kQuantBlock / 4>(blk + kQuantBlock * kPanel, x, xd, xsum, C, blk + 2 * kQ8BlockBytes, kQ8BlockBytes,
+                                 kWBias, [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
+                                   const vb w = prep_w(loadb(blk + (g * kPanel + W * v) * 4));
+#pragma GCC unroll 8
+                                   for (int r = 0; r < R; ++r) t[r] = dot_s8(t[r], w, xs + r * kQuantBlock + 4 * g);
+                                 });
+}
+
+// One q4_0 block for R rows: group g's bytes hold k = 4 g + t (low 4 bits) and k = 16 + 4 g + t
+// (high 4 bits); the block's term is d s (sum_k q_k u_k - 8 sum_k q_k).
+template <int R>
+inline void block_q4(const uint8_t* blk, const int8_t* x, const float* xd, const float* xsum, float* C) {
+  using namespace simd;
+  constexpr int H = kQuantBlock / 2;
+  block_pass<R, H / 4>(blk + H * kPanel, x, xd, xsum, C, blk + 2 * kQ4BlockBytes, kQ4BlockBytes, 8,
+                       [&](vd* t, int v, int g, const int8_t* xs) __attribute__((always_inline)) {
+                         const vb b = loadb(blk + (g * kPanel + W * v) * 4);
+                         const vb lo = low4(b), hi = high4(b);
+#pragma GCC unroll 8
+                         for (int r = 0; r < R; ++r) {
+                           const int8_t* xr = xs + r * kQuantBlock;
+                           t[r] = dot_u4x2(t[r], lo, xr + 4 * g, hi, xr + H + 4 * g);
+                         }
+                       });
+}
+
+// The block for R rows in groups of at most kRowsPass, all of them on this block before the
+// next one: the arithmetic of every row then overlaps the panel's stream from memory (passes
+// over the whole panel, one group at a time, would stream it under the first group and leave
+// the others to run after the stream, from L2).
+template <int R, bool Q8>
+inline void block_rows(const uint8_t* blk, const int8_t* x, const float* xd, const float* xsum, float* C) {
+  constexpr int P = R > kRowsPass ? kRowsPass : R;
+  if constexpr (Q8) block_q8<P>(blk, x, xd, xsum, C);
+  else block_q4<P>(blk, x, xd, xsum, C);
+  if constexpr (R > P) block_rows<R - P, Q8>(blk, x + P * kQuantBlock, xd + P, xsum + P, C + P * kPanel);
+}
+
+// C[R x 48] += Aq[R x K] Wp for one q8_0 / q4_0 panel, Aq a chunk of R rows.
+template <int R, bool Q8>
+inline void pass_blocks(const QRows& a, const uint8_t* Bp, float* C) {
+  const int64_t bb = Q8 ? kQ8BlockBytes : kQ4BlockBytes;
+  for (int64_t j = 0; j < a.nb; ++j)
+    block_rows<R, Q8>(Bp + j * bb, a.q + j * R * kQuantBlock, a.d + j * R, a.sum + j * R, C);
+}
+
+// R rows of a q8_0 / q4_0 panel.
 template <int R>
 inline void pass_int(WeightFormat f, const QRows& a, const uint8_t* Bp, float* C) {
-  if constexpr (R > kRowsPass) {
-    pass_int<kRowsPass>(f, a, Bp, C);
-    const int64_t n = kRowsPass * a.nb;
-    pass_int<R - kRowsPass>(f, QRows{a.q + n * kQuantBlock, a.d + n, a.sum + n, a.nb}, Bp, C + kRowsPass * kPanel);
-  } else if (f == WeightFormat::q8_0) {
-    pass_q8<R>(a, Bp, C);
-  } else {
-    pass_q4<R>(a, Bp, C);
-  }
+  if (f == WeightFormat::q8_0) pass_blocks<R, true>(a, Bp, C);
+  else pass_blocks<R, false>(a, Bp, C);
 }
 
 // One pass over the panel for R rows (R in [1, kRows] for bf16 / f16, [1, kRowsQ] for q8_0 /
