@@ -9,7 +9,8 @@ Groups (each a pair, fastlm and transformers, on identical inputs):
   "ttft 124M"         time to the first token for a 512-token prompt (prefill)
   "batch small"       fastlm, batch 8 of prompts of 8..64 tokens, 128 new tokens each, vs batch 1
   "batch pairs"       the same 8 prompts served one at a time (8 batch-1 generations) and then
-                      as one batch of 8, alternated over 7 rounds, with fp32 and int8 weights: the median of the per-round
+                      as one batch of 8, alternated over 7 rounds (5 at 124M), with fp32 and int8 weights, and
+                      int8 with a bfloat16 KV cache on both sides ("kv-bf16"): the median of the per-round
                       throughput ratios (each round takes under a second, so a shift in the
                       shared machine's load between two separately timed benchmarks does not
                       enter the ratio, and both sides do the same work: "batch small" runs
@@ -168,7 +169,7 @@ PAIRS = {}
 
 # The small config's weights stay in L3 (its batch 1 is not bound by reading them); GPT-2 124M's
 # (132 MB in int8) stream from memory at batch 1, the case batching is for.
-@pytest.mark.parametrize("weights", ["fp32", "int8", "int8 124M"])
+@pytest.mark.parametrize("weights", ["fp32", "int8", "int8 124M", "int8 kv-bf16", "int8 124M kv-bf16"])
 def test_batch_pairs(benchmark, request, weights):
     import copy
 
@@ -176,27 +177,29 @@ def test_batch_pairs(benchmark, request, weights):
         (request.getfixturevalue("small")[0], SMALL)
     fmt = weights.split()[0]
     model = base if fmt == "fp32" else copy.deepcopy(base).quantize(fmt)
+    # "kv-bf16": the KV cache in bfloat16 on both sides (llama.cpp keeps its cache in f16 by default)
+    kv = "bf16" if "kv-bf16" in weights else None
     g = torch.Generator().manual_seed(3)
     lengths = [8, 64, 20, 33, 47, 12, 58, 27]
     prompts = [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
     times = {1: [], 8: []}
-    one_at_a_time = [model.generate([p], max_new_tokens=128)[0] for p in prompts]
-    assert model.generate(prompts, max_new_tokens=128) == one_at_a_time, "the batch's tokens differ from batch 1's"
+    one_at_a_time = [model.generate([p], max_new_tokens=128, kv_dtype=kv)[0] for p in prompts]
+    assert model.generate(prompts, max_new_tokens=128, kv_dtype=kv) == one_at_a_time, "the batch's tokens differ from batch 1's"
 
     def round_():
         t = time.perf_counter()
         for p in prompts:
-            model.generate([p], max_new_tokens=128)
+            model.generate([p], max_new_tokens=128, kv_dtype=kv)
         times[1].append(time.perf_counter() - t)
         t = time.perf_counter()
-        model.generate(prompts, max_new_tokens=128)
+        model.generate(prompts, max_new_tokens=128, kv_dtype=kv)
         times[8].append(time.perf_counter() - t)
 
     benchmark.group = f"batch pairs {weights}"
     round_()  # warm-up, not recorded
     times[1].clear()
     times[8].clear()
-    benchmark.pedantic(round_, rounds=3 if "124M" in weights else 7, warmup_rounds=0)
+    benchmark.pedantic(round_, rounds=5 if "124M" in weights else 7, warmup_rounds=0)
     ratios = sorted(t1 / t8 for t1, t8 in zip(times[1], times[8]))  # same 1024 tokens on both sides
     PAIRS[weights] = dict(ratios=ratios, b1=sorted(times[1]), b8=sorted(times[8]))
     benchmark.extra_info.update(impl=f"fastlm {weights}: 8 prompts one at a time, then as one batch", ratios=ratios,
