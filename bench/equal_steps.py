@@ -1,0 +1,108 @@
+"""Wall time at equal steps: nanoGPT's own `train.py` against `fastlm train`, the same recipe (its
+CPU recipe for character-level tiny Shakespeare: 4 layers x 4 heads x 128, block 64, batch 12,
+AdamW 1e-3, warm-up 100, cosine to the last step, dropout 0, clipping at 1, no compile), whole
+processes from their start to their exit, rounds interleaved.
+
+    python bench/equal_steps.py --nanogpt PATH/TO/nanoGPT [--steps 300] [--rounds 3] [--threads 2]
+        [--level avx2] [--json bench/results/equal_steps_<YYYY-MM-DD>_<tag>.json]
+
+Both evaluate at step 250 (and nanoGPT at step 0, as its loop does) over 20 batches; the two
+validation losses at step 250 are printed beside the times (nats per character; fastlm reads the
+text as bytes, nanoGPT as its 65 characters, both with 10% held out). nanoGPT's data comes from its
+own `prepare.py` fed the shared copy of the text (nothing is downloaded). `--level` runs both
+programs at that SIMD level (fastlm's kernels through FASTLM_CPU_ISA, torch's through the switches
+bench/cpu_levels.py sets). The ratio is nanoGPT's time over fastlm's (> 1: fastlm faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from time_to_quality import NANOGPT_EVAL, SIZE, prepare_fastlm, prepare_nanogpt  # noqa: E402
+
+
+def nanogpt_command(out: Path, steps: int) -> list[str]:
+    s = SIZE
+    return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+            "--eval_iters=20", "--log_interval=1", f"--block_size={s['block_size']}",
+            f"--batch_size={s['batch_size']}", f"--n_layer={s['n_layer']}", f"--n_head={s['n_head']}",
+            f"--n_embd={s['n_embd']}", f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0",
+            f"--out_dir={out}"]
+
+
+def fastlm_command(data: Path, out: Path, steps: int) -> list[str]:
+    s = SIZE
+    return [sys.executable, "-m", "fastlm", "train", "--data", str(data), "--n-layer", str(s["n_layer"]),
+            "--n-head", str(s["n_head"]), "--n-embd", str(s["n_embd"]), "--block-size", str(s["block_size"]),
+            "--batch-size", str(s["batch_size"]), "--max-iters", str(steps), "--lr", "1e-3", "--min-lr", "1e-4",
+            "--warmup-iters", "100", "--lr-decay-iters", str(steps), "--eval-interval", "250", "--eval-iters",
+            "20", "--log-interval", "1", "--dropout", "0", "--grad-clip", "1.0", "--no-progress", "--out", str(out)]
+
+
+def run(cmd: list[str], cwd: Path, env: dict, metrics: Path | None = None) -> dict:
+    """Run cmd to its exit: wall seconds and the validation loss at step 250 (from nanoGPT's
+    log, or from fastlm's metrics file: with --no-progress it prints no evaluation lines)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[1:4]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    if metrics is None:
+        val = {int(m.group(1)): float(m.group(2)) for m in NANOGPT_EVAL.finditer(proc.stdout)}
+    else:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    return {"seconds": round(seconds, 2), "val_250": val.get(250)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nanogpt", required=True, type=Path, help="a checkout of karpathy/nanoGPT")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--level", help="run both programs at this SIMD level (fastlm's and torch's), e.g. avx2")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    args = ap.parse_args(argv)
+    if args.steps < 251:
+        ap.error("--steps must pass step 250, where both programs evaluate")
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.level:
+        from cpu_levels import TORCH_AT  # torch's switches for each level
+
+        env.update(FASTLM_CPU_ISA=args.level, **TORCH_AT[args.level])
+    prepare_nanogpt(args.nanogpt)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = prepare_fastlm(root)
+        for r in range(args.rounds):
+            ng = run(nanogpt_command(root / f"ng{r}", args.steps), args.nanogpt, env)
+            fl = run(fastlm_command(data, root / f"fl{r}", args.steps), Path.cwd(), env,
+                     metrics=root / f"fl{r}" / "metrics.jsonl")
+            rows.append({"round": r + 1, "nanogpt": ng, "fastlm": fl,
+                         "ratio": round(ng["seconds"] / fl["seconds"], 3)})
+            print(f"round {r + 1}: nanoGPT {ng['seconds']:.1f} s (val {ng['val_250']}), fastlm {fl['seconds']:.1f} s "
+                  f"(val {fl['val_250']}), ratio {rows[-1]['ratio']:.2f}x", flush=True)
+    med = statistics.median(row["ratio"] for row in rows)
+    print(f"\n{args.steps} steps, level {args.level or 'best'}, {args.threads} threads: median ratio {med:.2f}x "
+          f"(nanoGPT {statistics.median(r['nanogpt']['seconds'] for r in rows):.1f} s, "
+          f"fastlm {statistics.median(r['fastlm']['seconds'] for r in rows):.1f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"bench": "equal_steps", "steps": args.steps, "level": args.level,
+                                         "threads": args.threads, "rows": rows, "median_ratio": med}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
