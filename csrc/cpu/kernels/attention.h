@@ -261,8 +261,17 @@ inline void pack_kt_head(const float* k, int64_t ks, float* kt, int64_t Tk, int6
 
 // ------------------------------------------------------------------ forward
 // Rows of n x D floats, src rows ss floats apart, to adjacent rows.
+// n floats from src to dst in vectors (a head's row is a few hundred bytes: a library copy
+// per row costs more in its call than in the copying).
+inline void copy_floats(const float* src, int64_t n, float* dst) {
+  using namespace simd;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store(dst + j, load(src + j));
+  if (j < n) store(dst + j, load(src + j, n - j), n - j);
+}
+
 inline void gather_rows(const float* src, int64_t ss, int64_t n, int64_t D, float* dst) {
-  for (int64_t r = 0; r < n; ++r) std::copy(src + r * ss, src + r * ss + D, dst + r * D);
+  for (int64_t r = 0; r < n; ++r) copy_floats(src + r * ss, D, dst + r * D);
 }
 
 struct FwdWork {
@@ -358,7 +367,7 @@ struct FwdWork {
         lse[i] = kInf;  // no visible key: P = exp(s - inf) = 0 in the backward pass
       }
     }
-    for (int64_t i = 0; i < nq; ++i) std::copy(O + i * D, O + (i + 1) * D, Oout + i * a.lo.st);
+    for (int64_t i = 0; i < nq; ++i) copy_floats(O + i * D, D, Oout + i * a.lo.st);
   }
 };
 
