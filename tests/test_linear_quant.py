@@ -81,7 +81,7 @@ def test_pack_and_unpack(fmt, N, K):
 @pytest.mark.parametrize("backend", CPU_LEVEL_BACKENDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 768, 2304), (2, 100, 50), (3, 31, 97), (8, 256, 769),
-                                   (9, 64, 48), (40, 130, 200)])
+                                   (9, 64, 48), (13, 200, 97), (40, 130, 200)])
 def test_kernel_matches_the_dequantized_product(backend, fmt, M, K, N):
     g = torch.Generator().manual_seed(M * 7919 + K * 31 + N)
     w, x, b = _weight(N, K, M + K + N), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
