@@ -102,6 +102,17 @@ inline void init_rows(int64_t M, int64_t nc, const float* bias, float* C, int64_
   }
 }
 
+// dst[r, 0..nc) = src[r, 0..nc) for M rows, in vectors (a library copy per row of a panel, 192
+// bytes, costs more in its call than in its copying).
+inline void copy_rows(int64_t M, int64_t nc, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  using namespace simd;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t c = 0; c < nc; c += W) {
+      const int64_t n = std::min<int64_t>(W, nc - c);
+      store(dst + r * ldd + c, load(src + r * lds + c, n), n);
+    }
+}
+
 void run(const LinearArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N, P = cdiv(N, kPanel);
   if (M == 0 || N == 0) return;
@@ -478,9 +489,13 @@ void run_q(const LinearQArgs& a) {
   // The rounded activations, once for every panel: int8 blocks for the passes, their float
   // values for a prefill's float32 product.
   const int64_t nb = cdiv(K, kQuantBlock);
-  std::vector<int8_t> xq(integer ? M * nb * kQuantBlock : 0);
-  std::vector<float> xd(integer ? 2 * M * nb : 0), xr(integer && !passes ? M * K : 0);
-  if (integer) quantize_rows(M, K, a.x, xq.data(), xd.data(), xd.data() + M * nb, passes ? nullptr : xr.data());
+  // (every entry is written by quantize_rows: no zeroing)
+  std::unique_ptr<int8_t[]> xq_buf(integer ? new int8_t[M * nb * kQuantBlock] : nullptr);
+  std::unique_ptr<float[]> xd_buf(integer ? new float[2 * M * nb] : nullptr);
+  int8_t* xq = xq_buf.get();
+  float* xd = xd_buf.get();
+  std::vector<float> xr(integer && !passes ? M * K : 0);
+  if (integer) quantize_rows(M, K, a.x, xq, xd, xd + M * nb, passes ? nullptr : xr.data());
   const float* x = integer && !passes ? xr.data() : a.x;
   parallel_for(0, P, one ? P : 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> wf(passes ? 0 : K * kPanel);  // the float32 panel of a prefill
@@ -496,13 +511,12 @@ void run_q(const LinearQArgs& a) {
       }
       for (int64_t m0 = 0; m0 < M; m0 += kRowsQ) {
         const int64_t rows = std::min(kRowsQ, M - m0);
+        // the rows start at the bias (zero past nc, where the panel's padding columns add zero)
         init_rows(rows, kPanel, nullptr, cb, kPanel);
-        if (a.bias)
-          for (int64_t r = 0; r < rows; ++r) std::copy(a.bias + c0, a.bias + c0 + nc, cb + r * kPanel);
-        const QRows aq{xq.data() + m0 * nb * kQuantBlock, xd.data() + m0 * nb, xd.data() + M * nb + m0 * nb, nb};
+        if (a.bias) init_rows(rows, nc, a.bias + c0, cb, kPanel);
+        const QRows aq{xq + m0 * nb * kQuantBlock, xd + m0 * nb, xd + M * nb + m0 * nb, nb};
         pass_q(rows, a.format, x + m0 * K, aq, K, Bp, cb);
-        for (int64_t r = 0; r < rows; ++r)
-          std::copy(cb + r * kPanel, cb + r * kPanel + nc, a.out + (m0 + r) * N + c0);
+        copy_rows(rows, nc, cb, kPanel, a.out + m0 * N + c0, N);
       }
     }
   });
