@@ -423,6 +423,16 @@ inline vf load(const float* p, int64_t n) { return load_tail(p, n); }
 inline void store(float* p, vf v, int64_t n) { store_tail(p, v, n); }
 #endif
 
+// dst[0..n) = src[0..n) as float32 (float copied, bf16 / f16 widened), a vector at a time with a
+// masked tail: for short rows (a head's, a panel's), where a library copy costs more in its
+// call than in its copying.
+template <typename T>
+inline void to_f32(const T* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store(dst + j, load(src + j));
+  if (j < n) store(dst + j, load(src + j, n - j), n - j);
+}
+
 #if !defined(FASTLM_SIMD_AVX512)
 inline vf scale_pow2(vf p, vf n) {  // p 2^n for integer-valued n in [-126, 127]
   return mul(p, pow2i(n));

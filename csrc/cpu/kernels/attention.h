@@ -261,17 +261,8 @@ inline void pack_kt_head(const float* k, int64_t ks, float* kt, int64_t Tk, int6
 
 // ------------------------------------------------------------------ forward
 // Rows of n x D floats, src rows ss floats apart, to adjacent rows.
-// n floats from src to dst in vectors (a head's row is a few hundred bytes: a library copy
-// per row costs more in its call than in the copying).
-inline void copy_floats(const float* src, int64_t n, float* dst) {
-  using namespace simd;
-  int64_t j = 0;
-  for (; j + W <= n; j += W) store(dst + j, load(src + j));
-  if (j < n) store(dst + j, load(src + j, n - j), n - j);
-}
-
 inline void gather_rows(const float* src, int64_t ss, int64_t n, int64_t D, float* dst) {
-  for (int64_t r = 0; r < n; ++r) copy_floats(src + r * ss, D, dst + r * D);
+  for (int64_t r = 0; r < n; ++r) simd::to_f32(src + r * ss, D, dst + r * D);
 }
 
 struct FwdWork {
@@ -367,7 +358,7 @@ struct FwdWork {
         lse[i] = kInf;  // no visible key: P = exp(s - inf) = 0 in the backward pass
       }
     }
-    for (int64_t i = 0; i < nq; ++i) copy_floats(O + i * D, D, Oout + i * a.lo.st);
+    for (int64_t i = 0; i < nq; ++i) simd::to_f32(O + i * D, D, Oout + i * a.lo.st);
   }
 };
 
@@ -573,15 +564,6 @@ inline void prefetch_rows(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-// n values of T to float32 (a tile's V rows of a bf16 / fp16 cache, for the P V product).
-template <typename T>
-inline void rows_to_f32(const T* src, int64_t n, float* dst) {
-  using namespace simd;
-  int64_t j = 0;
-  for (; j + W <= n; j += W) store(dst + j, load(src + j));
-  if (j < n) store(dst + j, load(src + j, n - j), n - j);
-}
-
 // The cache is read as T: float, bf16 or f16 (AttnDecodeArgs::kv_dtype). Scores load K's rows
 // straight from T into registers (dots, decode_row); the P V product goes through gemm,
 // whose B operand is float32: a bf16 / fp16 tile's V rows (at most BK x D values) are first
@@ -659,7 +641,7 @@ struct DecWork {
       if constexpr (std::is_same<T, float>::value) {
         Vt = V + k0 * D;
       } else {
-        rows_to_f32(V + k0 * D, nk * D, st.v.data());
+        simd::to_f32(V + k0 * D, nk * D, st.v.data());
         Vt = st.v.data();
       }
       gemm(rows, D, nk, S, BK, Vt, D, part, W, true);

@@ -102,17 +102,6 @@ inline void init_rows(int64_t M, int64_t nc, const float* bias, float* C, int64_
   }
 }
 
-// dst[r, 0..nc) = src[r, 0..nc) for M rows, in vectors (a library copy per row of a panel, 192
-// bytes, costs more in its call than in its copying).
-inline void copy_rows(int64_t M, int64_t nc, const float* src, int64_t lds, float* dst, int64_t ldd) {
-  using namespace simd;
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t c = 0; c < nc; c += W) {
-      const int64_t n = std::min<int64_t>(W, nc - c);
-      store(dst + r * ldd + c, load(src + r * lds + c, n), n);
-    }
-}
-
 void run(const LinearArgs& a) {
   const int64_t M = a.M, K = a.K, N = a.N, P = cdiv(N, kPanel);
   if (M == 0 || N == 0) return;
@@ -274,9 +263,9 @@ inline void prefetch_block(const uint8_t* p, int64_t bytes) {
 }
 
 // One block of a q8_0 / q4_0 panel for R rows (x, xd, xsum: the rows' values, scales and sums
-// in that block): Group(t, v, g) adds group g of column vector v
-// to the R sums t (of that vector). off: what each unit of a row's block sum takes off (q4_0's
-// 8, q8_0's simd::kWBias); the sums start there, so that nothing is left to subtract after.
+// in that block): Group(t, v, g) adds group g of column vector v to the R sums t (of that
+// vector). off: what each unit of a row's block sum takes off (q4_0's 8, q8_0's
+// simd::kWBias); the sums start there, so that nothing is left to subtract after.
 template <int R, int G, typename Group>
 inline void block_pass(const uint8_t* scales, const int8_t* x, const float* xd, const float* xsum, float* C,
                        const uint8_t* ahead, int64_t bytes, int32_t off, Group group) {
@@ -516,7 +505,7 @@ void run_q(const LinearQArgs& a) {
         if (a.bias) init_rows(rows, nc, a.bias + c0, cb, kPanel);
         const QRows aq{xq + m0 * nb * kQuantBlock, xd + m0 * nb, xd + M * nb + m0 * nb, nb};
         pass_q(rows, a.format, x + m0 * K, aq, K, Bp, cb);
-        copy_rows(rows, nc, cb, kPanel, a.out + m0 * N + c0, N);
+        for (int64_t r = 0; r < rows; ++r) simd::to_f32(cb + r * kPanel, nc, a.out + (m0 + r) * N + c0);
       }
     }
   });
