@@ -26,16 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from time_to_quality import NANOGPT_EVAL, SIZE, prepare_fastlm, prepare_nanogpt  # noqa: E402
-
-
-def nanogpt_command(out: Path, steps: int) -> list[str]:
-    s = SIZE
-    return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-            "--eval_iters=20", "--log_interval=1", f"--block_size={s['block_size']}",
-            f"--batch_size={s['batch_size']}", f"--n_layer={s['n_layer']}", f"--n_head={s['n_head']}",
-            f"--n_embd={s['n_embd']}", f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0",
-            f"--out_dir={out}"]
+from time_to_quality import NANOGPT_EVAL, SIZE, nanogpt_command, prepare_fastlm, prepare_nanogpt  # noqa: E402
 
 
 def fastlm_command(data: Path, out: Path, steps: int) -> list[str]:
@@ -86,7 +77,9 @@ def main(argv=None) -> int:
         root = Path(tmp)
         data = prepare_fastlm(root)
         for r in range(args.rounds):
-            ng = run(nanogpt_command(root / f"ng{r}", args.steps), args.nanogpt, env)
+            # its recipe's evaluation every 250 steps, over 20 batches as fastlm's
+            ng = run(nanogpt_command(args.nanogpt, root / f"ng{r}", iters=args.steps, eval_interval=250,
+                                     eval_iters=20) + ["--log_interval=1"], args.nanogpt, env)
             fl = run(fastlm_command(data, root / f"fl{r}", args.steps), Path.cwd(), env,
                      metrics=root / f"fl{r}" / "metrics.jsonl")
             rows.append({"round": r + 1, "nanogpt": ng, "fastlm": fl,

@@ -44,10 +44,11 @@ NANOGPT_EVAL = re.compile(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)")
 FASTLM_EVAL = re.compile(r"step (\d+): train [\d.]+, val ([\d.]+)")
 
 
-def nanogpt_command(nanogpt: Path, out: Path, dataset="shakespeare_char", iters=3000, eval_interval=100) -> list[str]:
+def nanogpt_command(nanogpt: Path, out: Path, dataset="shakespeare_char", iters=3000, eval_interval=100,
+                    eval_iters=50) -> list[str]:
     s = SIZE
     return [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-            "--eval_iters=50", f"--block_size={s['block_size']}", f"--batch_size={s['batch_size']}",
+            f"--eval_iters={eval_iters}", f"--block_size={s['block_size']}", f"--batch_size={s['batch_size']}",
             f"--n_layer={s['n_layer']}", f"--n_head={s['n_head']}", f"--n_embd={s['n_embd']}", f"--max_iters={iters}",
             f"--lr_decay_iters={iters}", "--dropout=0.0", f"--eval_interval={eval_interval}", f"--out_dir={out}",
             "--always_save_checkpoint=False", f"--dataset={dataset}"]
