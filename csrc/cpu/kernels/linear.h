@@ -195,37 +195,43 @@ inline int64_t chunk_index(int64_t M, int64_t nb, int64_t m, int64_t j) {
 // chunked layout above; xr (when not null) gets the values q d as float32, M x K.
 inline void quantize_rows(int64_t M, int64_t K, const float* x, int8_t* q, float* d, float* sum, float* xr) {
   using namespace simd;
+  constexpr int64_t V = kQuantBlock / W;  // vectors a block
   const int64_t nb = cdiv(K, kQuantBlock);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < nb; ++j) {
       const float* xb = x + m * K + j * kQuantBlock;
       const int64_t kn = std::min<int64_t>(kQuantBlock, K - j * kQuantBlock);
-      alignas(64) float v[kQuantBlock] = {};
-      std::copy(xb, xb + kn, v);
-      vf mx = zero();
-      for (int64_t i = 0; i < kQuantBlock; i += W) {
-        const vf a = load(v + i);
-        mx = max(mx, max(a, sub(zero(), a)));
+      vf v[V];
+      for (int64_t i = 0; i < V; ++i)  // zero past K
+        v[i] = kn == kQuantBlock ? load(xb + i * W) : load(xb + i * W, std::max<int64_t>(0, std::min<int64_t>(W, kn - i * W)));
+      // amax, and whether every value is finite: x 0 is 0 for a finite x and NaN for a NaN or
+      // an infinity (max() alone may drop a NaN lane, and a NaN must not pass)
+      vf mx = zero(), nan = zero();
+      for (int64_t i = 0; i < V; ++i) {
+        mx = max(mx, max(v[i], sub(zero(), v[i])));
+        nan = add(nan, mul(v[i], zero()));
       }
-      float amax = reduce_max(mx);
-      for (int64_t i = 0; i < kn; ++i)  // max() may drop a NaN lane; a NaN must not pass
-        if (v[i] != v[i]) amax = v[i];
-      const bool finite = amax <= std::numeric_limits<float>::max();
+      const bool finite = reduce_add(nan) == 0.0f;
+      const float amax = reduce_max(mx);
       const float inv = finite && amax > 0 ? 127.0f / amax : 0.0f;
       const float scale = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
-      for (int64_t i = 0; i < kQuantBlock; i += W) store(v + i, round_nearest(mul(load(v + i), set1(inv))));
+      // the rounded values (integers in [-127, 127], exact in float32; all zero when not finite)
+      alignas(64) float r[kQuantBlock];
+      vf total = zero();
+      for (int64_t i = 0; i < V; ++i) {
+        const vf t = round_nearest(mul(v[i], set1(inv)));
+        const vf ti = finite ? t : zero();
+        store(r + i * W, ti);
+        total = add(total, ti);
+      }
       const int64_t at = chunk_index(M, nb, m, j);
       int8_t* qb = q + at * kQuantBlock;
-      int32_t total = 0;
-      for (int64_t i = 0; i < kQuantBlock; ++i) {
-        const int32_t t = finite ? static_cast<int32_t>(v[i]) : 0;
-        qb[i] = static_cast<int8_t>(t);
-        total += t;
-      }
+      for (int64_t i = 0; i < kQuantBlock; ++i) qb[i] = static_cast<int8_t>(static_cast<int32_t>(r[i]));
       d[at] = scale;
-      if (sum) sum[at] = static_cast<float>(total);
+      if (sum) sum[at] = reduce_add(total);
       if (xr)
-        for (int64_t i = 0; i < kn; ++i) xr[m * K + j * kQuantBlock + i] = static_cast<float>(qb[i]) * scale;
+        for (int64_t i = 0; i * W < kn; ++i)
+          store(xr + m * K + j * kQuantBlock + i * W, mul(load(r + i * W), set1(scale)), std::min<int64_t>(W, kn - i * W));
     }
 }
 
