@@ -12,6 +12,13 @@ text as bytes, nanoGPT as its 65 characters, both with 10% held out). nanoGPT's 
 own `prepare.py` fed the shared copy of the text (nothing is downloaded). `--level` runs both
 programs at that SIMD level (fastlm's kernels through FASTLM_CPU_ISA, torch's through the switches
 bench/cpu_levels.py sets). The ratio is nanoGPT's time over fastlm's (> 1: fastlm faster).
+
+Each round also times, in a process of its own at the same level, fastlm's step on this recipe
+(`bench/test_train.py`'s shape a), the step's fp32 products alone (its "matmul floor") and the
+same model's step on one token (shape c: the step's fixed cost, Python, dispatch, autograd and
+the optimizer). "bound" is the ratio fastlm would reach with every step at floor + fixed cost
+and the rest of its process (start, data, evaluations, checkpoints) as measured: the most a
+step driven op by op from Python, as fastlm's is, can give on this recipe.
 """
 from __future__ import annotations
 
@@ -54,6 +61,38 @@ def run(cmd: list[str], cwd: Path, env: dict, metrics: Path | None = None) -> di
     return {"seconds": round(seconds, 2), "val_250": val.get(250)}
 
 
+STEP_COSTS = """
+import json, statistics, sys, tempfile, time
+from pathlib import Path
+import torch
+sys.path.insert(0, {bench!r})
+from test_train import MatmulFloor, Step
+torch.set_num_threads({threads})
+root = Path(tempfile.mkdtemp())
+fns = {{"step": Step("a_shakespeare_char", "fastlm", root), "floor": MatmulFloor("a_shakespeare_char"),
+        "one_token": Step("c_one_token", "fastlm", root)}}
+times = {{k: [] for k in fns}}
+for r in range(13):
+    for k, fn in fns.items():
+        n = 3 if k != "one_token" else 10
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if r >= 3:
+            times[k].append((time.perf_counter() - t) / n)
+print(json.dumps({{k: statistics.median(v) for k, v in times.items()}}))
+"""
+
+
+def step_costs(env: dict, threads: int) -> dict:
+    """Seconds (medians, alternated) of fastlm's step on the recipe, its products alone and its
+    step on one token, in a process of its own."""
+    code = STEP_COSTS.format(bench=str(Path(__file__).resolve().parent), threads=threads)
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nanogpt", required=True, type=Path, help="a checkout of karpathy/nanoGPT")
@@ -82,18 +121,26 @@ def main(argv=None) -> int:
                                      eval_iters=20) + ["--log_interval=1"], args.nanogpt, env)
             fl = run(fastlm_command(data, root / f"fl{r}", args.steps), Path.cwd(), env,
                      metrics=root / f"fl{r}" / "metrics.jsonl")
-            rows.append({"round": r + 1, "nanogpt": ng, "fastlm": fl,
-                         "ratio": round(ng["seconds"] / fl["seconds"], 3)})
+            c = step_costs(env, args.threads)
+            # the process with every step at its products plus its fixed cost
+            best = fl["seconds"] - args.steps * (c["step"] - c["floor"] - c["one_token"])
+            rows.append({"round": r + 1, "nanogpt": ng, "fastlm": fl, "ratio": round(ng["seconds"] / fl["seconds"], 3),
+                         "step_ms": {k: round(v * 1e3, 2) for k, v in c.items()},
+                         "bound": round(ng["seconds"] / best, 3)})
             print(f"round {r + 1}: nanoGPT {ng['seconds']:.1f} s (val {ng['val_250']}), fastlm {fl['seconds']:.1f} s "
-                  f"(val {fl['val_250']}), ratio {rows[-1]['ratio']:.2f}x", flush=True)
+                  f"(val {fl['val_250']}), ratio {rows[-1]['ratio']:.2f}x; fastlm's step {c['step'] * 1e3:.1f} ms = "
+                  f"products {c['floor'] * 1e3:.1f} + fixed {c['one_token'] * 1e3:.1f} + other "
+                  f"{(c['step'] - c['floor'] - c['one_token']) * 1e3:.1f} ms; bound {rows[-1]['bound']:.2f}x", flush=True)
     med = statistics.median(row["ratio"] for row in rows)
     print(f"\n{args.steps} steps, level {args.level or 'best'}, {args.threads} threads: median ratio {med:.2f}x "
           f"(nanoGPT {statistics.median(r['nanogpt']['seconds'] for r in rows):.1f} s, "
-          f"fastlm {statistics.median(r['fastlm']['seconds'] for r in rows):.1f} s)")
+          f"fastlm {statistics.median(r['fastlm']['seconds'] for r in rows):.1f} s); bound (steps at products + "
+          f"fixed cost) {statistics.median(r['bound'] for r in rows):.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"bench": "equal_steps", "steps": args.steps, "level": args.level,
-                                         "threads": args.threads, "rows": rows, "median_ratio": med}, indent=1))
+                                         "threads": args.threads, "rows": rows, "median_ratio": med,
+                                         "median_bound": statistics.median(r["bound"] for r in rows)}, indent=1))
     return 0
 
 

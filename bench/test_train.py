@@ -11,6 +11,9 @@ Shapes:
       block 64, batch 12 (bytes: vocabulary 257). Per-op overhead dominates.
   (b) 4 layers, 4 heads, 256 wide, vocabulary 8192, batch 4 x 256 (~34 GFLOP a step):
       the matmuls dominate.
+  (c) shape (a)'s model on one token a step (batch 1, block 1): next to no arithmetic, so
+      the time is the step's fixed cost (Python, dispatch, autograd, the optimizer), which
+      shape (a)'s step pays on top of its arithmetic.
 
 Throughput: ``pytest bench/test_train.py --benchmark-only -k throughput``; the ratio is
 median(plain) / median(fastlm) in each group. Each group also times "matmul floor": the
@@ -45,6 +48,9 @@ if not SHAKESPEARE.is_file():
 SHAPES = {
     "a_shakespeare_char": dict(model=dict(vocab_size=257, block_size=64, n_layer=4, n_head=4, n_embd=128), batch=12),
     "b_vocab8192": dict(model=dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256), batch=4),
+    # shape a's model on one token a step: next to no arithmetic, so its time is the step's fixed
+    # cost (Python, dispatch, autograd, the optimizer's and the clipping's calls)
+    "c_one_token": dict(model=dict(vocab_size=257, block_size=1, n_layer=4, n_head=4, n_embd=128), batch=1),
 }
 
 
@@ -126,7 +132,7 @@ def test_throughput(benchmark, shape, path, tmp_path_factory):
     step = Step(shape, path, tmp_path_factory.mktemp("data"))
     benchmark.group = f"train-step {shape} threads={THREADS}"
     benchmark.extra_info["tokens_per_step"] = step.tokens
-    rounds = 30 if shape.startswith("a") else 8
+    rounds = 8 if shape.startswith("b") else 30
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=3, iterations=1)
     loss = step().item()
     assert math.isfinite(loss)
@@ -160,7 +166,7 @@ def test_throughput_matmul_floor(benchmark, shape):
     floor = MatmulFloor(shape)
     benchmark.group = f"train-step {shape} threads={THREADS}"
     benchmark.extra_info.update(gflop=floor.flops / 1e9, products=len(floor.ops))
-    benchmark.pedantic(floor, rounds=30 if shape.startswith("a") else 8, warmup_rounds=3, iterations=1)
+    benchmark.pedantic(floor, rounds=8 if shape.startswith("b") else 30, warmup_rounds=3, iterations=1)
 
 
 # ----------------------------------------------------------------------------- Muon's orthogonalisation
