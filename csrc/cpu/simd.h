@@ -13,7 +13,8 @@
 //   fnma(a, b, c) = c - a b, first_n(n, yes, no) (lanes < n from yes, others from no),
 //   select_ge(a, b, yes, no) (yes where a >= b, else no),
 //   reduce_add, reduce_max, round_trip(v, T*) (v as stored in T and read back),
-//   transpose_sum(acc[W]) (lane c = the sum of acc[c]'s lanes), exp, exp2, stream(p, v)
+//   transpose_sum(acc[W]) (lane c = the sum of acc[c]'s lanes), transpose_block(r[W]) (a W x W
+//   block transposed in registers), exp, exp2, stream(p, v)
 //   (a non-temporal store to a vector-aligned p; an ordinary store where the level has none)
 //   and stream_fence() after a run of them; load(const int8_t* p) / load(const uint8_t* p): W
 //   signed / unsigned bytes as floats (the quantized weights of generation's linear layers).
@@ -113,6 +114,36 @@ __attribute__((always_inline)) inline vf transpose_sum(vf* acc) {
   return acc[0];
 }
 
+// The 16 x 16 block r[0..16) transposed in place (r[c] becomes column c): unpacks, in-lane
+// shuffles, then two rounds of 128-bit lane shuffles.
+__attribute__((always_inline)) inline void transpose_block(vf* r) {
+  vf t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0xDD);
+    }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
 // ===================================================================== AVX2 + FMA + F16C
 #elif defined(FASTLM_SIMD_AVX2)
 constexpr int W = 8;
@@ -191,6 +222,28 @@ __attribute__((always_inline)) inline vf transpose_sum(vf* acc) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// The 8 x 8 block r[0..8) transposed in place (r[c] becomes column c).
+__attribute__((always_inline)) inline void transpose_block(vf* r) {
+  vf t[8], u[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
 // ===================================================================== NEON (aarch64)
 #elif defined(FASTLM_SIMD_NEON)
 constexpr int W = 4;
@@ -251,6 +304,15 @@ inline vf round_trip(vf v, const f16*) { return vcvt_f32_f16(vcvt_f16_f32(v)); }
 
 __attribute__((always_inline)) inline vf transpose_sum(vf* acc) {
   return vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3]));
+}
+
+// The 4 x 4 block r[0..4) transposed in place (r[c] becomes column c).
+__attribute__((always_inline)) inline void transpose_block(vf* r) {
+  const float32x4x2_t a = vtrnq_f32(r[0], r[1]), b = vtrnq_f32(r[2], r[3]);
+  r[0] = vcombine_f32(vget_low_f32(a.val[0]), vget_low_f32(b.val[0]));
+  r[1] = vcombine_f32(vget_low_f32(a.val[1]), vget_low_f32(b.val[1]));
+  r[2] = vcombine_f32(vget_high_f32(a.val[0]), vget_high_f32(b.val[0]));
+  r[3] = vcombine_f32(vget_high_f32(a.val[1]), vget_high_f32(b.val[1]));
 }
 
 // ===================================================================== generic (vector extensions)
@@ -372,6 +434,15 @@ inline vf round_trip(vf v, const f16*) {
 inline vf transpose_sum(vf* acc) {
   return vf{reduce_add(acc[0]), reduce_add(acc[1]), reduce_add(acc[2]), reduce_add(acc[3])};
 }
+
+// The 4 x 4 block r[0..4) transposed in place (r[c] becomes column c).
+inline void transpose_block(vf* r) {
+  const vf a = r[0], b = r[1], c = r[2], d = r[3];
+  r[0] = vf{a[0], b[0], c[0], d[0]};
+  r[1] = vf{a[1], b[1], c[1], d[1]};
+  r[2] = vf{a[2], b[2], c[2], d[2]};
+  r[3] = vf{a[3], b[3], c[3], d[3]};
+}
 #else
 #error "simd.h: define one of FASTLM_SIMD_AVX512, FASTLM_SIMD_AVX2, FASTLM_SIMD_NEON, FASTLM_SIMD_GENERIC"
 #endif
@@ -431,6 +502,28 @@ inline void to_f32(const T* src, int64_t n, float* dst) {
   int64_t j = 0;
   for (; j + W <= n; j += W) store(dst + j, load(src + j));
   if (j < n) store(dst + j, load(src + j, n - j), n - j);
+}
+
+// dst[c * ds + r] = scale src[r * ss + c] for r < R, c < C: W x W blocks through registers
+// (transpose_block), the edges element by element. For the small transposes of a kernel's
+// tiles (a head's K^T, Q^T), where one scalar store per element was the cost.
+inline void transpose(const float* src, int64_t ss, int64_t R, int64_t C, float* dst, int64_t ds,
+                      float scale = 1.0f) {
+  const vf sv = set1(scale);
+  int64_t r0 = 0;
+  for (; r0 + W <= R; r0 += W) {
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W) {
+      vf v[W];
+      for (int i = 0; i < W; ++i) v[i] = load(src + (r0 + i) * ss + c0);
+      transpose_block(v);
+      for (int i = 0; i < W; ++i) store(dst + (c0 + i) * ds + r0, mul(v[i], sv));
+    }
+    for (; c0 < C; ++c0)
+      for (int i = 0; i < W; ++i) dst[c0 * ds + r0 + i] = src[(r0 + i) * ss + c0] * scale;
+  }
+  for (; r0 < R; ++r0)
+    for (int64_t c = 0; c < C; ++c) dst[c * ds + r0] = src[r0 * ss + c] * scale;
 }
 
 #if !defined(FASTLM_SIMD_AVX512)

@@ -254,8 +254,7 @@ inline void pack_kt_head(const float* k, int64_t ks, float* kt, int64_t Tk, int6
     const float* src = k + t * BK * ks;
     if (n < BK)
       for (int64_t d = 0; d < D; ++d) std::fill(dst + d * BK + n, dst + (d + 1) * BK, 0.f);
-    for (int64_t c = 0; c < n; ++c)
-      for (int64_t d = 0; d < D; ++d) dst[d * BK + c] = src[c * ks + d];
+    simd::transpose(src, ks, n, D, dst, BK);
   }
 }
 
@@ -268,6 +267,10 @@ inline void gather_rows(const float* src, int64_t ss, int64_t n, int64_t D, floa
 struct FwdWork {
   const AttnFwdArgs& a;
   std::atomic<int>* packed;  // per (batch, kv head): its K^T panels (and V rows) are ready
+  // One query tile per head and no head sharing its keys (G = 1): each item packs its own
+  // head's keys and runs its one tile at once, on the same thread, with the panels still in
+  // its L1 / L2 (no item waits on another thread's packing).
+  bool own_pack;
   struct State {
     std::vector<float> qs, s, m, l, o;
   };
@@ -284,16 +287,23 @@ struct FwdWork {
   // they lie apart, as in a fused projection: a product walking rows 1.5 KB apart keeps
   // missing the L1), then the query tiles, the latest (dearest under causal masking) first.
   // Handed out in order, so a tile waits at most for a packing job already running.
+  void pack(int64_t bhk) const {
+    const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
+    pack_kt_head(a.k + a.lk.at(b, hk, 0), a.lk.st, a.kt + bhk * cdiv(a.Tk, BK) * a.D * BK, a.Tk, a.D);
+    if (a.vc) gather_rows(a.v + a.lv.at(b, hk, 0), a.lv.st, a.Tk, a.D, a.vc + bhk * a.Tk * a.D);
+    packed[bhk].store(1, std::memory_order_release);
+  }
   void operator()(int64_t item, int64_t, State& st) const {
     const int64_t BHkv = a.B * a.Hkv;
-    if (item < BHkv) {
-      const int64_t b = item / a.Hkv, hk = item % a.Hkv;
-      pack_kt_head(a.k + a.lk.at(b, hk, 0), a.lk.st, a.kt + item * cdiv(a.Tk, BK) * a.D * BK, a.Tk, a.D);
-      if (a.vc) gather_rows(a.v + a.lv.at(b, hk, 0), a.lv.st, a.Tk, a.D, a.vc + item * a.Tk * a.D);
-      packed[item].store(1, std::memory_order_release);
-      return;
+    if (own_pack) {
+      pack(item);  // (batch, head) = (batch, kv head) here
+    } else {
+      if (item < BHkv) {
+        pack(item);
+        return;
+      }
+      item -= BHkv;
     }
-    item -= BHkv;
     const int64_t BH = a.B * a.H, nqt = cdiv(a.Tq, BQ), D = a.D;
     const int64_t qt = nqt - 1 - item / BH, bh = item % BH;
     const int64_t b = bh / a.H, h = bh % a.H, hk = h / (a.H / a.Hkv);
@@ -365,8 +375,10 @@ struct FwdWork {
 void forward(const AttnFwdArgs& a) {
   std::vector<std::atomic<int>> packed(a.B * a.Hkv);
   for (auto& f : packed) f.store(0);
-  FwdWork w{a, packed.data()};
-  run_dynamic(a.B * a.Hkv + a.B * a.H * cdiv(a.Tq, BQ), w, threads_for(2.0 * a.B * a.H * a.Tq * a.Tk * a.D));
+  const bool own_pack = a.Tq <= BQ && a.H == a.Hkv;
+  FwdWork w{a, packed.data(), own_pack};
+  run_dynamic(own_pack ? a.B * a.H : a.B * a.Hkv + a.B * a.H * cdiv(a.Tq, BQ), w,
+              threads_for(2.0 * a.B * a.H * a.Tq * a.Tk * a.D));
 }
 
 // ------------------------------------------------------------------ backward
@@ -395,15 +407,11 @@ struct BwdWork {
     const float qscale = a.scale * kLog2e;
     const int64_t b = bh / a.H, h = bh % a.H;
     float *qt = a.qt + bh * D * Tqp, *dt = a.dot + bh * D * Tqp;
+    simd::transpose(a.q + a.lq.at(b, h, 0), a.lq.st, Tq, D, qt, Tqp, qscale);
+    simd::transpose(a.dout + a.ldo.at(b, h, 0), a.ldo.st, Tq, D, dt, Tqp);
     for (int64_t t = 0; t < Tq; ++t) {
-      const float* qr = a.q + a.lq.at(b, h, t);
-      const float* dr = a.dout + a.ldo.at(b, h, t);
-      for (int64_t d = 0; d < D; ++d) {
-        qt[d * Tqp + t] = qr[d] * qscale;
-        dt[d * Tqp + t] = dr[d];
-      }
       a.lse2[bh * Tqp + t] = a.lse[bh * Tq + t] * kLog2e;
-      a.delta[bh * Tqp + t] = dot(dr, a.out + a.lo.at(b, h, t), D);
+      a.delta[bh * Tqp + t] = dot(a.dout + a.ldo.at(b, h, t), a.out + a.lo.at(b, h, t), D);
     }
     // rows that lie apart, side by side for the products that walk them (see FwdWork)
     if (a.qc) gather_rows(a.q + a.lq.at(b, h, 0), a.lq.st, Tq, D, a.qc + bh * Tq * D);
@@ -460,8 +468,7 @@ struct BwdWork {
       vs = D;
     }
     float* KT = st.kt.data();
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t c = 0; c < nk; ++c) KT[d * BK + c] = K[c * ks + d];
+    simd::transpose(K, ks, nk, D, KT, BK);
     float *S = st.s.data(), *dP = st.dp.data(), *dKa = st.dk.data(), *dVa = st.dv.data();
     std::fill(dKa, dKa + nk * D, 0.f);
     std::fill(dVa, dVa + nk * D, 0.f);
@@ -521,11 +528,8 @@ struct BwdWork {
           if (kc > 0) gemm(D, std::min<int64_t>(kGemmCols, BQ - c0), kc, KT, BK, dP + c0, BQ, dQTq + c0, ldq, true);
         }
       }
-      if (!a.dqt) {  // dq = scale dQ^T, transposed
-        float* dq = a.dq + a.ldq.at(b, hk * G + g, 0);
-        for (int64_t t = 0; t < a.Tq; ++t)
-          for (int64_t d = 0; d < D; ++d) dq[t * a.ldq.st + d] = dQT[d * BQ + t] * a.scale;
-      }
+      if (!a.dqt)  // dq = scale dQ^T, transposed
+        simd::transpose(dQT, BQ, D, a.Tq, a.dq + a.ldq.at(b, hk * G + g, 0), a.ldq.st, a.scale);
     }
     for (int64_t c = 0; c < nk; ++c)
       for (int64_t d = 0; d < D; ++d) {
@@ -541,18 +545,22 @@ void backward(const AttnBwdArgs& a) {
   BwdWork w{a, prepared.data()};
   run_dynamic(a.B * a.H + a.B * a.Hkv * cdiv(a.Tk, BK), w, a.nthr);
   if (!a.dqt) return;  // written by the tiles
-  // dq = scale * (sum over threads of dQ^T), transposed back
-  const float* src = a.dqt;
+  // dq = scale * (sum over threads of dQ^T), transposed back: the threads' buffers summed into
+  // the first (rows of Tqp contiguous), then that transposed
+  float* sum = a.dqt;
   const int64_t per = a.B * a.H * a.D * a.Tqp, D = a.D, Tq = a.Tq, Tqp = a.Tqp, nthr = a.nthr;
-  const float sc = a.scale;
   parallel_for(0, a.B * a.H, nthr > 1 ? 1 : a.B * a.H, [&](int64_t b0, int64_t b1) {
-    for (int64_t bh = b0; bh < b1; ++bh)
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t t = 0; t < Tq; ++t) {
-          float s = 0.f;
-          for (int64_t th = 0; th < nthr; ++th) s += src[th * per + (bh * D + d) * Tqp + t];
-          a.dq[a.ldq.at(bh / a.H, bh % a.H, t) + d] = s * sc;
-        }
+    using namespace simd;
+    for (int64_t bh = b0; bh < b1; ++bh) {
+      float* acc = sum + bh * D * Tqp;
+      for (int64_t th = 1; th < nthr; ++th) {
+        const float* part = a.dqt + th * per + bh * D * Tqp;
+        int64_t j = 0;
+        for (; j + W <= D * Tqp; j += W) store(acc + j, add(load(acc + j), load(part + j)));
+        for (; j < D * Tqp; ++j) acc[j] += part[j];
+      }
+      transpose(acc, Tqp, D, Tq, a.dq + a.ldq.at(bh / a.H, bh % a.H, 0), a.ldq.st, a.scale);
+    }
   });
 }
 
