@@ -382,6 +382,12 @@ void forward(const AttnFwdArgs& a) {
 }
 
 // ------------------------------------------------------------------ backward
+// The column granularity of the backward's diagonal (causal) tiles: products start at a visible
+// column rounded down to it, and dQ^T goes by blocks of it. At most 32 columns, so that a level
+// whose widest micro-kernel block is wider (avx512: 64) does not compute the masked half of the
+// triangle.
+constexpr int64_t kDiagCols = kGemmCols < 32 ? kGemmCols : 32;
+
 struct BwdWork {
   const AttnBwdArgs& a;
   std::atomic<int>* prepared;  // per (batch, head): qt, dot, lse2, delta ready, its dqt zeroed
@@ -504,7 +510,7 @@ struct BwdWork {
         // visible column rounded down to the micro-kernel's width; the rest is zero.
         const int64_t shift = k0 - off - q0;
         auto first = [&](int64_t r) { return std::min<int64_t>(BQ, std::max<int64_t>(0, r + shift)); };
-        auto aligned = [](int64_t c) { return c / kGemmCols * kGemmCols; };
+        auto aligned = [](int64_t c) { return c / kDiagCols * kDiagCols; };
         for (int64_t m = 0; m < nk; m += kGemmMR) {
           const int64_t R = std::min<int64_t>(kGemmMR, nk - m), ca = aligned(first(m));
           if (ca >= BQ) continue;
@@ -523,9 +529,9 @@ struct BwdWork {
           gemm(R, D, nq - ca, S + m * BQ + ca, BQ, dOr + (q0 + ca) * dos, dos, dVa + m * D, D, true);
           gemm(R, D, nq - ca, dP + m * BQ + ca, BQ, Qr + (q0 + ca) * qs, qs, dKa + m * D, D, true);
         }
-        for (int64_t c0 = 0; c0 < BQ; c0 += kGemmCols) {  // keys r <= c0 + kGemmCols - 1 - shift
-          const int64_t kc = std::min<int64_t>(nk, std::max<int64_t>(0, c0 + kGemmCols - shift));
-          if (kc > 0) gemm(D, std::min<int64_t>(kGemmCols, BQ - c0), kc, KT, BK, dP + c0, BQ, dQTq + c0, ldq, true);
+        for (int64_t c0 = 0; c0 < BQ; c0 += kDiagCols) {  // keys r <= c0 + kDiagCols - 1 - shift
+          const int64_t kc = std::min<int64_t>(nk, std::max<int64_t>(0, c0 + kDiagCols - shift));
+          if (kc > 0) gemm(D, std::min<int64_t>(kDiagCols, BQ - c0), kc, KT, BK, dP + c0, BQ, dQTq + c0, ldq, true);
         }
       }
       if (!a.dqt)  // dq = scale dQ^T, transposed
