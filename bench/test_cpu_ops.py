@@ -131,6 +131,39 @@ def test_attention_fwdbwd(benchmark, shape):
           competitor="torch SDPA")
 
 
+# nanoGPT's CPU recipe (batch 12, 4 heads of 32, block 64), q, k, v split from one projection
+# as the model has them (rows 3 C apart): many small heads, one tile each
+TRAIN = [(12, 4, 64, 32)]
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", TRAIN, ids=lambda s: ",".join(map(str, s)))
+def test_attention_train_shape(benchmark, shape, kind):
+    B, H, T, D = shape
+    benchmark.group = f"attention {kind} {shape}, split from one projection"
+    qkv = _randn(B, T, 3 * H * D).requires_grad_(kind == "fwd+bwd")
+    do = _randn(B, H, T, D, seed=3)
+
+    def split():
+        return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2)]
+
+    def run(fn):
+        if kind == "fwd":
+            with torch.no_grad():
+                return fn(*split())
+        return torch.autograd.grad(fn(*split()), qkv, do)
+
+    def ours():
+        with _cpu():
+            return run(lambda q, k, v: ops.attention(q, k, v, causal=True))
+
+    def theirs():
+        return run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    _close(ours(), theirs(), 1e-4)
+    _pair(benchmark, ours, theirs, rounds=41, op="attention", kind=kind, shape=list(shape), competitor="torch SDPA")
+
+
 DECODE = [(1, 12, 1024, 64), (8, 12, 1024, 64), (1, 12, 2048, 64), (8, 12, 2048, 64)]
 
 
