@@ -1,7 +1,7 @@
 """Wall time at equal steps: nanoGPT's own `train.py` against `fastlm train`, the same recipe (its
 CPU recipe for character-level tiny Shakespeare: 4 layers x 4 heads x 128, block 64, batch 12,
-AdamW 1e-3, warm-up 100, cosine to the last step, dropout 0, clipping at 1, no compile), whole
-processes from their start to their exit, rounds interleaved.
+no biases (nanoGPT's default), AdamW 1e-3, warm-up 100, cosine to the last step, dropout 0,
+clipping at 1, no compile), whole processes from their start to their exit, rounds interleaved.
 
     python bench/equal_steps.py --nanogpt PATH/TO/nanoGPT [--steps 300] [--rounds 3] [--threads 2]
         [--level avx2] [--json bench/results/equal_steps_<YYYY-MM-DD>_<tag>.json]
@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from time_to_quality import NANOGPT_EVAL, SIZE, nanogpt_command, prepare_fastlm, prepare_nanogpt  # noqa: E402
 
 
-def fastlm_command(data: Path, out: Path, steps: int) -> list[str]:
+def fastlm_command(data: Path, out: Path, steps: int, config: Path) -> list[str]:
+    """``config``: a TOML file with the model switches that have no flag (``bias = false``)."""
     s = SIZE
-    return [sys.executable, "-m", "fastlm", "train", "--data", str(data), "--n-layer", str(s["n_layer"]),
+    return [sys.executable, "-m", "fastlm", "train", "--data", str(data), "--config", str(config),
+            "--n-layer", str(s["n_layer"]),
             "--n-head", str(s["n_head"]), "--n-embd", str(s["n_embd"]), "--block-size", str(s["block_size"]),
             "--batch-size", str(s["batch_size"]), "--max-iters", str(steps), "--lr", "1e-3", "--min-lr", "1e-4",
             "--warmup-iters", "100", "--lr-decay-iters", str(steps), "--eval-interval", "250", "--eval-iters",
@@ -115,11 +117,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = prepare_fastlm(root)
+        config = root / "recipe.toml"
+        config.write_text("bias = false  # nanoGPT's default: no biases in its linear layers and norms\n")
         for r in range(args.rounds):
             # its recipe's evaluation every 250 steps, over 20 batches as fastlm's
             ng = run(nanogpt_command(args.nanogpt, root / f"ng{r}", iters=args.steps, eval_interval=250,
                                      eval_iters=20) + ["--log_interval=1"], args.nanogpt, env)
-            fl = run(fastlm_command(data, root / f"fl{r}", args.steps), Path.cwd(), env,
+            fl = run(fastlm_command(data, root / f"fl{r}", args.steps, config), Path.cwd(), env,
                      metrics=root / f"fl{r}" / "metrics.jsonl")
             c = step_costs(env, args.threads)
             # the process with every step at its products plus its fixed cost

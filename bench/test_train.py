@@ -8,7 +8,8 @@ logits) with the default ``torch.optim.AdamW``; the same clipping, the same batc
 
 Shapes:
   (a) nanoGPT's CPU recipe on character-level tiny Shakespeare: 4 layers, 4 heads, 128 wide,
-      block 64, batch 12 (bytes: vocabulary 257). Per-op overhead dominates.
+      block 64, batch 12, no biases (nanoGPT's default; bytes: vocabulary 257). Per-op overhead
+      dominates.
   (b) 4 layers, 4 heads, 256 wide, vocabulary 8192, batch 4 x 256 (~34 GFLOP a step):
       the matmuls dominate.
   (c) shape (a)'s model on one token a step (batch 1, block 1): next to no arithmetic, so
@@ -46,11 +47,13 @@ if not SHAKESPEARE.is_file():
     SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 
 SHAPES = {
-    "a_shakespeare_char": dict(model=dict(vocab_size=257, block_size=64, n_layer=4, n_head=4, n_embd=128), batch=12),
+    "a_shakespeare_char": dict(model=dict(vocab_size=257, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False),
+                               batch=12),
     "b_vocab8192": dict(model=dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256), batch=4),
     # shape a's model on one token a step: next to no arithmetic, so its time is the step's fixed
     # cost (Python, dispatch, autograd, the optimizer's and the clipping's calls)
-    "c_one_token": dict(model=dict(vocab_size=257, block_size=1, n_layer=4, n_head=4, n_embd=128), batch=1),
+    "c_one_token": dict(model=dict(vocab_size=257, block_size=1, n_layer=4, n_head=4, n_embd=128, bias=False),
+                        batch=1),
 }
 
 
