@@ -98,6 +98,30 @@ def test_kernel_matches_the_dequantized_product(backend, fmt, M, K, N):
                                                                              "bf16": 5e-3, "f16": 1e-3}[fmt]
 
 
+@pytest.mark.parametrize("backend", CPU_LEVEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("M", [1, 8, 13])
+def test_non_finite_activations(backend, fmt, M):
+    """A row with a NaN or an infinity in some block gives NaN outputs (as the float product
+    would), whatever the block's place (first, middle, the short last one); the other rows of
+    the batch are untouched (the prefill path, M > 8, as well as the passes)."""
+    K, N = 100, 97  # blocks of 32, 32, 32 and 4
+    g = torch.Generator().manual_seed(M)
+    wq = R.pack_decode_weight_q(_weight(N, K, 5), fmt)
+    x = torch.randn(M, K, generator=g)
+    bad = {0: (3, float("nan")), M // 2: (98, float("inf")), M - 1: (40, float("-inf"))}
+    for row, (k, v) in bad.items():
+        x[row, k] = v
+    with on_backend(backend):
+        got = torch.ops.fastlm.decode_linear_q(x, wq, None, N, fmt)
+    for row in range(M):
+        if row in bad:
+            assert bool(torch.isnan(got[row]).all()), f"row {row}: {got[row, :4]}"
+        else:
+            want = R.decode_linear_q(x[row:row + 1].double(), wq, None, N, fmt)
+            assert rel_error(got[row:row + 1], want) < 1e-5
+
+
 def test_non_contiguous_input_and_empty():
     w = _weight(60, 40, 1)
     wq = R.pack_decode_weight_q(w, "q8_0")
