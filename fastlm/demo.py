@@ -117,7 +117,7 @@ Everything is in {out}/:
   best/            the best model (Hugging Face layout, with its tokenizer)
   checkpoints/     the last checkpoint with optimizer state, for resuming
   metrics.jsonl    train/val loss, learning rate and tokens/s at each evaluation
-  loss.png         the loss curves
+  loss.svg         the loss curves
 
 Continue training:  fastlm train --data {data_dir} --out {out} --resume --max-iters {2 * iters}{" --recipe fast" if recipe == "fast" else ""}
 Generate:           fastlm generate --model {best} --prompt "def fibonacci(n):" --do-sample

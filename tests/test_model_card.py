@@ -53,11 +53,11 @@ def test_trainer_checkpoints_carry_model_cards(data_dir, tmp_path):
                  f"val bits per byte: {last['val_bits_per_byte']:.3f}", f"fastlm generate --model {step_dir}",
                  f'GPT.from_pretrained({str(step_dir)!r})', str(data_dir)]:
         assert want in body, want
-    # The loss curves, linked relatively, where matplotlib drew them.
-    if (tmp_path / "run" / "loss.png").is_file():
-        assert "](../../loss.png)" in body
-        best_body = (tmp_path / "run" / "best" / "README.md").read_text()
-        assert "](../loss.png)" in best_body
+    # The loss curves, linked relatively.
+    assert (tmp_path / "run" / "loss.svg").is_file()
+    assert "](../../loss.svg)" in body
+    best_body = (tmp_path / "run" / "best" / "README.md").read_text()
+    assert "](../loss.svg)" in best_body
     # The best checkpoint's card has the figures of the evaluation that made it the best.
     best = next(r for r in t.history if r["step"] == t.best_step)
     _, best_body = _split((tmp_path / "run" / "best" / "README.md").read_text())
@@ -69,7 +69,7 @@ def test_hand_written_readme_kept_own_card_rewritten(data_dir, tmp_path):
     t.train()
     best = tmp_path / "run" / "best"
     first = (best / "README.md").read_text()
-    assert CARD_MARK in first and "loss.png" not in first
+    assert CARD_MARK in first and "loss.svg" not in first
     # Saved again later in the run: fastlm's own card follows the model.
     t.step += 5
     t.save_checkpoint(best)

@@ -102,7 +102,8 @@ def test_train_end_to_end_val_loss_falls(data_dir, tmp_path):
     assert metrics[-1]["val_perplexity"] == pytest.approx(math.exp(metrics[-1]["val_loss"]))
     assert summary["stop_reason"] == "max_iters reached"
     assert [p.name for p in find_checkpoints(out)] == ["step-0000040", "step-0000060"]  # keep_last=2
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    svg = (out / "loss.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 2  # the train and val curves
     best = GPT.from_pretrained(out / "best")
     state = json.loads((out / "best" / "trainer_state.json").read_text())
     assert state["step"] == summary["best_step"]
@@ -335,4 +336,4 @@ def test_demo_end_to_end(tmp_path):
     assert "def fibonacci(n):" in r.stdout and "class Stack:" in r.stdout
     assert "fastlm train" in r.stdout and "fastlm generate" in r.stdout
     assert (out / "best" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
-    assert (out / "loss.png").is_file()
+    assert (out / "loss.svg").is_file()

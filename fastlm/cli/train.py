@@ -26,7 +26,7 @@ _SWITCHES = set(_SWITCH_FLAGS) | {"bias", "qk_norm", "tie_word_embeddings", "zer
 def _add_train(sub):
     p = sub.add_parser("train", help="train a GPT on text or on a prepared folder")
     _add_data_args(p, required=False)
-    p.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--out", metavar="DIR", help="run folder: checkpoints, metrics.jsonl, loss.svg")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with the same keys as the flags; flags win")
     from fastlm.train.config import RECIPES
 

@@ -41,7 +41,7 @@ def write_card(trainer, directory, final=None, plot=None) -> Path:
     """Write the card of ``trainer``'s model into ``directory`` (atomically), unless the
     checkpoint's folder (``final``, default ``directory``) holds a ``README.md`` written by a
     person: that one is then kept (copied into ``directory`` when it is a new folder that will
-    replace ``final``). ``plot``: the run's loss-curve PNG, linked when it exists."""
+    replace ``final``). ``plot``: the run's loss-curve SVG, linked when it exists."""
     directory = Path(directory)
     final = directory if final is None else Path(final)
     existing = final / CARD_NAME
@@ -143,7 +143,7 @@ pipe = load_pipeline({where!r})  # the {task} pipeline this checkpoint holds
 
 def model_card(trainer, directory, plot=None) -> str:
     """The card (YAML front matter and Markdown) of ``trainer``'s model as saved at ``directory``;
-    ``plot``: the loss-curve PNG to link (relative to ``directory``) when it exists."""
+    ``plot``: the loss-curve SVG to link (relative to ``directory``) when it exists."""
     directory = Path(directory)
     cfg = trainer.config
     model = trainer.model

@@ -30,7 +30,7 @@ STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 METRICS_NAME = "metrics.jsonl"
 TRAIN_LOG_NAME = "train_log.jsonl"
-PLOT_NAME = "loss.png"  # the run's loss curves, in its out_dir
+PLOT_NAME = "loss.svg"  # the run's loss curves, in its out_dir
 
 
 def _rng_state_to_json(state: torch.Tensor) -> list:

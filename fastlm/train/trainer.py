@@ -43,12 +43,12 @@ import torch
 
 from .. import ops
 from .._io import CheckpointError, atomic_write_bytes
+from ..report import curves_svg
 from .._progress import progress_bar, progress_enabled
 from . import distributed, state
 from .config import TrainConfig, autocast_dtype, lr_at, make_optimizer, resolve_device
 from .state import METRICS_NAME, PLOT_NAME, TRAIN_LOG_NAME, find_checkpoints
 
-PLOT_EVERY_S = 60.0  # redraw loss.png at an evaluation at most this often, and at the last one
 
 
 class NonFiniteLossError(RuntimeError):
@@ -240,35 +240,15 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def _plot(self):
-        self._plotted_at, self._plotted_len = time.perf_counter(), len(self.history)
+        self._plotted_len = len(self.history)
         if not self.dist.is_main:
             return
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if not getattr(self, "_plot_warned", False):
-                print("fastlm: matplotlib is not installed, so no loss.png (pip install matplotlib)", file=sys.stderr)
-                self._plot_warned = True
-            return
         steps = [r["step"] for r in self.history]
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-        ax.plot(steps, [r["train_loss"] for r in self.history], label="train", marker=".")
-        ax.plot(steps, [r["val_loss"] for r in self.history], label="val", marker=".")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"{self.out.name}: {self.model.num_parameters() / 1e6:.2f}M parameters")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        atomic_write_bytes(self.out / PLOT_NAME, buf.getvalue())
+        svg = curves_svg({"train": (steps, [r["train_loss"] for r in self.history]),
+                          "val": (steps, [r["val_loss"] for r in self.history])},
+                         "step", "loss (nats/token)",
+                         f"{self.out.name}: {self.model.num_parameters() / 1e6:.2f}M parameters")
+        atomic_write_bytes(self.out / PLOT_NAME, svg.encode("utf-8"))
 
     def _tensorboard(self, record):
         if not self.config.tensorboard or not self.dist.is_main:
@@ -331,7 +311,7 @@ class Trainer:
         bad_step = None
         tokens_per_s = 0.0
         start_wall = time.perf_counter()
-        self._plotted_at, self._plotted_len = start_wall, len(self.history)
+        self._plotted_len = len(self.history)
         try:
             with self._backend():
                 while self.step < cfg.max_iters and self.stop_reason is None:
@@ -425,10 +405,7 @@ class Trainer:
 
             tqdm.write(f"step {self.step}: train {train_loss:.4f}, val {val_loss:.4f} (ppl {record['val_perplexity']:.2f}, "
                        f"{bpb:.3f} bits/byte), lr {lr:.2e}, {tokens_per_s:,.0f} tok/s", file=sys.stderr)
-        # before the checkpoints, whose model cards link the curves; drawing (and importing
-        # matplotlib the first time) is slow next to a small model's steps, so not at every evaluation
-        last = self.step >= cfg.max_iters or self.stop_reason is not None
-        if cfg.plot and (last or time.perf_counter() - getattr(self, "_plotted_at", 0.0) >= PLOT_EVERY_S):
+        if cfg.plot:  # before the checkpoints, whose model cards link the curves
             self._plot()
         self._save_step_checkpoint()
         if improved and cfg.save_best:
