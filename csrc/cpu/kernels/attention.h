@@ -283,16 +283,17 @@ struct FwdWork {
     st.l.resize(BQ);
     return st;
   }
-  // Items: first one packing job per (batch, kv head) (K^T panels; V's rows side by side when
-  // they lie apart, as in a fused projection: a product walking rows 1.5 KB apart keeps
-  // missing the L1), then the query tiles, the latest (dearest under causal masking) first.
-  // Handed out in order, so a tile waits at most for a packing job already running.
   void pack(int64_t bhk) const {
     const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
     pack_kt_head(a.k + a.lk.at(b, hk, 0), a.lk.st, a.kt + bhk * cdiv(a.Tk, BK) * a.D * BK, a.Tk, a.D);
     if (a.vc) gather_rows(a.v + a.lv.at(b, hk, 0), a.lv.st, a.Tk, a.D, a.vc + bhk * a.Tk * a.D);
     packed[bhk].store(1, std::memory_order_release);
   }
+  // Items: first one packing job per (batch, kv head) (K^T panels; V's rows side by side when
+  // they lie apart, as in a fused projection: a product walking rows 1.5 KB apart keeps
+  // missing the L1), then the query tiles, the latest (dearest under causal masking) first.
+  // Handed out in order, so a tile waits at most for a packing job already running. With
+  // own_pack, one item a head: its packing, then its tile.
   void operator()(int64_t item, int64_t, State& st) const {
     const int64_t BHkv = a.B * a.Hkv;
     if (own_pack) {
@@ -507,7 +508,7 @@ struct BwdWork {
         }
         // The diagonal tile: key k0 + r is visible to query q0 + c iff c >= r + shift. Each
         // product covers only what some row (or column) block sees, from the block's first
-        // visible column rounded down to the micro-kernel's width; the rest is zero.
+        // visible column rounded down to kDiagCols; the rest is zero.
         const int64_t shift = k0 - off - q0;
         auto first = [&](int64_t r) { return std::min<int64_t>(BQ, std::max<int64_t>(0, r + shift)); };
         auto aligned = [](int64_t c) { return c / kDiagCols * kDiagCols; };
