@@ -119,24 +119,23 @@ def points_png(path, labels: list[str], values: list[float], ylabel: str, title:
     atomic_write_bytes(path, buf.getvalue())
 
 
-# matplotlib's first two colours, so the curves look as they did when drawn with it
+# matplotlib's first colours (train, val, ...), so the curves look as they did when drawn with it
 _CURVE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
 def _nice_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi]."""
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) covering [lo, hi]; just
+    [lo, hi] where the range is too narrow for float steps at that magnitude."""
     if not hi > lo:
         hi = lo + (abs(lo) if lo else 1.0)
     raw = (hi - lo) / max(1, most - 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
-    ticks, t = [], first
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 12))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(t, 12))
+    n = math.ceil((hi - first) / step - 1e-9) + 1
+    ticks = [round(first + i * step, 12) for i in range(min(n, most + 2))]
+    if len(ticks) < 2 or ticks[0] > lo or ticks[-1] < hi or len(set(ticks)) < len(ticks):
+        return [lo, hi]
     return ticks
 
 

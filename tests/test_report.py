@@ -34,6 +34,14 @@ def test_curves_svg_is_a_document_with_one_line_per_unbroken_run():
         assert 0 < float(cx) < w and 0 < float(cy) < h
 
 
+def test_nice_ticks_end_at_ranges_float_steps_cannot_split():
+    # a range narrow for its magnitude (1 at 1e16 is below float32's and near float64's step)
+    # and one near the top of float64: a few ticks covering it, never an endless loop
+    for lo, hi in [(1e16, 1e16 + 4), (-1e300, 1e300), (1e-300, 2e-300)]:
+        t = _nice_ticks(lo, hi)
+        assert 2 <= len(t) <= 8 and t[0] <= lo and t[-1] >= hi
+
+
 def test_curves_svg_single_point_and_empty_series():
     assert "<circle" in curves_svg({"val": ([300], [2.4])}, "step", "loss")
     svg = curves_svg({"val": ([], [])}, "step", "loss")

@@ -43,12 +43,11 @@ import torch
 
 from .. import ops
 from .._io import CheckpointError, atomic_write_bytes
-from ..report import curves_svg
 from .._progress import progress_bar, progress_enabled
+from ..report import curves_svg
 from . import distributed, state
 from .config import TrainConfig, autocast_dtype, lr_at, make_optimizer, resolve_device
 from .state import METRICS_NAME, PLOT_NAME, TRAIN_LOG_NAME, find_checkpoints
-
 
 
 class NonFiniteLossError(RuntimeError):
