@@ -236,6 +236,55 @@ def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.fastlm, name).default, args)
 
 
+@pytest.mark.skipif("cpu" not in ops.backends(), reason="C++ extension unavailable")
+def test_eager_driver_matches_the_registered_autograd():
+    """Each fused op's formula runs under two drivers (fastlm/ops/_forms.py): the eager
+    autograd.Function the public ops use, and torch.library's registration that calls through
+    torch.ops take. Same inputs, float64, only some requiring grad: same outputs and gradients,
+    and the public op's graph node is the eager Function's."""
+    from fastlm.ops import _forms
+
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x, r, w, b = rand(6, 11), rand(6, 11), rand(11), rand(11)
+    q, k, v = (rand(2, 3, 5, 8).float() for _ in range(3))  # the CPU attention takes no float64
+    h, wl, t = rand(9, 11), rand(13, 11), torch.randint(0, 13, (9,), generator=g)
+    cases = [
+        ("layer_norm_fwd", (x, w, b, r, 1e-5), (0, 1, 3)),
+        ("layer_norm_fwd", (x, w, None, None, 1e-5), (0,)),
+        ("rms_norm_fwd", (x, w, r, 1e-6), (1, 2)),
+        ("gelu_fwd", (x,), (0,)),
+        ("attention_fwd", (q, k, v, True, 0.3), (0, 2)),
+        ("linear_cross_entropy_fwd", (h, wl, t, -100, "mean", 0, True), (0, 1)),
+    ]
+    with ops.use_backend("cpu"):
+        for name, args, wants in cases:
+            results = []
+            for drive in (_forms.op("fastlm", name), getattr(torch.ops.fastlm, name)):
+                leaves = [a.clone().requires_grad_(i in wants) if isinstance(a, torch.Tensor) else a
+                          for i, a in enumerate(args)]
+                out = drive(*leaves)
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                if drive is not getattr(torch.ops.fastlm, name):
+                    assert type(first.grad_fn).__name__.startswith(f"fastlm_{name}"), (name, first.grad_fn)
+                seed = torch.randn(first.shape, generator=torch.Generator().manual_seed(5), dtype=first.dtype)
+                grads = torch.autograd.grad((first * seed).sum(), [leaves[i] for i in wants])
+                results.append((first.detach(), grads))
+            (o1, g1), (o2, g2) = results
+            assert torch.equal(o1, o2), name
+            tol = 1e-12 if o1.dtype == torch.float64 else 1e-6
+            for a, c in zip(g1, g2):
+                assert torch.allclose(a, c, rtol=tol, atol=tol), name
+            with torch.no_grad():  # no gradient wanted: straight to the kernel, nothing recorded
+                out = _forms.op("fastlm", name)(*[a.clone().requires_grad_() if isinstance(a, torch.Tensor)
+                                                 and a.is_floating_point() else a for a in args])
+                first = out[0] if isinstance(out, (tuple, list)) else out
+                assert first.grad_fn is None and not first.requires_grad, name
+
+
 def test_torch_compile_fullgraph_through_ops():
     torch._dynamo.reset()
 

@@ -11,8 +11,17 @@ A fused op is one set of custom ops with one schema in two namespaces:
 An op's module (fastlm/ops/<op>.py) writes its autograd formula and its Python wrapper once,
 as functions of a namespace, and applies them here to every namespace that is loaded, so the
 C++, CUDA and Triton forms share one glue and cannot drift apart.
+
+Each formula serves two drivers. ``torch.library.register_autograd`` ties it to the op itself,
+for torch.compile, ``torch.library.opcheck`` and anyone calling ``torch.ops`` directly; that
+path bounces from the dispatcher into Python and back (about 45 us a forward and backward of a
+small op, as long as a LayerNorm kernel on 768 x 128). In eager mode the public ops go through
+``op()``'s callable instead: a plain ``torch.autograd.Function`` built from the same
+``setup_context`` and backward, which runs the kernel below the autograd keys.
 """
 from __future__ import annotations
+
+import contextlib
 
 from typing import Callable, Iterable
 
@@ -24,6 +33,13 @@ from ._dispatch import _BACKENDS
 NATIVE = "fastlm"  # the C++ and CUDA kernels
 TRITON = "fastlm_triton"  # the Triton kernels
 _NAMESPACE = {"cpu": NATIVE, "cuda": NATIVE, "triton": TRITON}
+# (namespace, forward op) -> the eager autograd.Function of its formula (register_autograd)
+_EAGER: dict[tuple[str, str], type] = {}
+# dispatch straight to the kernel, past the autograd keys (what torch.library's own autograd
+# wrapper does around its redispatch); private torch API, hence the fallback
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+_any_requires_grad = getattr(torch._C, "_any_requires_grad",
+                             lambda *a: any(isinstance(t, torch.Tensor) and t.requires_grad for t in a))
 GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -42,17 +58,56 @@ def namespaces(backends: Iterable[str] = ("cpu", "cuda", "triton")) -> list[str]
     return out
 
 
-def op(namespace: str, name: str):
-    """``torch.ops.<namespace>.<name>``."""
+def _raw(namespace: str, name: str):
     return getattr(getattr(torch.ops, namespace), name)
+
+
+def op(namespace: str, name: str):
+    """``torch.ops.<namespace>.<name>``; for a forward op with an autograd formula, a callable
+    that runs the same op: through torch.library while torch.compile traces, through the eager
+    Function when a gradient is wanted, and straight to the kernel otherwise."""
+    raw = _raw(namespace, name)
+    fn = _EAGER.get((namespace, name))
+    if fn is None:
+        return raw
+    apply = fn.apply
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return raw(*args)
+        if torch.is_grad_enabled() and _any_requires_grad(*args):
+            return apply(*args)
+        with _below_autograd():
+            return raw(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _eager_function(namespace: str, name: str, backward: Callable, setup_context: Callable) -> type:
+    """The autograd.Function of forward op ``name``: the kernel below autograd, then
+    ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` as registered."""
+    raw = _raw(namespace, name)
+
+    def forward(ctx, *args):
+        with _below_autograd():
+            out = raw(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(f"{namespace}_{name}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def register_autograd(name: str, make_backward: Callable, setup_context: Callable,
                       backends: Iterable[str] = ("cpu", "cuda", "triton")) -> None:
     """Tie forward op ``name`` to its backward in every loaded namespace: ``make_backward(ns)``
-    returns the backward formula that calls namespace ``ns``'s backward op."""
+    returns the backward formula that calls namespace ``ns``'s backward op. The same formula
+    drives the op's eager Function (``op()``)."""
     for ns in namespaces(backends):
-        torch.library.register_autograd(f"{ns}::{name}", make_backward(ns), setup_context=setup_context)
+        backward = make_backward(ns)
+        torch.library.register_autograd(f"{ns}::{name}", backward, setup_context=setup_context)
+        _EAGER[(ns, name)] = _eager_function(ns, name, backward, setup_context)
 
 
 def register_forms(op_name: str, make_form: Callable, dtypes, backends: Iterable[str] = ("cpu", "cuda", "triton")):
