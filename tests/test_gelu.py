@@ -30,9 +30,32 @@ def test_gelu_matches_reference(backend, n, dtype, scale, seed):
     (dxd,) = torch.autograd.grad(yd, xd, dy.double())
     assert y.dtype == dtype and dx.dtype == dtype
     # Storing the exact result in the dtype already costs rel_error(ref.to(dtype), ref): large
-    # for fp16 subnormals (|y| < 6e-5). The kernel may be at most twice that, or the tolerance.
-    assert rel_error(y, yd) <= max(TOL[dtype], 2 * rel_error(yd.to(dtype), yd))
-    assert rel_error(dx, dxd) <= max(4 * TOL[dtype], 2 * rel_error(dxd.to(dtype), dxd))
+    # for fp16 subnormals (|y| < 6e-5). The kernel may be at most twice that, or the tolerance,
+    # or what float32 arithmetic allows where the function is ill-conditioned (conditioning()).
+    cond = 4 * 2.0**-24 * conditioning(xd.detach()) if dtype != torch.float64 else 0.0
+    assert rel_error(y, yd) <= max(TOL[dtype], 2 * rel_error(yd.to(dtype), yd), cond)
+    assert rel_error(dx, dxd) <= max(4 * TOL[dtype], 2 * rel_error(dxd.to(dtype), dxd), 4 * cond)
+
+
+def conditioning(x: torch.Tensor) -> float:
+    """The norm-wise relative condition number of GELU at float64 x: ||kappa y|| / ||y|| with
+    kappa = |x y' / y| elementwise. A relative change e in the inputs (or in the internal
+    argument u = sqrt(2/pi)(x + 0.044715 x^3), which the kernels form in float32) moves the
+    output by about kappa e: for x = -6.2, kappa is about 60 (y = x sigmoid(2u) ~ x e^(2u)),
+    so float32 arithmetic alone leaves a few 1e-6 there. (torch's own float32 GELU returns -0.)"""
+    x = x.double().requires_grad_()
+    y = R.gelu(x)
+    (dy,) = torch.autograd.grad(y.sum(), x)
+    y, dy, x = y.detach(), dy.detach(), x.detach()
+    kappa = torch.where(y != 0, (x * dy / y).abs(), torch.zeros_like(y))
+    norm = y.norm()
+    return float((kappa * y).norm() / norm) if norm > 0 else 0.0
+
+
+def test_gelu_tolerance_follows_the_conditioning():
+    """conditioning() is about 1 where GELU is tame and grows in the far negative tail."""
+    assert 0.5 < conditioning(torch.tensor([0.5])) < 2
+    assert 40 < conditioning(torch.tensor([-6.2088828])) < 80
 
 
 @pytest.mark.parametrize("backend", NATIVE)
