@@ -380,7 +380,7 @@ def test_torch_forms_compute_the_spec(monkeypatch, dtype):
     run here on CPU tensors by lifting the device switch, against the float64 spec."""
     from fastlm.ops import _torch_forms as TF
 
-    monkeypatch.setattr(TF, "_spec_only", lambda t: t.dtype == torch.float64)
+    monkeypatch.setattr(TF, "_spec_only", lambda t, cpu_spec=True: t.dtype == torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     g = torch.Generator().manual_seed(5)
 
@@ -422,6 +422,37 @@ def test_reference_backend_keeps_the_spec_on_cpu():
     with ops.use_backend("reference"):
         assert torch.equal(ops.attention(q, q, q), reference.attention(q, q, q))
     assert _dispatch._BACKENDS["reference"].ops["attention"].fn.__module__ == "fastlm.ops._torch_forms"
+
+
+@pytest.mark.skipif("cpu" not in ops.backends(), reason="C++ extension unavailable")
+def test_automatic_choice_without_a_kernel_is_torchs_own_op(monkeypatch):
+    """Where no CPU kernel is preferred at the level (_cpu_choice), the automatic choice serves
+    PyTorch's fused op (SDPA, F.layer_norm, ...), not the spec's plain ops; asked for by name,
+    the reference stays the spec. Both compute the spec's function."""
+    from fastlm.ops import _cpu_choice
+
+    monkeypatch.setattr(_cpu_choice, "NATIVE_WINS", {k: frozenset() for k in _cpu_choice.NATIVE_WINS})
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    x, r, w = torch.randn(5, 16, generator=g, requires_grad=True), torch.randn(5, 16, generator=g), torch.randn(16)
+    assert ops.implementation("attention", q) == "reference"
+    calls = {
+        "ScaledDotProduct": lambda: ops.attention(q, k, v, causal=True),
+        "NativeLayerNorm": lambda: ops.layer_norm(x, w, None, residual=r)[0],
+        "Gelu": lambda: ops.gelu(x),
+    }
+    for node, call in calls.items():
+        auto = call()
+        assert node.lower() in type(auto.grad_fn).__name__.lower(), (node, auto.grad_fn)
+        with ops.use_backend("reference"):
+            spec = call()
+        assert node.lower() not in type(spec.grad_fn).__name__.lower(), (node, spec.grad_fn)
+        assert rel_error(auto, spec) < 1e-5, node
+    # F.rms_norm is composed of plain ops on CPUs: the same function, no node of its own to find
+    assert rel_error(ops.rms_norm(x, w, residual=r)[0], reference.rms_norm(x, w, residual=r)[0]) < 1e-5
+    monkeypatch.undo()
+    if _cpu_choice.preferred("gelu")():  # and where the kernel wins, the kernel serves
+        assert ops.implementation("gelu", x) == "cpu"
 
 
 # ----------------------------------------------------------------------------- the reference

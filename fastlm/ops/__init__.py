@@ -5,8 +5,8 @@ Every op has one spec (``fastlm.reference``) and several interchangeable backend
 =========== ============================================ ================================
 backend     what it is                                   serves
 =========== ============================================ ================================
-reference   plain PyTorch (the spec and the fallback;     every op, every device/dtype
-            on GPUs torch's fused ops, _torch_forms)
+reference   plain PyTorch: the spec; as the automatic    every op, every device/dtype
+            fallback torch's fused ops (_torch_forms)
 cpu         C++ kernels in ``fastlm._C`` (OpenMP, SIMD)   CPU tensors
 cuda        CUDA kernels in ``fastlm._C_cuda``            CUDA tensors
 triton      Triton kernels in ``fastlm.kernels``          CUDA tensors (CPU tensors under
@@ -97,6 +97,8 @@ for _name in ("attention", "decode_attention", "kv_cache_write", "layer_norm", "
               "decode_linear_q", "cross_entropy", "linear_cross_entropy"):
     # the spec; on accelerators, torch's fused op of the same function where it has one
     _reference.register(_name, _torch_forms.FORMS.get(_name, getattr(_ref, _name)), FLOATS)
+# chosen automatically, it serves through torch's fused ops on CPUs as well
+_reference.auto.update(_torch_forms.AUTO)
 
 add_backend(Backend("cpu", ("cpu",), available=_native.cpu_ext is not None,
                     why_unavailable=f"fastlm._C could not be loaded ({_native.cpu_error})"))

@@ -2,8 +2,9 @@
 of PyTorch's own op on the same inputs, with torch held to the same level
 (bench/RESULTS.md, "CPU kernels at each SIMD level", has the figures and their commands).
 
-At a level not listed, the automatic choice lets the reference (PyTorch) serve the op; an
-explicit ``use_backend("cpu")`` or ``FASTLM_BACKEND=cpu`` still runs the kernel.
+At a level not listed, the automatic choice lets PyTorch's own op serve (the reference backend
+through torch's fused op of the same function, ``_torch_forms.AUTO``); an explicit
+``use_backend("cpu")`` or ``FASTLM_BACKEND=cpu`` still runs the kernel.
 """
 from __future__ import annotations
 
@@ -37,6 +38,6 @@ NATIVE_WINS: dict[str, frozenset] = {
 
 
 def preferred(op: str):
-    """A predicate for the dispatcher: does the CPU kernel of ``op`` win at the current level?"""
-    wins = NATIVE_WINS[op]
-    return lambda: _native.cpu_isa() in wins
+    """A predicate for the dispatcher: does the CPU kernel of ``op`` win at the current level?
+    (The table is read at each call, so a change to it takes effect.)"""
+    return lambda: _native.cpu_isa() in NATIVE_WINS[op]

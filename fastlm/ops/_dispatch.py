@@ -12,8 +12,10 @@ serves. The choice, per call:
    A CPU kernel is preferred only at the SIMD levels where it is measured ahead of PyTorch's
    own op (``fastlm.ops._cpu_choice``), a GPU kernel only for the ops measured ahead there
    (``fastlm.ops._gpu_choice``); elsewhere the reference (torch) serves;
-3. the reference serves everything else: the spec on CPUs, PyTorch's fused ops of the same
-   functions on GPUs (``fastlm.ops._torch_forms``).
+3. the reference serves everything else: PyTorch's own fused op of the same function where
+   torch has one and it expresses the case (``fastlm.ops._torch_forms``; on CPUs too, so that a
+   kernel not chosen at the CPU's level leaves the op to torch's, not to the spec's plain
+   ops), the spec otherwise. The reference asked for by name is the spec on CPUs.
 
 The state is a plain module-level stack so that ``torch.compile`` traces through it.
 """
@@ -50,6 +52,8 @@ class Backend:
     name: str
     devices: tuple  # device types this backend can run on at all
     ops: dict = field(default_factory=dict)
+    # {op: function} that serve in its place when the automatic choice falls to this backend
+    auto: dict = field(default_factory=dict)
     available: bool = True
     why_unavailable: str = ""
 
@@ -146,5 +150,6 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Cal
             continue
         impl = b.ops.get(op)
         if impl is not None and impl.serves(dev, dtype) and (impl.preferred is None or impl.preferred()):
-            return name, impl.fn
-    return "reference", _BACKENDS["reference"].ops[op].fn
+            return name, b.auto.get(op, impl.fn)
+    ref = _BACKENDS["reference"]
+    return "reference", ref.auto.get(op, ref.ops[op].fn)

@@ -9,9 +9,15 @@ scores and launches a kernel per step, where PyTorch has fused kernels for the s
 when none of them is chosen (``_gpu_choice``). Each form below computes the spec's function;
 cases torch's op does not express (causal attention with fewer keys than queries or a
 different alignment, float64) go to the spec itself.
+
+The automatic choice serves the same forms on CPUs too (``AUTO``): where no fastlm kernel is
+preferred for an op at the CPU's SIMD level (``_cpu_choice``), PyTorch's own op serves it, not
+the spec's plain ops (attention through ``scaled_dot_product_attention`` rather than the (T x T)
+scores). Asked for by name (``use_backend("reference")``), the reference stays the spec on CPUs.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,14 +26,15 @@ import torch.nn.functional as F
 from .. import reference as R
 
 
-def _spec_only(t: torch.Tensor) -> bool:
-    """CPU tensors and float64 keep the spec (the CPU fallback; the oracle's precision)."""
-    return t.device.type == "cpu" or t.dtype == torch.float64
+def _spec_only(t: torch.Tensor, cpu_spec: bool = True) -> bool:
+    """float64 keeps the spec (the oracle's precision), and CPU tensors too unless ``cpu_spec``
+    is off (the automatic choice's forms, ``AUTO``)."""
+    return t.dtype == torch.float64 or (cpu_spec and t.device.type == "cpu")
 
 
-def attention(q, k, v, causal: bool = True, scale: float | None = None):
+def attention(q, k, v, causal: bool = True, scale: float | None = None, *, cpu_spec: bool = True):
     Tq, Tk = q.shape[2], k.shape[2]
-    if _spec_only(q) or (causal and Tq != Tk):
+    if _spec_only(q, cpu_spec) or (causal and Tq != Tk):
         # SDPA's is_causal aligns the mask top-left; the spec's is bottom-right (they agree
         # when Tq == Tk)
         return R.attention(q, k, v, causal=causal, scale=scale)
@@ -41,30 +48,30 @@ def torch_attention(q, k, v, causal: bool, scale: float | None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
-    if _spec_only(x):
+def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None, *, cpu_spec: bool = True):
+    if _spec_only(x, cpu_spec):
         return R.layer_norm(x, weight, bias, eps, residual=residual)
     h = x if residual is None else x + residual
     out = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return out if residual is None else (out, h)
 
 
-def rms_norm(x, weight, eps: float = 1e-6, residual=None):
-    if _spec_only(x):
+def rms_norm(x, weight, eps: float = 1e-6, residual=None, *, cpu_spec: bool = True):
+    if _spec_only(x, cpu_spec):
         return R.rms_norm(x, weight, eps, residual=residual)
     h = x if residual is None else x + residual
     out = F.rms_norm(h, (h.shape[-1],), weight, eps)
     return out if residual is None else (out, h)
 
 
-def gelu(x):
-    if _spec_only(x):
+def gelu(x, *, cpu_spec: bool = True):
+    if _spec_only(x, cpu_spec):
         return R.gelu(x)
     return F.gelu(x, approximate="tanh")
 
 
-def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean"):
-    if _spec_only(logits):
+def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "mean", *, cpu_spec: bool = True):
+    if _spec_only(logits, cpu_spec):
         return R.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
     # the loss of bf16 / fp16 logits is float32, as the spec's
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
@@ -72,11 +79,15 @@ def cross_entropy(logits, targets, ignore_index: int = -100, reduction: str = "m
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean"):
-    if _spec_only(h):
+def linear_cross_entropy(h, weight, targets, ignore_index: int = -100, reduction: str = "mean", *,
+                         cpu_spec: bool = True):
+    if _spec_only(h, cpu_spec):
         return R.linear_cross_entropy(h, weight, targets, ignore_index=ignore_index, reduction=reduction)
-    return cross_entropy(F.linear(h, weight), targets, ignore_index=ignore_index, reduction=reduction)
+    return cross_entropy(F.linear(h, weight), targets, ignore_index=ignore_index, reduction=reduction,
+                         cpu_spec=cpu_spec)
 
 
 FORMS = {"attention": attention, "layer_norm": layer_norm, "rms_norm": rms_norm, "gelu": gelu,
          "cross_entropy": cross_entropy, "linear_cross_entropy": linear_cross_entropy}
+# the automatic choice's fallback: torch's fused op on every device where it expresses the case
+AUTO = {name: functools.partial(fn, cpu_spec=False) for name, fn in FORMS.items()}
