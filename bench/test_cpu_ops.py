@@ -249,6 +249,47 @@ def test_norm_fwdbwd(benchmark, shape, kind):
           competitor=f"F.{kind}")
 
 
+# From small to large: where the fused norms start to pay for their Python autograd glue (the
+# op's forward and backward through torch.autograd.Function) against torch's C++ autograd.
+# The models call the residual form; both forms forward and backward, as training runs them.
+NORM_SIZES = [(768, 128), (1024, 256), (2048, 256), (4096, 256), (4096, 512), (8192, 768)]
+
+
+@pytest.mark.parametrize("form", ["plain", "residual"])
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", NORM_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_norm_sizes(benchmark, shape, kind, form):
+    rows, C = shape
+    benchmark.group = f"{kind} {form} fwd+bwd by size {shape}"
+    x = _randn(rows, C).requires_grad_()
+    r = _randn(rows, C, seed=1).requires_grad_()
+    w = (_randn(C, seed=2) * 0.5 + 1).requires_grad_()
+    dy, dh = _randn(rows, C, seed=4), _randn(rows, C, seed=5)
+    leaves = (x, r, w) if form == "residual" else (x, w)
+
+    def grads(out, h=None):
+        if h is None:
+            return torch.autograd.grad(out, leaves, dy)
+        return torch.autograd.grad((out, h), leaves, (dy, dh))
+
+    def ours():
+        with _cpu():
+            if kind == "layer_norm":
+                y = ops.layer_norm(x, w, None, residual=r if form == "residual" else None)
+            else:
+                y = ops.rms_norm(x, w, residual=r if form == "residual" else None)
+        return grads(*y) if form == "residual" else grads(y)
+
+    def theirs():
+        h = x + r if form == "residual" else x
+        y = F.layer_norm(h, (C,), w, None) if kind == "layer_norm" else F.rms_norm(h, (C,), w, eps=1e-6)
+        return grads(y, h) if form == "residual" else grads(y)
+
+    _close(ours(), theirs(), 1e-5)
+    _pair(benchmark, ours, theirs, rounds=41 if rows * C < 2**21 else 15, op=kind, kind=f"{form} fwd+bwd",
+          shape=list(shape), competitor=f"{'x + r; ' if form == 'residual' else ''}F.{kind}")
+
+
 @pytest.mark.parametrize("kind", ["fwd", "fwd+bwd"])
 def test_gelu(benchmark, kind):
     shape = (8192, 768)

@@ -104,7 +104,8 @@ def test_dispatcher_follows_the_table_at_every_level():
     for level in ops.cpu_isas():
         with ops.use_cpu_isa(level):
             for op, t in probes.items():
-                want = "cpu" if level in _cpu_choice.NATIVE_WINS[op] else "reference"
+                least = _cpu_choice.MIN_NUMEL.get(op, {}).get(level, 0)
+                want = "cpu" if level in _cpu_choice.NATIVE_WINS[op] and t.numel() >= least else "reference"
                 assert ops.implementation(op, t) == want, (level, op)
                 with ops.use_backend("cpu"):  # asked for explicitly, the kernel always serves
                     assert ops.implementation(op, t) == "cpu"

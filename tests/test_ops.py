@@ -124,8 +124,8 @@ def test_unavailable_backend_is_refused():
 def test_use_backend_nests_and_restores():
     x = torch.randn(4, 8)
     w = torch.ones(8)
-    # the automatic choice: the CPU kernel where it wins at this SIMD level, else the reference
-    auto = "cpu" if ops.cpu_isa() in _cpu_choice.NATIVE_WINS["layer_norm"] else "reference"
+    # the automatic choice: the CPU kernel where it wins at this SIMD level and size, else the reference
+    auto = "cpu" if _cpu_choice.preferred("layer_norm")(x.numel()) else "reference"
     assert ops.implementation("layer_norm", x) == auto
     with ops.use_backend("reference"):
         assert ops.implementation("layer_norm", x) == "reference"
@@ -453,6 +453,28 @@ def test_automatic_choice_without_a_kernel_is_torchs_own_op(monkeypatch):
     monkeypatch.undo()
     if _cpu_choice.preferred("gelu")():  # and where the kernel wins, the kernel serves
         assert ops.implementation("gelu", x) == "cpu"
+
+
+@pytest.mark.skipif("cpu" not in ops.backends(), reason="C++ extension unavailable")
+def test_automatic_choice_follows_the_input_size(monkeypatch):
+    """A kernel measured ahead of torch only from some size on (_cpu_choice.MIN_NUMEL) serves
+    from that size; smaller inputs go to torch's op. Asked for by name, it serves at any size."""
+    from fastlm.ops import _cpu_choice, _native
+
+    level = _native.cpu_isa()
+    monkeypatch.setitem(_cpu_choice.NATIVE_WINS, "layer_norm", frozenset({level}))
+    monkeypatch.setitem(_cpu_choice.MIN_NUMEL, "layer_norm", {level: 64})
+    w = torch.randn(16)
+    small, big = torch.randn(3, 16), torch.randn(4, 16)  # 48 and 64 elements
+    assert ops.implementation("layer_norm", small) == "reference"
+    assert ops.implementation("layer_norm", big) == "cpu"
+    assert ops.implementation("rms_norm", small) == "cpu"  # no size rule of its own
+    with ops.use_backend("cpu"):
+        assert ops.implementation("layer_norm", small) == "cpu"
+    x = small.clone().requires_grad_()
+    assert "NativeLayerNorm" in type(ops.layer_norm(x, w).grad_fn).__name__
+    x = big.clone().requires_grad_()
+    assert type(ops.layer_norm(x, w).grad_fn).__name__.startswith("fastlm_layer_norm_fwd")
 
 
 # ----------------------------------------------------------------------------- the reference

@@ -30,6 +30,9 @@ def _run_info(args):
         "cpu_isa": fastlm.ops.cpu_isa() or "-",
         "cpu_isas_supported": fastlm.ops.cpu_isas(),
         "cpu_native_ops": sorted(op for op in _cpu_choice.NATIVE_WINS if fastlm.ops.cpu_isa() in _cpu_choice.NATIVE_WINS[op]),
+        # the native ops that serve only from a size on at this level (smaller inputs: torch's op)
+        "cpu_native_from_elements": {op: sizes[fastlm.ops.cpu_isa()] for op, sizes in _cpu_choice.MIN_NUMEL.items()
+                                     if fastlm.ops.cpu_isa() in sizes},
         "cpu_capability_torch": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "requested_backend": fastlm.ops.requested_backend() or "auto",

@@ -41,7 +41,9 @@ class Impl:
     fn: Callable
     devices: frozenset
     dtypes: frozenset
-    preferred: Callable[[], bool] | None = None  # for the automatic choice; None: always
+    # for the automatic choice: preferred(numel), numel the input's size where the op's
+    # caller gives it (None: size unknown); None: always preferred
+    preferred: Callable[[int | None], bool] | None = None
 
     def serves(self, device_type: str, dtype: torch.dtype) -> bool:
         return device_type in self.devices and dtype in self.dtypes
@@ -58,7 +60,7 @@ class Backend:
     why_unavailable: str = ""
 
     def register(self, op: str, fn: Callable, dtypes: Iterable[torch.dtype], devices: Iterable[str] | None = None,
-                 preferred: Callable[[], bool] | None = None):
+                 preferred: Callable[[int | None], bool] | None = None):
         self.ops[op] = Impl(fn, frozenset(devices or self.devices), frozenset(dtypes), preferred)
 
 
@@ -128,8 +130,9 @@ def requested_backend() -> str | None:
     return env
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
-    """(backend name, function) that serves ``op`` for an input on ``device`` of ``dtype``."""
+def resolve(op: str, device: torch.device, dtype: torch.dtype, numel: int | None = None) -> tuple[str, Callable]:
+    """(backend name, function) that serves ``op`` for an input on ``device`` of ``dtype`` (of
+    ``numel`` elements, for the ops whose automatic choice depends on the size)."""
     dev = device.type
     want = requested_backend()
     if want is not None:
@@ -149,7 +152,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Cal
         if b is None or not b.available:
             continue
         impl = b.ops.get(op)
-        if impl is not None and impl.serves(dev, dtype) and (impl.preferred is None or impl.preferred()):
+        if impl is not None and impl.serves(dev, dtype) and (impl.preferred is None or impl.preferred(numel)):
             return name, b.auto.get(op, impl.fn)
     ref = _BACKENDS["reference"]
     return "reference", ref.auto.get(op, ref.ops[op].fn)

@@ -45,7 +45,7 @@ def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
     if isinstance(x, torch.Tensor):
         x, weight, bias, residual = _autocast.float32(x.device, x, weight, bias, residual)
     _check_norm(x, weight, bias, residual)
-    return resolve("layer_norm", x.device, x.dtype)[1](x, weight, bias, eps, residual)
+    return resolve("layer_norm", x.device, x.dtype, x.numel())[1](x, weight, bias, eps, residual)
 
 
 def rms_norm(x, weight, eps: float = 1e-6, residual=None):
@@ -54,7 +54,7 @@ def rms_norm(x, weight, eps: float = 1e-6, residual=None):
     if isinstance(x, torch.Tensor):
         x, weight, residual = _autocast.float32(x.device, x, weight, residual)
     _check_norm(x, weight, None, residual)
-    return resolve("rms_norm", x.device, x.dtype)[1](x, weight, eps, residual)
+    return resolve("rms_norm", x.device, x.dtype, x.numel())[1](x, weight, eps, residual)
 
 
 # ----------------------------------------------------------------------------- the glue
