@@ -41,12 +41,12 @@ NATIVE_WINS: dict[str, frozenset] = {
 # torch's own op. Measured for LayerNorm forward and backward through the public op (whose
 # Python autograd glue costs a few tens of microseconds that torch's C++ autograd does not)
 # against F.layer_norm, plain and with the residual add (`python bench/cpu_levels.py --levels
-# avx2 avx512_vnni baseline -k norm_sizes`; bench/RESULTS.md, "The norms by size"): at `avx2`
-# the plain form loses up to 0.5 M elements (0.74-0.91x) and is level at 1 M (0.98x), the
-# residual form wins from 0.5 M (1.09x); at `avx512_vnni` the plain form wins from 0.5 M
-# (1.04x), the residual form from 0.25 M (1.07x); at the baseline level the kernel wins at
-# every size (1.27x at 768 x 128). RMSNorm wins at every size and level (torch's CPU RMSNorm
-# is composed of plain ops).
+# avx2 avx512_vnni baseline -k norm_sizes`; bench/RESULTS.md, "The fused ops' glue, their
+# sizes, and the ceiling at `avx2`"): at `avx2` the plain form loses up to 0.5 M elements
+# (0.74-0.91x) and is level at 1 M (0.98x), the residual form wins from 0.5 M (1.09x); at
+# `avx512_vnni` the plain form wins from 0.5 M (1.04x), the residual form from 0.25 M (1.07x);
+# at the baseline level the kernel wins at every size (1.27x at 768 x 128). RMSNorm wins at
+# every size and level (torch's CPU RMSNorm is composed of plain ops).
 MIN_NUMEL: dict[str, dict[str, int]] = {
     "layer_norm": {"avx2": 1 << 20, "avx512": 1 << 19, "avx512_vnni": 1 << 19},
 }
@@ -54,8 +54,9 @@ MIN_NUMEL: dict[str, dict[str, int]] = {
 
 def preferred(op: str):
     """A predicate for the dispatcher: does the CPU kernel of ``op`` win at the current level,
-    for an input of ``numel`` elements (None: size not given)? (The tables are read at each
-    call, so a change to them takes effect.)"""
+    for an input of ``numel`` elements? numel None (a caller choosing once for calls of every
+    size, such as the decode step's, which runs no autograd glue) asks about the level alone.
+    (The tables are read at each call, so a change to them takes effect.)"""
 
     def wins(numel: int | None = None) -> bool:
         level = _native.cpu_isa()

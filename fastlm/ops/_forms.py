@@ -14,15 +14,15 @@ C++, CUDA and Triton forms share one glue and cannot drift apart.
 
 Each formula serves two drivers. ``torch.library.register_autograd`` ties it to the op itself,
 for torch.compile, ``torch.library.opcheck`` and anyone calling ``torch.ops`` directly; that
-path bounces from the dispatcher into Python and back (about 45 us a forward and backward of a
-small op, as long as a LayerNorm kernel on 768 x 128). In eager mode the public ops go through
+path bounces from the dispatcher into Python and back on every call, which on a small input
+costs as much as the kernel itself (bench/RESULTS.md, "The fused ops' glue"). In eager mode the
+public ops go through
 ``op()``'s callable instead: a plain ``torch.autograd.Function`` built from the same
 ``setup_context`` and backward, which runs the kernel below the autograd keys.
 """
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable, Iterable
 
 import torch
