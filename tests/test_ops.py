@@ -469,6 +469,9 @@ def test_automatic_choice_follows_the_input_size(monkeypatch):
     assert ops.implementation("layer_norm", small) == "reference"
     assert ops.implementation("layer_norm", big) == "cpu"
     assert ops.implementation("rms_norm", small) == "cpu"  # no size rule of its own
+    # with the residual the norm reads twice the elements: 96
+    assert type(ops.layer_norm(small.clone().requires_grad_(), w, residual=small)[0].grad_fn).__name__.startswith(
+        "fastlm_layer_norm_fwd")
     with ops.use_backend("cpu"):
         assert ops.implementation("layer_norm", small) == "cpu"
     x = small.clone().requires_grad_()

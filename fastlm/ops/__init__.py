@@ -115,7 +115,8 @@ for _module in (_attention_ops, _kv_cache_ops, _norms_ops, _gelu_ops, _linear_op
 
 
 def implementation(op: str, x: torch.Tensor) -> str:
-    """Name of the backend that would serve ``op`` for input ``x`` under the current choice."""
+    """Name of the backend that would serve ``op`` for input ``x`` under the current choice (a
+    norm's choice counts its residual too: here, as called without one)."""
     return resolve(op, x.device, x.dtype, x.numel())[0]
 
 

@@ -37,16 +37,19 @@ NATIVE_WINS: dict[str, frozenset] = {
 }
 
 
-# op -> {level: the fewest input elements at which the kernel wins}; smaller inputs go to
-# torch's own op. Measured for LayerNorm forward and backward through the public op (whose
+# op -> {level: the fewest input elements at which the kernel wins (for the norms the elements
+# they read: x, and the residual when given)}; smaller inputs go to torch's own op. Measured for
+# LayerNorm forward and backward through the public op (whose
 # Python autograd glue costs a few tens of microseconds that torch's C++ autograd does not)
 # against F.layer_norm, plain and with the residual add (`python bench/cpu_levels.py --levels
 # avx2 avx512_vnni baseline -k norm_sizes`; bench/RESULTS.md, "The fused ops' glue, their
 # sizes, and the ceiling at `avx2`"): at `avx2` the plain form loses up to 0.5 M elements
-# (0.74-0.91x) and is level at 1 M (0.98x), the residual form wins from 0.5 M (1.09x); at
-# `avx512_vnni` the plain form wins from 0.5 M (1.04x), the residual form from 0.25 M (1.07x);
-# at the baseline level the kernel wins at every size (1.27x at 768 x 128). RMSNorm wins at
-# every size and level (torch's CPU RMSNorm is composed of plain ops).
+# (0.74-0.91x) and is level at 1 M (0.98x), the residual form (two inputs of that size) is
+# level at 0.25 M each (1.03x) and wins from 0.5 M (1.09x); at `avx512_vnni` the plain form
+# wins from 0.5 M (1.04x), the residual form from 0.25 M each (1.07x): both forms cross at
+# about the same number of elements read. At the baseline level the kernel wins at every size
+# (1.27x at 768 x 128). RMSNorm wins at every size and level (torch's CPU RMSNorm is composed
+# of plain ops).
 MIN_NUMEL: dict[str, dict[str, int]] = {
     "layer_norm": {"avx2": 1 << 20, "avx512": 1 << 19, "avx512_vnni": 1 << 19},
 }

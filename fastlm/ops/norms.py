@@ -39,13 +39,18 @@ def _check_norm(x, weight, bias, residual):
             raise ValueError(f"norm: residual {tuple(residual.shape)} must have the shape of x {tuple(x.shape)}")
 
 
+def _read(x, residual) -> int:
+    """The elements a norm reads, x and the residual: the size its automatic choice goes by."""
+    return x.numel() * (1 if residual is None else 2)
+
+
 def layer_norm(x, weight, bias=None, eps: float = 1e-5, residual=None):
     """LayerNorm over the last dim of ``x`` (..., C). With ``residual``: returns (out, x + residual).
     Under ``torch.autocast`` it runs in float32, as ``F.layer_norm`` does on CUDA."""
     if isinstance(x, torch.Tensor):
         x, weight, bias, residual = _autocast.float32(x.device, x, weight, bias, residual)
     _check_norm(x, weight, bias, residual)
-    return resolve("layer_norm", x.device, x.dtype, x.numel())[1](x, weight, bias, eps, residual)
+    return resolve("layer_norm", x.device, x.dtype, _read(x, residual))[1](x, weight, bias, eps, residual)
 
 
 def rms_norm(x, weight, eps: float = 1e-6, residual=None):
@@ -54,7 +59,7 @@ def rms_norm(x, weight, eps: float = 1e-6, residual=None):
     if isinstance(x, torch.Tensor):
         x, weight, residual = _autocast.float32(x.device, x, weight, residual)
     _check_norm(x, weight, None, residual)
-    return resolve("rms_norm", x.device, x.dtype, x.numel())[1](x, weight, eps, residual)
+    return resolve("rms_norm", x.device, x.dtype, _read(x, residual))[1](x, weight, eps, residual)
 
 
 # ----------------------------------------------------------------------------- the glue
