@@ -1,7 +1,8 @@
 """The spec of every fastlm op, in plain PyTorch.
 
 Each function here is the definition that every kernel (C++, CUDA, Triton) must compute:
-the test oracle (run in float64), and the fallback backend when no kernel serves an input.
+the test oracle (run in float64), and the fallback when no kernel serves an input and torch
+has no fused op of the same function (fastlm/ops/_torch_forms.py).
 Written for clarity, not speed. Low-precision inputs (bf16/fp16) are computed in float32
 and cast back, as the kernels do. Imports only torch.
 """

@@ -1,6 +1,7 @@
-"""Where a CPU kernel serves an op by default: the SIMD levels at which it is measured ahead
-of PyTorch's own op on the same inputs, with torch held to the same level
-(bench/RESULTS.md, "CPU kernels at each SIMD level", has the figures and their commands).
+"""Where a CPU kernel serves an op by default: the SIMD levels (and, where it matters, the input
+sizes) at which it is measured ahead of PyTorch's own op on the same inputs, with torch held to
+the same level (bench/RESULTS.md, "CPU kernels at each SIMD level", has the figures and their
+commands).
 
 At a level not listed, the automatic choice lets PyTorch's own op serve (the reference backend
 through torch's fused op of the same function, ``_torch_forms.AUTO``); an explicit
